@@ -1,0 +1,2 @@
+"""Checkpoint readers and writers (keras-hub presets, Hugging Face safetensors) and handle
+resolution (built-in names, kaggle://, hf://, local directories)."""

@@ -1,0 +1,55 @@
+"""Small file helpers every reader and writer shares: JSON with clear errors, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+from gemma_keras.errors import CheckpointError
+
+
+def read_json(path) -> dict:
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist.") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): the file is truncated or "
+                              "corrupt.") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} should hold a JSON object, found {type(value).__name__}.")
+    return value
+
+
+@contextlib.contextmanager
+def atomic_directory(target):
+    """Yields an empty temporary directory next to `target`; on success it replaces `target`.
+
+    A crash or an exception part-way leaves `target` as it was (absent, or the old version),
+    never half-written.
+    """
+    target = pathlib.Path(target).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"Cannot save to {target}: it exists and is not a directory.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            # Two renames: the old preset stays whole until the new one is in place.
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,244 @@
+"""Hugging Face Gemma checkpoints: config.json (model_type gemma / gemma2) and safetensors.
+
+Tensors are read one at a time with plain file reads at the offsets the safetensors header
+gives (no mmap, so pages of other tensors never count against the process), checked against
+the file size first so a truncated download is named instead of crashing half-way.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import struct
+from typing import Dict, Tuple
+
+import ml_dtypes
+import numpy as np
+
+from gemma_keras.checkpoints.atomic import read_json
+from gemma_keras.checkpoints.weights import Reader
+from gemma_keras.config import GemmaConfig
+from gemma_keras.errors import CheckpointError, ConfigError
+
+SUPPORTED_MODEL_TYPES = ("gemma", "gemma2")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "F64": np.float64}
+# Both spellings mean Gemma's tanh-approximate GELU for these weights: early Gemma configs say
+# "gelu" although the model was trained with the approximation.
+_GELU_NAMES = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+
+
+def is_hf_checkpoint(directory: pathlib.Path) -> bool:
+    config = directory / "config.json"
+    return config.is_file() and "model_type" in read_json(config)
+
+
+def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, str]:
+    """GemmaConfig and the checkpoint dtype from a transformers 4.38+ config.json."""
+    path = directory / "config.json"
+    hf = read_json(path)
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{path} has model_type '{model_type}'; gemma_keras loads only "
+            f"{' and '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Gemma 1, 1.1, CodeGemma, "
+            "Gemma 2). Use the model's own library for other families.")
+    try:
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+        if act not in _GELU_NAMES:
+            raise ConfigError(f"{path}: activation '{act}' is not Gemma's GELU.")
+        values = dict(
+            vocabulary_size=hf["vocab_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_query_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            hidden_dim=hf["hidden_size"],
+            # HF counts one GeGLU branch; keras-hub and the paper count both.
+            intermediate_dim=2 * hf["intermediate_size"],
+            head_dim=hf.get("head_dim", hf["hidden_size"] // hf["num_attention_heads"]),
+            layer_norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+            # transformers <= 4.x writes rope_theta; 5.x nests it in rope_parameters.
+            rope_max_wavelength=float(hf.get("rope_theta") or (
+                hf.get("rope_parameters") or {}).get("rope_theta", 10_000.0)),
+            max_sequence_length=hf.get("max_position_embeddings", 8192),
+            dropout=float(hf.get("attention_dropout", 0.0) or 0.0),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{path} lacks the field {e}, which a Gemma config has.") from None
+    if hf.get("tie_word_embeddings") is False:
+        raise ConfigError(f"{path}: tie_word_embeddings is false, but Gemma ties its output "
+                          "head to the embedding.")
+    if hf.get("use_bidirectional_attention"):
+        raise ConfigError(f"{path}: bidirectional attention is not a Gemma causal LM.")
+    if model_type == "gemma2":
+        head_dim = values["head_dim"]
+        scalar = hf.get("query_pre_attn_scalar", head_dim)
+        per_head_width = values["hidden_dim"] // values["num_query_heads"]
+        if scalar not in (head_dim, per_head_width):
+            raise ConfigError(
+                f"{path}: query_pre_attn_scalar {scalar} is neither head_dim ({head_dim}) nor "
+                f"hidden_size / num_attention_heads ({per_head_width}); no Gemma 2 uses that.")
+        window = hf.get("sliding_window") or hf.get("sliding_window_size") or 4096
+        values.update(
+            query_head_dim_normalize=(scalar == head_dim),
+            use_post_attention_norm=True,
+            use_post_ffw_norm=True,
+            attention_logit_soft_cap=hf.get("attn_logit_softcapping"),
+            final_logit_soft_cap=hf.get("final_logit_softcapping"),
+            use_sliding_window_attention=True,
+            sliding_window_size=window,
+        )
+        layer_types = hf.get("layer_types")
+        alternating = ["sliding_attention" if i % 2 == 0 else "full_attention"
+                       for i in range(values["num_layers"])]
+        if layer_types is not None and list(layer_types) != alternating:
+            raise ConfigError(f"{path}: layer_types {layer_types} is not Gemma 2's alternation "
+                              "of sliding and full attention starting with sliding.")
+    dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    return GemmaConfig.from_dict(values, source=str(path)), str(dtype)
+
+
+# ---- safetensors --------------------------------------------------------------------------
+def _tensor_index(file: pathlib.Path) -> Dict[str, Tuple[pathlib.Path, str, tuple, int, int]]:
+    """name -> (file, dtype, shape, absolute start, end) from one file's header."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{file} is truncated: too short to be a safetensors file.")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise CheckpointError(f"{file} is truncated or corrupt: its header claims "
+                                  f"{header_len} bytes but the file has {size}.")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file} has a corrupt safetensors header ({e}).") from e
+    base = 8 + header_len
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if base + end > size:
+            raise CheckpointError(
+                f"{file} is truncated: tensor '{name}' ends at byte {base + end} but the file "
+                f"has {size} bytes. Download it again.")
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype "
+                                  f"{info['dtype']}.")
+        out[name] = (file, info["dtype"], tuple(info["shape"]), base + begin, base + end)
+    return out
+
+
+def _safetensors_files(directory: pathlib.Path):
+    index = directory / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'.")
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that are missing: {missing}.")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(
+            f"No weights in {directory}: expected model.safetensors or {SAFETENSORS_INDEX} "
+            "with its shards (PyTorch .bin checkpoints are not read: they need unpickling).")
+    return files
+
+
+def _loader(file, dtype, shape, start, end):
+    def load():
+        with open(file, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        if len(data) != end - start:
+            raise CheckpointError(f"{file} is truncated while reading a tensor.")
+        return np.frombuffer(data, dtype=_DTYPES[dtype]).reshape(shape)
+    return load
+
+
+def reader(directory: pathlib.Path, config: GemmaConfig, model_type: str) -> Reader:
+    """Canonical names -> loaders that return keras-layout arrays."""
+    tensors = {}
+    for file in _safetensors_files(directory):
+        tensors.update(_tensor_index(file))
+    # Some exports prefix names differently; the tied lm_head is not a separate weight here.
+    tensors = {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()}
+    tensors.pop("lm_head.weight", None)
+
+    n, k, h, d = (config.num_query_heads, config.num_key_value_heads, config.head_dim,
+                  config.hidden_dim)
+
+    def plain(name):
+        return _loader(*tensors[name])
+
+    def transformed(name, fn):
+        raw = _loader(*tensors[name])
+        return lambda: fn(raw())
+
+    # HF Linear weights are [out, in]; keras kernels are [in, out] split into heads.
+    q = lambda w: w.reshape(n, h, d).transpose(0, 2, 1)   # [heads, hidden, head_dim]
+    kv = lambda w: w.reshape(k, h, d).transpose(0, 2, 1)  # [kv_heads, hidden, head_dim]
+    o = lambda w: w.reshape(d, n, h).transpose(1, 2, 0)   # [heads, head_dim, hidden]
+    t = lambda w: w.T
+
+    # Gemma 1's "post_attention_layernorm" is the pre-FFN norm; Gemma 2 has a true one.
+    if model_type == "gemma":
+        norms = {"input_layernorm": "pre_attention_norm",
+                 "post_attention_layernorm": "pre_ffw_norm"}
+    else:
+        norms = {"input_layernorm": "pre_attention_norm",
+                 "post_attention_layernorm": "post_attention_norm",
+                 "pre_feedforward_layernorm": "pre_ffw_norm",
+                 "post_feedforward_layernorm": "post_ffw_norm"}
+    projections = {"self_attn.q_proj.weight": ("query", q),
+                   "self_attn.k_proj.weight": ("key", kv),
+                   "self_attn.v_proj.weight": ("value", kv),
+                   "self_attn.o_proj.weight": ("attention_output", o),
+                   "mlp.gate_proj.weight": ("ffw_gating", t),
+                   "mlp.up_proj.weight": ("ffw_gating_2", t),
+                   "mlp.down_proj.weight": ("ffw_linear", t)}
+
+    out, unused = {}, set(tensors)
+    for name in tensors:
+        if name == "embed_tokens.weight":
+            out["token_embedding"] = plain(name)
+        elif name == "norm.weight":
+            out["final_normalization"] = plain(name)
+        elif name.startswith("layers."):
+            _, index, rest = name.split(".", 2)
+            if rest.endswith(".weight") and rest[: -len(".weight")] in norms:
+                out[f"decoder_block_{index}/{norms[rest[:-len('.weight')]]}"] = plain(name)
+            elif rest in projections:
+                suffix, fn = projections[rest]
+                out[f"decoder_block_{index}/{suffix}"] = transformed(name, fn)
+            else:
+                continue
+        else:
+            continue
+        unused.discard(name)
+    # Unmapped tensors (e.g. a norm that Gemma 1 does not have) surface as "extra" weights.
+    for name in unused:
+        out[f"unmapped:{name}"] = plain(name)
+    _check_projection_shapes(tensors, config, directory)
+    return out
+
+
+def _check_projection_shapes(tensors, config, directory):
+    """Reshapes above would scramble a wrongly sized tensor silently: check the raw shapes."""
+    n, k, h, d = (config.num_query_heads, config.num_key_value_heads, config.head_dim,
+                  config.hidden_dim)
+    expected = {"self_attn.q_proj.weight": (n * h, d), "self_attn.k_proj.weight": (k * h, d),
+                "self_attn.v_proj.weight": (k * h, d), "self_attn.o_proj.weight": (d, n * h)}
+    for name, (_, _, shape, _, _) in tensors.items():
+        suffix = name.split(".", 2)[-1] if name.startswith("layers.") else None
+        if suffix in expected and shape != expected[suffix]:
+            from gemma_keras.errors import WeightShapeError
+            raise WeightShapeError(
+                f"{directory}: weight '{name}' has shape {shape} in the checkpoint but the "
+                f"config calls for {expected[suffix]}. The config and the weights do not match.")

@@ -1,0 +1,277 @@
+"""keras-hub / keras-nlp preset directories: read and write.
+
+Layout: config.json (a serialised `keras_hub>GemmaBackbone`, or `keras_nlp>` in older uploads),
+model.weights.h5 or model.weights.json + model_NNNNN.weights.h5 shards, tokenizer.json,
+assets/tokenizer/vocabulary.spm, preprocessor.json, task.json, metadata.json.
+
+The h5 file is Keras 3's weights format: one group per layer, keyed by the attribute path
+keras-hub's objects have, each holding `vars/0`. We read and write it with h5py through one
+name table, so neither direction depends on our layers mirroring keras-hub's classes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+from typing import Dict, Optional, Tuple
+
+import h5py
+import ml_dtypes
+import numpy as np
+
+from gemma_keras.checkpoints.atomic import atomic_directory, read_json
+from gemma_keras.checkpoints.weights import BLOCK_WEIGHTS, Reader, weight_table
+from gemma_keras.config import GemmaConfig
+from gemma_keras.errors import CheckpointError, ConfigError
+
+WEIGHTS_FILE = "model.weights.h5"
+SHARDED_WEIGHTS_INDEX = "model.weights.json"
+BACKBONE_NAMES = ("keras_hub>GemmaBackbone", "keras_nlp>GemmaBackbone")
+
+# Canonical block-weight suffix -> group path inside keras-hub's decoder block.
+_BLOCK_H5 = {
+    "pre_attention_norm": "pre_attention_norm",
+    "post_attention_norm": "post_attention_norm",
+    "query": "attention/query_dense",
+    "key": "attention/key_dense",
+    "value": "attention/value_dense",
+    "attention_output": "attention/output_dense",
+    "pre_ffw_norm": "pre_ffw_norm",
+    "post_ffw_norm": "post_ffw_norm",
+    "ffw_gating": "gating_ffw",
+    "ffw_gating_2": "gating_ffw_2",
+    "ffw_linear": "ffw_linear",
+}
+assert set(_BLOCK_H5) == set(BLOCK_WEIGHTS)
+# The layer name keras-hub gives the same object (stored as the `name` attribute of `vars`).
+_LAYER_NAMES = {"pre_attention_norm": "pre_attention_norm", "query": "query", "key": "key",
+                "value": "value", "attention_output": "attention_output",
+                "post_attention_norm": "post_attention_norm", "pre_ffw_norm": "pre_ffw_norm",
+                "post_ffw_norm": "post_ffw_norm", "ffw_gating": "ffw_gating",
+                "ffw_gating_2": "ffw_gating_2", "ffw_linear": "ffw_linear"}
+
+
+def is_keras_hub_preset(directory: pathlib.Path) -> bool:
+    config = directory / "config.json"
+    return config.is_file() and "registered_name" in read_json(config)
+
+
+def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[str]]:
+    """The backbone config and the dtype it was saved in (None when not recorded)."""
+    path = directory / "config.json"
+    data = read_json(path)
+    name = data.get("registered_name")
+    if name not in BACKBONE_NAMES:
+        raise ConfigError(
+            f"{path} describes '{name}', not a Gemma backbone ({' or '.join(BACKBONE_NAMES)}). "
+            "gemma_keras loads Gemma 1, 1.1, CodeGemma and Gemma 2 presets only.")
+    values = dict(data.get("config", {}))
+    dtype = values.pop("dtype", None)
+    if isinstance(dtype, dict):  # a serialised DTypePolicy
+        dtype = dtype.get("config", {}).get("name")
+    extras = _read_metadata(directory).get("gemma_keras", {}).get("config", {})
+    return GemmaConfig.from_dict({**values, **extras}, source=str(path)), dtype
+
+
+def _read_metadata(directory):
+    path = directory / "metadata.json"
+    return read_json(path) if path.is_file() else {}
+
+
+# ---- weights: reading ---------------------------------------------------------------------
+def _weight_files(directory: pathlib.Path):
+    single = directory / WEIGHTS_FILE
+    if single.is_file():
+        return [single]
+    index = directory / SHARDED_WEIGHTS_INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map': it is not a Keras shard index.")
+        names = []
+        for files in weight_map.values():
+            for file in ([files] if isinstance(files, str) else files):
+                if file not in names:
+                    names.append(file)
+        shards = [directory / n for n in names]
+        missing = [str(p) for p in shards if not p.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that are missing: {missing}. "
+                                  "Download the preset again.")
+        return shards
+    raise CheckpointError(
+        f"No weights in {directory}: expected {WEIGHTS_FILE} or {SHARDED_WEIGHTS_INDEX} "
+        "with its shards.")
+
+
+def _index_datasets(files) -> Dict[str, Tuple[pathlib.Path, str]]:
+    """'layers/.../vars/0' -> (file, dataset path) over all shards, plus the layer names."""
+    found = {}
+    for file in files:
+        try:
+            with h5py.File(file, "r") as h5:
+                def visit(path, obj):
+                    if isinstance(obj, h5py.Dataset):
+                        found[path] = (file, path)
+                    elif path.endswith("/vars") and "name" in obj.attrs:
+                        # Also index by keras layer name: robust to attribute-order changes.
+                        found["@" + str(obj.attrs["name"]) + "@" + path] = (file, path)
+                h5.visititems(visit)
+        except OSError as e:
+            raise CheckpointError(f"{file} is not a readable HDF5 weights file ({e}). It is "
+                                  "truncated or corrupt: download or save it again.") from e
+    return found
+
+
+def _block_prefixes(index, num_layers):
+    """The h5 group of each decoder block: found by layer name, else by keras' class order."""
+    by_name = {}
+    for key in index:
+        if key.startswith("@decoder_block_"):
+            name, path = key[1:].split("@", 1)
+            if path.count("/") == 2:  # layers/<group>/vars: a top-level layer
+                by_name[name] = path[: -len("/vars")]
+    return [by_name.get(f"decoder_block_{i}",
+                        "layers/gemma_decoder_block" + (f"_{i}" if i else ""))
+            for i in range(num_layers)]
+
+
+def _read_dataset(file, path):
+    def read():
+        try:
+            with h5py.File(file, "r") as h5:
+                ds = h5[path]
+                array = ds[()]
+                if ds.attrs.get("dtype") == "bfloat16":  # Keras stores bf16 as 2-byte opaque
+                    array = array.view(ml_dtypes.bfloat16)
+                return array
+        except OSError as e:
+            raise CheckpointError(f"Could not read '{path}' from {file} ({e}): the file is "
+                                  "truncated or corrupt.") from e
+    return read
+
+
+def reader(directory: pathlib.Path, config: GemmaConfig) -> Reader:
+    index = _index_datasets(_weight_files(directory))
+    paths = {"token_embedding": "layers/reversible_embedding",
+             "final_normalization": "layers/rms_normalization"}
+    for i, prefix in enumerate(_block_prefixes(index, config.num_layers)):
+        for suffix, group in _BLOCK_H5.items():
+            paths[f"decoder_block_{i}/{suffix}"] = f"{prefix}/{group}"
+    out = {}
+    for name, group in paths.items():
+        located = index.get(f"{group}/vars/0")
+        if located is not None:
+            out[name] = _read_dataset(*located)
+    return out
+
+
+# ---- writing ------------------------------------------------------------------------------
+def _policy(dtype_name):
+    return {"module": "keras", "class_name": "DTypePolicy", "config": {"name": dtype_name},
+            "registered_name": None}
+
+
+def _serialized(module, class_name, config):
+    return {"module": f"keras_hub.src.models.gemma.{module}", "class_name": class_name,
+            "config": config, "registered_name": f"keras_hub>{class_name}"}
+
+
+def _configs(config: GemmaConfig, dtype_name: str, sequence_length: int):
+    backbone = _serialized("gemma_backbone", "GemmaBackbone", {
+        "name": "gemma_backbone", "trainable": True, "dtype": _policy(dtype_name),
+        **config.to_keras_hub()})
+    tokenizer = _serialized("gemma_tokenizer", "GemmaTokenizer", {
+        "name": "gemma_tokenizer", "trainable": True, "dtype": _policy("int32"),
+        "config_file": "tokenizer.json", "proto": None, "sequence_length": None,
+        "add_bos": False, "add_eos": False})
+    preprocessor = _serialized("gemma_causal_lm_preprocessor", "GemmaCausalLMPreprocessor", {
+        "name": "gemma_causal_lm_preprocessor", "trainable": True,
+        "dtype": _policy("float32"), "tokenizer": tokenizer,
+        "config_file": "preprocessor.json", "sequence_length": sequence_length,
+        "add_start_token": True, "add_end_token": True})
+    task = _serialized("gemma_causal_lm", "GemmaCausalLM", {
+        "backbone": backbone, "preprocessor": preprocessor, "name": "gemma_causal_lm"})
+    return backbone, tokenizer, preprocessor, task
+
+
+def _h5_groups(config: GemmaConfig):
+    """canonical name -> (h5 group, keras layer name), keras-hub's naming."""
+    groups = {"token_embedding": ("layers/reversible_embedding", "token_embedding"),
+              "final_normalization": ("layers/rms_normalization", "final_normalization")}
+    for i in range(config.num_layers):
+        prefix = "layers/gemma_decoder_block" + (f"_{i}" if i else "")
+        for suffix, group in _BLOCK_H5.items():
+            groups[f"decoder_block_{i}/{suffix}"] = (f"{prefix}/{group}", _LAYER_NAMES[suffix])
+        groups[f"@block{i}"] = (prefix, f"decoder_block_{i}")
+    return groups
+
+
+def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[int]):
+    groups = _h5_groups(backbone.config)
+    shards, weight_map, size = [], {}, 0
+    h5 = None
+
+    def new_shard():
+        nonlocal h5, size
+        if h5 is not None:
+            h5.close()
+        name = (WEIGHTS_FILE if max_shard_bytes is None
+                else f"model_{len(shards):05d}.weights.h5")
+        shards.append(name)
+        h5, size = h5py.File(directory / name, "w"), 0
+        h5.create_group("vars").attrs["name"] = "gemma_backbone"
+
+    new_shard()
+    try:
+        for name, variable in weight_table(backbone):
+            array = np.asarray(variable.numpy())
+            if max_shard_bytes is not None and size and size + array.nbytes > max_shard_bytes:
+                new_shard()
+            group_path, layer_name = groups[name]
+            vars_group = h5.require_group(f"{group_path}/vars")
+            vars_group.attrs["name"] = layer_name
+            dataset = vars_group.create_dataset("0", data=array)
+            if array.dtype == ml_dtypes.bfloat16:
+                dataset.attrs["dtype"] = "bfloat16"
+            weight_map[f"/{group_path}/vars"] = shards[-1]
+            size += array.nbytes
+            # Parent groups carry their layer name as Keras writes it.
+            block = name.split("/")[0]
+            if block.startswith("decoder_block_"):
+                prefix, block_name = groups["@block" + block[len("decoder_block_"):]]
+                h5.require_group(f"{prefix}/vars").attrs["name"] = block_name
+    finally:
+        h5.close()
+    if max_shard_bytes is not None:
+        total = sum((directory / s).stat().st_size for s in shards)
+        (directory / SHARDED_WEIGHTS_INDEX).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=4))
+
+
+def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
+                 max_shard_size: Optional[float] = None):
+    """Writes a keras-hub GemmaCausalLM preset. `max_shard_size` in GB, as keras-hub."""
+    config: GemmaConfig = backbone.config
+    dtype_name = backbone.dtype_policy.name
+    shard_bytes = None if max_shard_size is None else int(max_shard_size * 1024 ** 3)
+    backbone_json, tokenizer_json, preprocessor_json, task_json = _configs(
+        config, dtype_name, sequence_length)
+    import keras
+
+    metadata = {
+        "keras_version": keras.__version__,
+        "parameter_count": config.parameter_count(),
+        "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
+        "tasks": ["CausalLM"],
+        "gemma_keras": {"config": {k: getattr(config, k) for k in config.GEMMA_KERAS_ONLY}},
+    }
+    with atomic_directory(directory) as tmp:
+        for name, content in (("config.json", backbone_json), ("tokenizer.json", tokenizer_json),
+                              ("preprocessor.json", preprocessor_json), ("task.json", task_json),
+                              ("metadata.json", metadata)):
+            (tmp / name).write_text(json.dumps(content, indent=4))
+        if tokenizer is not None:
+            tokenizer.save_assets(tmp / "assets" / "tokenizer")
+        _write_weights(backbone, tmp, shard_bytes)

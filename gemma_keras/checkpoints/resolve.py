@@ -1,0 +1,152 @@
+"""Turn what a user passes to `from_preset` into a local checkpoint directory.
+
+Accepted: an existing directory, a built-in preset name, `kaggle://owner/model/framework/
+variation[/version]` and `hf://org/repo[@revision]`. Hub failures become gemma_keras errors that
+say what to do: a refused download (Gemma is gated) explains the license and credentials, any
+other failure points at loading from a local directory instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import pathlib
+import re
+from typing import Optional, Union
+
+from gemma_keras.errors import CheckpointError, PresetAccessError, UnknownPresetError
+from gemma_keras.presets import get_preset_card, list_presets
+
+KAGGLE_SCHEME = "kaggle://"
+HF_SCHEME = "hf://"
+
+# What the Hugging Face reader needs; skips the large duplicate formats some repos also hold
+# (*.gguf, original PyTorch *.bin, Flax weights).
+HF_ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
+
+_KAGGLE_CREDENTIALS = "set KAGGLE_USERNAME and KAGGLE_KEY, or put them in ~/.kaggle/kaggle.json"
+_HF_CREDENTIALS = "set HF_TOKEN, or run `huggingface-cli login`"
+_HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def resolve_preset(handle: Union[str, os.PathLike]) -> pathlib.Path:
+    """Return the local directory holding the checkpoint `handle` names, downloading if needed."""
+    if not isinstance(handle, str):
+        return _local_directory(os.fspath(handle))
+    if handle.startswith(KAGGLE_SCHEME):
+        return _download_kaggle(handle[len(KAGGLE_SCHEME):])
+    if handle.startswith(HF_SCHEME):
+        return _download_hf(handle[len(HF_SCHEME):])
+    if os.path.isdir(os.path.expanduser(handle)) or _looks_like_path(handle):
+        return _local_directory(handle)
+    if handle in list_presets():
+        return _download_kaggle(get_preset_card(handle).kaggle_handle[len(KAGGLE_SCHEME):])
+    close = difflib.get_close_matches(handle, list_presets(), n=5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownPresetError(
+        f"{handle!r} is not a built-in preset, a kaggle:// or hf:// handle, or an existing "
+        f"directory.{hint} gk.list_presets() shows the built-in presets.")
+
+
+def _looks_like_path(handle: str) -> bool:
+    separators = [sep for sep in (os.sep, os.altsep) if sep]
+    return handle.startswith((".", "~", "/")) or any(sep in handle for sep in separators)
+
+
+def _local_directory(path: str) -> pathlib.Path:
+    directory = pathlib.Path(path).expanduser()
+    if not directory.exists():
+        raise CheckpointError(f"{path}: no such directory.")
+    if not directory.is_dir():
+        raise CheckpointError(f"{path}: is a file; from_preset takes a checkpoint directory.")
+    return directory
+
+
+# ---- Kaggle ------------------------------------------------------------------------------------
+def _download_kaggle(handle: str) -> pathlib.Path:
+    """`handle` is `owner/model/framework/variation[/version]`, without the scheme."""
+    parts = handle.split("/")
+    versioned = len(parts) == 5
+    if len(parts) not in (4, 5) or not all(parts) or (versioned and not parts[4].isdigit()):
+        raise UnknownPresetError(
+            f"{KAGGLE_SCHEME}{handle} is not a Kaggle model handle; expected "
+            f"{KAGGLE_SCHEME}owner/model/framework/variation[/version], e.g. "
+            f"{get_preset_card('gemma_2b_en').kaggle_handle}.")
+    # Imported here, and the function looked up on the module at call time, so that importing
+    # gemma_keras stays light and tests can replace kagglehub.model_download.
+    import kagglehub
+    from kagglehub.exceptions import CredentialError, UnauthenticatedError
+
+    model_page = f"https://www.kaggle.com/models/{parts[0]}/{parts[1]}"
+    try:
+        return pathlib.Path(kagglehub.model_download(handle))
+    except (UnauthenticatedError, CredentialError) as error:
+        raise _access_error(KAGGLE_SCHEME + handle, model_page, _KAGGLE_CREDENTIALS) from error
+    except OSError as error:  # requests' errors, KaggleApiHTTPError among them, are OSErrors.
+        raise _download_error(error, KAGGLE_SCHEME + handle, model_page,
+                              _KAGGLE_CREDENTIALS) from error
+
+
+# ---- Hugging Face ------------------------------------------------------------------------------
+def _download_hf(handle: str) -> pathlib.Path:
+    """`handle` is `org/repo[@revision]`, without the scheme."""
+    repo_id, _, revision = handle.partition("@")
+    if not _HF_REPO_ID.fullmatch(repo_id) or handle.endswith("@"):
+        raise UnknownPresetError(
+            f"{HF_SCHEME}{handle} is not a Hugging Face handle; expected "
+            f"{HF_SCHEME}org/repo[@revision], e.g. {HF_SCHEME}google/gemma-2-2b.")
+    try:
+        import huggingface_hub
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError as error:
+        raise ImportError(
+            f'Loading {HF_SCHEME}{handle} needs huggingface_hub: pip install "gemma-keras[hf]"'
+        ) from error
+
+    # huggingface_hub's HTTP errors derive from its HTTP client's base error (httpx's in 1.x,
+    # which is not an OSError; requests' in 0.x, which is): catching it covers dropped
+    # connections and timeouts in the middle of a download too.
+    client_error = HfHubHTTPError.__bases__[0]
+    model_page = f"https://huggingface.co/{repo_id}"
+    try:
+        path = huggingface_hub.snapshot_download(
+            repo_id=repo_id, revision=revision or None, allow_patterns=HF_ALLOW_PATTERNS)
+    except (OSError, client_error) as error:
+        raise _download_error(error, HF_SCHEME + handle, model_page, _HF_CREDENTIALS) from error
+    return pathlib.Path(path)
+
+
+# ---- errors ------------------------------------------------------------------------------------
+def _http_status(error: BaseException) -> Optional[int]:
+    """The HTTP status of a requests or httpx error, None for errors without a response."""
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _access_error(handle: str, model_page: str, credentials: str) -> PresetAccessError:
+    return PresetAccessError(
+        f"Access to {handle} was refused. Gemma checkpoints are gated: accept the license on "
+        f"the model page, {model_page}, with your account, and {credentials}.")
+
+
+def _download_error(error: BaseException, handle: str, model_page: str,
+                    credentials: str) -> Exception:
+    status = _http_status(error)
+    # The Hugging Face Hub answers 401 both for gated repos and for repos that do not exist,
+    # so a 401 is reported as an access problem.
+    if status in (401, 403):
+        return _access_error(handle, model_page, credentials)
+    if status == 404:
+        return CheckpointError(f"{handle} was not found (HTTP 404); check the name and version.")
+    return CheckpointError(
+        f"Downloading {handle} failed ({type(error).__name__}: {error}). from_preset also "
+        "takes a local directory holding a downloaded checkpoint.")

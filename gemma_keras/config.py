@@ -1,0 +1,135 @@
+"""GemmaConfig: one frozen description for every Gemma variant (Gemma 1, 1.1, CodeGemma, Gemma 2).
+
+Variants differ only in these fields; no code path forks on "is this Gemma 2". Field names are
+keras-hub's `GemmaBackbone` arguments so a keras-hub `config.json` maps onto it one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+from gemma_keras.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+    vocabulary_size: int
+    num_layers: int
+    num_query_heads: int
+    num_key_value_heads: int
+    hidden_dim: int
+    # Width of both GeGLU branches together, as keras-hub and the Gemma paper count it:
+    # each of the gate and up projections is `intermediate_dim // 2` wide.
+    intermediate_dim: int
+    head_dim: int
+    # True: queries scaled by head_dim ** -0.5. False: by (hidden_dim / num_query_heads) ** -0.5,
+    # which is what Gemma 2 27B was trained with (4608 / 32 = 144 -> 1/12, head_dim is 128).
+    query_head_dim_normalize: bool = True
+    use_post_ffw_norm: bool = False
+    use_post_attention_norm: bool = False
+    attention_logit_soft_cap: Optional[float] = None
+    final_logit_soft_cap: Optional[float] = None
+    # When on, layers 0, 2, 4, ... attend to a sliding window, the others globally.
+    use_sliding_window_attention: bool = False
+    sliding_window_size: int = 4096
+    layer_norm_epsilon: float = 1e-6
+    dropout: float = 0.0
+    rope_max_wavelength: float = 10_000.0
+    max_sequence_length: int = 8192
+
+    def __post_init__(self):
+        for name in ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
+                     "hidden_dim", "intermediate_dim", "head_dim", "sliding_window_size",
+                     "max_sequence_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"GemmaConfig.{name} must be a positive integer, got {value!r}.")
+        if self.num_query_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"GemmaConfig.num_query_heads ({self.num_query_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads}).")
+        if self.intermediate_dim % 2:
+            raise ConfigError(
+                f"GemmaConfig.intermediate_dim ({self.intermediate_dim}) counts both GeGLU "
+                "branches together and must be even.")
+        if self.head_dim % 2:
+            raise ConfigError(f"GemmaConfig.head_dim ({self.head_dim}) must be even for RoPE.")
+        for name in ("attention_logit_soft_cap", "final_logit_soft_cap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"GemmaConfig.{name} must be positive or None, got {value!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"GemmaConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+
+    # ---- derived quantities: each written here once -------------------------------------
+    @property
+    def query_scale(self) -> float:
+        if self.query_head_dim_normalize:
+            return self.head_dim ** -0.5
+        # keras-hub and the reference JAX code use integer division here.
+        return (self.hidden_dim // self.num_query_heads) ** -0.5
+
+    @property
+    def ffn_branch_dim(self) -> int:
+        return self.intermediate_dim // 2
+
+    def is_sliding_layer(self, layer_index: int) -> bool:
+        return self.use_sliding_window_attention and layer_index % 2 == 0
+
+    def parameter_count(self) -> int:
+        """Exact count of the weights the backbone allocates, without allocating them."""
+        h, d = self.hidden_dim, self.head_dim
+        attention = h * d * (2 * self.num_query_heads + 2 * self.num_key_value_heads)
+        ffn = 3 * h * self.ffn_branch_dim
+        norms = h * (2 + int(self.use_post_attention_norm) + int(self.use_post_ffw_norm))
+        per_layer = attention + ffn + norms
+        return self.vocabulary_size * h + self.num_layers * per_layer + h
+
+    # ---- serialisation ------------------------------------------------------------------
+    # Fields keras-hub's GemmaBackbone does not take: it fixes them at Gemma's values.
+    GEMMA_KERAS_ONLY = ("rope_max_wavelength", "max_sequence_length")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_keras_hub(self) -> dict[str, Any]:
+        """The `config` dict of keras-hub's GemmaBackbone (no gemma_keras-only fields)."""
+        out = self.to_dict()
+        for extra in self.GEMMA_KERAS_ONLY:
+            out.pop(extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "GemmaConfig":
+        """Build from a keras-hub-style dict; unknown keys are an error that names them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        # Keys keras serialisation adds that do not describe the architecture.
+        ignored = {"name", "trainable", "dtype"}
+        unknown = sorted(set(values) - known - ignored)
+        if unknown:
+            raise ConfigError(f"{source}: unknown GemmaBackbone argument(s) {unknown}.")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in values)
+        if missing:
+            raise ConfigError(f"{source}: missing required GemmaBackbone argument(s) {missing}.")
+        kwargs = {k: v for k, v in values.items() if k in known}
+        for cap in ("attention_logit_soft_cap", "final_logit_soft_cap"):
+            if kwargs.get(cap) is not None:
+                kwargs[cap] = float(kwargs[cap])
+        return cls(**kwargs)
+
+    def replace(self, **changes) -> "GemmaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        kind = "MQA" if self.num_key_value_heads == 1 else (
+            "MHA" if self.num_key_value_heads == self.num_query_heads else "GQA")
+        return (f"{self.num_layers} layers, hidden {self.hidden_dim}, {self.num_query_heads}/"
+                f"{self.num_key_value_heads} heads ({kind}), {self.parameter_count():,} params")
+
+
+def human_count(n: int) -> str:
+    exponent = min(int(math.log10(max(n, 1)) // 3), 4)
+    return f"{n / 1000 ** exponent:.2f}{['', 'K', 'M', 'B', 'T'][exponent]}"

@@ -1,0 +1,106 @@
+"""Gemma self-attention: MQA, MHA or GQA by `num_key_value_heads`, optional logit soft-cap,
+global or sliding-window masking chosen by the caller."""
+
+import keras
+from keras import ops
+
+from gemma_keras.layers.rotary import apply_rotary_embedding
+
+# Added to masked logits in float32. Finite, so a row with nothing to attend to (a padding
+# query) gives a uniform distribution instead of NaN.
+_MASK_VALUE = -2.3819763e38
+
+
+def attention_mask(padding_mask, query_positions, key_positions, sliding_window=None):
+    """Which keys each query may attend to: [batch, query_len, key_len] bool.
+
+    padding_mask: [batch, key_len], 1 for real tokens. *_positions: [batch, len] integer
+    positions. A key is visible when it is real, not in the future and, with a sliding
+    window of size W, fewer than W positions back (the window includes the query itself).
+    """
+    q = query_positions[:, :, None]  # [batch, query_len, 1]
+    k = key_positions[:, None, :]    # [batch, 1, key_len]
+    visible = ops.logical_and(k <= q, ops.cast(padding_mask, "bool")[:, None, :])
+    if sliding_window is not None:
+        visible = ops.logical_and(visible, q - k < sliding_window)
+    return visible
+
+
+class GemmaAttention(keras.layers.Layer):
+    def __init__(self, num_query_heads, num_key_value_heads, head_dim, hidden_dim, query_scale,
+                 logit_soft_cap=None, rope_max_wavelength=10_000.0, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.hidden_dim = hidden_dim
+        self.query_scale = query_scale
+        self.logit_soft_cap = logit_soft_cap
+        self.rope_max_wavelength = rope_max_wavelength
+        self.dropout = dropout
+        # Kernel layouts are keras-hub's, so its checkpoints load without transposes:
+        # query [heads, hidden, head_dim], key/value [kv_heads, hidden, head_dim],
+        # output [heads, head_dim, hidden].
+        self.query = keras.layers.EinsumDense(
+            "btd,ndh->btnh", output_shape=(None, num_query_heads, head_dim),
+            dtype=self.dtype_policy, name="query")
+        self.key = keras.layers.EinsumDense(
+            "bsd,kdh->bskh", output_shape=(None, num_key_value_heads, head_dim),
+            dtype=self.dtype_policy, name="key")
+        self.value = keras.layers.EinsumDense(
+            "bsd,kdh->bskh", output_shape=(None, num_key_value_heads, head_dim),
+            dtype=self.dtype_policy, name="value")
+        self.attention_output = keras.layers.EinsumDense(
+            "btnh,nhd->btd", output_shape=(None, hidden_dim),
+            dtype=self.dtype_policy, name="attention_output")
+        self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+
+    def build(self, input_shape):
+        for dense in (self.query, self.key, self.value):
+            dense.build(input_shape)
+        self.attention_output.build((None, None, self.num_query_heads, self.head_dim))
+        self.built = True
+
+    def call(self, x, positions, mask, training=False):
+        """x: [batch, seq, hidden]; positions: [batch, seq]; mask: [batch, seq, seq] bool."""
+        query = self.query(x)  # [batch, seq, heads, head_dim]
+        key = self.key(x)      # [batch, seq, kv_heads, head_dim]
+        value = self.value(x)  # [batch, seq, kv_heads, head_dim]
+        query = apply_rotary_embedding(query, positions, self.rope_max_wavelength)
+        key = apply_rotary_embedding(key, positions, self.rope_max_wavelength)
+        output = self.attend(query, key, value, mask, training=training)
+        return self.attention_output(output)  # [batch, seq, hidden]
+
+    def attend(self, query, key, value, mask, training=False):
+        """Scaled dot-product attention over (possibly grouped) heads.
+
+        query: [batch, q_len, heads, head_dim]; key/value: [batch, k_len, kv_heads, head_dim];
+        mask: [batch, q_len, k_len] bool. Returns [batch, q_len, heads, head_dim].
+        """
+        batch, q_len = ops.shape(query)[0], ops.shape(query)[1]
+        groups = self.num_query_heads // self.num_key_value_heads
+        query = query * ops.cast(self.query_scale, query.dtype)
+        # [batch, q_len, kv_heads, groups, head_dim]: query heads that share one kv head
+        query = ops.reshape(
+            query, (batch, q_len, self.num_key_value_heads, groups, self.head_dim))
+        # [batch, kv_heads, groups, q_len, k_len]
+        logits = ops.einsum("btkgh,bskh->bkgts", query, key)
+        # Soft-cap, mask and softmax in float32: the cap's tanh and the normalisation lose
+        # too much in bfloat16.
+        logits = ops.cast(logits, "float32")
+        if self.logit_soft_cap is not None:
+            logits = ops.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
+        logits = ops.where(mask[:, None, None, :, :], logits, _MASK_VALUE)
+        probs = ops.cast(ops.softmax(logits, axis=-1), value.dtype)
+        probs = self.dropout_layer(probs, training=training)
+        # [batch, q_len, kv_heads, groups, head_dim]
+        output = ops.einsum("bkgts,bskh->btkgh", probs, value)
+        # [batch, q_len, heads, head_dim]
+        return ops.reshape(output, (batch, q_len, self.num_query_heads, self.head_dim))
+
+    def get_config(self):
+        return {**super().get_config(), "num_query_heads": self.num_query_heads,
+                "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+                "hidden_dim": self.hidden_dim, "query_scale": self.query_scale,
+                "logit_soft_cap": self.logit_soft_cap,
+                "rope_max_wavelength": self.rope_max_wavelength, "dropout": self.dropout}

@@ -1,0 +1,63 @@
+"""One Gemma transformer layer: pre-norm attention and GeGLU, each optionally post-normed
+(Gemma 2), each added back to the residual stream."""
+
+import keras
+
+from gemma_keras.layers.attention import GemmaAttention
+from gemma_keras.layers.feedforward import GemmaFeedForward
+from gemma_keras.layers.rms_norm import GemmaRMSNorm
+
+
+class GemmaDecoderBlock(keras.layers.Layer):
+    def __init__(self, config, layer_index, **kwargs):
+        super().__init__(**kwargs)
+        self.config = config
+        self.layer_index = layer_index
+        self.uses_sliding_window = config.is_sliding_layer(layer_index)
+        eps, policy = config.layer_norm_epsilon, self.dtype_policy
+        self.pre_attention_norm = GemmaRMSNorm(eps, dtype=policy, name="pre_attention_norm")
+        self.attention = GemmaAttention(
+            num_query_heads=config.num_query_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            hidden_dim=config.hidden_dim,
+            query_scale=config.query_scale,
+            logit_soft_cap=config.attention_logit_soft_cap,
+            rope_max_wavelength=config.rope_max_wavelength,
+            dropout=config.dropout,
+            dtype=policy,
+            name="attention")
+        self.pre_ffw_norm = GemmaRMSNorm(eps, dtype=policy, name="pre_ffw_norm")
+        self.ffw = GemmaFeedForward(config.hidden_dim, config.ffn_branch_dim, dtype=policy,
+                                    name="ffw")
+        # Post-norms exist only where the config has them, so the parameter count is exact.
+        self.post_attention_norm = (
+            GemmaRMSNorm(eps, dtype=policy, name="post_attention_norm")
+            if config.use_post_attention_norm else None)
+        self.post_ffw_norm = (
+            GemmaRMSNorm(eps, dtype=policy, name="post_ffw_norm")
+            if config.use_post_ffw_norm else None)
+        self.residual_dropout = keras.layers.Dropout(config.dropout, dtype=policy)
+
+    def build(self, input_shape):
+        for layer in (self.pre_attention_norm, self.attention, self.pre_ffw_norm, self.ffw,
+                      self.post_attention_norm, self.post_ffw_norm):
+            if layer is not None:
+                layer.build(input_shape)
+        self.built = True
+
+    def call(self, x, positions, global_mask, local_mask, training=False):
+        """x: [batch, seq, hidden]. The block picks the mask its layer type needs."""
+        mask = local_mask if self.uses_sliding_window else global_mask
+        h = self.attention(self.pre_attention_norm(x), positions, mask, training=training)
+        if self.post_attention_norm is not None:
+            h = self.post_attention_norm(h)
+        x = x + self.residual_dropout(h, training=training)
+        h = self.ffw(self.pre_ffw_norm(x))
+        if self.post_ffw_norm is not None:
+            h = self.post_ffw_norm(h)
+        return x + self.residual_dropout(h, training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "layer_index": self.layer_index,
+                "config": self.config.to_dict()}

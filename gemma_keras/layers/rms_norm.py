@@ -1,0 +1,29 @@
+"""Gemma's RMSNorm: x * rsqrt(mean(x^2) + eps) * (1 + scale), always computed in float32."""
+
+import keras
+from keras import ops
+
+
+class GemmaRMSNorm(keras.layers.Layer):
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        # Stored as an offset from 1 (the checkpoints' convention), so zeros is the identity.
+        self.scale = self.add_weight(
+            name="scale", shape=(input_shape[-1],), initializer="zeros")
+        self.built = True
+
+    def call(self, x):
+        # float32 whatever the compute dtype: bf16 mean-of-squares loses the small activations,
+        # and both reference implementations upcast here.
+        input_dtype = x.dtype
+        x = ops.cast(x, "float32")
+        variance = ops.mean(ops.square(x), axis=-1, keepdims=True)
+        x = x * ops.rsqrt(variance + self.epsilon)
+        x = x * (1.0 + ops.cast(self.scale, "float32"))
+        return ops.cast(x, input_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
