@@ -1,0 +1,187 @@
+"""Shared fixtures: a SentencePiece model trained at test time, and tiny random Gemma
+checkpoints written by the reference libraries themselves (HF transformers, keras-hub)."""
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SEQ = 16
+# Tiny architectures covering every attention layout and Gemma 2 feature. Values are HF
+# config kwargs; keras-hub equivalents are derived in `keras_hub_kwargs`.
+HF_CASES = {
+    "gemma_mqa": dict(model_type="gemma", num_attention_heads=4, num_key_value_heads=1,
+                      head_dim=16),
+    "gemma_mha": dict(model_type="gemma", num_attention_heads=4, num_key_value_heads=4,
+                      head_dim=16),
+    # Window 5 < SEQ, and soft-caps small enough that tanh is far from linear here.
+    "gemma2_gqa": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+                       attn_logit_softcapping=4.0, final_logit_softcapping=6.0),
+    # Gemma 2 27B's query scale: (hidden / heads) ** -0.5 = 1/4 here, head_dim ** -0.5 = 1/sqrt(32).
+    "gemma2_27b_style": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2,
+                             head_dim=32, query_pre_attn_scalar=16, sliding_window=5,
+                             attn_logit_softcapping=4.0, final_logit_softcapping=6.0),
+}
+HIDDEN, LAYERS, INTERMEDIATE = 64, 3, 96
+
+
+@pytest.fixture(scope="session")
+def spm_path(tmp_path_factory):
+    """A Gemma-style SentencePiece model: <pad>=0 <eos>=1 <bos>=2 <unk>=3, turn markers as
+    pieces, byte fallback, split digits."""
+    import sentencepiece as spm
+
+    directory = tmp_path_factory.mktemp("spm")
+    corpus = directory / "corpus.txt"
+    lines = [f"The quick brown fox {i} jumps over the lazy dog number {i * 7}." for i in range(300)]
+    lines += ["Keras is a deep learning API written in Python.",
+              "Gemma models are lightweight open models from Google."] * 50
+    corpus.write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(directory / "tok"), vocab_size=400,
+        model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], byte_fallback=True,
+        split_digits=True, character_coverage=1.0, minloglevel=2)
+    return directory / "tok.model"
+
+
+@pytest.fixture(scope="session")
+def vocab_size(spm_path):
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(spm_path)).GetPieceSize()
+
+
+def token_batch(vocab_size, seed=0):
+    """[2, SEQ] ids and a padding mask with the second row right-padded."""
+    ids = np.random.RandomState(seed).randint(4, vocab_size, size=(2, SEQ)).astype("int32")
+    mask = np.ones_like(ids)
+    mask[1, SEQ - 5:] = 0
+    ids[1, SEQ - 5:] = 0
+    return ids, mask
+
+
+def randomize_torch(model, seed=0):
+    """HF initialises norm scales at zero and weights small: give every weight, norms
+    included, a scale at which each feature (soft-caps, norms) visibly changes the logits."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            std = 0.5 if "norm" in name else 0.25
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def hf_model(case, vocab_size, seed=0):
+    import torch
+    import transformers
+
+    kwargs = dict(HF_CASES[case])
+    model_type = kwargs.pop("model_type")
+    common = dict(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                  num_hidden_layers=LAYERS, hidden_activation="gelu_pytorch_tanh")
+    if model_type == "gemma":
+        config = transformers.GemmaConfig(**common, **kwargs)
+        model = transformers.GemmaForCausalLM(config)
+    else:
+        config = transformers.Gemma2Config(**common, **kwargs, attn_implementation="eager")
+        model = transformers.Gemma2ForCausalLM(config)
+    randomize_torch(model, seed)
+    return model.eval().to(torch.float32)
+
+
+def hf_logits(model, ids, mask):
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids, dtype=torch.long),
+                     attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path, spm_path, vocab_size):
+    """Factory: case name -> (directory, HF model). Saved sharded, with tokenizer.model."""
+    def make(case, seed=0, shard="40KB"):
+        import shutil
+
+        model = hf_model(case, vocab_size, seed)
+        directory = tmp_path / f"hf_{case}"
+        model.save_pretrained(directory, max_shard_size=shard)
+        shutil.copy(spm_path, directory / "tokenizer.model")
+        return directory, model
+    return make
+
+
+def keras_hub_kwargs(case, vocab_size):
+    hf = HF_CASES[case]
+    kwargs = dict(vocabulary_size=vocab_size, num_layers=LAYERS,
+                  num_query_heads=hf["num_attention_heads"],
+                  num_key_value_heads=hf["num_key_value_heads"], hidden_dim=HIDDEN,
+                  intermediate_dim=2 * INTERMEDIATE, head_dim=hf["head_dim"])
+    if hf["model_type"] == "gemma2":
+        kwargs.update(
+            query_head_dim_normalize=hf["query_pre_attn_scalar"] == hf["head_dim"],
+            use_post_ffw_norm=True, use_post_attention_norm=True,
+            attention_logit_soft_cap=hf["attn_logit_softcapping"],
+            final_logit_soft_cap=hf["final_logit_softcapping"],
+            use_sliding_window_attention=True, sliding_window_size=hf["sliding_window"])
+    return kwargs
+
+
+def keras_hub_lm(case, vocab_size, spm_path, seed=0):
+    import keras_hub
+
+    backbone = keras_hub.models.GemmaBackbone(**keras_hub_kwargs(case, vocab_size))
+    rng = np.random.RandomState(seed)
+    for variable in backbone.weights:
+        std = 0.5 if "norm" in variable.path else 0.25
+        variable.assign(rng.normal(0, std, variable.shape).astype("float32"))
+    tokenizer = keras_hub.models.GemmaTokenizer(proto=str(spm_path))
+    preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=SEQ)
+    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+
+
+def keras_hub_logits(lm, ids, mask):
+    import keras
+
+    hidden = lm.backbone({"token_ids": ids, "padding_mask": mask})
+    return keras.ops.convert_to_numpy(lm.backbone.token_embedding(hidden, reverse=True))
+
+
+@pytest.fixture
+def keras_hub_preset(tmp_path, spm_path, vocab_size):
+    """Factory: case -> (directory, keras-hub GemmaCausalLM) saved with keras-hub's own saver."""
+    def make(case, seed=0, max_shard_size=None):
+        lm = keras_hub_lm(case, vocab_size, spm_path, seed)
+        directory = tmp_path / f"kh_{case}"
+        if max_shard_size is None:
+            lm.save_to_preset(str(directory))
+        else:
+            lm.save_to_preset(str(directory), max_shard_size=max_shard_size)
+        return directory, lm
+    return make
+
+
+def logits_of(lm, ids, mask):
+    import keras
+
+    return keras.ops.convert_to_numpy(lm({"token_ids": ids, "padding_mask": mask}))
+
+
+def max_diff_on_real_tokens(a, b, mask):
+    valid = np.asarray(mask).astype(bool)
+    return float(np.abs(np.asarray(a, "float32") - np.asarray(b, "float32"))[valid].max())
+
+
+@pytest.fixture
+def repo_root():
+    return pathlib.Path(__file__).resolve().parents[1]

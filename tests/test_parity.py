@@ -1,0 +1,146 @@
+"""Logit parity with the reference implementations, on checkpoints they write at test time."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import gemma_keras as gk
+from conftest import (HF_CASES, hf_logits, keras_hub_logits, logits_of, max_diff_on_real_tokens,
+                      token_batch)
+
+TOL = 1e-4
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_hf_checkpoint_logits_match_transformers(case, hf_checkpoint, vocab_size):
+    directory, model = hf_checkpoint(case)
+    assert (directory / "model.safetensors.index.json").is_file()  # really sharded
+    ids, mask = token_batch(vocab_size)
+    reference = hf_logits(model, ids, mask)
+    lm = gk.GemmaCausalLM.from_preset(directory, dtype="float32")
+    ours = logits_of(lm, ids, mask)
+    assert ours.shape == (2, ids.shape[1], vocab_size)
+    assert max_diff_on_real_tokens(ours, reference, mask) < TOL
+
+
+@pytest.mark.parametrize("case,change", [
+    ("gemma2_gqa", dict(attention_logit_soft_cap=None)),
+    ("gemma2_gqa", dict(final_logit_soft_cap=None)),
+    ("gemma2_gqa", dict(use_sliding_window_attention=False)),
+    ("gemma2_27b_style", dict(query_head_dim_normalize=True)),
+])
+def test_features_under_test_change_the_logits(case, change, hf_checkpoint, vocab_size):
+    """Guards the parity tests: soft-caps, the sliding window and the query scale must matter
+    at this scale, or matching the reference with them would prove nothing."""
+    directory, model = hf_checkpoint(case)
+    ids, mask = token_batch(vocab_size)
+    reference = hf_logits(model, ids, mask)
+    base = gk.GemmaCausalLM.from_preset(directory, dtype="float32")
+    variant = gk.GemmaCausalLM(gk.GemmaBackbone(base.config.replace(**change)))
+    variant.backbone.set_weights(base.backbone.get_weights())
+    assert max_diff_on_real_tokens(logits_of(variant, ids, mask), reference, mask) > 1e-2
+
+
+def test_early_transformers_config_reads_as_tanh_gelu(hf_checkpoint, vocab_size):
+    """Hub configs from transformers 4.38 say hidden_act "gelu", rope_theta, torch_dtype."""
+    directory, model = hf_checkpoint("gemma_mqa")
+    config = json.loads((directory / "config.json").read_text())
+    for key in ("hidden_activation", "rope_parameters", "dtype", "layer_types"):
+        config.pop(key, None)
+    config.update(hidden_act="gelu", rope_theta=10000.0, torch_dtype="float32",
+                  transformers_version="4.38.0.dev0", rope_scaling=None)
+    (directory / "config.json").write_text(json.dumps(config))
+    ids, mask = token_batch(vocab_size)
+    lm = gk.GemmaCausalLM.from_preset(str(directory))
+    assert max_diff_on_real_tokens(logits_of(lm, ids, mask), hf_logits(model, ids, mask),
+                                   mask) < TOL
+
+
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma_mha", "gemma2_gqa"])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_keras_hub_preset_logits_match_keras_hub(case, sharded, keras_hub_preset, vocab_size):
+    directory, reference_lm = keras_hub_preset(case, max_shard_size=1e-4 if sharded else None)
+    assert (directory / "model.weights.json").is_file() == sharded
+    ids, mask = token_batch(vocab_size)
+    lm = gk.GemmaCausalLM.from_preset(directory)
+    assert lm.tokenizer is not None
+    assert max_diff_on_real_tokens(logits_of(lm, ids, mask),
+                                   keras_hub_logits(reference_lm, ids, mask), mask) < TOL
+
+
+def test_keras_hub_27b_style_preset_keeps_its_query_scale(keras_hub_preset, hf_checkpoint,
+                                                          vocab_size):
+    """keras-hub 0.32 ignores query_head_dim_normalize=False in its layers, so its logits are
+    no reference for a 27B-style config; HF's are. Load the same weights both ways."""
+    _, model = hf_checkpoint("gemma2_27b_style")
+    directory, _ = keras_hub_preset("gemma2_27b_style")
+    lm = gk.GemmaCausalLM.from_preset(directory)
+    assert lm.config.query_head_dim_normalize is False
+    assert lm.config.query_scale == pytest.approx(1 / 4)
+    # Same weights from the HF model, put in through the HF reader, must give HF's logits.
+    hf_lm = gk.GemmaCausalLM.from_preset(hf_checkpoint("gemma2_27b_style")[0])
+    lm.backbone.set_weights(hf_lm.backbone.get_weights())
+    ids, mask = token_batch(vocab_size)
+    assert max_diff_on_real_tokens(logits_of(lm, ids, mask), hf_logits(model, ids, mask),
+                                   mask) < TOL
+
+
+def test_old_keras_nlp_registered_name_loads(keras_hub_preset, vocab_size):
+    directory, reference_lm = keras_hub_preset("gemma_mqa")
+    config = json.loads((directory / "config.json").read_text())
+    config["registered_name"] = "keras_nlp>GemmaBackbone"
+    config["module"] = "keras_nlp.src.models.gemma.gemma_backbone"
+    (directory / "config.json").write_text(json.dumps(config))
+    ids, mask = token_batch(vocab_size)
+    lm = gk.GemmaCausalLM.from_preset(directory)
+    assert max_diff_on_real_tokens(logits_of(lm, ids, mask),
+                                   keras_hub_logits(reference_lm, ids, mask), mask) < TOL
+
+
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+@pytest.mark.parametrize("max_shard_size", [None, 1e-4])
+def test_save_to_preset_round_trips_through_keras_hub(case, max_shard_size, hf_checkpoint,
+                                                      tmp_path, vocab_size):
+    import keras_hub
+
+    directory, _ = hf_checkpoint(case)
+    lm = gk.GemmaCausalLM.from_preset(directory)
+    out = tmp_path / "saved"
+    lm.save_to_preset(out, max_shard_size=max_shard_size)
+    ids, mask = token_batch(vocab_size)
+    ours = logits_of(lm, ids, mask)
+
+    theirs = keras_hub.models.GemmaCausalLM.from_preset(str(out))
+    assert max_diff_on_real_tokens(keras_hub_logits(theirs, ids, mask), ours, mask) < TOL
+    # keras-hub's tokenizer reads the same vocabulary we wrote.
+    assert theirs.preprocessor.tokenizer.vocabulary_size() == lm.tokenizer.vocabulary_size
+
+    again = gk.GemmaCausalLM.from_preset(out)
+    assert again.config == lm.config
+    for a, b in zip(again.backbone.get_weights(), lm.backbone.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_27b_style_config_survives_round_trip(hf_checkpoint, tmp_path):
+    lm = gk.GemmaCausalLM.from_preset(hf_checkpoint("gemma2_27b_style")[0])
+    lm.save_to_preset(tmp_path / "p")
+    assert gk.GemmaCausalLM.from_preset(tmp_path / "p").config == lm.config
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_load_stays_close_to_float32(dtype, hf_checkpoint, vocab_size):
+    directory, _ = hf_checkpoint("gemma2_gqa")
+    ids, mask = token_batch(vocab_size)
+    full = logits_of(gk.GemmaCausalLM.from_preset(directory, dtype="float32"), ids, mask)
+    lm = gk.GemmaCausalLM.from_preset(directory, dtype=dtype)
+    assert {keras.backend.standardize_dtype(w.dtype) for w in lm.backbone.weights} == {dtype}
+    low = logits_of(lm, ids, mask).astype("float32")
+    drift = max_diff_on_real_tokens(low, full, mask)
+    scale = float(np.abs(full).max())
+    # Measured drift is ~1% of the logit range in bf16; 5% means something is wrong, and
+    # equality would mean the load ignored dtype.
+    assert 0 < drift < 0.05 * scale, (drift, scale)
+    agree = (low.argmax(-1) == full.argmax(-1))[mask.astype(bool)].mean()
+    assert agree > 0.9
