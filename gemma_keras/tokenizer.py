@@ -107,14 +107,14 @@ class GemmaTokenizer:
         U+FFFD, and ids beyond the SentencePiece vocabulary (checkpoints pad the embedding to
         256,128 rows) are dropped. With skip_special, pad/bos/eos and turn markers are dropped.
         """
+        if isinstance(ids, (list, tuple)) and ids and not np.isscalar(ids[0]):
+            return [self.detokenize(row, skip_special) for row in ids]  # batch, maybe ragged
         array = np.asarray(ids)
         if array.ndim == 0:
             return self._decode([int(array)], skip_special)
         if array.ndim == 1:
             return self._decode(array.tolist(), skip_special)
-        if array.dtype != object:
-            return [self._decode(row.tolist(), skip_special) for row in array]
-        return [self.detokenize(row, skip_special) for row in ids]  # ragged batch
+        return [self.detokenize(row, skip_special) for row in array]
 
     def _decode(self, ids: Iterable[int], skip_special: bool) -> str:
         special = {self.pad_token_id, self.bos_token_id, self.eos_token_id,

@@ -49,7 +49,10 @@ def spm_path(tmp_path_factory):
         model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
         user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], byte_fallback=True,
-        split_digits=True, character_coverage=1.0, minloglevel=2)
+        split_digits=True, character_coverage=1.0, minloglevel=2,
+        # As Gemma's own model: no dummy "▁" prefix, no normalisation, spaces kept.
+        add_dummy_prefix=False, normalization_rule_name="identity",
+        remove_extra_whitespaces=False)
     return directory / "tok.model"
 
 

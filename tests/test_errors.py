@@ -1,0 +1,200 @@
+"""Bad input gets an error that names the file or argument and says what to do."""
+
+import json
+import shutil
+
+import pytest
+
+import gemma_keras as gk
+from gemma_keras.checkpoints import keras_hub_format
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_missing_directory_names_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(gk.CheckpointError, match="nowhere.*no such directory"):
+        gk.GemmaCausalLM.from_preset(str(missing))
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(gk.CheckpointError, match="no config.json"):
+        gk.GemmaCausalLM.from_preset(tmp_path)
+
+
+def test_missing_hf_weights(hf_checkpoint):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    for f in directory.glob("*.safetensors"):
+        f.unlink()
+    (directory / "model.safetensors.index.json").unlink()
+    with pytest.raises(gk.CheckpointError, match="No weights in .*safetensors"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_missing_hf_shard_is_named(hf_checkpoint):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    victim = sorted(directory.glob("*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(gk.CheckpointError, match=victim.name):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_missing_keras_hub_weights(keras_hub_preset):
+    directory, _ = keras_hub_preset("gemma_mqa")
+    (directory / "model.weights.h5").unlink()
+    with pytest.raises(gk.CheckpointError, match="model.weights.h5"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_truncated_safetensors_names_the_file(hf_checkpoint):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    victim = sorted(directory.glob("*.safetensors"))[0]
+    _truncate(victim)
+    with pytest.raises(gk.CheckpointError, match=f"{victim.name} is truncated"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_corrupt_safetensors_header(hf_checkpoint):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    victim = sorted(directory.glob("*.safetensors"))[0]
+    data = bytearray(victim.read_bytes())
+    data[8:16] = b"\xff" * 8  # garbage inside the JSON header
+    victim.write_bytes(bytes(data))
+    with pytest.raises(gk.CheckpointError, match=victim.name):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_h5_names_the_file(keras_hub_preset, keep):
+    directory, _ = keras_hub_preset("gemma_mqa")
+    _truncate(directory / "model.weights.h5", keep)
+    with pytest.raises(gk.CheckpointError, match="model.weights.h5"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_corrupt_config_json(hf_checkpoint):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    _truncate(directory / "config.json")
+    with pytest.raises(gk.CheckpointError, match="config.json is not valid JSON"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_other_family_hf_config(hf_checkpoint):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    config = json.loads((directory / "config.json").read_text())
+    config["model_type"] = "llama"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(gk.ConfigError, match="model_type 'llama'.*gemma and gemma2"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_other_family_keras_hub_config(keras_hub_preset):
+    directory, _ = keras_hub_preset("gemma_mqa")
+    config = json.loads((directory / "config.json").read_text())
+    config["registered_name"] = "keras_hub>LlamaBackbone"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(gk.ConfigError, match="LlamaBackbone"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_wrong_weight_shape_names_weight_and_shapes_hf(hf_checkpoint):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    config = json.loads((directory / "config.json").read_text())
+    config["intermediate_size"] = 80  # weights are 96 wide
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(gk.WeightShapeError,
+                       match=r"decoder_block_0/ffw_gating' has shape \(64, 96\).*\(64, 80\)"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_wrong_head_count_is_a_shape_error_not_a_scramble(hf_checkpoint):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    config = json.loads((directory / "config.json").read_text())
+    config["num_key_value_heads"] = 2  # weights have 1 kv head
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(gk.WeightShapeError, match=r"k_proj.weight' has shape \(16, 64\)"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_wrong_weight_shape_keras_hub(keras_hub_preset):
+    directory, _ = keras_hub_preset("gemma_mqa")
+    config = json.loads((directory / "config.json").read_text())
+    config["config"]["intermediate_dim"] = 160
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(gk.WeightShapeError, match=r"ffw_gating' has shape \(64, 96\).*\(64, 80\)"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_too_few_layers_in_checkpoint(keras_hub_preset):
+    directory, _ = keras_hub_preset("gemma_mqa")
+    config = json.loads((directory / "config.json").read_text())
+    config["config"]["num_layers"] = 5
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(gk.CheckpointError, match="lacks .*decoder_block_3"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_unknown_preset_lists_close_matches():
+    with pytest.raises(gk.UnknownPresetError, match="gemma2_2b_en"):
+        gk.GemmaCausalLM.from_preset("gemma2_2b")
+
+
+def test_unsupported_dtype(hf_checkpoint):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    with pytest.raises(gk.ConfigError, match="dtype='int8'"):
+        gk.GemmaCausalLM.from_preset(directory, dtype="int8")
+
+
+def test_invalid_config_values():
+    with pytest.raises(gk.ConfigError, match="num_query_heads .* multiple"):
+        gk.GemmaConfig(vocabulary_size=10, num_layers=1, num_query_heads=3,
+                       num_key_value_heads=2, hidden_dim=8, intermediate_dim=16, head_dim=4)
+    with pytest.raises(gk.ConfigError, match="unknown GemmaBackbone argument.*'rope_scaling'"):
+        gk.GemmaConfig.from_dict({"rope_scaling": 2})
+
+
+def test_corrupt_tokenizer(hf_checkpoint):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    (directory / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(gk.CheckpointError, match="SentencePiece"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+def test_failed_save_leaves_no_half_written_preset(hf_checkpoint, tmp_path, monkeypatch):
+    lm = gk.GemmaCausalLM.from_preset(hf_checkpoint("gemma_mqa")[0])
+    target = tmp_path / "preset"
+    lm.save_to_preset(target)
+    before = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("simulated crash while writing weights")
+
+    monkeypatch.setattr(keras_hub_format, "_write_weights", crash)
+    with pytest.raises(KeyboardInterrupt):
+        lm.save_to_preset(target)
+    with pytest.raises(KeyboardInterrupt):
+        lm.save_to_preset(tmp_path / "fresh")
+    # The old preset is intact, the new one was never created, no temporaries are left.
+    assert {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gemma_mqa", "preset"]
+
+
+def test_save_over_a_file_is_refused(hf_checkpoint, tmp_path):
+    lm = gk.GemmaCausalLM.from_preset(hf_checkpoint("gemma_mqa")[0])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(gk.CheckpointError, match="not a directory"):
+        lm.save_to_preset(tmp_path / "afile")
+
+
+def test_local_path_is_copied_before_edit(hf_checkpoint, tmp_path):
+    """A keras-hub preset directory copied elsewhere still loads (no absolute paths inside)."""
+    directory, _ = hf_checkpoint("gemma_mqa")
+    lm = gk.GemmaCausalLM.from_preset(directory)
+    lm.save_to_preset(tmp_path / "a", max_shard_size=1e-4)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    assert gk.GemmaCausalLM.from_preset(tmp_path / "b").config == lm.config
