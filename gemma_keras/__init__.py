@@ -1,18 +1,38 @@
 """gemma_keras: Google's Gemma models (Gemma 1, 1.1, CodeGemma, Gemma 2) for Keras 3 on JAX,
-TensorFlow and PyTorch. Everything public is importable from here."""
+TensorFlow and PyTorch. Everything public is importable from here.
 
-from gemma_keras.backbone import GemmaBackbone
-from gemma_keras.causal_lm import GemmaCausalLM
-from gemma_keras.config import GemmaConfig
-from gemma_keras.errors import (CheckpointError, ConfigError, GemmaError, PresetAccessError,
-                                UnknownPresetError, WeightShapeError)
-from gemma_keras.presets import get_preset_card, list_presets
-from gemma_keras.tokenizer import GemmaTokenizer
+Names are resolved on first use, so `import gemma_keras` (and the command line) does not
+import Keras, and with it a backend, before the user has had a chance to choose one.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GemmaBackbone", "GemmaCausalLM", "GemmaConfig", "GemmaTokenizer", "list_presets",
-    "get_preset_card", "GemmaError", "ConfigError", "CheckpointError", "PresetAccessError",
-    "UnknownPresetError", "WeightShapeError",
-]
+_EXPORTS = {
+    "GemmaBackbone": "gemma_keras.backbone",
+    "GemmaCausalLM": "gemma_keras.causal_lm",
+    "GemmaConfig": "gemma_keras.config",
+    "GemmaTokenizer": "gemma_keras.tokenizer",
+    "list_presets": "gemma_keras.presets",
+    "get_preset_card": "gemma_keras.presets",
+    "GemmaError": "gemma_keras.errors",
+    "ConfigError": "gemma_keras.errors",
+    "CheckpointError": "gemma_keras.errors",
+    "PresetAccessError": "gemma_keras.errors",
+    "UnknownPresetError": "gemma_keras.errors",
+    "WeightShapeError": "gemma_keras.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # resolve once
+        return value
+    raise AttributeError(f"module 'gemma_keras' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,441 @@
+"""Peak memory and wall time of loading a Gemma checkpoint: gemma_keras vs keras-hub vs HF.
+
+    python bench/load_memory.py                     # all backends, ~150M-parameter model
+    python bench/load_memory.py --backend jax       # one backend
+    python bench/load_memory.py --size small        # ~12M parameters, a quick smoke run
+
+What it does:
+  1. Once, caches a Gemma-shaped checkpoint with random weights under bench/.cache/: a Hugging
+     Face `GemmaForCausalLM` saved as sharded safetensors, and the same weights written as a
+     keras-hub preset by gemma_keras' `save_to_preset`.
+  2. Runs every measurement in a fresh subprocess, so peaks never mix. Inside it: import the
+     libraries, initialise the backend, record the resident set size (the baseline), reset
+     the kernel's high-water mark (`/proc/self/clear_refs`), load, then read the high-water
+     mark (VmHWM). "Load cost" = peak - baseline: what the load itself needed at its worst
+     moment. It includes the loaded model, so an ideal loader costs 1.0x the model's size.
+  3. Prints a markdown table and writes it to bench/results/load_memory.md.
+
+Resident memory counts file pages a process has mapped and touched (mmap'd safetensors), as
+well as anonymous memory; a loader that mmaps pays for both while both are resident. The
+"anon" column (sampled every few ms, so approximate) separates the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import threading
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = REPO / "bench" / ".cache" / "load_memory"
+DEFAULT_OUTPUT = REPO / "bench" / "results" / "load_memory.md"
+BACKENDS = ("jax", "tensorflow", "torch")
+MIB = 1024 ** 2
+
+# Hugging Face GemmaConfig fields. "default" is ~153M parameters (~610 MB in float32).
+SIZES = {
+    "default": dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=1, head_dim=128,
+                    intermediate_size=4096),
+    "small": dict(vocab_size=8192, hidden_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=128,
+                  intermediate_size=2048),
+}
+
+# (case id, human label, needs a keras backend, checkpoint, dtype)
+CASES = [
+    ("baseline", "(a) baseline: imports + backend init", True, None, None),
+    ("gk_hf_f32", "(b) gemma_keras `from_preset` HF safetensors", True, "hf", "float32"),
+    ("gk_hf_bf16", "(c) gemma_keras `from_preset` HF safetensors", True, "hf", "bfloat16"),
+    ("gk_kh_f32", "(d) gemma_keras `from_preset` keras-hub preset", True, "keras_hub",
+     "float32"),
+    ("kh_kh_f32", "(e) keras-hub `GemmaCausalLM.from_preset`", True, "keras_hub", "float32"),
+    ("hf_hf_f32", "(f) transformers `from_pretrained`", False, "hf", "float32"),
+]
+CASE_TIMEOUT_S = 600
+
+
+# ---- memory probes (used inside the worker subprocesses) ----------------------------------
+def proc_status() -> dict:
+    """Memory fields of /proc/self/status, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) * 1024  # reported in kB
+    return out
+
+
+def reset_peak() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class Sampler(threading.Thread):
+    """Samples RSS / anon / file RSS every `interval` s; keeps the maxima and a timeline."""
+
+    def __init__(self, interval=0.005):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.timeline = []
+        self._stop_event = threading.Event()
+        self.t0 = time.perf_counter()
+
+    def run(self):
+        while not self._stop_event.is_set():
+            s = proc_status()
+            self.timeline.append((time.perf_counter() - self.t0, s["VmRSS"], s["RssAnon"],
+                                  s["RssFile"]))
+            time.sleep(self.interval)
+
+    def stop(self):
+        self._stop_event.set()
+        self.join()
+        return self
+
+    def peak(self, column):
+        return max((row[column] for row in self.timeline), default=0)
+
+
+# ---- the worker: one measurement in a fresh process --------------------------------------
+def _bytes_per_param(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def _mean_abs(array) -> float:
+    import numpy as np
+    return float(np.abs(np.asarray(array, dtype=np.float32)).mean())
+
+
+def _import(case: str):
+    """Imports what `case` needs and initialises the backend; returns the load function."""
+    if case == "hf_hf_f32":
+        import torch
+        import transformers
+
+        torch.zeros(1)
+
+        def load(directory, dtype):
+            model = transformers.GemmaForCausalLM.from_pretrained(
+                directory, dtype=getattr(torch, dtype))
+            return model
+
+        def describe(model):
+            count = sum(p.numel() for p in model.parameters())
+            inner = model.model
+            return count, [_mean_abs(inner.embed_tokens.weight.detach().float().numpy()),
+                           _mean_abs(inner.layers[-1].mlp.down_proj.weight.detach()
+                                     .float().numpy())]
+        return load, describe
+
+    import keras
+
+    keras.ops.convert_to_numpy(keras.ops.zeros((1,)) + 1)  # the backend's runtime starts here
+    if case.startswith("kh_"):
+        import keras_hub
+
+        def load(directory, dtype):
+            return keras_hub.models.GemmaCausalLM.from_preset(
+                str(directory), preprocessor=None, dtype=dtype)
+
+        def describe(lm):
+            backbone = lm.backbone
+            return backbone.count_params(), [
+                _mean_abs(keras.ops.convert_to_numpy(backbone.token_embedding.embeddings)),
+                _mean_abs(keras.ops.convert_to_numpy(
+                    backbone.transformer_layers[-1].ffw_linear.kernel))]
+        return load, describe
+
+    import gemma_keras as gk
+
+    def load(directory, dtype):
+        return gk.GemmaCausalLM.from_preset(str(directory), dtype=dtype)
+
+    def describe(lm):
+        backbone = lm.backbone
+        return backbone.count_params(), [
+            _mean_abs(keras.ops.convert_to_numpy(backbone.token_embedding.embeddings)),
+            _mean_abs(keras.ops.convert_to_numpy(
+                backbone.transformer_layers[-1].ffw.linear.kernel))]
+    return load, describe
+
+
+def worker(case: str, directory: str, dtype: str, trace: str = None) -> dict:
+    import gc
+
+    load, describe = _import(case)
+    gc.collect()
+    before = proc_status()
+    import_peak = before["VmHWM"]
+    result = {"case": case, "baseline": before["VmRSS"], "import_peak": import_peak,
+              "baseline_anon": before["RssAnon"]}
+    if case == "baseline":
+        return result
+    reset = reset_peak()
+    sampler = Sampler()
+    sampler.start()
+    start = time.perf_counter()
+    model = load(directory, dtype)
+    seconds = time.perf_counter() - start
+    sampler.stop()
+    after = proc_status()
+    gc.collect()
+    settled = proc_status()
+    count, checksums = describe(model)
+    result.update(
+        seconds=seconds,
+        peak=after["VmHWM"] if reset else max(after["VmHWM"], sampler.peak(1)),
+        peak_is_exact=reset,
+        peak_anon_sampled=sampler.peak(2),
+        peak_file_sampled=sampler.peak(3),
+        retained=settled["VmRSS"],
+        params=int(count),
+        model_bytes=int(count) * _bytes_per_param(dtype),
+        checksums=checksums,
+    )
+    if trace:
+        with open(trace, "w") as f:
+            json.dump({"case": case, "baseline": before["VmRSS"],
+                       "timeline": sampler.timeline}, f)
+    return result
+
+
+# ---- building the checkpoints (once) -----------------------------------------------------
+def _run(argv, env=None, timeout=CASE_TIMEOUT_S):
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
+                "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    proc = subprocess.run([sys.executable, *argv], env=full_env, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout
+
+
+def make_hf(directory: pathlib.Path, size: str):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GemmaConfig(
+        **SIZES[size], hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+        rms_norm_eps=1e-6, tie_word_embeddings=True)
+    model = transformers.GemmaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():  # non-trivial norm scales, so a norm mix-up would show in checksums
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    model.save_pretrained(directory, max_shard_size="200MB")
+
+
+def make_keras_hub(hf_dir: pathlib.Path, directory: pathlib.Path):
+    import gemma_keras as gk
+
+    lm = gk.GemmaCausalLM.from_preset(str(hf_dir), dtype="float32")
+    lm.save_to_preset(str(directory))
+
+
+def ensure_checkpoints(cache: pathlib.Path, size: str, log) -> dict:
+    """{'hf': dir, 'keras_hub': dir}, built on the first run and reused afterwards."""
+    root = cache / size
+    key = json.dumps(SIZES[size], sort_keys=True)
+    stamp = root / "config.stamp"
+    hf_dir, kh_dir = root / "hf", root / "keras_hub"
+    if not (stamp.is_file() and stamp.read_text() == key and (hf_dir / "config.json").is_file()
+            and (kh_dir / "config.json").is_file()):
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        log(f"building the '{size}' checkpoint under {root} (once) ...")
+        t = time.perf_counter()
+        _run([__file__, "--make", "hf", "--size", size, "--dir", str(hf_dir)])
+        _run([__file__, "--make", "keras_hub", "--size", size, "--dir", str(kh_dir),
+              "--source", str(hf_dir)], env={"KERAS_BACKEND": "jax"})
+        stamp.write_text(key)
+        log(f"  done in {time.perf_counter() - t:.0f} s")
+    return {"hf": hf_dir, "keras_hub": kh_dir}
+
+
+# ---- the driver -------------------------------------------------------------------------
+def measure(case, backend, directory, dtype, trace_dir=None) -> dict:
+    argv = [__file__, "--worker", case, "--dir", str(directory or ""), "--dtype", dtype or ""]
+    if trace_dir:
+        argv += ["--trace-file", str(trace_dir / f"{case}_{backend or 'torch'}.json")]
+    env = {"KERAS_BACKEND": backend} if backend else {}
+    stdout = _run(argv, env=env)
+    line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def _mib(n):
+    return f"{n / MIB:,.0f}"
+
+
+def render(rows, size, args_line) -> str:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "-"
+
+    params = next((r["params"] for r in rows if "params" in r), None)
+    cfg = SIZES[size]
+    lines = [
+        "# Checkpoint load: peak memory and time",
+        "",
+        f"Model: Gemma-shaped, random weights, {params:,} parameters "
+        f"(vocab {cfg['vocab_size']}, hidden {cfg['hidden_size']}, "
+        f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads / "
+        f"{cfg['num_key_value_heads']} kv head, head_dim {cfg['head_dim']}, "
+        f"FFN {cfg['intermediate_size']}); HF checkpoint as safetensors shards of <= 200 MB, "
+        "keras-hub preset as one `model.weights.h5`." if params else "",
+        "",
+        "Each row is a fresh process. *Baseline* = RSS after imports and backend start-up; "
+        "*peak* = the kernel's high-water mark (VmHWM, reset after the baseline) during the "
+        "load; *cost* = peak - baseline, which includes the loaded model itself, so an ideal "
+        "loader scores 1.0x. *Anon* = sampled peak of anonymous memory minus its baseline "
+        "(excludes mmap'd file pages). *Kept* = RSS after the load minus baseline. MiB = 2^20 "
+        "bytes.",
+        "",
+        "| loader | backend | dtype | model (MiB) | baseline RSS (MiB) | peak RSS (MiB) | "
+        "cost (MiB) | cost / model | anon cost / model | kept (MiB) | load time (s) |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['label']} | {r['backend']} | {r['dtype'] or ''} | "
+                         f"failed: {r['error']} | | | | | | | |")
+        elif r["case"] == "baseline":
+            lines.append(f"| {r['label']} | {r['backend']} | | | {_mib(r['baseline'])} | "
+                         f"{_mib(r['import_peak'])} (imports) | | | | | |")
+        else:
+            cost = r["peak"] - r["baseline"]
+            anon = r["peak_anon_sampled"] - r["baseline_anon"]
+            lines.append(
+                f"| {r['label']} | {r['backend']} | {r['dtype']} | {_mib(r['model_bytes'])} | "
+                f"{_mib(r['baseline'])} | {_mib(r['peak'])} | {_mib(cost)} | "
+                f"**{cost / r['model_bytes']:.2f}x** | {anon / r['model_bytes']:.2f}x | "
+                f"{_mib(r['retained'] - r['baseline'])} | {r['seconds']:.1f} |")
+    lines += [
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024 ** 3:.0f} GiB RAM, "
+        f"Linux {platform.release()}, Python {platform.python_version()}. "
+        + ", ".join(f"{p} {version(p)}" for p in ("keras", "jax", "tensorflow", "torch",
+                                                  "keras-hub", "transformers", "numpy")) + ".",
+        f"Run {datetime.date.today().isoformat()}: `{args_line}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def check_weights(rows, log):
+    """Every load must give the same weights (bfloat16 within rounding): else say so."""
+    ref = next((r["checksums"] for r in rows if r.get("case") == "hf_hf_f32"), None)
+    ref = ref or next((r["checksums"] for r in rows if "checksums" in r), None)
+    ok = True
+    for r in rows:
+        for got, want in zip(r.get("checksums", []), ref or []):
+            tol = 1e-2 if r["dtype"] == "bfloat16" else 1e-5
+            if abs(got - want) > tol * abs(want):
+                log(f"WARNING: {r['label']} on {r['backend']} loaded different weights "
+                    f"(mean |w| {got:.6g} vs {want:.6g})")
+                ok = False
+    return ok
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=BACKENDS + ("all",), default="all",
+                   help="Keras backend(s) to measure (default: all, each in subprocesses).")
+    p.add_argument("--size", choices=sorted(SIZES), default="default",
+                   help="'default' ~153M params (~610 MB f32); 'small' ~12M for a smoke run.")
+    p.add_argument("--cache-dir", type=pathlib.Path, default=DEFAULT_CACHE,
+                   help="Where the random checkpoints are built once (git-ignored).")
+    p.add_argument("--output", type=pathlib.Path, default=None,
+                   help="Markdown file for the table (default: bench/results/load_memory.md "
+                        "for the default size, load_memory_small.md for --size small).")
+    p.add_argument("--no-hf", action="store_true", help="Skip the transformers row.")
+    p.add_argument("--trace", action="store_true",
+                   help="Also save each load's RSS timeline (JSON) next to the checkpoints.")
+    # Internal: one measurement / one checkpoint build in this process.
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--make", choices=("hf", "keras_hub"), help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    p.add_argument("--source", help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    p.add_argument("--trace-file", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.dir, args.dtype, args.trace_file)),
+              flush=True)
+        return 0
+    if args.make == "hf":
+        make_hf(pathlib.Path(args.dir), args.size)
+        return 0
+    if args.make == "keras_hub":
+        make_keras_hub(pathlib.Path(args.source), pathlib.Path(args.dir))
+        return 0
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    total = time.perf_counter()
+    dirs = ensure_checkpoints(args.cache_dir, args.size, log)
+    trace_dir = args.cache_dir / args.size / "traces" if args.trace else None
+    if trace_dir:
+        trace_dir.mkdir(parents=True, exist_ok=True)
+    backends = BACKENDS if args.backend == "all" else (args.backend,)
+    plan = [(case, label, b, ckpt, dtype)
+            for b in backends for case, label, keras_case, ckpt, dtype in CASES if keras_case]
+    if not args.no_hf:
+        plan += [(case, label, None, ckpt, dtype)
+                 for case, label, keras_case, ckpt, dtype in CASES if not keras_case]
+    rows = []
+    for case, label, backend, ckpt, dtype in plan:
+        shown = backend or "torch (HF)"
+        log(f"{label} [{shown}{', ' + dtype if dtype else ''}] ...")
+        try:
+            r = measure(case, backend, dirs.get(ckpt), dtype, trace_dir)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            log(f"  FAILED: {str(e)[-2000:]}")
+            r = {"case": case, "error": str(e).strip().splitlines()[-1][:120]}
+        r.update(label=label, backend=shown, dtype=dtype)
+        rows.append(r)
+        if "peak" in r:
+            log(f"  cost {_mib(r['peak'] - r['baseline'])} MiB = "
+                f"{(r['peak'] - r['baseline']) / r['model_bytes']:.2f}x model, "
+                f"{r['seconds']:.1f} s")
+    check_weights(rows, log)
+    args_line = "python bench/load_memory.py" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    table = render(rows, args.size, args_line)
+    print(table)
+    output = args.output or (DEFAULT_OUTPUT if args.size == "default"
+                             else DEFAULT_OUTPUT.with_name(f"load_memory_{args.size}.md"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(table)
+    log(f"wrote {output} ({time.perf_counter() - total:.0f} s in all)")
+    return 1 if any(r.get("error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
