@@ -1,6 +1,7 @@
 """Model-level invariants that need no reference library."""
 
 import keras
+import ml_dtypes
 import numpy as np
 
 import gemma_keras as gk
@@ -28,3 +29,38 @@ def test_padding_does_not_change_real_token_logits(vocab_size):
     out = keras.ops.convert_to_numpy(lm({"token_ids": padded, "padding_mask": mask}))
     np.testing.assert_allclose(out[:, :9], alone, atol=1e-5)
     assert np.isfinite(out).all()  # masked rows stay finite
+
+
+def test_embedding_normaliser_is_rounded_to_the_compute_dtype():
+    """bf16 Gemma 7B scales embeddings by bf16(sqrt(3072)) = 55.5, as it was trained."""
+    backbone = gk.GemmaBackbone(vocabulary_size=8, num_layers=1, num_query_heads=1,
+                                num_key_value_heads=1, hidden_dim=3072, intermediate_dim=4,
+                                head_dim=8, dtype="bfloat16")
+    ids = np.array([[3, 5]], "int32")
+    out = keras.ops.convert_to_numpy(keras.ops.cast(backbone.embed(ids), "float32"))
+    table = keras.ops.convert_to_numpy(
+        keras.ops.cast(backbone.token_embedding.embeddings, "float32"))
+    expected = (table[ids] * 55.5).astype(ml_dtypes.bfloat16).astype("float32")
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_rope_positions_stay_exact_in_bfloat16():
+    """Position 8190 in bf16 would be 8192; angles must come from float32 positions."""
+    from gemma_keras.layers import apply_rotary_embedding
+
+    rng = np.random.RandomState(0)
+    x = rng.normal(size=(1, 1, 1, 16)).astype("float32")
+    positions = np.array([[8190]], "int32")
+    out = keras.ops.convert_to_numpy(keras.ops.cast(apply_rotary_embedding(
+        keras.ops.cast(x, "bfloat16"), positions), "float32"))
+    x_bf = keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.cast(x, "bfloat16"), "float32"))
+    inv = 1.0 / 10000.0 ** (np.arange(8) * 2 / 16)
+    angle = 8190.0 * inv
+    a, b = x_bf[..., :8], x_bf[..., 8:]
+    exact = np.concatenate([a * np.cos(angle) - b * np.sin(angle),
+                            b * np.cos(angle) + a * np.sin(angle)], -1)
+    np.testing.assert_allclose(out, exact, atol=2e-2)
+    wrong = 8192.0 * inv  # what bf16 positions would give
+    assert not np.allclose(exact, np.concatenate([a * np.cos(wrong) - b * np.sin(wrong),
+                                                  b * np.cos(wrong) + a * np.sin(wrong)], -1),
+                           atol=2e-2)

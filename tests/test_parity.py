@@ -43,14 +43,23 @@ def test_features_under_test_change_the_logits(case, change, hf_checkpoint, voca
     assert max_diff_on_real_tokens(logits_of(variant, ids, mask), reference, mask) > 1e-2
 
 
-def test_early_transformers_config_reads_as_tanh_gelu(hf_checkpoint, vocab_size):
-    """Hub configs from transformers 4.38 say hidden_act "gelu", rope_theta, torch_dtype."""
-    directory, model = hf_checkpoint("gemma_mqa")
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+def test_configs_written_by_transformers_4_38_to_4_42_load(case, hf_checkpoint, vocab_size):
+    """Hub configs of Gemma (transformers 4.38) say hidden_act "gelu" although the model is
+    tanh-GELU; Gemma 2 ones (4.42) add sliding_window_size and cache_implementation. Both
+    use rope_theta and torch_dtype where transformers 5 writes rope_parameters and dtype."""
+    directory, model = hf_checkpoint(case)
     config = json.loads((directory / "config.json").read_text())
-    for key in ("hidden_activation", "rope_parameters", "dtype", "layer_types"):
+    for key in ("hidden_activation", "rope_parameters", "dtype", "layer_types",
+                "use_bidirectional_attention"):
         config.pop(key, None)
-    config.update(hidden_act="gelu", rope_theta=10000.0, torch_dtype="float32",
-                  transformers_version="4.38.0.dev0", rope_scaling=None)
+    config.update(rope_theta=10000.0, torch_dtype="float32", rope_scaling=None)
+    if case.startswith("gemma2"):
+        config.update(hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                      sliding_window_size=config["sliding_window"],
+                      cache_implementation="hybrid", transformers_version="4.42.0.dev0")
+    else:
+        config.update(hidden_act="gelu", transformers_version="4.38.0.dev0")
     (directory / "config.json").write_text(json.dumps(config))
     ids, mask = token_batch(vocab_size)
     lm = gk.GemmaCausalLM.from_preset(str(directory))
