@@ -120,6 +120,15 @@ def _mean_abs(array) -> float:
     return float(np.abs(np.asarray(array, dtype=np.float32)).mean())
 
 
+def _touch(model):
+    """Reads every weight once (a reduction: no copy), as using the model would."""
+    import keras
+
+    for variable in model.weights:
+        # The scalar is cast: TF cannot hand numpy a bfloat16 scalar (keras 3.15).
+        keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.sum(variable), "float32"))
+
+
 def _import(case: str):
     """Imports what `case` needs and initialises the backend; returns the load function."""
     if case == "hf_hf_f32":
@@ -134,6 +143,9 @@ def _import(case: str):
             return model
 
         def describe(model):
+            with torch.no_grad():  # reads every weight, so lazily mapped pages are resident
+                for p in model.parameters():
+                    p.sum()
             count = sum(p.numel() for p in model.parameters())
             inner = model.model
             return count, [_mean_abs(inner.embed_tokens.weight.detach().float().numpy()),
@@ -153,6 +165,7 @@ def _import(case: str):
 
         def describe(lm):
             backbone = lm.backbone
+            _touch(backbone)
             return backbone.count_params(), [
                 _mean_abs(keras.ops.convert_to_numpy(backbone.token_embedding.embeddings)),
                 _mean_abs(keras.ops.convert_to_numpy(
@@ -166,6 +179,7 @@ def _import(case: str):
 
     def describe(lm):
         backbone = lm.backbone
+        _touch(backbone)
         return backbone.count_params(), [
             _mean_abs(keras.ops.convert_to_numpy(backbone.token_embedding.embeddings)),
             _mean_abs(keras.ops.convert_to_numpy(
@@ -195,6 +209,8 @@ def worker(case: str, directory: str, dtype: str, trace: str = None) -> dict:
     gc.collect()
     settled = proc_status()
     count, checksums = describe(model)
+    gc.collect()
+    in_use = proc_status()
     result.update(
         seconds=seconds,
         peak=after["VmHWM"] if reset else max(after["VmHWM"], sampler.peak(1)),
@@ -202,6 +218,8 @@ def worker(case: str, directory: str, dtype: str, trace: str = None) -> dict:
         peak_anon_sampled=sampler.peak(2),
         peak_file_sampled=sampler.peak(3),
         retained=settled["VmRSS"],
+        in_use=in_use["VmRSS"],
+        in_use_file=in_use["RssFile"] - before["RssFile"],
         params=int(count),
         model_bytes=int(count) * _bytes_per_param(dtype),
         checksums=checksums,
@@ -306,15 +324,17 @@ def render(rows, size, args_line) -> str:
         f"FFN {cfg['intermediate_size']}); HF checkpoint as safetensors shards of <= 200 MB, "
         "keras-hub preset as one `model.weights.h5`." if params else "",
         "",
-        "Each row is a fresh process. *Baseline* = RSS after imports and backend start-up; "
-        "*peak* = the kernel's high-water mark (VmHWM, reset after the baseline) during the "
-        "load; *cost* = peak - baseline, which includes the loaded model itself, so an ideal "
-        "loader scores 1.0x. *Anon* = sampled peak of anonymous memory minus its baseline "
-        "(excludes mmap'd file pages). *Kept* = RSS after the load minus baseline. MiB = 2^20 "
-        "bytes.",
+        "Each row is a fresh process. *Baseline* = RSS after imports and backend start-up. "
+        "*Peak cost* = the kernel's high-water mark of RSS during the load (VmHWM, reset after "
+        "the baseline) minus the baseline: it includes the loaded model itself, so an ideal "
+        "loader scores 1.0x the model's size (parameters x bytes per parameter). *Anon* = the "
+        "same for anonymous memory only (sampled every 5 ms, so approximate; it leaves out "
+        "mmap'd file pages). *Kept* = RSS minus baseline right after the load; *in use* = the "
+        "same after reading every weight once (a lazily mmap'd checkpoint becomes resident "
+        "then). MiB = 2^20 bytes.",
         "",
-        "| loader | backend | dtype | model (MiB) | baseline RSS (MiB) | peak RSS (MiB) | "
-        "cost (MiB) | cost / model | anon cost / model | kept (MiB) | load time (s) |",
+        "| loader | backend | dtype | model (MiB) | baseline RSS (MiB) | peak cost (MiB) | "
+        "peak cost / model | anon / model | kept (MiB) | in use (MiB) | load time (s) |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
@@ -322,16 +342,16 @@ def render(rows, size, args_line) -> str:
             lines.append(f"| {r['label']} | {r['backend']} | {r['dtype'] or ''} | "
                          f"failed: {r['error']} | | | | | | | |")
         elif r["case"] == "baseline":
-            lines.append(f"| {r['label']} | {r['backend']} | | | {_mib(r['baseline'])} | "
-                         f"{_mib(r['import_peak'])} (imports) | | | | | |")
+            lines.append(f"| {r['label']} | {r['backend']} | | | {_mib(r['baseline'])} "
+                         f"(import peak {_mib(r['import_peak'])}) | | | | | | |")
         else:
             cost = r["peak"] - r["baseline"]
             anon = r["peak_anon_sampled"] - r["baseline_anon"]
             lines.append(
                 f"| {r['label']} | {r['backend']} | {r['dtype']} | {_mib(r['model_bytes'])} | "
-                f"{_mib(r['baseline'])} | {_mib(r['peak'])} | {_mib(cost)} | "
-                f"**{cost / r['model_bytes']:.2f}x** | {anon / r['model_bytes']:.2f}x | "
-                f"{_mib(r['retained'] - r['baseline'])} | {r['seconds']:.1f} |")
+                f"{_mib(r['baseline'])} | {_mib(cost)} | **{cost / r['model_bytes']:.2f}x** | "
+                f"{anon / r['model_bytes']:.2f}x | {_mib(r['retained'] - r['baseline'])} | "
+                f"{_mib(r['in_use'] - r['baseline'])} | {r['seconds']:.1f} |")
     lines += [
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
