@@ -17,7 +17,7 @@ class GemmaBackbone(keras.Model):
     `GemmaBackbone(config)` or `GemmaBackbone(vocabulary_size=..., num_layers=..., ...)`.
     """
 
-    def __init__(self, config=None, dtype=None, name="gemma_backbone", initialize=True,
+    def __init__(self, config=None, dtype=None, name="gemma_backbone", checkpoint=None,
                  **config_kwargs):
         if config is None:
             config = GemmaConfig(**config_kwargs)
@@ -37,25 +37,27 @@ class GemmaBackbone(keras.Model):
             for i in range(config.num_layers)]
         self.final_normalization = GemmaRMSNorm(
             config.layer_norm_epsilon, dtype=policy, name="final_normalization")
-        self.build_weights(initialize)
+        self.build_weights(checkpoint)
 
-    def build_weights(self, initialize=True):
-        """Creates every variable now, so weights can be loaded before any call.
+    def build_weights(self, checkpoint=None):
+        """Creates every variable now, so the model is usable before any call.
 
-        With initialize=False the variables start as zeros: a checkpoint overwrites them,
-        and drawing billions of random numbers first would only cost time.
+        checkpoint: optional `(reader, source)` from gemma_keras.checkpoints; each variable is
+        then created directly from its checkpoint tensor (never random, never a zero copy
+        overwritten later), which keeps a load's peak memory near one model.
         """
-        if not initialize:
-            for layer in self._flatten_layers():
-                for attr in ("kernel_initializer", "embeddings_initializer"):
-                    if hasattr(layer, attr):
-                        setattr(layer, attr, keras.initializers.Zeros())
+        from gemma_keras.checkpoints import weights
+
+        if checkpoint is not None:
+            weights.install_checkpoint(self, *checkpoint)
         shape = (None, None, self.config.hidden_dim)
         self.token_embedding.build((None, None))
         for block in self.transformer_layers:
             block.build(shape)
         self.final_normalization.build(shape)
         self.built = True
+        if checkpoint is not None:
+            weights.release_checkpoint(self)
 
     @property
     def hidden_dim(self):

@@ -153,3 +153,14 @@ def test_reduced_precision_load_stays_close_to_float32(dtype, hf_checkpoint, voc
     assert 0 < drift < 0.05 * scale, (drift, scale)
     agree = (low.argmax(-1) == full.argmax(-1))[mask.astype(bool)].mean()
     assert agree > 0.9
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_presets_round_trip_bit_exactly(dtype, hf_checkpoint, tmp_path):
+    lm = gk.GemmaCausalLM.from_preset(hf_checkpoint("gemma2_gqa")[0], dtype=dtype)
+    lm.save_to_preset(tmp_path / "p", max_shard_size=1e-4)
+    again = gk.GemmaCausalLM.from_preset(tmp_path / "p")  # keeps the saved dtype
+    assert again.backbone.dtype_policy.name == dtype
+    for a, b in zip(again.backbone.weights, lm.backbone.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a.value),
+                                      keras.ops.convert_to_numpy(b.value))

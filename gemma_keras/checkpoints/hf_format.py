@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from gemma_keras.checkpoints.atomic import read_json
-from gemma_keras.checkpoints.weights import Reader
+from gemma_keras.checkpoints.weights import Reader, read_chunked
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
 
@@ -27,11 +27,6 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
 # Both spellings mean Gemma's tanh-approximate GELU for these weights: early Gemma configs say
 # "gelu" although the model was trained with the approximation.
 _GELU_NAMES = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast")
-
-
-def is_hf_checkpoint(directory: pathlib.Path) -> bool:
-    config = directory / "config.json"
-    return config.is_file() and "model_type" in read_json(config)
 
 
 def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, str]:
@@ -151,42 +146,56 @@ def _safetensors_files(directory: pathlib.Path):
     return files
 
 
-def _loader(file, dtype, shape, start, end):
-    def load():
-        with open(file, "rb") as f:
-            f.seek(start)
-            data = f.read(end - start)
-        if len(data) != end - start:
-            raise CheckpointError(f"{file} is truncated while reading a tensor.")
-        return np.frombuffer(data, dtype=_DTYPES[dtype]).reshape(shape)
-    return load
+class _SafetensorsEntry:
+    """One tensor of a safetensors file, optionally reshaped/transposed to keras layout."""
+
+    def __init__(self, file, raw_dtype, raw_shape, start, end, reshape=None, axes=None):
+        self.file, self.raw_dtype, self.raw_shape = file, np.dtype(_DTYPES[raw_dtype]), raw_shape
+        self.start, self.end, self.reshape, self.axes = start, end, reshape, axes
+        fits = reshape is None or int(np.prod(reshape)) == int(np.prod(raw_shape))
+        self.shape = (tuple(reshape[a] for a in axes) if reshape is not None and fits
+                      else tuple(raw_shape))
+
+    def read(self, dtype):
+        raw = np.empty(self.raw_shape, dtype)
+        with open(self.file, "rb") as f:
+            f.seek(self.start)
+            if self.raw_dtype == raw.dtype:  # straight into the final buffer, no copy
+                got = f.readinto(memoryview(raw.reshape(-1).view(np.uint8)))
+                if got != self.end - self.start:
+                    raise CheckpointError(f"{self.file} is truncated while reading a tensor.")
+            else:
+                row_bytes = int(np.prod(self.raw_shape[1:])) * self.raw_dtype.itemsize
+
+                def rows(a, b):
+                    data = f.read((b - a) * row_bytes)
+                    if len(data) != (b - a) * row_bytes:
+                        raise CheckpointError(f"{self.file} is truncated while reading a tensor.")
+                    return np.frombuffer(data, self.raw_dtype).reshape((b - a,) + self.raw_shape[1:])
+
+                read_chunked(raw, rows, self.raw_shape[0])
+        if self.reshape is None:
+            return raw
+        return raw.reshape(self.reshape).transpose(self.axes)
 
 
 def reader(directory: pathlib.Path, config: GemmaConfig, model_type: str) -> Reader:
-    """Canonical names -> loaders that return keras-layout arrays."""
+    """Canonical names -> entries that read keras-layout arrays."""
     tensors = {}
     for file in _safetensors_files(directory):
         tensors.update(_tensor_index(file))
-    # Some exports prefix names differently; the tied lm_head is not a separate weight here.
+    # Names are "model.<...>"; the tied lm_head, when present, duplicates the embedding.
     tensors = {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()}
     tensors.pop("lm_head.weight", None)
+    _check_projection_shapes(tensors, config, directory)
 
     n, k, h, d = (config.num_query_heads, config.num_key_value_heads, config.head_dim,
                   config.hidden_dim)
-
-    def plain(name):
-        return _loader(*tensors[name])
-
-    def transformed(name, fn):
-        raw = _loader(*tensors[name])
-        return lambda: fn(raw())
-
-    # HF Linear weights are [out, in]; keras kernels are [in, out] split into heads.
-    q = lambda w: w.reshape(n, h, d).transpose(0, 2, 1)   # [heads, hidden, head_dim]
-    kv = lambda w: w.reshape(k, h, d).transpose(0, 2, 1)  # [kv_heads, hidden, head_dim]
-    o = lambda w: w.reshape(d, n, h).transpose(1, 2, 0)   # [heads, head_dim, hidden]
-    t = lambda w: w.T
-
+    # HF Linear weights are [out, in]; keras kernels are [in, out], split into heads:
+    # (intermediate shape, axes) per projection.
+    q = ((n, h, d), (0, 2, 1))   # -> [heads, hidden, head_dim]
+    kv = ((k, h, d), (0, 2, 1))  # -> [kv_heads, hidden, head_dim]
+    o = ((d, n, h), (1, 2, 0))   # -> [heads, head_dim, hidden]
     # Gemma 1's "post_attention_layernorm" is the pre-FFN norm; Gemma 2 has a true one.
     if model_type == "gemma":
         norms = {"input_layernorm": "pre_attention_norm",
@@ -196,36 +205,33 @@ def reader(directory: pathlib.Path, config: GemmaConfig, model_type: str) -> Rea
                  "post_attention_layernorm": "post_attention_norm",
                  "pre_feedforward_layernorm": "pre_ffw_norm",
                  "post_feedforward_layernorm": "post_ffw_norm"}
-    projections = {"self_attn.q_proj.weight": ("query", q),
-                   "self_attn.k_proj.weight": ("key", kv),
-                   "self_attn.v_proj.weight": ("value", kv),
-                   "self_attn.o_proj.weight": ("attention_output", o),
-                   "mlp.gate_proj.weight": ("ffw_gating", t),
-                   "mlp.up_proj.weight": ("ffw_gating_2", t),
-                   "mlp.down_proj.weight": ("ffw_linear", t)}
+    projections = {"self_attn.q_proj": ("query", q), "self_attn.k_proj": ("key", kv),
+                   "self_attn.v_proj": ("value", kv),
+                   "self_attn.o_proj": ("attention_output", o)}
 
-    out, unused = {}, set(tensors)
-    for name in tensors:
+    out = {}
+    for name, info in tensors.items():
         if name == "embed_tokens.weight":
-            out["token_embedding"] = plain(name)
+            key, layout = "token_embedding", (None, None)
         elif name == "norm.weight":
-            out["final_normalization"] = plain(name)
-        elif name.startswith("layers."):
-            _, index, rest = name.split(".", 2)
-            if rest.endswith(".weight") and rest[: -len(".weight")] in norms:
-                out[f"decoder_block_{index}/{norms[rest[:-len('.weight')]]}"] = plain(name)
+            key, layout = "final_normalization", (None, None)
+        elif name.startswith("layers.") and name.endswith(".weight"):
+            _, index, rest = name[: -len(".weight")].split(".", 2)
+            if rest in norms:
+                key, layout = f"decoder_block_{index}/{norms[rest]}", (None, None)
             elif rest in projections:
-                suffix, fn = projections[rest]
-                out[f"decoder_block_{index}/{suffix}"] = transformed(name, fn)
+                suffix, layout = projections[rest]
+                key = f"decoder_block_{index}/{suffix}"
+            elif rest in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+                suffix = {"mlp.gate_proj": "ffw_gating", "mlp.up_proj": "ffw_gating_2",
+                          "mlp.down_proj": "ffw_linear"}[rest]
+                key, layout = f"decoder_block_{index}/{suffix}", (info[2], (1, 0))
             else:
-                continue
+                key, layout = f"unmapped:{name}", (None, None)
         else:
-            continue
-        unused.discard(name)
-    # Unmapped tensors (e.g. a norm that Gemma 1 does not have) surface as "extra" weights.
-    for name in unused:
-        out[f"unmapped:{name}"] = plain(name)
-    _check_projection_shapes(tensors, config, directory)
+            # Surfaces as an "extra weight" error naming the tensor.
+            key, layout = f"unmapped:{name}", (None, None)
+        out[key] = _SafetensorsEntry(*info, *layout)
     return out
 
 

@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from gemma_keras.checkpoints.atomic import atomic_directory, read_json
-from gemma_keras.checkpoints.weights import BLOCK_WEIGHTS, Reader, weight_table
+from gemma_keras.checkpoints.weights import BLOCK_WEIGHTS, Reader, read_chunked, weight_table
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
 
@@ -50,11 +50,6 @@ _LAYER_NAMES = {"pre_attention_norm": "pre_attention_norm", "query": "query", "k
                 "post_attention_norm": "post_attention_norm", "pre_ffw_norm": "pre_ffw_norm",
                 "post_ffw_norm": "post_ffw_norm", "ffw_gating": "ffw_gating",
                 "ffw_gating_2": "ffw_gating_2", "ffw_linear": "ffw_linear"}
-
-
-def is_keras_hub_preset(directory: pathlib.Path) -> bool:
-    config = directory / "config.json"
-    return config.is_file() and "registered_name" in read_json(config)
 
 
 def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[str]]:
@@ -105,18 +100,19 @@ def _weight_files(directory: pathlib.Path):
         "with its shards.")
 
 
-def _index_datasets(files) -> Dict[str, Tuple[pathlib.Path, str]]:
-    """'layers/.../vars/0' -> (file, dataset path) over all shards, plus the layer names."""
+def _index_datasets(files) -> Dict[str, "_H5Entry"]:
+    """'layers/.../vars/0' -> entry over all shards; '@<layer name>@<group>' -> group path."""
     found = {}
     for file in files:
         try:
             with h5py.File(file, "r") as h5:
                 def visit(path, obj):
                     if isinstance(obj, h5py.Dataset):
-                        found[path] = (file, path)
+                        found[path] = _H5Entry(file, path, obj.shape,
+                                               obj.attrs.get("dtype") == "bfloat16")
                     elif path.endswith("/vars") and "name" in obj.attrs:
                         # Also index by keras layer name: robust to attribute-order changes.
-                        found["@" + str(obj.attrs["name"]) + "@" + path] = (file, path)
+                        found["@" + str(obj.attrs["name"]) + "@" + path] = path
                 h5.visititems(visit)
         except OSError as e:
             raise CheckpointError(f"{file} is not a readable HDF5 weights file ({e}). It is "
@@ -137,19 +133,25 @@ def _block_prefixes(index, num_layers):
             for i in range(num_layers)]
 
 
-def _read_dataset(file, path):
-    def read():
+class _H5Entry:
+    def __init__(self, file, path, shape, is_bfloat16):
+        self.file, self.path, self.shape, self.is_bfloat16 = file, path, tuple(shape), is_bfloat16
+
+    def read(self, dtype):
+        out = np.empty(self.shape, dtype)
         try:
-            with h5py.File(file, "r") as h5:
-                ds = h5[path]
-                array = ds[()]
-                if ds.attrs.get("dtype") == "bfloat16":  # Keras stores bf16 as 2-byte opaque
-                    array = array.view(ml_dtypes.bfloat16)
-                return array
+            with h5py.File(self.file, "r") as h5:
+                dataset = h5[self.path]
+
+                def rows(a, b):
+                    chunk = dataset[a:b]
+                    # Keras stores bfloat16 as a 2-byte opaque type.
+                    return chunk.view(ml_dtypes.bfloat16) if self.is_bfloat16 else chunk
+
+                return read_chunked(out, rows, self.shape[0])
         except OSError as e:
-            raise CheckpointError(f"Could not read '{path}' from {file} ({e}): the file is "
-                                  "truncated or corrupt.") from e
-    return read
+            raise CheckpointError(f"Could not read '{self.path}' from {self.file} ({e}): the "
+                                  "file is truncated or corrupt.") from e
 
 
 def reader(directory: pathlib.Path, config: GemmaConfig) -> Reader:
@@ -159,12 +161,8 @@ def reader(directory: pathlib.Path, config: GemmaConfig) -> Reader:
     for i, prefix in enumerate(_block_prefixes(index, config.num_layers)):
         for suffix, group in _BLOCK_H5.items():
             paths[f"decoder_block_{i}/{suffix}"] = f"{prefix}/{group}"
-    out = {}
-    for name, group in paths.items():
-        located = index.get(f"{group}/vars/0")
-        if located is not None:
-            out[name] = _read_dataset(*located)
-    return out
+    return {name: index[f"{group}/vars/0"] for name, group in paths.items()
+            if f"{group}/vars/0" in index}
 
 
 # ---- writing ------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from typing import Optional, Tuple
 from gemma_keras.checkpoints import hf_format, keras_hub_format
 from gemma_keras.checkpoints.atomic import read_json
 from gemma_keras.checkpoints.resolve import resolve_preset
-from gemma_keras.checkpoints.weights import load_into
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
 
@@ -55,6 +54,5 @@ def load_backbone(preset, dtype: Optional[str] = None):
         model_type = read_json(directory / "config.json")["model_type"]
         reader = hf_format.reader(directory, config, model_type)
     chosen = dtype or (saved_dtype if saved_dtype in DTYPES else "float32")
-    backbone = GemmaBackbone(config, dtype=chosen, initialize=False)
-    load_into(backbone, reader, source=str(directory))
+    backbone = GemmaBackbone(config, dtype=chosen, checkpoint=(reader, str(directory)))
     return backbone, directory

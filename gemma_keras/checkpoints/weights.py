@@ -1,21 +1,25 @@
-"""The one table of a backbone's weights, and the loop that fills them from any reader.
+"""The one table of a backbone's weights, and how a checkpoint fills them.
 
 Every checkpoint format is a mapping from these canonical names (keras-hub's layer names) to
-arrays in keras layout; readers translate their own names and layouts, this module checks
-shapes and assigns one tensor at a time so a load never holds a second copy of the model.
+`Entry` objects that know their shape in keras layout and read themselves, cast to a target
+dtype in bounded chunks. Loading sets each layer's initializer to read its entry, so every
+variable is *created* from the checkpoint: no zero-filled copy of the model exists first, and
+at any moment at most one tensor is in transit.
 """
 
 from __future__ import annotations
 
 import gc
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Dict, Iterator, Protocol, Tuple
 
+import keras
 import ml_dtypes
 import numpy as np
 
 from gemma_keras.errors import CheckpointError, WeightShapeError
 
-# Sub-weights of a decoder block: canonical suffix -> attribute path from the block.
+# Sub-weights of a decoder block: canonical suffix -> attribute path from the block; the last
+# attribute is the variable, the ones before it lead to the layer that owns it.
 BLOCK_WEIGHTS = {
     "pre_attention_norm": ("pre_attention_norm", "scale"),
     "post_attention_norm": ("post_attention_norm", "scale"),
@@ -29,31 +33,72 @@ BLOCK_WEIGHTS = {
     "ffw_gating_2": ("ffw", "gating_2", "kernel"),
     "ffw_linear": ("ffw", "linear", "kernel"),
 }
+# Variable attribute -> the layer attribute holding its initializer (keras' own names).
+_INITIALIZER_ATTR = {"kernel": "kernel_initializer", "scale": "scale_initializer",
+                     "embeddings": "embeddings_initializer"}
+# Elements read per chunk when casting: bounds the transient memory of a dtype conversion.
+CHUNK_ELEMENTS = 1 << 24
+
+
+class Entry(Protocol):
+    shape: Tuple[int, ...]  # in keras layout
+
+    def read(self, dtype: np.dtype) -> np.ndarray:
+        """The array in keras layout and `dtype`."""
+
+
+Reader = Dict[str, Entry]
+
+
+def layer_table(backbone) -> Iterator[Tuple[str, object, str]]:
+    """(canonical name, owning layer, variable attribute) for every weight, in a fixed order.
+    Usable before the layers are built."""
+    yield "token_embedding", backbone.token_embedding, "embeddings"
+    for i, block in enumerate(backbone.transformer_layers):
+        for suffix, attrs in BLOCK_WEIGHTS.items():
+            layer = block
+            for attr in attrs[:-1]:
+                layer = getattr(layer, attr)
+                if layer is None:  # a post-norm this config does not have
+                    break
+            if layer is not None:
+                yield f"decoder_block_{i}/{suffix}", layer, attrs[-1]
+    yield "final_normalization", backbone.final_normalization, "scale"
 
 
 def weight_table(backbone) -> Iterator[Tuple[str, object]]:
-    """(canonical name, keras variable) for every weight of the backbone, in a fixed order."""
-    yield "token_embedding", backbone.token_embedding.embeddings
-    for i, block in enumerate(backbone.transformer_layers):
-        for suffix, attrs in BLOCK_WEIGHTS.items():
-            obj = block
-            for attr in attrs:
-                obj = getattr(obj, attr)
-                if obj is None:  # a post-norm this config does not have
-                    break
-            if obj is not None:
-                yield f"decoder_block_{i}/{suffix}", obj
-    yield "final_normalization", backbone.final_normalization.scale
+    """(canonical name, keras variable) for every weight of a built backbone."""
+    for name, layer, attr in layer_table(backbone):
+        yield name, getattr(layer, attr)
 
 
-# A reader: canonical name -> a function that reads that one array (keras layout) from disk.
-Reader = Dict[str, Callable[[], np.ndarray]]
+def numpy_dtype(name: str) -> np.dtype:
+    """numpy dtype for a keras dtype name; numpy itself has no bfloat16."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-def load_into(backbone, reader: Reader, source: str) -> None:
-    """Assigns every backbone weight from `reader`, checking names and shapes first."""
-    table = list(weight_table(backbone))
-    expected = {name for name, _ in table}
+class _FromCheckpoint(keras.initializers.Initializer):
+    """Initializer that reads one checkpoint entry, after checking its shape."""
+
+    def __init__(self, name, entry, source):
+        self.name, self.entry, self.source = name, entry, source
+
+    def __call__(self, shape, dtype=None):
+        from gemma_keras.backend_ops import host_array_to_tensor
+
+        if tuple(self.entry.shape) != tuple(shape):
+            raise WeightShapeError(
+                f"{self.source}: weight '{self.name}' has shape {tuple(self.entry.shape)} in "
+                f"the checkpoint but the config calls for {tuple(shape)}. The config and the "
+                "weights do not match.")
+        return host_array_to_tensor(self.entry.read(numpy_dtype(keras.backend.standardize_dtype(
+            dtype))))
+
+
+def install_checkpoint(backbone, reader: Reader, source: str) -> None:
+    """Points every layer's initializer at its checkpoint entry; call before building."""
+    table = list(layer_table(backbone))
+    expected = {name for name, _, _ in table}
     missing = sorted(expected - set(reader))
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -65,19 +110,23 @@ def load_into(backbone, reader: Reader, source: str) -> None:
         raise CheckpointError(
             f"{source} has weights the config does not call for: {', '.join(extra[:5])}. "
             "Check num_layers and the post-norm flags in config.json.")
-    for name, variable in table:
-        array = reader[name]()
-        if tuple(array.shape) != tuple(variable.shape):
-            raise WeightShapeError(
-                f"{source}: weight '{name}' has shape {tuple(array.shape)} in the checkpoint "
-                f"but the config calls for {tuple(variable.shape)}. The config and the "
-                "weights do not match.")
-        # Cast on the host, one tensor at a time, then let the array go before the next.
-        variable.assign(array.astype(numpy_dtype(variable.dtype), copy=False))
-        del array
+    for name, layer, attr in table:
+        setattr(layer, _INITIALIZER_ATTR[attr], _FromCheckpoint(name, reader[name], source))
+
+
+def release_checkpoint(backbone) -> None:
+    """Drops the checkpoint initializers (and the open readers they hold) after building."""
+    for _, layer, attr in layer_table(backbone):
+        setattr(layer, _INITIALIZER_ATTR[attr], keras.initializers.Zeros())
     gc.collect()
 
 
-def numpy_dtype(name: str) -> np.dtype:
-    """numpy dtype for a keras dtype name; numpy itself has no bfloat16."""
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+def read_chunked(out: np.ndarray, read_rows, rows: int) -> np.ndarray:
+    """Fills `out` (first axis `rows` long) from `read_rows(start, stop)` chunk by chunk, so a
+    dtype conversion never holds a second full-size copy."""
+    per_row = max(1, int(np.prod(out.shape[1:])))
+    step = max(1, CHUNK_ELEMENTS // per_row)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        out[start:stop] = read_rows(start, stop)
+    return out

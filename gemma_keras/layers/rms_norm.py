@@ -8,11 +8,12 @@ class GemmaRMSNorm(keras.layers.Layer):
     def __init__(self, epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
         self.epsilon = epsilon
+        # Stored as an offset from 1 (the checkpoints' convention), so zeros is the identity.
+        self.scale_initializer = keras.initializers.Zeros()
 
     def build(self, input_shape):
-        # Stored as an offset from 1 (the checkpoints' convention), so zeros is the identity.
         self.scale = self.add_weight(
-            name="scale", shape=(input_shape[-1],), initializer="zeros")
+            name="scale", shape=(input_shape[-1],), initializer=self.scale_initializer)
         self.built = True
 
     def call(self, x):
