@@ -23,10 +23,16 @@ _EXPORTS = {
     "UnknownPresetError": "gemma_keras.errors",
     "WeightShapeError": "gemma_keras.errors",
 }
-__all__ = sorted(_EXPORTS)
+# Public submodules: gk.samplers.TopPSampler(...).
+_MODULES = {"samplers": "gemma_keras.generation.samplers"}
+__all__ = sorted([*_EXPORTS, *_MODULES])
 
 
 def __getattr__(name):
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+        globals()[name] = value
+        return value
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value  # resolve once

@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from gemma_keras.config import GemmaConfig
+from gemma_keras.generation.cache import layer_kind, write
 from gemma_keras.layers.attention import attention_mask
 from gemma_keras.layers.decoder_block import GemmaDecoderBlock
 from gemma_keras.layers.rms_norm import GemmaRMSNorm
@@ -69,23 +70,48 @@ class GemmaBackbone(keras.Model):
         # sqrt(3072) becomes 55.5, and the checkpoints were trained with that rounding.
         return x * ops.cast(self.config.hidden_dim ** 0.5, x.dtype)
 
-    def call(self, inputs, training=False):
-        token_ids = inputs["token_ids"]  # [batch, seq]
-        padding_mask = inputs.get("padding_mask")
-        if padding_mask is None:
-            padding_mask = ops.ones_like(token_ids)
-        batch, seq = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        # [batch, seq] positions 0..seq-1. RoPE only sees position differences, so this
-        # is exact for left padding as well as right padding.
-        positions = ops.broadcast_to(ops.arange(seq, dtype="int32")[None, :], (batch, seq))
-        global_mask = attention_mask(padding_mask, positions, positions)
-        local_mask = (attention_mask(padding_mask, positions, positions,
+    def call(self, inputs, training=False, cache=None, start=0, mode=None):
+        """inputs: {"token_ids": [batch, len], "padding_mask": [batch, len]} and optionally
+        "positions" [batch, len] (absolute positions, -1 for padding; derived from the padding
+        mask when absent, so left and right padding are both exact).
+
+        Without `cache` returns hidden states [batch, len, hidden]. With a cache from
+        `gemma_keras.generation.cache.init_cache`, the tokens are columns start.. of the stream
+        and `mode` is "prefill" (empty cache), "decode" (one token) or "extend" (a chunk after
+        earlier tokens); returns (hidden, updated cache). Training, prefill and decode all run
+        through this one path.
+        """
+        token_ids = inputs["token_ids"]  # [batch, len]
+        positions = inputs.get("positions")
+        if positions is None:
+            positions = positions_from_mask(inputs.get("padding_mask"), token_ids)
+        key_positions, new_cache = {}, None
+        if cache is None:
+            key_positions = {"global": positions, "local": positions}
+        else:
+            new_cache = {}
+            for kind, part in cache.items():
+                updated = write(part["positions"], positions, start)
+                new_cache[kind] = {"positions": updated, "kv": []}
+                key_positions[kind] = {
+                    "decode": updated, "prefill": positions,
+                    "extend": ops.concatenate([part["positions"], positions], axis=1)}[mode]
+        global_mask = attention_mask(positions, key_positions["global"])
+        local_mask = (attention_mask(positions, key_positions.get("local", key_positions["global"]),
                                      self.config.sliding_window_size)
                       if self.config.use_sliding_window_attention else global_mask)
         x = self.embed(token_ids)
-        for block in self.transformer_layers:
-            x = block(x, positions, global_mask, local_mask, training=training)
-        return self.final_normalization(x)  # [batch, seq, hidden]
+        for i, block in enumerate(self.transformer_layers):
+            layer_cache = None
+            if cache is not None:
+                kind = layer_kind(self.config, i)
+                layer_cache = cache[kind]["kv"][len(new_cache[kind]["kv"])]
+            x, layer_cache = block(x, positions, global_mask, local_mask, cache=layer_cache,
+                                   start=start, mode=mode, training=training)
+            if cache is not None:
+                new_cache[kind]["kv"].append(layer_cache)
+        x = self.final_normalization(x)  # [batch, len, hidden]
+        return x if cache is None else (x, new_cache)
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name,
@@ -95,3 +121,13 @@ class GemmaBackbone(keras.Model):
     def from_config(cls, config):
         config = dict(config)
         return cls(GemmaConfig.from_dict(config.pop("config")), **config)
+
+
+def positions_from_mask(padding_mask, token_ids):
+    """[batch, len] absolute positions: 0, 1, ... over each row's real tokens, -1 on padding.
+    Counting real tokens (rather than columns) makes left padding exact, not just relative."""
+    if padding_mask is None:
+        return ops.broadcast_to(ops.arange(ops.shape(token_ids)[1], dtype="int32")[None, :],
+                                ops.shape(token_ids))
+    mask = ops.cast(padding_mask, "int32")
+    return ops.where(mask > 0, ops.cumsum(mask, axis=1) - 1, -1)

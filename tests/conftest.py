@@ -72,7 +72,7 @@ def token_batch(vocab_size, seed=0):
     return ids, mask
 
 
-def randomize_torch(model, seed=0):
+def randomize_torch(model, seed=0, std=0.25):
     """HF initialises norm scales at zero and weights small: give every weight, norms
     included, a scale at which each feature (soft-caps, norms) visibly changes the logits."""
     import torch
@@ -80,11 +80,13 @@ def randomize_torch(model, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            std = 0.5 if "norm" in name else 0.25
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+            scale = 0.5 if "norm" in name else std
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
-def hf_model(case, vocab_size, seed=0):
+def hf_model(case, vocab_size, seed=0, std=0.25, embedding_std=None):
+    """A random HF model. With embedding_std small against std, the layers (not the tied
+    embedding) drive predictions, so greedy decoding wanders instead of repeating a token."""
     import torch
     import transformers
 
@@ -98,7 +100,10 @@ def hf_model(case, vocab_size, seed=0):
     else:
         config = transformers.Gemma2Config(**common, **kwargs, attn_implementation="eager")
         model = transformers.Gemma2ForCausalLM(config)
-    randomize_torch(model, seed)
+    randomize_torch(model, seed, std)
+    if embedding_std is not None:
+        with torch.no_grad():
+            model.model.embed_tokens.weight.mul_(embedding_std / std)
     return model.eval().to(torch.float32)
 
 
@@ -113,10 +118,10 @@ def hf_logits(model, ids, mask):
 @pytest.fixture
 def hf_checkpoint(tmp_path, spm_path, vocab_size):
     """Factory: case name -> (directory, HF model). Saved sharded, with tokenizer.model."""
-    def make(case, seed=0, shard="40KB"):
+    def make(case, seed=0, shard="40KB", **model_kwargs):
         import shutil
 
-        model = hf_model(case, vocab_size, seed)
+        model = hf_model(case, vocab_size, seed, **model_kwargs)
         directory = tmp_path / f"hf_{case}"
         model.save_pretrained(directory, max_shard_size=shard)
         shutil.copy(spm_path, directory / "tokenizer.model")

@@ -4,6 +4,7 @@ global or sliding-window masking chosen by the caller."""
 import keras
 from keras import ops
 
+from gemma_keras.generation.cache import write
 from gemma_keras.layers.rotary import apply_rotary_embedding
 
 # Added to masked logits in float32. Finite, so a row with nothing to attend to (a padding
@@ -11,16 +12,16 @@ from gemma_keras.layers.rotary import apply_rotary_embedding
 _MASK_VALUE = -2.3819763e38
 
 
-def attention_mask(padding_mask, query_positions, key_positions, sliding_window=None):
+def attention_mask(query_positions, key_positions, sliding_window=None):
     """Which keys each query may attend to: [batch, query_len, key_len] bool.
 
-    padding_mask: [batch, key_len], 1 for real tokens. *_positions: [batch, len] integer
-    positions. A key is visible when it is real, not in the future and, with a sliding
+    Positions ([batch, len] int) are absolute token positions, -1 for padding and empty cache
+    slots. A key is visible when it is a real token, not in the future and, with a sliding
     window of size W, fewer than W positions back (the window includes the query itself).
     """
     q = query_positions[:, :, None]  # [batch, query_len, 1]
     k = key_positions[:, None, :]    # [batch, 1, key_len]
-    visible = ops.logical_and(k <= q, ops.cast(padding_mask, "bool")[:, None, :])
+    visible = ops.logical_and(k >= 0, k <= q)
     if sliding_window is not None:
         visible = ops.logical_and(visible, q - k < sliding_window)
     return visible
@@ -61,15 +62,34 @@ class GemmaAttention(keras.layers.Layer):
         self.attention_output.build((None, None, self.num_query_heads, self.head_dim))
         self.built = True
 
-    def call(self, x, positions, mask, training=False):
-        """x: [batch, seq, hidden]; positions: [batch, seq]; mask: [batch, seq, seq] bool."""
-        query = self.query(x)  # [batch, seq, heads, head_dim]
-        key = self.key(x)      # [batch, seq, kv_heads, head_dim]
-        value = self.value(x)  # [batch, seq, kv_heads, head_dim]
+    def call(self, x, positions, mask, cache=None, start=None, mode=None, training=False):
+        """x: [batch, len, hidden]; positions: [batch, len]; mask: [batch, len, keys] bool.
+
+        Without a cache the keys are this call's tokens. With one (a (key, value) pair of
+        [batch, slots, kv_heads, head_dim]) the new keys are written at column `start`, and
+        the keys attended to depend on `mode`, which the backbone built `mask` for:
+        "decode" (one token) attends over the updated cache, "prefill" (empty cache) over the
+        new tokens only, "extend" (a chunk after earlier tokens) over old cache + new tokens.
+        Returns (output [batch, len, hidden], updated cache or None).
+        """
+        query = self.query(x)  # [batch, len, heads, head_dim]
+        key = self.key(x)      # [batch, len, kv_heads, head_dim]
+        value = self.value(x)  # [batch, len, kv_heads, head_dim]
         query = apply_rotary_embedding(query, positions, self.rope_max_wavelength)
         key = apply_rotary_embedding(key, positions, self.rope_max_wavelength)
-        output = self.attend(query, key, value, mask, training=training)
-        return self.attention_output(output)  # [batch, seq, hidden]
+        new_cache = None
+        keys, values = key, value
+        if cache is not None:
+            old_key, old_value = cache
+            new_cache = (write(old_key, key, start), write(old_value, value, start))
+            if mode == "decode":
+                keys, values = new_cache
+            elif mode == "extend":
+                # [batch, slots + len, kv_heads, head_dim]
+                keys = ops.concatenate([old_key, ops.cast(key, old_key.dtype)], axis=1)
+                values = ops.concatenate([old_value, ops.cast(value, old_value.dtype)], axis=1)
+        output = self.attend(query, keys, values, mask, training=training)
+        return self.attention_output(output), new_cache  # [batch, len, hidden]
 
     def attend(self, query, key, value, mask, training=False):
         """Scaled dot-product attention over (possibly grouped) heads.

@@ -46,17 +46,20 @@ class GemmaDecoderBlock(keras.layers.Layer):
                 layer.build(input_shape)
         self.built = True
 
-    def call(self, x, positions, global_mask, local_mask, training=False):
-        """x: [batch, seq, hidden]. The block picks the mask its layer type needs."""
+    def call(self, x, positions, global_mask, local_mask, cache=None, start=None, mode=None,
+             training=False):
+        """x: [batch, len, hidden]. The block picks the mask its layer kind needs; `cache` is
+        this layer's (key, value) or None. Returns (x, updated cache or None)."""
         mask = local_mask if self.uses_sliding_window else global_mask
-        h = self.attention(self.pre_attention_norm(x), positions, mask, training=training)
+        h, cache = self.attention(self.pre_attention_norm(x), positions, mask, cache=cache,
+                                  start=start, mode=mode, training=training)
         if self.post_attention_norm is not None:
             h = self.post_attention_norm(h)
         x = x + self.residual_dropout(h, training=training)
         h = self.ffw(self.pre_ffw_norm(x))
         if self.post_ffw_norm is not None:
             h = self.post_ffw_norm(h)
-        return x + self.residual_dropout(h, training=training)
+        return x + self.residual_dropout(h, training=training), cache
 
     def get_config(self):
         return {**super().get_config(), "layer_index": self.layer_index,

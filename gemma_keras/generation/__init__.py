@@ -1,0 +1,1 @@
+"""Generation: the KV cache, samplers, the decode loop, and per-backend compilation."""

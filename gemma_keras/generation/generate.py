@@ -1,0 +1,284 @@
+"""The decode loop: prefill the prompt in one pass, then one compiled step per token.
+
+What compiles when: one prefill function per (batch, prompt bucket, cache bucket) and one
+decode step per (batch, cache bucket). Prompts are left-padded to a power-of-two bucket (at
+least 16) and the cache to a multiple of 128 columns, so a new prompt length reuses an
+existing compilation unless it crosses a bucket boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, List, Optional, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from gemma_keras.generation.cache import init_cache
+from gemma_keras.generation.compile import compile_step
+from gemma_keras.generation.samplers import get_sampler
+
+DEFAULT_MAX_NEW_TOKENS = 128
+MIN_PROMPT_BUCKET = 16
+CACHE_BUCKET = 128
+
+
+def prompt_bucket(length: int, limit: int) -> int:
+    bucket = MIN_PROMPT_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, max(limit, length))
+
+
+def cache_bucket(columns: int, limit: int) -> int:
+    return min(-(-columns // CACHE_BUCKET) * CACHE_BUCKET, max(limit, columns))
+
+
+class CompiledSteps:
+    """The compiled model steps of one GemmaCausalLM, created on first use and kept."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self._steps = {}
+
+    def __call__(self, mode, token_ids, positions, cache, start):
+        if mode not in self._steps:
+            self._steps[mode] = compile_step(self.lm, self._step_fn(mode), donate_argnums=(2,))
+        return self._steps[mode](token_ids, positions, cache, start)
+
+    def _step_fn(self, mode):
+        backbone = self.lm.backbone
+
+        def step(token_ids, positions, cache, start):
+            hidden, cache = backbone({"token_ids": token_ids, "positions": positions},
+                                     cache=cache, start=start, mode=mode)
+            # Only the last column's logits are needed: [batch, 1, vocab] -> [batch, vocab]
+            logits = backbone.token_embedding(hidden[:, -1:, :], reverse=True)[:, 0, :]
+            return ops.cast(logits, "float32"), cache
+        return step
+
+
+@dataclasses.dataclass
+class _Row:
+    prompt: List[int]
+    generated: List[int] = dataclasses.field(default_factory=list)
+    done: bool = False
+
+
+class GenerationSession:
+    """A batch being decoded: the cache, the next column, and each row's tokens.
+
+    `GemmaCausalLM.generate` runs one to completion; a chat keeps one alive across turns and
+    extends it with each new message instead of re-reading the conversation.
+    """
+
+    def __init__(self, lm, prompts: Sequence[Sequence[int]], total_columns: int):
+        self.lm = lm
+        self.steps = lm._compiled_steps()
+        config = lm.backbone.config
+        self.rows = [_Row(list(p)) for p in prompts]
+        width = prompt_bucket(max(len(p) for p in prompts), config.max_sequence_length)
+        # Columns: the padded prompt, then one per new token.
+        self.capacity = cache_bucket(width + total_columns - max(len(p) for p in prompts),
+                                     config.max_sequence_length)
+        self.cache = init_cache(config, len(prompts), self.capacity,
+                                lm.backbone.dtype_policy.compute_dtype)
+        self.column = 0  # next free column
+        self.next_position = np.zeros(len(prompts), "int32")
+        self.logits = self._feed([list(p) for p in prompts], mode="prefill")
+
+    def _feed(self, chunks, mode):
+        """Feeds one chunk per row, left-padded to a common bucketed width; returns the logits
+        [batch, vocab] after each row's last token."""
+        width = prompt_bucket(max(len(c) for c in chunks), self.capacity) if mode != "decode" else 1
+        if self.column + width > self.capacity:
+            raise ValueError(
+                f"The conversation needs {self.column + width} cache columns but this session "
+                f"holds {self.capacity}; start a new one with a larger max_length.")
+        pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer is not None else 0
+        ids = np.full((len(chunks), width), pad, "int32")
+        positions = np.full((len(chunks), width), -1, "int32")
+        for r, chunk in enumerate(chunks):
+            if chunk:
+                ids[r, width - len(chunk):] = chunk
+                positions[r, width - len(chunk):] = self.next_position[r] + np.arange(len(chunk))
+                self.next_position[r] += len(chunk)
+        logits, self.cache = self.steps(mode, ids, positions, self.cache,
+                                        np.asarray(self.column, "int32"))
+        self.column += width
+        return np.asarray(keras.ops.convert_to_numpy(logits), "float32")
+
+    def extend(self, chunks):
+        """Appends tokens (one list per row) after what the cache holds."""
+        self.logits = self._feed(chunks, mode="extend")
+
+    def step(self, tokens):
+        """Feeds one sampled token per row (finished rows get a padding slot)."""
+        chunks = [[t] if not row.done else [] for row, t in zip(self.rows, tokens)]
+        self.logits = self._feed(chunks, mode="decode")
+
+    def decode(self, max_new_tokens, sampler, rng, stop_ids, on_token=None):
+        """Samples up to max_new_tokens per row, stopping rows at a stop id (kept in
+        `generated`); `on_token(row_index)` is called after each row gets a token."""
+        for i in range(max_new_tokens):
+            tokens = sampler.select(self.logits, rng)
+            for r, (row, token) in enumerate(zip(self.rows, tokens)):
+                if row.done:
+                    continue
+                row.generated.append(int(token))
+                row.done = int(token) in stop_ids
+                if on_token is not None:
+                    on_token(r)
+            if all(row.done for row in self.rows) or i == max_new_tokens - 1:
+                return
+            self.step(tokens)
+
+
+def resolve_stop_ids(lm, stop_token_ids) -> set:
+    tokenizer = lm.tokenizer
+    if stop_token_ids == "auto":
+        if tokenizer is None:
+            raise ValueError("stop_token_ids='auto' needs the model's tokenizer; pass ids.")
+        ids = {tokenizer.eos_token_id}
+        # Instruct models end their turn with <end_of_turn>. When we cannot tell whether the
+        # model is instruction-tuned (a plain local directory), stopping there is harmless.
+        if lm.instruct is not False and tokenizer.end_of_turn_id is not None:
+            ids.add(tokenizer.end_of_turn_id)
+        return ids
+    if stop_token_ids is None:
+        return set()
+    return {int(i) for i in stop_token_ids}
+
+
+def prepare_prompts(lm, inputs):
+    """(token lists, kind) where kind is "text", "batch" or "ids"."""
+    if isinstance(inputs, dict):
+        if "token_ids" not in inputs:
+            raise ValueError("Pre-tokenized input must be a dict with 'token_ids' and "
+                             "'padding_mask'.")
+        ids = np.asarray(keras.ops.convert_to_numpy(inputs["token_ids"]))
+        mask = inputs.get("padding_mask")
+        mask = (np.ones_like(ids) if mask is None
+                else np.asarray(keras.ops.convert_to_numpy(mask)).astype(bool))
+        if ids.ndim != 2 or mask.shape != ids.shape:
+            raise ValueError(f"token_ids must be [batch, length] with a padding_mask of the "
+                             f"same shape; got {ids.shape} and {mask.shape}.")
+        prompts = [row[m].tolist() for row, m in zip(ids, mask)]
+        kind = "ids"
+    else:
+        if lm.tokenizer is None:
+            raise ValueError("This model has no tokenizer: pass pre-tokenized input "
+                             "{'token_ids', 'padding_mask'}.")
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("generate() takes a string, a list of strings, or a dict of "
+                            "'token_ids' and 'padding_mask'.")
+        # Every Gemma sequence starts with <bos>; an empty prompt is just <bos>.
+        prompts = lm.tokenizer.tokenize(texts, add_bos=True)
+        kind = "text" if isinstance(inputs, str) else "batch"
+    if not prompts:
+        raise ValueError("generate() got an empty batch: pass at least one prompt.")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("A pre-tokenized prompt has no tokens (its padding_mask is all "
+                         "zero); start each prompt with <bos>.")
+    return prompts, kind
+
+
+def plan_lengths(lm, prompts, max_length, max_new_tokens):
+    """Validated number of new tokens to generate."""
+    limit = lm.backbone.config.max_sequence_length
+    longest = max(len(p) for p in prompts)
+    if longest > limit:
+        raise ValueError(f"The longest prompt has {longest} tokens, more than the model's "
+                         f"context of {limit}; shorten it.")
+    if max_length is not None and max_new_tokens is not None:
+        raise ValueError("Pass max_length (prompt + new tokens) or max_new_tokens, not both.")
+    if max_length is not None:
+        if max_length <= longest:
+            raise ValueError(f"max_length={max_length} leaves no room to generate: the longest "
+                             f"prompt already has {longest} tokens. Use max_new_tokens.")
+        new = max_length - longest
+    else:
+        new = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        if new < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {new}.")
+    if longest + new > limit:
+        raise ValueError(f"{longest} prompt tokens + {new} new tokens exceed the model's "
+                         f"context of {limit}; lower max_new_tokens.")
+    return new
+
+
+def _completion_text(tokenizer, row: _Row, stop_ids, stop_strings):
+    ids = row.generated[:-1] if row.generated and row.generated[-1] in stop_ids else row.generated
+    text = tokenizer.detokenize(ids) if ids else ""
+    for s in stop_strings or ():
+        cut = text.find(s)
+        if cut >= 0:
+            text = text[:cut]
+    return text
+
+
+def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler="greedy",
+             stop_token_ids="auto", seed=None, stream=False, stop_strings=None):
+    sampler = get_sampler(sampler)
+    prompts, kind = prepare_prompts(lm, inputs)
+    new = plan_lengths(lm, prompts, max_length, max_new_tokens)
+    stop_ids = resolve_stop_ids(lm, stop_token_ids)
+    if stop_strings and lm.tokenizer is None:
+        raise ValueError("stop_strings need the model's tokenizer.")
+    rng = np.random.default_rng(seed)
+    if stream:
+        if kind != "text":
+            raise ValueError("stream=True takes one string prompt.")
+        return _stream(lm, prompts, new, sampler, rng, stop_ids, stop_strings)
+    session = GenerationSession(lm, prompts, max(len(p) for p in prompts) + new)
+    on_token = None
+    if stop_strings:
+        def on_token(r):
+            row = session.rows[r]
+            if any(s in lm.tokenizer.detokenize(row.generated) for s in stop_strings):
+                row.done = True
+    session.decode(new, sampler, rng, stop_ids, on_token)
+    if kind == "ids":
+        return _as_ids(lm, session.rows)
+    texts = [lm.tokenizer.detokenize(row.prompt, skip_special=True)
+             + _completion_text(lm.tokenizer, row, stop_ids, stop_strings)
+             for row in session.rows]
+    return texts[0] if kind == "text" else texts
+
+
+def _as_ids(lm, rows):
+    """keras-hub's form: prompt then generated tokens (the stop token included), right-padded."""
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None else 0
+    sequences = [row.prompt + row.generated for row in rows]
+    width = max(len(s) for s in sequences)
+    ids = np.full((len(rows), width), pad, "int32")
+    mask = np.zeros((len(rows), width), bool)
+    for r, s in enumerate(sequences):
+        ids[r, : len(s)] = s
+        mask[r, : len(s)] = True
+    return {"token_ids": ids, "padding_mask": mask}
+
+
+def _stream(lm, prompts, new, sampler, rng, stop_ids, stop_strings) -> Iterator[str]:
+    """Yields completion text as it is decoded; never splits a multi-byte character (text
+    ending in U+FFFD is held back until the rest of its bytes arrive)."""
+    tokenizer = lm.tokenizer
+    session = GenerationSession(lm, prompts, len(prompts[0]) + new)
+    row = session.rows[0]
+    emitted = ""
+    for i in range(new):
+        token = int(sampler.select(session.logits, rng)[0])
+        row.generated.append(token)
+        row.done = token in stop_ids
+        text = _completion_text(tokenizer, row, stop_ids, stop_strings)
+        stopped_by_string = any(s in tokenizer.detokenize(row.generated) for s in stop_strings or ())
+        final = row.done or stopped_by_string or i == new - 1
+        if final or not text.endswith("\ufffd"):
+            if text.startswith(emitted) and len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+        if final:
+            return
+        session.step([token])

@@ -1,0 +1,198 @@
+"""Generation: cached decoding against full forward passes and HF transformers' greedy output,
+batching, samplers, stop tokens, streaming, and bad input."""
+
+import numpy as np
+import pytest
+
+import gemma_keras as gk
+from conftest import logits_of
+from gemma_keras.generation.generate import GenerationSession
+from gemma_keras.generation.samplers import Sampler
+
+NEW = 24  # longer than the sliding window (5) of the Gemma 2 case, so the ring buffer wraps
+WANDERING = dict(std=0.3, embedding_std=0.01)  # greedy output that does not repeat one token
+
+
+@pytest.fixture
+def wandering(hf_checkpoint):
+    """case -> (GemmaCausalLM, HF model) with weights whose greedy decoding varies."""
+    def make(case):
+        directory, model = hf_checkpoint(case, **WANDERING)
+        return gk.GemmaCausalLM.from_preset(directory), model
+    return make
+
+
+class Scripted(Sampler):
+    """Emits fixed tokens per row, then falls back to greedy: drives stop/stream tests."""
+
+    def __init__(self, scripts):
+        self.scripts, self.step = scripts, 0
+
+    def select(self, logits, rng):
+        out = np.argmax(logits, axis=-1)
+        for r, script in enumerate(self.scripts):
+            if self.step < len(script):
+                out[r] = script[self.step]
+        self.step += 1
+        return out
+
+
+def _prompt_ids(vocab_size, length, seed=0):
+    ids = np.random.RandomState(seed).randint(4, vocab_size, size=(1, length)).astype("int32")
+    ids[0, 0] = 2  # <bos>
+    return ids
+
+
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+def test_cached_decode_logits_equal_full_forward(case, wandering, vocab_size):
+    lm, _ = wandering(case)
+    prompt = _prompt_ids(vocab_size, 7)[0].tolist()
+    session = GenerationSession(lm, [prompt], len(prompt) + NEW)
+    tokens = list(prompt)
+    for step in range(NEW):
+        full = logits_of(lm, np.array([tokens], "int32"), np.ones((1, len(tokens)), "int32"))
+        np.testing.assert_allclose(session.logits[0], full[0, -1], atol=1e-4,
+                                   err_msg=f"step {step}")
+        token = int(np.argmax(session.logits[0]))
+        tokens.append(token)
+        session.step([token])
+
+
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+def test_greedy_matches_transformers(case, wandering, vocab_size):
+    import torch
+
+    lm, model = wandering(case)
+    ids = _prompt_ids(vocab_size, 7)
+    ours = lm.generate({"token_ids": ids, "padding_mask": np.ones_like(ids)},
+                       max_new_tokens=NEW, stop_token_ids=None)
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor(ids, dtype=torch.long), max_new_tokens=NEW,
+                                do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    assert len(set(theirs[0, 7:].tolist())) > NEW // 2  # the check is not trivially passed
+    np.testing.assert_array_equal(ours["token_ids"], theirs)
+    assert ours["padding_mask"].all()
+
+
+def test_ragged_batch_equals_one_by_one(wandering):
+    lm, _ = wandering("gemma2_gqa")
+    prompts = ["The quick brown fox", "Keras", "Gemma models are lightweight open models 12"]
+    batch = lm.generate(prompts, max_new_tokens=12, stop_token_ids=None)
+    alone = [lm.generate(p, max_new_tokens=12, stop_token_ids=None) for p in prompts]
+    assert batch == alone
+    for prompt, text in zip(prompts, batch):
+        assert text.startswith(prompt) and len(text) > len(prompt)
+
+
+def test_seeded_sampling_reproduces(wandering):
+    lm, _ = wandering("gemma_mqa")
+    for sampler in ("random", gk.samplers.TopKSampler(k=5), gk.samplers.TopPSampler(p=0.9)):
+        a = lm.generate("The fox", max_new_tokens=10, sampler=sampler, seed=3,
+                        stop_token_ids=None)
+        b = lm.generate("The fox", max_new_tokens=10, sampler=sampler, seed=3,
+                        stop_token_ids=None)
+        assert a == b
+    samples = {lm.generate("The fox", max_new_tokens=10, sampler="random", seed=s,
+                           stop_token_ids=None) for s in range(4)}
+    assert len(samples) > 1  # seeds matter
+
+
+def test_degenerate_samplers_equal_greedy(wandering):
+    lm, _ = wandering("gemma_mqa")
+    greedy = lm.generate("The fox", max_new_tokens=10, stop_token_ids=None)
+    for sampler in (gk.samplers.TopKSampler(k=1), gk.samplers.TopPSampler(p=1e-6)):
+        assert lm.generate("The fox", max_new_tokens=10, sampler=sampler, seed=0,
+                           stop_token_ids=None) == greedy
+
+
+def test_top_k_and_top_p_filters():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    assert np.isfinite(gk.samplers.TopKSampler(k=2).filter(logits)).sum() == 2
+    kept = np.isfinite(gk.samplers.TopPSampler(p=0.75).filter(logits))
+    assert kept.tolist() == [[True, True, False, False]]
+
+
+def test_each_row_stops_on_its_own(wandering):
+    lm, _ = wandering("gemma_mqa")
+    eos = lm.tokenizer.eos_token_id
+    prompts = ["The fox", "A dog"]
+    sampler = Scripted([[7, eos], [7, 8, 9]])
+    out = lm.generate(prompts, max_new_tokens=6, sampler=sampler)
+    ids = lm.generate({"token_ids": np.array([[2, 5], [2, 6]]),
+                       "padding_mask": np.ones((2, 2))},
+                      max_new_tokens=6, sampler=Scripted([[7, eos], [7, 8, 9]]))
+    assert ids["token_ids"][0, 2:4].tolist() == [7, eos]
+    assert ids["padding_mask"][0].sum() == 4 and ids["padding_mask"][1].sum() == 8
+    assert out[0] == prompts[0] + lm.tokenizer.detokenize([7])  # eos not in the text
+
+
+def test_end_of_turn_stops_unless_base_model(wandering):
+    lm, _ = wandering("gemma_mqa")
+    eot = lm.tokenizer.end_of_turn_id
+    lm.instruct = True
+    assert lm.generate("Hi", max_new_tokens=5, sampler=Scripted([[7, eot, 8]])) == \
+        "Hi" + lm.tokenizer.detokenize([7])
+    lm.instruct = False
+    text = lm.generate("Hi", max_new_tokens=3, sampler=Scripted([[7, eot, 8]]))
+    assert text == "Hi" + lm.tokenizer.detokenize([7, eot, 8])
+
+
+def test_stop_strings(wandering):
+    lm, _ = wandering("gemma_mqa")
+    fox = lm.tokenizer.tokenize(" fox jumps")
+    text = lm.generate("The", max_new_tokens=8, sampler=Scripted([fox]), stop_strings=["jump"],
+                       stop_token_ids=None)
+    assert text == "The fox "
+
+
+def test_stream_concatenates_to_the_text(wandering):
+    lm, _ = wandering("gemma2_gqa")
+    whole = lm.generate("The quick brown", max_new_tokens=NEW, stop_token_ids=None)
+    pieces = list(lm.generate("The quick brown", max_new_tokens=NEW, stop_token_ids=None,
+                              stream=True))
+    assert len(pieces) > 1
+    assert "The quick brown" + "".join(pieces) == whole
+
+
+def test_stream_never_splits_a_character(wandering):
+    lm, _ = wandering("gemma_mqa")
+    fox = lm.tokenizer.tokenize("🦊 é🦊")
+    assert len(fox) > 4  # byte-fallback pieces
+    pieces = list(lm.generate("A", max_new_tokens=len(fox), sampler=Scripted([fox]),
+                              stop_token_ids=None, stream=True))
+    assert "".join(pieces) == "🦊 é🦊"
+    assert all("\ufffd" not in p for p in pieces), pieces
+
+
+def test_empty_prompt_is_just_bos(wandering):
+    lm, _ = wandering("gemma_mqa")
+    text = lm.generate("", max_new_tokens=4, stop_token_ids=None)
+    ids = lm.generate({"token_ids": np.array([[2]]), "padding_mask": np.array([[1]])},
+                      max_new_tokens=4, stop_token_ids=None)
+    assert text == lm.tokenizer.detokenize(ids["token_ids"][0, 1:])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(inputs=[]), "empty batch"),
+    (dict(inputs="x", max_length=2), "max_length=2 leaves no room"),
+    (dict(inputs="x", max_length=9, max_new_tokens=3), "not both"),
+    (dict(inputs="x", max_new_tokens=0), "at least 1"),
+    (dict(inputs=["a", "b"], stream=True), "one string prompt"),
+    (dict(inputs="x", sampler="beam"), "Unknown sampler"),
+    (dict(inputs={"token_ids": np.array([[2, 5]]), "padding_mask": np.array([[0, 0]])}),
+     "no tokens"),
+])
+def test_bad_generate_arguments(kwargs, message, wandering):
+    lm, _ = wandering("gemma_mqa")
+    with pytest.raises(ValueError, match=message):
+        lm.generate(**kwargs)
+
+
+def test_prompt_longer_than_context(wandering):
+    lm, _ = wandering("gemma_mqa")
+    small = gk.GemmaCausalLM(gk.GemmaBackbone(lm.config.replace(max_sequence_length=32)),
+                             lm.tokenizer)
+    with pytest.raises(ValueError, match="more than the model's context of 32"):
+        small.generate("fox " * 40)
+    with pytest.raises(ValueError, match="exceed the model's context of 32"):
+        small.generate("fox " * 5, max_new_tokens=30)
