@@ -50,6 +50,13 @@ class GemmaCausalLM(keras.Model):
                     break
         return cls(backbone, tokenizer, instruct=_is_instruct(preset))
 
+    def chat(self, system=None):
+        """A multi-turn chat session in Gemma's turn format that keeps the KV cache between
+        turns: `chat = lm.chat(); chat.send("Hi")`; `chat.send(..., stream=True)` streams."""
+        from gemma_keras.generation.chat import ChatSession
+
+        return ChatSession(self, system=system)
+
     def _compiled_steps(self):
         from gemma_keras.generation.generate import CompiledSteps
 

@@ -196,3 +196,50 @@ def test_prompt_longer_than_context(wandering):
         small.generate("fox " * 40)
     with pytest.raises(ValueError, match="exceed the model's context of 32"):
         small.generate("fox " * 5, max_new_tokens=30)
+
+
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+def test_chat_reuses_the_cache_and_equals_a_fresh_generation(case, wandering):
+    from gemma_keras.generation.chat import format_chat
+
+    lm, _ = wandering(case)
+    lm.instruct = True
+    chat = lm.chat(system="Be brief.")
+    prefills = []
+    steps = lm._compiled_steps()
+    original = steps.__call__
+
+    class Spy:
+        def __call__(self, mode, *args):
+            prefills.append(mode) if mode == "prefill" else None
+            return original(mode, *args)
+    lm._steps = Spy()
+    first = chat.send("The quick brown fox", max_new_tokens=10)
+    second = chat.send("jumps over the lazy dog", max_new_tokens=10)
+    third = "".join(chat.send("Gemma models", max_new_tokens=10, stream=True))
+    assert prefills == ["prefill"]  # later turns extend the cache
+    assert [r for r, _ in chat.history] == ["user", "model"] * 3
+    assert chat.history[-1] == ("model", third)
+
+    # The conversation is in Gemma's format, and generating the last reply from scratch, with
+    # the whole conversation as one prompt, gives the same tokens.
+    lm._steps = steps
+    tokens, reply = chat.token_ids, chat.last_reply_ids
+    prompt = tokens[: len(tokens) - len(reply)]
+    expected = lm.tokenizer.tokenize(format_chat([("user", "Be brief.\n\nThe quick brown fox")]),
+                                     add_bos=True)
+    assert prompt[: len(expected)] == expected
+    assert lm.tokenizer.detokenize(prompt).endswith(
+        "<end_of_turn>\n<start_of_turn>user\nGemma models<end_of_turn>\n<start_of_turn>model\n")
+    fresh = lm.generate({"token_ids": np.array([prompt]), "padding_mask": np.ones((1, len(prompt)))},
+                        max_new_tokens=10)
+    assert fresh["token_ids"][0, len(prompt):].tolist()[: len(reply)] == reply
+
+
+def test_chat_grows_past_its_first_cache(wandering):
+    lm, _ = wandering("gemma2_gqa")
+    chat = lm.chat()
+    for i in range(3):
+        chat.send("fox " * 60, max_new_tokens=40)
+    assert len(chat.history) == 6
+    assert chat._session.capacity >= len(chat._tokens)

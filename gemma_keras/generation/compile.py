@@ -20,7 +20,8 @@ def compile_step(model, fn, donate_argnums=()):
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=True, reduce_retracing=True)
+        # Static shapes (no reduce_retracing): XLA compiles per shape bucket anyway.
+        return tf.function(fn, jit_compile=True)
     if backend == "torch":
         import torch
 

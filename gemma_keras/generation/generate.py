@@ -262,10 +262,17 @@ def _as_ids(lm, rows):
 
 
 def _stream(lm, prompts, new, sampler, rng, stop_ids, stop_strings) -> Iterator[str]:
-    """Yields completion text as it is decoded; never splits a multi-byte character (text
-    ending in U+FFFD is held back until the rest of its bytes arrive)."""
-    tokenizer = lm.tokenizer
     session = GenerationSession(lm, prompts, len(prompts[0]) + new)
+    return stream_session(lm, session, new, sampler, rng, stop_ids, stop_strings)
+
+
+def stream_session(lm, session, new, sampler, rng, stop_ids, stop_strings) -> Iterator[str]:
+    """Decodes row 0 of a prefilled session, yielding completion text as it is decoded.
+
+    Never splits a multi-byte character: text ending in U+FFFD (bytes of a character still
+    to come) is held back until the rest arrives or decoding ends.
+    """
+    tokenizer = lm.tokenizer
     row = session.rows[0]
     emitted = ""
     for i in range(new):
@@ -273,12 +280,12 @@ def _stream(lm, prompts, new, sampler, rng, stop_ids, stop_strings) -> Iterator[
         row.generated.append(token)
         row.done = token in stop_ids
         text = _completion_text(tokenizer, row, stop_ids, stop_strings)
-        stopped_by_string = any(s in tokenizer.detokenize(row.generated) for s in stop_strings or ())
+        stopped_by_string = any(s in tokenizer.detokenize(row.generated)
+                                for s in stop_strings or ())
         final = row.done or stopped_by_string or i == new - 1
-        if final or not text.endswith("\ufffd"):
-            if text.startswith(emitted) and len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
+        if (final or not text.endswith("\ufffd")) and len(text) > len(emitted):
+            yield text[len(emitted):]
+            emitted = text
         if final:
             return
         session.step([token])

@@ -1,0 +1,592 @@
+"""Generation speed: gemma_keras vs keras-hub vs Hugging Face transformers, on CPU.
+
+    python bench/generate_speed.py                      # everything (~15 min on 2 cores)
+    python bench/generate_speed.py --quick              # 32 new tokens, batch 1 only
+    python bench/generate_speed.py --only gk-jax,hf-eager
+    python bench/generate_speed.py --only 'gk-*' --batch-sizes 1
+
+What it does:
+  1. Once, caches a Gemma-shaped checkpoint with random weights under bench/.cache/: a Hugging
+     Face `GemmaForCausalLM` (seed 0) saved as safetensors, and the same weights written as a
+     keras-hub preset by gemma_keras' `save_to_preset`. Every implementation loads these, so
+     all of them run the identical model.
+  2. Measures this machine's memory read bandwidth (NumPy sums over a 1.5 GB array, one and
+     two threads, best of several) in a fresh process. Decoding one token reads every weight
+     once (the embedding once, as the output head), so bandwidth / (parameters x 4 bytes) is
+     an upper bound on batch-1 decode tokens/s in float32.
+  3. Runs each implementation in a fresh subprocess: load, a first `generate` call (timed:
+     the first-call latency, compilation included), a warm-up, then `--runs` timed rounds of
+     (full generate of N new tokens, prefill only). All greedy, no stop tokens, float32.
+       decode tokens/s  = batch x decode steps / (generate time - prefill time)
+       prefill tokens/s = batch x prompt length / prefill time
+     "best" uses the fastest run of each, "median" the medians. Prefill only is, per library:
+       gemma_keras   `GenerationSession(lm, prompts, P + N)` (the prefill `generate` runs,
+                     same compiled function and cache size) + argmax of the last logits;
+       keras-hub     `generate` with the padding mask covering all P + N columns (its
+                     compiled generate_step then runs the cache-seeding forward pass over
+                     P + N columns and zero loop iterations);
+       transformers  `generate(max_new_tokens=1)`.
+     Decode steps: N - 1 for gemma_keras and transformers (prefill yields the first token),
+     N for keras-hub (its loop re-feeds the last prompt token, then one step per token).
+  4. Checks that every implementation produced the same greedy tokens as transformers eager,
+     prints a markdown table and writes it to bench/results/generate_speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = REPO / "bench" / ".cache" / "generate_speed"
+DEFAULT_OUTPUT = REPO / "bench" / "results" / "generate_speed.md"
+
+# Hugging Face GemmaConfig: ~152M parameters, ~608 MB in float32. Gemma 1 style (no soft caps,
+# no sliding window); intermediate_size is one GeGLU branch (keras-hub's intermediate_dim / 2).
+MODEL = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=8, num_attention_heads=8,
+             num_key_value_heads=1, head_dim=128, intermediate_size=4096)
+SEED = 0
+
+# (case id, library, keras backend or None, label)
+CASES = [
+    ("gk-jax", "gemma_keras", "jax", "gemma_keras"),
+    ("gk-tensorflow", "gemma_keras", "tensorflow", "gemma_keras"),
+    ("gk-torch", "gemma_keras", "torch", "gemma_keras"),
+    ("kh-jax", "keras_hub", "jax", "keras-hub"),
+    ("kh-tensorflow", "keras_hub", "tensorflow", "keras-hub"),
+    ("kh-torch", "keras_hub", "torch", "keras-hub"),
+    ("hf-eager", "hf_eager", None, "transformers eager (DynamicCache, sdpa)"),
+    ("hf-static", "hf_static", None, "transformers static cache (eager)"),
+    # Off unless asked for with --only hf-compile: see HF_COMPILE_NOTE.
+    ("hf-compile", "hf_compile", None, "transformers static cache + torch.compile"),
+]
+DEFAULT_OFF = ("hf-compile",)
+HF_COMPILE_NOTE = (
+    "transformers with torch.compile (static cache, inductor, `compile_config` forced on "
+    "CPU) is not in the default run: on this 2-core CPU its first generate call took "
+    "~2 minutes and the later ones stayed ~5x slower than eager (see the report); run it with "
+    "`--only hf-compile`.")
+CASE_TIMEOUT_S = 600
+REFERENCE = "hf-eager"
+
+
+# ---- inside the worker subprocesses ------------------------------------------------------
+def _prompts(batch: int, length: int, vocab: int):
+    """Random prompts (fixed seed), each starting with <bos> (id 2); rows differ."""
+    import numpy as np
+
+    rng = np.random.default_rng(1234)
+    ids = rng.integers(3, vocab, size=(max(batch, 8), length), dtype=np.int64).astype("int32")
+    ids[:, 0] = 2
+    return ids[:batch]
+
+
+def _setup(library: str, dirs: dict, prompt_len: int, new_tokens: int):
+    """Loads the model; returns (generate(ids) -> new ids [batch, N], prefill(ids), decode
+    steps per generate, parameter count)."""
+    import numpy as np
+
+    total = prompt_len + new_tokens
+    if library.startswith("hf_"):
+        import torch
+        import transformers
+
+        torch.manual_seed(0)
+        model = transformers.GemmaForCausalLM.from_pretrained(dirs["hf"], dtype=torch.float32)
+        model.eval()
+        gen_config = model.generation_config
+        gen_config.eos_token_id = None  # never stop early: always N tokens
+        gen_config.pad_token_id = 0
+        gen_config.do_sample = False
+        extra = {}
+        if library in ("hf_static", "hf_compile"):
+            extra["cache_implementation"] = "static"
+        if library == "hf_compile":
+            compile_config = transformers.CompileConfig(fullgraph=True, dynamic=False,
+                                                        mode="default")
+            compile_config._compile_all_devices = True  # CPU is excluded by default
+            extra["compile_config"] = compile_config
+
+        def run(ids, n):
+            ids = torch.from_numpy(np.asarray(ids, dtype=np.int64))
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=n, min_new_tokens=n,
+                                     generation_config=gen_config, **extra)
+            return out[:, ids.shape[1]:].numpy()
+
+        count = sum(p.numel() for p in model.parameters())
+        return (lambda ids: run(ids, new_tokens)), (lambda ids: run(ids, 1)), \
+            new_tokens - 1, count
+
+    import keras
+
+    keras.ops.convert_to_numpy(keras.ops.zeros((1,)) + 1)  # start the backend's runtime
+    if library == "keras_hub":
+        import keras_hub
+
+        backbone = keras_hub.models.GemmaBackbone.from_preset(str(dirs["keras_hub"]),
+                                                              dtype="float32")
+        lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+        lm.compile(sampler="greedy")
+
+        def run(ids, prompt_only):
+            batch = ids.shape[0]
+            token_ids = np.zeros((batch, total), "int32")
+            token_ids[:, :prompt_len] = ids
+            mask = np.zeros((batch, total), bool)
+            mask[:, : total if prompt_only else prompt_len] = True
+            out = lm.generate({"token_ids": token_ids, "padding_mask": mask},
+                              stop_token_ids=None)
+            return np.asarray(keras.ops.convert_to_numpy(out["token_ids"]))[:, prompt_len:]
+
+        return (lambda ids: run(ids, False)), (lambda ids: run(ids, True)), new_tokens, \
+            backbone.count_params()
+
+    import gemma_keras as gk
+    from gemma_keras.generation.generate import GenerationSession
+
+    lm = gk.GemmaCausalLM.from_preset(str(dirs["hf"]), dtype="float32")
+
+    def generate(ids):
+        out = lm.generate({"token_ids": ids, "padding_mask": np.ones_like(ids)},
+                          max_new_tokens=new_tokens, stop_token_ids=None)
+        return np.asarray(out["token_ids"])[:, prompt_len:]
+
+    def prefill(ids):
+        session = GenerationSession(lm, [list(row) for row in ids], total)
+        return np.argmax(session.logits, axis=-1)
+
+    return generate, prefill, new_tokens - 1, lm.backbone.count_params()
+
+
+def _timed(fn, *args):
+    import gc
+
+    gc.collect()
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
+def worker(library: str, dirs: dict, batches, prompt_len, new_tokens, runs) -> dict:
+    start = time.perf_counter()
+    generate, prefill, steps, params = _setup(library, dirs, prompt_len, new_tokens)
+    result = {"load_s": time.perf_counter() - start, "params": int(params), "steps": steps,
+              "batches": {}}
+    for batch in batches:
+        ids = _prompts(batch, prompt_len, MODEL["vocab_size"])
+        first_s, tokens = _timed(generate, ids)  # compiles (or traces) for this batch size
+        warm_prefill_s, _ = _timed(prefill, ids)  # compiles what prefill alone needs, if any
+        _timed(generate, ids)  # warm-up
+        gen_s, pre_s = [], []
+        for _ in range(runs):
+            t, again = _timed(generate, ids)
+            gen_s.append(t)
+            pre_s.append(_timed(prefill, ids)[0])
+        result["batches"][str(batch)] = {
+            "first_s": first_s, "first_prefill_s": warm_prefill_s, "generate_s": gen_s,
+            "prefill_s": pre_s, "tokens": tokens.tolist(),
+            "deterministic": bool((again == tokens).all())}
+    return result
+
+
+def bandwidth_worker(gigabytes: float = 1.5, repeats: int = 7) -> dict:
+    """Memory read bandwidth (bytes/s): NumPy float32 sums streaming a `gigabytes` array."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    array = np.ones(int(gigabytes * 1e9) // 4, np.float32)
+    halves = np.array_split(array, 2)
+    pool = ThreadPoolExecutor(2)
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return array.nbytes / min(times)
+
+    one = best(lambda: array.sum())
+    two = best(lambda: list(pool.map(np.sum, halves)))  # np.sum releases the GIL
+    return {"one_thread": one, "two_threads": two, "bytes": array.nbytes}
+
+
+# ---- building the checkpoint (once) ------------------------------------------------------
+def _run(argv, env=None, timeout=CASE_TIMEOUT_S):
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
+                "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
+    proc = subprocess.run([sys.executable, *argv], env=full_env, capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc.stdout
+
+
+def _result_line(stdout: str) -> dict:
+    line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def make_hf(directory: pathlib.Path):
+    import torch
+    import transformers
+
+    torch.manual_seed(SEED)
+    config = transformers.GemmaConfig(
+        **MODEL, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+        pad_token_id=0)
+    model = transformers.GemmaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():  # non-trivial norm scales, so a norm mix-up would change the tokens
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    model.save_pretrained(directory)
+
+
+def make_keras_hub(hf_dir: pathlib.Path, directory: pathlib.Path):
+    import gemma_keras as gk
+
+    lm = gk.GemmaCausalLM.from_preset(str(hf_dir), dtype="float32")
+    lm.save_to_preset(str(directory))
+
+
+def ensure_checkpoints(cache: pathlib.Path, log) -> dict:
+    key = json.dumps({**MODEL, "seed": SEED}, sort_keys=True)
+    stamp = cache / "config.stamp"
+    hf_dir, kh_dir = cache / "hf", cache / "keras_hub"
+    if not (stamp.is_file() and stamp.read_text() == key and (hf_dir / "config.json").is_file()
+            and (kh_dir / "config.json").is_file()):
+        import shutil
+
+        shutil.rmtree(cache, ignore_errors=True)
+        cache.mkdir(parents=True)
+        log(f"building the checkpoint under {cache} (once) ...")
+        t = time.perf_counter()
+        _run([__file__, "--make", "hf", "--dir", str(hf_dir)])
+        _run([__file__, "--make", "keras_hub", "--dir", str(kh_dir), "--source", str(hf_dir)],
+             env={"KERAS_BACKEND": "jax"})
+        stamp.write_text(key)
+        log(f"  done in {time.perf_counter() - t:.0f} s")
+    return {"hf": str(hf_dir), "keras_hub": str(kh_dir)}
+
+
+# ---- metrics and the report --------------------------------------------------------------
+def metrics(r: dict, batch: int, prompt_len: int) -> dict:
+    b = r["batches"].get(str(batch))
+    if not b:
+        return {}
+    gen, pre = b["generate_s"], b["prefill_s"]
+    steps = r["steps"]
+    best_decode_s = min(gen) - min(pre)
+    median_decode_s = statistics.median(gen) - statistics.median(pre)
+    return {
+        "decode_best": batch * steps / best_decode_s if best_decode_s > 0 else float("nan"),
+        "decode_median": (batch * steps / median_decode_s if median_decode_s > 0
+                          else float("nan")),
+        "ms_per_step": 1e3 * best_decode_s / steps,
+        "prefill_best": batch * prompt_len / min(pre),
+        "prefill_median": batch * prompt_len / statistics.median(pre),
+        "prefill_ms": 1e3 * min(pre),
+        "first_s": b["first_s"],
+        "generate_best": min(gen),
+        "generate_median": statistics.median(gen),
+    }
+
+
+def check_tokens(rows, log) -> dict:
+    """{case: description} of greedy-token agreement with the reference."""
+    ref = next((r for r in rows if r["case"] == REFERENCE and "batches" in r), None)
+    ref = ref or next((r for r in rows if "batches" in r), None)
+    verdict = {}
+    for r in rows:
+        if "batches" not in r:
+            continue
+        parts = []
+        for batch, b in r["batches"].items():
+            want = ref["batches"].get(batch, {}).get("tokens")
+            if want is None:
+                continue
+            got = b["tokens"]
+            bad = [(i, next(j for j, (x, y) in enumerate(zip(g, w)) if x != y))
+                   for i, (g, w) in enumerate(zip(got, want)) if g != w]
+            if bad:
+                parts.append(f"B={batch}: {len(bad)}/{len(got)} rows differ (first at "
+                             + ", ".join(f"row {i} token {j}" for i, j in bad[:3]) + ")")
+                log(f"WARNING: {r['case']} greedy tokens differ from {ref['case']}: "
+                    f"{parts[-1]}")
+        if r is ref:
+            verdict[r["case"]] = "reference"
+        else:
+            verdict[r["case"]] = "; ".join(parts) if parts else "yes"
+    return verdict
+
+
+def _fmt(x, digits=1):
+    return "-" if x is None or x != x else f"{x:,.{digits}f}"
+
+
+def render(rows, bandwidth, args, args_line) -> str:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "-"
+
+    P, N = args.prompt_len, args.new_tokens
+    batches = args.batch_sizes
+    params = next((r["params"] for r in rows if "params" in r), None)
+    weight_bytes = params * 4 if params else None
+    bw = max(bandwidth["one_thread"], bandwidth["two_threads"]) if bandwidth else None
+    bound = bw / weight_bytes if bw and weight_bytes else None
+    agree = check_tokens(rows, lambda m: None)
+    big = max(batches)
+    lines = [
+        "# Generation speed: gemma_keras vs keras-hub vs transformers (CPU, float32)",
+        "",
+        (f"Model: Gemma-1-shaped, random weights (identical for every implementation), "
+         f"{params:,} parameters ({weight_bytes / 1e6:,.0f} MB in float32): vocab "
+         f"{MODEL['vocab_size']}, hidden {MODEL['hidden_size']}, "
+         f"{MODEL['num_hidden_layers']} layers, {MODEL['num_attention_heads']} query heads / "
+         f"{MODEL['num_key_value_heads']} kv head, head_dim {MODEL['head_dim']}, GeGLU "
+         f"branches {MODEL['intermediate_size']}. Greedy, no stop tokens, {P}-token prompts, "
+         f"{N} new tokens." if params else ""),
+        "",
+        (f"Memory read bandwidth: {bw / 1e9:.1f} GB/s (NumPy sum over "
+         f"{bandwidth['bytes'] / 1e9:.1f} GB, best of 7; one thread "
+         f"{bandwidth['one_thread'] / 1e9:.1f}, two threads "
+         f"{bandwidth['two_threads'] / 1e9:.1f}). Decoding a token reads every weight once, so "
+         f"batch-1 decode is bounded by {bw / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB = "
+         f"**{bound:.1f} tokens/s** ({1e3 / bound:.1f} ms/token)."
+         if bound else "Memory bandwidth: not measured."),
+        "",
+        f"Each implementation runs in a fresh process: load, first call (timed, compilation "
+        f"included), warm-up, then {args.runs} timed rounds of (generate {N} tokens, prefill "
+        "only). *Decode* = batch x decode steps / (generate - prefill), steady state; "
+        "**best** of the rounds, median in parentheses. *Prefill* = batch x prompt tokens / "
+        "prefill time. *% bound* = batch-1 decode / the bandwidth bound. *First call* = the "
+        "very first generate (batch 1) in a fresh process, compilation included.",
+        "",
+    ]
+    header = (f"| implementation | backend | B=1 decode tok/s | ms/token | % bound | "
+              f"B=1 prefill tok/s | first call (s) |")
+    sep = "|---|---|--:|--:|--:|--:|--:|"
+    if big != 1:
+        header += f" B={big} decode tok/s | B={big} prefill tok/s |"
+        sep += "--:|--:|"
+    header += " same greedy tokens |"
+    sep += "---|"
+    lines += [header, sep]
+    for r in rows:
+        name = f"{r['label']}"
+        if "error" in r:
+            lines.append(f"| {name} | {r['backend']} | failed: {r['error']} |" + " |" * 6)
+            continue
+        m1 = metrics(r, 1, P) if 1 in batches else {}
+        mb = metrics(r, big, P) if big != 1 else {}
+        row = (f"| {name} | {r['backend']} | "
+               f"**{_fmt(m1.get('decode_best'))}** ({_fmt(m1.get('decode_median'))}) | "
+               f"{_fmt(m1.get('ms_per_step'))} | "
+               f"{_fmt(100 * m1['decode_best'] / bound, 0) + '%' if bound and m1 else '-'} | "
+               f"{_fmt(m1.get('prefill_best'), 0)} ({_fmt(m1.get('prefill_median'), 0)}) | "
+               f"{_fmt(m1.get('first_s'))} |")
+        if big != 1:
+            row += (f" **{_fmt(mb.get('decode_best'))}** ({_fmt(mb.get('decode_median'))}) | "
+                    f"{_fmt(mb.get('prefill_best'), 0)} ({_fmt(mb.get('prefill_median'), 0)}) |")
+        row += f" {agree.get(r['case'], '-')} |"
+        lines.append(row)
+
+    # Ratios: gemma_keras on each backend against each peer.
+    by_case = {r["case"]: r for r in rows if "batches" in r}
+    gk_cases = [c for c in ("gk-jax", "gk-tensorflow", "gk-torch") if c in by_case]
+    if gk_cases:
+        lines += ["", "Ratios, gemma_keras / peer (higher is better; first call: peer / "
+                  "gemma_keras, so higher is better there too). Targets: >= 1.25x keras-hub "
+                  "on JAX, >= 1.5x on TensorFlow, >= 2.5x on torch, >= 1.15x transformers "
+                  "eager (batch-1 decode), >= 85% of the bandwidth bound on the best backend.",
+                  ""]
+        cols = [("B=1 decode", 1, "decode_best"), ("B=1 prefill", 1, "prefill_best")]
+        if big != 1:
+            cols.insert(1, (f"B={big} decode", big, "decode_best"))
+        cols.append(("first call", 1, "first_s"))
+        lines += ["| gemma_keras | vs | " + " | ".join(c[0] for c in cols) + " | target |",
+                  "|---|---|" + "--:|" * len(cols) + "---|"]
+        targets = {"kh-jax": 1.25, "kh-tensorflow": 1.5, "kh-torch": 2.5, "hf-eager": 1.15}
+        for g in gk_cases:
+            backend = g.split("-", 1)[1]
+            for peer in (f"kh-{backend}", "hf-eager", "hf-static", "hf-compile"):
+                if peer not in by_case:
+                    continue
+                cells = []
+                for _, batch, key in cols:
+                    mine, theirs = (metrics(by_case[g], batch, P).get(key),
+                                    metrics(by_case[peer], batch, P).get(key))
+                    if not mine or not theirs:
+                        cells.append("-")
+                    elif key == "first_s":
+                        cells.append(f"{theirs / mine:.2f}x")
+                    else:
+                        cells.append(f"{mine / theirs:.2f}x")
+                target = targets.get(peer)
+                verdict = ""
+                if target:
+                    d = (metrics(by_case[g], 1, P).get("decode_best"),
+                         metrics(by_case[peer], 1, P).get("decode_best"))
+                    verdict = (f">= {target}x: "
+                               + ("met" if d[0] and d[1] and d[0] / d[1] >= target else "**not met**"))
+                lines.append(f"| {backend} | {by_case[peer]['label']} ({by_case[peer]['backend']}) | "
+                             + " | ".join(cells) + f" | {verdict} |")
+        if bound:
+            best = max(gk_cases, key=lambda c: metrics(by_case[c], 1, P).get("decode_best", 0))
+            frac = metrics(by_case[best], 1, P)["decode_best"] / bound
+            lines += ["", f"Best gemma_keras backend at batch 1: {best.split('-', 1)[1]}, "
+                      f"{100 * frac:.0f}% of the bandwidth bound (target 85%: "
+                      f"{'met' if frac >= 0.85 else '**not met**'})."]
+    notes = [
+        "",
+        "Notes: keras-hub's prefill is its cache-seeding forward pass over all prompt + new "
+        f"columns ({P + N} here, with logits for every column), its whole generate is one "
+        "compiled function on JAX/TensorFlow (XLA while loop) and a Python loop of eager "
+        "ops on torch. transformers uses its default attention (sdpa) under "
+        "`torch.inference_mode`; *static* means `cache_implementation=\"static\"` without "
+        "compilation (transformers does not auto-compile on CPU). "
+        + (HF_COMPILE_NOTE if "hf-compile" not in by_case else ""),
+        "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024 ** 3:.0f} GiB RAM, "
+        f"Linux {platform.release()}, Python {platform.python_version()}. "
+        + ", ".join(f"{p} {version(p)}" for p in ("keras", "jax", "tensorflow", "torch",
+                                                  "keras-hub", "transformers", "numpy")) + ".",
+        f"Run {datetime.date.today().isoformat()}: `{args_line}`.",
+        "",
+    ]
+    return "\n".join(lines + notes)
+
+
+def select_cases(only):
+    if not only:
+        return [c for c in CASES if c[0] not in DEFAULT_OFF]
+    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    chosen = [c for c in CASES
+              if any(fnmatch.fnmatch(c[0], p) or c[0].startswith(p) for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"--only {only!r} matches none of {[c[0] for c in CASES]}")
+    return chosen
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", help="Comma-separated case ids or globs/prefixes: "
+                   + ", ".join(c[0] for c in CASES) + " (e.g. 'gk', 'kh-jax,hf-eager'). "
+                   "Default: all but " + ", ".join(DEFAULT_OFF) + ".")
+    p.add_argument("--quick", action="store_true",
+                   help="32 new tokens, batch 1 only, 3 runs: a smoke run (~5 min).")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=None, help="Default 128 (32 with --quick).")
+    p.add_argument("--batch-sizes", default=None,
+                   help="Comma-separated batch sizes (default '1,8'; '1' with --quick).")
+    p.add_argument("--runs", type=int, default=3, help="Timed rounds per batch size.")
+    p.add_argument("--no-bandwidth", action="store_true", help="Skip the bandwidth probe.")
+    p.add_argument("--cache-dir", type=pathlib.Path, default=DEFAULT_CACHE,
+                   help="Where the random checkpoint is built once (git-ignored).")
+    p.add_argument("--output", type=pathlib.Path, default=None,
+                   help="Markdown file (default bench/results/generate_speed.md; "
+                        "generate_speed_quick.md with --quick).")
+    p.add_argument("--json", type=pathlib.Path, default=None,
+                   help="Also save the raw per-run timings as JSON here.")
+    # Internal.
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--make", choices=("hf", "keras_hub"), help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    p.add_argument("--source", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.new_tokens is None:
+        args.new_tokens = 32 if args.quick else 128
+    args.batch_sizes = [int(b) for b in
+                        (args.batch_sizes or ("1" if args.quick else "1,8")).split(",")]
+
+    if args.make == "hf":
+        make_hf(pathlib.Path(args.dir))
+        return 0
+    if args.make == "keras_hub":
+        make_keras_hub(pathlib.Path(args.source), pathlib.Path(args.dir))
+        return 0
+    if args.bandwidth:
+        print("RESULT " + json.dumps(bandwidth_worker()), flush=True)
+        return 0
+    if args.worker:
+        dirs = json.loads(args.dir)
+        print("RESULT " + json.dumps(worker(args.worker, dirs, args.batch_sizes,
+                                            args.prompt_len, args.new_tokens, args.runs)),
+              flush=True)
+        return 0
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    total = time.perf_counter()
+    cases = select_cases(args.only)
+    dirs = ensure_checkpoints(args.cache_dir, log)
+    bandwidth = None
+    if not args.no_bandwidth:
+        log("memory bandwidth ...")
+        bandwidth = _result_line(_run([__file__, "--bandwidth"]))
+        log(f"  {max(bandwidth['one_thread'], bandwidth['two_threads']) / 1e9:.1f} GB/s")
+    rows = []
+    common = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+              "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--runs", str(args.runs)]
+    for case, library, backend, label in cases:
+        shown = backend or "torch"
+        log(f"{case}: {label} [{shown}] ...")
+        t = time.perf_counter()
+        env = {"KERAS_BACKEND": backend} if backend else {}
+        try:
+            r = _result_line(_run([__file__, "--worker", library, "--dir", json.dumps(dirs),
+                                   *common], env=env))
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            log(f"  FAILED: {str(e)[-2000:]}")
+            r = {"error": str(e).strip().splitlines()[-1][:120]}
+        r.update(case=case, label=label, backend=shown)
+        rows.append(r)
+        if "batches" in r:
+            for batch in args.batch_sizes:
+                m = metrics(r, batch, args.prompt_len)
+                log(f"  B={batch}: decode {m['decode_best']:.1f} tok/s "
+                    f"(median {m['decode_median']:.1f}), prefill {m['prefill_best']:.0f} tok/s, "
+                    f"first call {m['first_s']:.1f} s")
+        log(f"  ({time.perf_counter() - t:.0f} s)")
+    check_tokens(rows, log)
+    args_line = "python bench/generate_speed.py" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    table = render(rows, bandwidth, args, args_line)
+    print(table)
+    output = args.output or (DEFAULT_OUTPUT if not args.quick
+                             else DEFAULT_OUTPUT.with_name("generate_speed_quick.md"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(table)
+    if args.json:
+        args.json.write_text(json.dumps({"bandwidth": bandwidth, "rows": rows}, indent=1))
+    log(f"wrote {output} ({time.perf_counter() - total:.0f} s in all)")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

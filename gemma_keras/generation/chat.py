@@ -1,0 +1,118 @@
+"""Multi-turn chat in Gemma's turn format, keeping the KV cache between turns.
+
+    <bos><start_of_turn>user\\n{message}<end_of_turn>\\n<start_of_turn>model\\n{reply}<end_of_turn>\\n...
+
+Each new message is fed as one chunk after what the cache already holds, so a turn costs
+its own tokens, not the whole conversation again. Gemma has no system role; a system prompt
+is put before the first user message, as Google's instruct models expect.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+
+from gemma_keras.generation.generate import (GenerationSession, cache_bucket,
+                                             resolve_stop_ids)
+from gemma_keras.generation.samplers import get_sampler
+
+
+def format_turn(role: str, text: str) -> str:
+    """One turn, opened and closed; `format_turn("model", "")` opens the model's turn."""
+    if role not in ("user", "model"):
+        raise ValueError(f"role must be 'user' or 'model', got {role!r}.")
+    return f"<start_of_turn>{role}\n{text}"
+
+
+def format_chat(messages: List[Tuple[str, str]], add_generation_prompt: bool = True) -> str:
+    """A conversation [(role, text), ...] as Gemma's prompt text (without <bos>)."""
+    text = "".join(format_turn(role, t) + "<end_of_turn>\n" for role, t in messages)
+    return text + (format_turn("model", "") if add_generation_prompt else "")
+
+
+class ChatSession:
+    """`chat = lm.chat(); chat.send("Hi")` returns the model's reply; the conversation and its
+    cache carry over to the next `send`. `history` holds (role, text) pairs."""
+
+    def __init__(self, lm, system: Optional[str] = None):
+        tokenizer = lm.tokenizer
+        if tokenizer is None or tokenizer.end_of_turn_id is None:
+            raise ValueError("chat() needs a tokenizer with Gemma's <start_of_turn> and "
+                             "<end_of_turn> pieces.")
+        self.lm, self.system = lm, system
+        self.history: List[Tuple[str, str]] = []
+        self._session: Optional[GenerationSession] = None
+        self._tokens: List[int] = []  # everything the conversation holds, cached or not
+        self._pending: List[int] = []  # sampled but not yet fed to the cache
+        self.last_reply_ids: List[int] = []
+
+    def reset(self):
+        self.history, self._session, self._tokens, self._pending = [], None, [], []
+
+    def _turn_tokens(self, message: str) -> List[int]:
+        tokenizer = self.lm.tokenizer
+        if not self.history:
+            if self.system:
+                message = f"{self.system}\n\n{message}"
+            return tokenizer.tokenize(format_chat([("user", message)]), add_bos=True)
+        # Close the model's last turn (its <end_of_turn> was sampled but never fed), then ask.
+        closing = [] if self._pending[-1:] == [tokenizer.end_of_turn_id] else \
+            [tokenizer.end_of_turn_id]
+        return self._pending + closing + tokenizer.tokenize("\n" + format_chat([("user", message)]))
+
+    def _prepare(self, message: str, max_new_tokens: int):
+        chunk = self._turn_tokens(message)
+        self._tokens += chunk[len(self._pending):] if self.history else chunk
+        needed = len(self._tokens) + max_new_tokens
+        limit = self.lm.backbone.config.max_sequence_length
+        if needed > limit:
+            raise ValueError(f"The conversation would need {needed} tokens, more than the "
+                             f"model's context of {limit}; call reset() to start over.")
+        session = self._session
+        # A new session (one prefill of the whole conversation) only when the cache is full:
+        # its capacity doubles, so this happens O(log length) times per conversation.
+        if session is None or session.column + max(len(chunk), 16) * 2 + max_new_tokens \
+                > session.capacity:
+            capacity = cache_bucket(max(2 * needed, 256), limit)
+            self._session = GenerationSession(self.lm, [self._tokens], capacity)
+        else:
+            session.rows[0].generated = []
+            session.rows[0].done = False
+            session.extend([chunk])
+        self._pending = []
+
+    def send(self, message: str, max_new_tokens: int = 256, sampler="greedy", seed=None,
+             stream: bool = False) -> Union[str, Iterator[str]]:
+        """Adds a user message and returns the reply (or, with stream=True, an iterator of
+        its pieces; the reply joins the history when the iterator is exhausted)."""
+        self._prepare(message, max_new_tokens)
+        self.history.append(("user", message))
+        sampler = get_sampler(sampler)
+        rng = np.random.default_rng(seed)
+        stop_ids = resolve_stop_ids(self.lm, "auto") | {self.lm.tokenizer.end_of_turn_id}
+        pieces = self._decode(max_new_tokens, sampler, rng, stop_ids)
+        if stream:
+            return pieces
+        return "".join(pieces)
+
+    def _decode(self, max_new_tokens, sampler, rng, stop_ids):
+        from gemma_keras.generation.generate import stream_session
+
+        session = self._session
+        reply = []
+        for piece in stream_session(self.lm, session, max_new_tokens, sampler, rng, stop_ids,
+                                    None):
+            reply.append(piece)
+            yield piece
+        generated = session.rows[0].generated
+        # The last sampled token is not in the cache yet; the next turn feeds it.
+        self._pending = generated[-1:]
+        self._tokens += generated
+        self.last_reply_ids = list(generated)
+        self.history.append(("model", "".join(reply)))
+
+    @property
+    def token_ids(self) -> List[int]:
+        """The whole conversation as token ids, the last reply included."""
+        return list(self._tokens)
