@@ -1,0 +1,572 @@
+"""Where one gemma_keras decode step spends its time, per Keras backend (CPU).
+
+    python bench/decode_profile.py                          # jax, tensorflow, torch; batch 1
+    python bench/decode_profile.py --backend torch --py-spy # + py-spy sampling of the loop
+    python bench/decode_profile.py --batch 8
+
+Uses the model and checkpoint of bench/generate_speed.py (built there once, under
+bench/.cache/generate_speed). Each backend runs in a fresh subprocess that:
+  1. prefills a session (`GenerationSession`, 32-token prompt, 160 columns, as `generate`
+     does for 128 new tokens), then times, per decode step (median and min over --steps):
+       loop       `session.decode(...)`: what `generate` does per token (sample, bookkeeping,
+                  step);
+       step       `session.step(tokens)`: host input arrays, compiled call, logits to NumPy;
+       compiled   the compiled step function alone (`CompiledSteps`), waited for;
+       to_numpy   `keras.ops.convert_to_numpy(logits)` + `np.asarray(float32)`;
+       argmax     the greedy sampler on [batch, vocab] host logits;
+  2. backend extras: JAX: the jitted function called with the weights list fetched once, and
+     the AOT-compiled executable alone (how much is jit dispatch / `v.value` gathering), plus
+     the optimized HLO's copies/transposes and XLA's own bytes-accessed estimate.
+     TensorFlow: the tf.function's tracing count, its concrete function called directly, and
+     the optimized HLO. torch: `torch.profiler` operator table (ops per step, self time) and,
+     with --py-spy, a py-spy profile of the step loop grouped by source.
+  3. floors: the same backend reading the same 609 MB of weights as matrix-vector products
+     in one compiled/eager function, both orientations (x @ W[in, out] and W[out, in] @ x).
+Writes bench/results/decode_profile.md (or _b{batch}.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import generate_speed as gs  # noqa: E402  (the model, checkpoint and prompts)
+
+BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def _stats(times):
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+            "n": len(times)}
+
+
+def _per_call(fn, n, warm=3):
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return _stats(times)
+
+
+def hlo_summary(text: str) -> dict:
+    """Weight-sized data movement in an optimized HLO module: `copy` instructions (after
+    layout assignment a physical transpose is a copy) of at least 1 MB, anywhere, fusion
+    bodies included (activations of a decode step are KBs), with the largest ones, and the
+    number of dots / fusions / while loops."""
+    moves = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:ROOT\s+)?%?[\w.\-]+ = (\w+)\[([\d,]*)\]\{[\d,]*\} copy\(", line)
+        if not m:
+            continue
+        dtype, shape = m.groups()
+        n = 1
+        for dim in (int(x) for x in shape.split(",") if x):
+            n *= dim
+        size = n * (2 if dtype in ("bf16", "f16") else 4)
+        if size >= 1 << 20:
+            moves.append((size, f"{dtype}[{shape}]"))
+    moves.sort(reverse=True)
+    shapes = collections.Counter(shape for _, shape in moves)
+    return {"weight_sized_copies": len(moves),
+            "copied_MB_per_call": round(sum(m[0] for m in moves) / 1e6, 1),
+            "copies_by_shape": dict(shapes.most_common(6)),
+            "dots": len(re.findall(r" dot\(", text)),
+            "fusions": len(re.findall(r" fusion\(", text)),
+            "while_loops": len(re.findall(r" while\(", text))}
+
+
+# ---- the worker ---------------------------------------------------------------------------
+def worker(backend: str, hf_dir: str, batch: int, steps: int, use_py_spy: bool) -> dict:
+    import keras
+    import numpy as np
+
+    import gemma_keras as gk
+    from gemma_keras.generation.generate import GenerationSession
+    from gemma_keras.generation.samplers import GreedySampler
+
+    P, N = 32, 128
+    lm = gk.GemmaCausalLM.from_preset(hf_dir, dtype="float32")
+    ids = gs._prompts(batch, P, gs.MODEL["vocab_size"])
+    rows = [list(r) for r in ids]
+    sampler, rng = GreedySampler(), np.random.default_rng(0)
+    out = {"backend": backend, "batch": batch}
+
+    def new_session():
+        return GenerationSession(lm, rows, P + N)
+
+    # Compile everything once.
+    s = new_session()
+    s.decode(4, sampler, rng, set())
+
+    # loop: session.decode, as generate runs it (one more select than steps).
+    per_loop = []
+    for _ in range(3):
+        s = new_session()
+        t = time.perf_counter()
+        s.decode(steps + 1, sampler, rng, set())
+        per_loop.append((time.perf_counter() - t) / steps)
+    out["loop"] = _stats(per_loop)
+
+    # step: session.step alone.
+    s = new_session()
+    tokens = sampler.select(s.logits, rng)
+    out["step"] = _per_call(lambda: s.step(tokens), steps)
+
+    # compiled: the compiled step alone, on prepared host inputs, waited for.
+    s = new_session()
+    compiled = s.steps
+    step_ids = np.asarray(tokens, "int32").reshape(batch, 1)
+    positions = np.full((batch, 1), P, "int32")
+    start = np.asarray(s.column, "int32")
+    state = {"cache": s.cache, "logits": None}
+    if backend == "jax":
+        import jax
+
+        def wait(x):
+            return jax.block_until_ready(x)
+    else:
+        def wait(x):
+            return x
+
+    def call_compiled():
+        logits, state["cache"] = compiled("decode", step_ids, positions, state["cache"], start)
+        state["logits"] = wait(logits)
+    out["compiled"] = _per_call(call_compiled, steps)
+    logits = state["logits"]
+    out["to_numpy"] = _per_call(
+        lambda: np.asarray(keras.ops.convert_to_numpy(logits), "float32"), steps)
+    host_logits = np.asarray(keras.ops.convert_to_numpy(logits), "float32")
+    out["argmax"] = _per_call(lambda: sampler.select(host_logits, rng), steps)
+
+    weights = [v for v in lm.backbone.weights]
+    out["weight_bytes"] = int(sum(int(np.prod(v.shape)) * 4 for v in weights))
+    out["n_variables"] = len(lm.variables)
+
+    if backend == "jax":
+        out.update(_jax_extras(lm, compiled, step_ids, positions, state, start, steps))
+    elif backend == "tensorflow":
+        out.update(_tf_extras(compiled, step_ids, positions, state, start, steps))
+    else:
+        out.update(_torch_extras(s, tokens, steps, use_py_spy))
+    out["floors"] = _floors(backend, lm, batch)
+    out["variants"] = _projection_variants(backend, lm, batch)
+    return out
+
+
+def _projection_variants(backend, lm, batch):
+    """ms for parts of one decode step over all 8 layers, and for the query / output
+    projections and the tied head written as gemma_keras writes them (keras-hub kernel layouts
+    through EinsumDense / ReversibleEmbedding) or in equivalent forms whose contraction order
+    matches the kernel's memory layout. Compiled like the decode step (jax.jit over the
+    variables / tf.function(jit_compile) / torch eager): weights stay inputs, never constants
+    (XLA would fold a constant's transpose away at compile time)."""
+    import numpy as np
+    from keras import ops
+
+    from gemma_keras.generation.compile import compile_step
+
+    blocks = lm.backbone.transformer_layers
+    attn = [blk.attention for blk in blocks]
+    n, d, h = attn[0].query.kernel.shape
+    # Kernels stored [hidden, heads, head_dim]: passed as arguments (a layout gemma_keras
+    # could keep instead of keras-hub's [heads, hidden, head_dim]).
+    q_dnh = [ops.convert_to_tensor(np.ascontiguousarray(np.transpose(
+        np.asarray(ops.convert_to_numpy(a.query.kernel)), (1, 0, 2)))) for a in attn]
+    # All four projections stored as 2-D matrices: q/k/v [hidden, heads * head_dim],
+    # o [heads * head_dim, hidden], i.e. the FFN's "btd,df->btf" form.
+    def as_2d(kernel, transpose):
+        array = np.asarray(ops.convert_to_numpy(kernel))
+        if transpose:  # [heads, hidden, head_dim] -> [hidden, heads * head_dim]
+            array = np.transpose(array, (1, 0, 2)).reshape(array.shape[1], -1)
+        else:          # [heads, head_dim, hidden] -> [heads * head_dim, hidden]
+            array = array.reshape(-1, array.shape[-1])
+        return ops.convert_to_tensor(np.ascontiguousarray(array))
+    qkvo_2d = [[as_2d(at.query.kernel, True), as_2d(at.key.kernel, True),
+                as_2d(at.value.kernel, True), as_2d(at.attention_output.kernel, False)]
+               for at in attn]
+
+    def qkvo_2d_fn(x, kernels):
+        out = []
+        for wq, wk, wv, wo in kernels:
+            q = ops.reshape(ops.matmul(x, wq), (batch, 1, n, h))
+            k = ops.matmul(x, wk)
+            v = ops.matmul(x, wv)
+            out.append((q, k, v, ops.matmul(ops.reshape(q, (batch, 1, n * h)), wo)))
+        return out
+
+    x = ops.ones((batch, 1, d))
+    a4 = ops.ones((batch, 1, n, h))
+    emb = lm.backbone.token_embedding
+    cases = {
+        "8 x GeGLU feed-forward (as now)": (lambda x, _: [b.ffw(x) for b in blocks], (x, [])),
+        "8 x q,k,v,o projections (as now)": (
+            lambda x, a4: [(at.query(x), at.key(x), at.value(x), at.attention_output(a4))
+                           for at in attn], (x, a4)),
+        "8 x q,k,v,o with 2-D kernels (passed as inputs)": (qkvo_2d_fn, (x, qkvo_2d)),
+        "q: EinsumDense btd,ndh->btnh (as now)": (lambda x, _: [at.query(x) for at in attn],
+                                                  (x, [])),
+        "q: batched matmul over heads (same kernel)": (
+            lambda x, _: [ops.transpose(ops.matmul(
+                ops.broadcast_to(ops.reshape(x, (1, -1, d)), (n, batch, d)), at.query.kernel),
+                (1, 0, 2)) for at in attn], (x, [])),
+        "q: einsum btd,dnh->btnh (kernel stored [hidden, heads, head_dim])": (
+            lambda x, ks: [ops.einsum("btd,dnh->btnh", x, k) for k in ks], (x, q_dnh)),
+        "o: EinsumDense btnh,nhd->btd (as now)": (
+            lambda a4, _: [at.attention_output(a4) for at in attn], (a4, [])),
+        "o: matmul [b,t,n*h] @ [n*h,d] (same kernel, reshaped)": (
+            lambda a4, _: [ops.matmul(ops.reshape(a4, (batch, 1, n * h)),
+                                      ops.reshape(at.attention_output.kernel, (n * h, d)))
+                           for at in attn], (a4, [])),
+        "head: ReversibleEmbedding matmul(x, transpose(E)) (as now)": (
+            lambda x, _: emb(x, reverse=True), (x, [])),
+        "head: einsum btd,vd->btv": (lambda x, _: ops.einsum("btd,vd->btv", x, emb.embeddings),
+                                     (x, [])),
+    }
+    res = {}
+    for label, (fn, args) in cases.items():
+        step = compile_step(lm, fn)
+        if backend == "jax":
+            import jax
+
+            call = lambda: jax.block_until_ready(step(*args))  # noqa: E731
+        else:
+            call = lambda: step(*args)  # noqa: E731
+        res[label] = _per_call(call, 12)
+    return res
+
+
+def _jax_extras(lm, compiled, ids, positions, state, start, steps):
+    import jax
+
+    variables = list(lm.variables)
+    values = [v.value for v in variables]
+    fn = compiled._step_fn("decode")
+
+    def pure(values, *args):
+        with keras_stateless(variables, values):
+            return fn(*args)
+
+    jitted = jax.jit(pure)
+    cache = state["cache"]
+    res = {}
+    res["gather_values"] = _per_call(lambda: [v.value for v in variables], steps)
+
+    def call_jitted():
+        logits, _ = jitted(values, ids, positions, cache, start)
+        jax.block_until_ready(logits)
+    res["jitted_prefetched_values"] = _per_call(call_jitted, steps)
+    exe = jitted.lower(values, ids, positions, cache, start).compile()
+
+    def call_exe():
+        logits, _ = exe(values, ids, positions, cache, start)
+        jax.block_until_ready(logits)
+    res["aot_executable"] = _per_call(call_exe, steps)
+    # Device-resident inputs: no host->device conversion of ids / positions / start.
+    dev = [jax.device_put(x) for x in (ids, positions, start)]
+
+    def call_exe_dev():
+        logits, _ = exe(values, dev[0], dev[1], cache, dev[2])
+        jax.block_until_ready(logits)
+    res["aot_executable_device_inputs"] = _per_call(call_exe_dev, steps)
+    text = exe.as_text()
+    res["hlo"] = hlo_summary(text)
+    try:
+        cost = exe.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        res["xla_bytes_accessed"] = float(cost.get("bytes accessed", float("nan")))
+        res["xla_flops"] = float(cost.get("flops", float("nan")))
+    except Exception as e:  # cost analysis is best-effort
+        res["xla_cost_error"] = repr(e)[:200]
+    (HERE / ".cache" / "decode_profile").mkdir(parents=True, exist_ok=True)
+    (HERE / ".cache" / "decode_profile" / "jax_decode_step.hlo.txt").write_text(text)
+    return res
+
+
+def keras_stateless(variables, values):
+    import keras
+
+    return keras.StatelessScope(state_mapping=list(zip(variables, values)))
+
+
+def _tf_extras(compiled, ids, positions, state, start, steps):
+    import tensorflow as tf
+
+    fn = compiled._steps["decode"]
+    res = {"tracing_count": int(fn.experimental_get_tracing_count())}
+    cache = state["cache"]
+    t_ids, t_pos, t_start = (tf.constant(x) for x in (ids, positions, start))
+    res["tf_function_tensor_inputs"] = _per_call(lambda: fn(t_ids, t_pos, cache, t_start), steps)
+    concrete = fn.get_concrete_function(t_ids, t_pos, cache, t_start)
+    res["concrete_function"] = _per_call(lambda: concrete(t_ids, t_pos, cache, t_start), steps)
+    res["tracing_count_after"] = int(fn.experimental_get_tracing_count())
+    try:
+        text = fn.experimental_get_compiler_ir(t_ids, t_pos, cache, t_start)(
+            stage="optimized_hlo")
+        res["hlo"] = hlo_summary(text)
+        (HERE / ".cache" / "decode_profile").mkdir(parents=True, exist_ok=True)
+        (HERE / ".cache" / "decode_profile" / "tf_decode_step.hlo.txt").write_text(text)
+    except Exception as e:
+        res["hlo_error"] = repr(e)[:300]
+    return res
+
+
+def _torch_extras(session, tokens, steps, use_py_spy):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    res = {"torch_threads": torch.get_num_threads()}
+    n = 16
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            session.step(tokens)
+    table = []
+    events = prof.key_averages()
+    total_self = sum(e.self_cpu_time_total for e in events)
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:14]:
+        table.append((e.key, e.count / n, e.self_cpu_time_total / n / 1e3))
+    res["torch_ops_per_step"] = sum(e.count for e in events if e.key.startswith("aten::")) / n
+    res["torch_self_ms_per_step"] = total_self / n / 1e3
+    res["torch_top_ops"] = table
+    # Same steps without the profiler, to compare wall time against op time.
+    t = time.perf_counter()
+    for _ in range(n):
+        session.step(tokens)
+    res["torch_wall_ms_per_step"] = (time.perf_counter() - t) / n * 1e3
+    if use_py_spy:
+        res["py_spy"] = _py_spy(session, tokens, steps)
+    return res
+
+
+def _py_spy(session, tokens, steps):
+    """Samples this process with py-spy while it runs decode steps; groups by source."""
+    import shutil
+
+    exe = shutil.which("py-spy") or str(pathlib.Path(sys.executable).parent / "py-spy")
+    raw = HERE / ".cache" / "decode_profile" / "torch_py_spy.txt"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--rate", "250",
+                             "--format", "raw", "--output", str(raw),
+                             "--native"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(2.0)  # let it attach
+    t = time.perf_counter()
+    while time.perf_counter() - t < 12:
+        session.step(tokens)
+    proc.send_signal(2)
+    proc.wait(timeout=60)
+    return summarise_py_spy(raw.read_text())
+
+
+def summarise_py_spy(text: str) -> dict:
+    """Shares of samples: by the innermost Python frame's package (self time) and inclusive
+    shares of a few functions of interest."""
+    self_by = collections.Counter()
+    incl = collections.Counter()
+    total = 0
+    marks = {
+        "keras Layer.__call__": "__call__ (keras/src/layers/layer.py",
+        "keras Operation.__call__": "__call__ (keras/src/ops/operation.py",
+        "keras ops dispatch (keras/src/ops/*)": "keras/src/ops/",
+        "keras torch backend (keras/src/backend/torch/*)": "keras/src/backend/torch/",
+        "keras convert_to_tensor": "convert_to_tensor (keras/src/backend/torch/core.py",
+        "EinsumDense.call": "call (keras/src/layers/core/einsum_dense.py",
+        "gemma_keras attention": "gemma_keras/layers/attention.py",
+        "gemma_keras rotary": "gemma_keras/layers/rotary.py",
+        "gemma_keras rms_norm": "gemma_keras/layers/rms_norm.py",
+        "gemma_keras cache.write": "write (gemma_keras/generation/cache.py",
+        "torch.einsum": "einsum (torch/functional.py",
+        "native aten/mkl (any native frame)": "libtorch",
+    }
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        count = int(count)
+        total += count
+        frames = stack.split(";")
+        py = [f for f in frames if ".py:" in f]
+        leaf_native = frames[-1] if frames else ""
+        if ".py:" not in leaf_native and ("libtorch" in leaf_native or "mkl" in leaf_native
+                                          or "dnnl" in leaf_native or "omp" in leaf_native):
+            self_by["native: torch/MKL kernels (leaf in libtorch/mkl/omp)"] += count
+        elif py:
+            m = re.search(r"\((.*?):\d+\)", py[-1])
+            path = m.group(1) if m else py[-1]
+            key = path.split("site-packages/")[-1]
+            key = "/".join(key.split("/")[:3])
+            self_by[key] += count
+        else:
+            self_by["native: other"] += count
+        for label, needle in marks.items():
+            if any(needle in f for f in frames):
+                incl[label] += count
+    return {"samples": total,
+            "self_share": [(k, round(100 * v / total, 1)) for k, v in self_by.most_common(14)],
+            "inclusive_share": [(k, round(100 * incl[k] / total, 1)) for k in marks]}
+
+
+def _floors(backend, lm, batch):
+    """ms to read every weight once as matrix-vector products, in both orientations."""
+    import numpy as np
+
+    import keras
+
+    mats = [np.asarray(keras.ops.convert_to_numpy(v), "float32")
+            for v in lm.backbone.weights if len(v.shape) >= 2]  # every kernel has a 1024 axis
+    # xW: x[batch, 1024] @ W[1024, cols] (keras' [in, out] kernels);
+    # Wx: W[rows, 1024] . x (torch Linear / the tied head's [vocab, hidden] layout).
+    xw = [m.reshape(1024, -1) for m in mats]
+    wx = [m.reshape(-1, 1024) for m in mats]
+    res = {}
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        x = jnp.ones((batch, 1024), jnp.float32)
+        dxw, dwx = [jnp.asarray(m) for m in xw], [jnp.asarray(m) for m in wx]
+        f1 = jax.jit(lambda ms, x: [x @ m for m in ms])
+        f2 = jax.jit(lambda ms, x: [x @ m.T for m in ms])
+        res["xW"] = _per_call(lambda: jax.block_until_ready(f1(dxw, x)), 10)
+        res["Wx"] = _per_call(lambda: jax.block_until_ready(f2(dwx, x)), 10)
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        x = tf.ones((batch, 1024))
+        dxw, dwx = [tf.constant(m) for m in xw], [tf.constant(m) for m in wx]
+        f1 = tf.function(lambda ms, x: [tf.matmul(x, m) for m in ms], jit_compile=True)
+        f2 = tf.function(lambda ms, x: [tf.matmul(x, m, transpose_b=True) for m in ms],
+                         jit_compile=True)
+        res["xW"] = _per_call(lambda: f1(dxw, x), 10)
+        res["Wx"] = _per_call(lambda: f2(dwx, x), 10)
+    else:
+        import torch
+
+        x = torch.ones((batch, 1024))
+        dxw, dwx = [torch.from_numpy(m) for m in xw], [torch.from_numpy(m) for m in wx]
+        with torch.inference_mode():
+            res["xW"] = _per_call(lambda: [x @ m for m in dxw], 10)
+            res["Wx"] = _per_call(lambda: [torch.nn.functional.linear(x, m) for m in dwx], 10)
+            res["xW_einsum"] = _per_call(lambda: [torch.einsum("bd,df->bf", x, m) for m in dxw],
+                                         10)
+    return res
+
+
+# ---- the driver --------------------------------------------------------------------------
+def render(results, batch, bound_ms) -> str:
+    L = [f"# gemma_keras decode step profile (batch {batch}, f32, CPU)", ""]
+    if bound_ms:
+        L += [f"Bandwidth bound for one step: {bound_ms:.1f} ms (weights / measured read "
+              "bandwidth).", ""]
+    L += ["Per decode step, ms: median (min).", "",
+          "| component | " + " | ".join(r["backend"] for r in results) + " |",
+          "|---|" + "--:|" * len(results)]
+
+    def cell(r, key):
+        v = r
+        for k in key.split("."):
+            v = v.get(k) if isinstance(v, dict) else None
+        return f"{v['median_ms']:.2f} ({v['min_ms']:.2f})" if v else "-"
+    for key, label in [
+            ("loop", "generate loop per token (`session.decode`)"),
+            ("step", "`session.step`"), ("compiled", "compiled step alone"),
+            ("to_numpy", "logits -> NumPy"), ("argmax", "greedy sampler (argmax)"),
+            ("gather_values", "JAX: `[v.value for v in variables]`"),
+            ("jitted_prefetched_values", "JAX: jitted fn, weights list prefetched"),
+            ("aot_executable", "JAX: AOT executable alone"),
+            ("aot_executable_device_inputs", "JAX: AOT executable, device inputs"),
+            ("tf_function_tensor_inputs", "TF: tf.function, tensor inputs"),
+            ("concrete_function", "TF: concrete function direct"),
+            ("floors.xW", "floor: all weights as x @ W[in,out]"),
+            ("floors.Wx", "floor: all weights as W[out,in] . x"),
+            ("floors.xW_einsum", "floor: all weights as einsum x,W[in,out]")]:
+        if any(cell(r, key) != "-" for r in results):
+            L.append(f"| {label} | " + " | ".join(cell(r, key) for r in results) + " |")
+    labels = list(results[0].get("variants", {})) if results else []
+    if labels:
+        L += ["", "Projections of all 8 layers and the tied head alone, ms: median (min). Same "
+              "weights, same math; only the contraction order / kernel layout differs.", "",
+              "| computation | " + " | ".join(r["backend"] for r in results) + " |",
+              "|---|" + "--:|" * len(results)]
+        for label in labels:
+            cells = [r["variants"].get(label) for r in results]
+            L.append(f"| {label} | " + " | ".join(
+                f"{v['median_ms']:.2f} ({v['min_ms']:.2f})" if v else "-" for v in cells) + " |")
+    for r in results:
+        L += ["", f"## {r['backend']}", ""]
+        for k in ("hlo", "xla_bytes_accessed", "xla_flops", "tracing_count",
+                  "tracing_count_after", "torch_threads", "torch_ops_per_step",
+                  "torch_self_ms_per_step", "torch_wall_ms_per_step", "hlo_error",
+                  "xla_cost_error"):
+            if k in r:
+                L.append(f"- {k}: {json.dumps(r[k])}")
+        if "torch_top_ops" in r:
+            L += ["", "| op | calls/step | self ms/step |", "|---|--:|--:|"]
+            L += [f"| {k} | {c:.0f} | {t:.2f} |" for k, c, t in r["torch_top_ops"]]
+        if "py_spy" in r:
+            ps = r["py_spy"]
+            L += ["", f"py-spy ({ps['samples']} samples), self time by innermost Python "
+                  "frame's file (native leaf frames separated):", ""]
+            L += [f"- {k}: {v}%" for k, v in ps["self_share"]]
+            L += ["", "inclusive shares:", ""]
+            L += [f"- {k}: {v}%" for k, v in ps["inclusive_share"]]
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=BACKENDS + ("all",), default="all")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=48, help="Decode steps timed per component.")
+    p.add_argument("--py-spy", action="store_true", help="py-spy the torch step loop.")
+    p.add_argument("--bandwidth", type=float, default=None,
+                   help="GB/s for the bound line (default: measure it).")
+    p.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.dir, args.batch, args.steps,
+                                            args.py_spy)), flush=True)
+        return 0
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    dirs = gs.ensure_checkpoints(gs.DEFAULT_CACHE, log)
+    bw = args.bandwidth * 1e9 if args.bandwidth else None
+    if bw is None:
+        b = gs._result_line(gs._run([gs.__file__, "--bandwidth"]))
+        bw = max(b["one_thread"], b["two_threads"])
+    results = []
+    for backend in (BACKENDS if args.backend == "all" else (args.backend,)):
+        log(f"{backend} ...")
+        argv_ = [__file__, "--worker", backend, "--dir", dirs["hf"], "--batch", str(args.batch),
+                 "--steps", str(args.steps)] + (["--py-spy"] if args.py_spy else [])
+        r = gs._result_line(gs._run(argv_, env={"KERAS_BACKEND": backend}))
+        results.append(r)
+        log(f"  step {r['step']['median_ms']:.1f} ms, compiled {r['compiled']['median_ms']:.1f} ms")
+    bound_ms = 1e3 * results[0]["weight_bytes"] / bw if results else None
+    text = render(results, args.batch, bound_ms)
+    print(text)
+    out = HERE / "results" / ("decode_profile.md" if args.batch == 1
+                              else f"decode_profile_b{args.batch}.md")
+    out.write_text(text)
+    (HERE / ".cache" / "decode_profile").mkdir(parents=True, exist_ok=True)
+    (HERE / ".cache" / "decode_profile" / f"raw_b{args.batch}.json").write_text(
+        json.dumps(results, indent=1))
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
