@@ -8,6 +8,7 @@ from gemma_keras.generation.cache import layer_kind, write
 from gemma_keras.layers.attention import attention_mask
 from gemma_keras.layers.decoder_block import GemmaDecoderBlock
 from gemma_keras.layers.rms_norm import GemmaRMSNorm
+from gemma_keras.layers.rotary import rope_tables
 
 
 class GemmaBackbone(keras.Model):
@@ -100,13 +101,14 @@ class GemmaBackbone(keras.Model):
         local_mask = (attention_mask(positions, key_positions.get("local", key_positions["global"]),
                                      self.config.sliding_window_size)
                       if self.config.use_sliding_window_attention else global_mask)
+        rope = rope_tables(positions, self.config.head_dim, self.config.rope_max_wavelength)
         x = self.embed(token_ids)
         for i, block in enumerate(self.transformer_layers):
             layer_cache = None
             if cache is not None:
                 kind = layer_kind(self.config, i)
                 layer_cache = cache[kind]["kv"][len(new_cache[kind]["kv"])]
-            x, layer_cache = block(x, positions, global_mask, local_mask, cache=layer_cache,
+            x, layer_cache = block(x, rope, global_mask, local_mask, cache=layer_cache,
                                    start=start, mode=mode, training=training)
             if cache is not None:
                 new_cache[kind]["kv"].append(layer_cache)

@@ -46,13 +46,13 @@ def test_embedding_normaliser_is_rounded_to_the_compute_dtype():
 
 def test_rope_positions_stay_exact_in_bfloat16():
     """Position 8190 in bf16 would be 8192; angles must come from float32 positions."""
-    from gemma_keras.layers import apply_rotary_embedding
+    from gemma_keras.layers import apply_rotary_embedding, rope_tables
 
     rng = np.random.RandomState(0)
     x = rng.normal(size=(1, 1, 1, 16)).astype("float32")
     positions = np.array([[8190]], "int32")
     out = keras.ops.convert_to_numpy(keras.ops.cast(apply_rotary_embedding(
-        keras.ops.cast(x, "bfloat16"), positions), "float32"))
+        keras.ops.cast(x, "bfloat16"), rope_tables(positions, 16)), "float32"))
     x_bf = keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.cast(x, "bfloat16"), "float32"))
     inv = 1.0 / 10000.0 ** (np.arange(8) * 2 / 16)
     angle = 8190.0 * inv

@@ -147,14 +147,13 @@ def _safetensors_files(directory: pathlib.Path):
 
 
 class _SafetensorsEntry:
-    """One tensor of a safetensors file, optionally reshaped/transposed to keras layout."""
+    """One tensor of a safetensors file; `transpose` turns an HF Linear weight [out, in] into
+    a keras kernel [in, out]."""
 
-    def __init__(self, file, raw_dtype, raw_shape, start, end, reshape=None, axes=None):
+    def __init__(self, file, raw_dtype, raw_shape, start, end, transpose=False):
         self.file, self.raw_dtype, self.raw_shape = file, np.dtype(_DTYPES[raw_dtype]), raw_shape
-        self.start, self.end, self.reshape, self.axes = start, end, reshape, axes
-        fits = reshape is None or int(np.prod(reshape)) == int(np.prod(raw_shape))
-        self.shape = (tuple(reshape[a] for a in axes) if reshape is not None and fits
-                      else tuple(raw_shape))
+        self.start, self.end, self.transpose = start, end, transpose
+        self.shape = tuple(reversed(raw_shape)) if transpose else tuple(raw_shape)
 
     def read(self, dtype):
         raw = np.empty(self.raw_shape, dtype)
@@ -174,9 +173,7 @@ class _SafetensorsEntry:
                     return np.frombuffer(data, self.raw_dtype).reshape((b - a,) + self.raw_shape[1:])
 
                 read_chunked(raw, rows, self.raw_shape[0])
-        if self.reshape is None:
-            return raw
-        return raw.reshape(self.reshape).transpose(self.axes)
+        return raw.T if self.transpose else raw
 
 
 def reader(directory: pathlib.Path, config: GemmaConfig, model_type: str) -> Reader:
@@ -189,13 +186,8 @@ def reader(directory: pathlib.Path, config: GemmaConfig, model_type: str) -> Rea
     tensors.pop("lm_head.weight", None)
     _check_projection_shapes(tensors, config, directory)
 
-    n, k, h, d = (config.num_query_heads, config.num_key_value_heads, config.head_dim,
-                  config.hidden_dim)
-    # HF Linear weights are [out, in]; keras kernels are [in, out], split into heads:
-    # (intermediate shape, axes) per projection.
-    q = ((n, h, d), (0, 2, 1))   # -> [heads, hidden, head_dim]
-    kv = ((k, h, d), (0, 2, 1))  # -> [kv_heads, hidden, head_dim]
-    o = ((d, n, h), (1, 2, 0))   # -> [heads, head_dim, hidden]
+    # HF Linear weights are [out, in]; our kernels are [in, out] with the attention heads
+    # flattened the same way, so every projection is a plain transpose.
     # Gemma 1's "post_attention_layernorm" is the pre-FFN norm; Gemma 2 has a true one.
     if model_type == "gemma":
         norms = {"input_layernorm": "pre_attention_norm",
@@ -205,33 +197,29 @@ def reader(directory: pathlib.Path, config: GemmaConfig, model_type: str) -> Rea
                  "post_attention_layernorm": "post_attention_norm",
                  "pre_feedforward_layernorm": "pre_ffw_norm",
                  "post_feedforward_layernorm": "post_ffw_norm"}
-    projections = {"self_attn.q_proj": ("query", q), "self_attn.k_proj": ("key", kv),
-                   "self_attn.v_proj": ("value", kv),
-                   "self_attn.o_proj": ("attention_output", o)}
+    projections = {"self_attn.q_proj": "query", "self_attn.k_proj": "key",
+                   "self_attn.v_proj": "value", "self_attn.o_proj": "attention_output",
+                   "mlp.gate_proj": "ffw_gating", "mlp.up_proj": "ffw_gating_2",
+                   "mlp.down_proj": "ffw_linear"}
 
     out = {}
     for name, info in tensors.items():
         if name == "embed_tokens.weight":
-            key, layout = "token_embedding", (None, None)
+            key, transpose = "token_embedding", False
         elif name == "norm.weight":
-            key, layout = "final_normalization", (None, None)
+            key, transpose = "final_normalization", False
         elif name.startswith("layers.") and name.endswith(".weight"):
             _, index, rest = name[: -len(".weight")].split(".", 2)
             if rest in norms:
-                key, layout = f"decoder_block_{index}/{norms[rest]}", (None, None)
+                key, transpose = f"decoder_block_{index}/{norms[rest]}", False
             elif rest in projections:
-                suffix, layout = projections[rest]
-                key = f"decoder_block_{index}/{suffix}"
-            elif rest in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-                suffix = {"mlp.gate_proj": "ffw_gating", "mlp.up_proj": "ffw_gating_2",
-                          "mlp.down_proj": "ffw_linear"}[rest]
-                key, layout = f"decoder_block_{index}/{suffix}", (info[2], (1, 0))
+                key, transpose = f"decoder_block_{index}/{projections[rest]}", True
             else:
-                key, layout = f"unmapped:{name}", (None, None)
+                key, transpose = f"unmapped:{name}", False
         else:
             # Surfaces as an "extra weight" error naming the tensor.
-            key, layout = f"unmapped:{name}", (None, None)
-        out[key] = _SafetensorsEntry(*info, *layout)
+            key, transpose = f"unmapped:{name}", False
+        out[key] = _SafetensorsEntry(*info, transpose=transpose)
     return out
 
 

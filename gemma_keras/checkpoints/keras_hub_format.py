@@ -17,11 +17,13 @@ import pathlib
 from typing import Dict, Optional, Tuple
 
 import h5py
+import keras
 import ml_dtypes
 import numpy as np
 
 from gemma_keras.checkpoints.atomic import atomic_directory, read_json
-from gemma_keras.checkpoints.weights import BLOCK_WEIGHTS, Reader, read_chunked, weight_table
+from gemma_keras.checkpoints.weights import (BLOCK_WEIGHTS, Reader, Transformed, read_chunked,
+                                             weight_table)
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
 
@@ -50,6 +52,22 @@ _LAYER_NAMES = {"pre_attention_norm": "pre_attention_norm", "query": "query", "k
                 "post_attention_norm": "post_attention_norm", "pre_ffw_norm": "pre_ffw_norm",
                 "post_ffw_norm": "post_ffw_norm", "ffw_gating": "ffw_gating",
                 "ffw_gating_2": "ffw_gating_2", "ffw_linear": "ffw_linear"}
+
+
+def _head_layouts(config: GemmaConfig):
+    """keras-hub keeps attention kernels 3-D, ours are 2-D (see layers/attention.py):
+    canonical suffix -> (keras-hub shape, our shape, to ours, to keras-hub)."""
+    n, k, h, d = (config.num_query_heads, config.num_key_value_heads, config.head_dim,
+                  config.hidden_dim)
+
+    def projection_in(heads):  # [heads, hidden, head_dim] <-> [hidden, heads * head_dim]
+        return ((heads, d, h), (d, heads * h),
+                lambda a: a.transpose(1, 0, 2).reshape(d, heads * h),
+                lambda a: a.reshape(d, heads, h).transpose(1, 0, 2))
+    return {"query": projection_in(n), "key": projection_in(k), "value": projection_in(k),
+            # [heads, head_dim, hidden] <-> [heads * head_dim, hidden]
+            "attention_output": ((n, h, d), (n * h, d), lambda a: a.reshape(n * h, d),
+                                 lambda a: a.reshape(n, h, d))}
 
 
 def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[str]]:
@@ -161,8 +179,18 @@ def reader(directory: pathlib.Path, config: GemmaConfig) -> Reader:
     for i, prefix in enumerate(_block_prefixes(index, config.num_layers)):
         for suffix, group in _BLOCK_H5.items():
             paths[f"decoder_block_{i}/{suffix}"] = f"{prefix}/{group}"
-    return {name: index[f"{group}/vars/0"] for name, group in paths.items()
-            if f"{group}/vars/0" in index}
+    layouts = _head_layouts(config)
+    out = {}
+    for name, group in paths.items():
+        entry = index.get(f"{group}/vars/0")
+        if entry is None:
+            continue
+        suffix = name.rsplit("/", 1)[-1]
+        if suffix in layouts:
+            theirs, ours, to_ours, _ = layouts[suffix]
+            entry = Transformed(entry, theirs, ours, to_ours)
+        out[name] = entry
+    return out
 
 
 # ---- writing ------------------------------------------------------------------------------
@@ -208,6 +236,7 @@ def _h5_groups(config: GemmaConfig):
 
 def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[int]):
     groups = _h5_groups(backbone.config)
+    layouts = _head_layouts(backbone.config)
     shards, weight_map, size = [], {}, 0
     h5 = None
 
@@ -224,7 +253,10 @@ def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[
     new_shard()
     try:
         for name, variable in weight_table(backbone):
-            array = np.asarray(variable.numpy())
+            array = np.asarray(keras.ops.convert_to_numpy(variable.value))
+            suffix = name.rsplit("/", 1)[-1]
+            if suffix in layouts:
+                array = np.ascontiguousarray(layouts[suffix][3](array))
             if max_shard_bytes is not None and size and size + array.nbytes > max_shard_bytes:
                 new_shard()
             group_path, layer_name = groups[name]
@@ -256,8 +288,6 @@ def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
     shard_bytes = None if max_shard_size is None else int(max_shard_size * 1024 ** 3)
     backbone_json, tokenizer_json, preprocessor_json, task_json = _configs(
         config, dtype_name, sequence_length)
-    import keras
-
     metadata = {
         "keras_version": keras.__version__,
         "parameter_count": config.parameter_count(),

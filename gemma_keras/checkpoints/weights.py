@@ -130,3 +130,16 @@ def read_chunked(out: np.ndarray, read_rows, rows: int) -> np.ndarray:
         stop = min(rows, start + step)
         out[start:stop] = read_rows(start, stop)
     return out
+
+
+class Transformed:
+    """An entry seen through a layout change (`to_ours`), for formats whose kernels are laid
+    out differently. `shape` is ours when the raw shape is the expected one, else the raw
+    shape, so a mismatch is reported instead of scrambled by a reshape."""
+
+    def __init__(self, entry, raw_shape, shape, to_ours):
+        self.entry, self.to_ours = entry, to_ours
+        self.shape = tuple(shape) if tuple(entry.shape) == tuple(raw_shape) else tuple(entry.shape)
+
+    def read(self, dtype):
+        return np.ascontiguousarray(self.to_ours(self.entry.read(dtype)))

@@ -4,7 +4,7 @@ from gemma_keras.layers.attention import GemmaAttention
 from gemma_keras.layers.decoder_block import GemmaDecoderBlock
 from gemma_keras.layers.feedforward import GemmaFeedForward
 from gemma_keras.layers.rms_norm import GemmaRMSNorm
-from gemma_keras.layers.rotary import apply_rotary_embedding
+from gemma_keras.layers.rotary import apply_rotary_embedding, rope_tables
 
 __all__ = ["GemmaAttention", "GemmaDecoderBlock", "GemmaFeedForward", "GemmaRMSNorm",
-           "apply_rotary_embedding"]
+           "apply_rotary_embedding", "rope_tables"]

@@ -29,41 +29,46 @@ def attention_mask(query_positions, key_positions, sliding_window=None):
 
 class GemmaAttention(keras.layers.Layer):
     def __init__(self, num_query_heads, num_key_value_heads, head_dim, hidden_dim, query_scale,
-                 logit_soft_cap=None, rope_max_wavelength=10_000.0, dropout=0.0, **kwargs):
+                 logit_soft_cap=None, dropout=0.0, **kwargs):
         super().__init__(**kwargs)
+        # Keras would cast every float argument to the compute dtype, the float32 RoPE tables
+        # included (the bf16 position trap), and walk the cache's structure on every call.
+        # Inputs arrive in the right dtypes from the backbone.
+        self._convert_input_args = False
         self.num_query_heads = num_query_heads
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim
         self.hidden_dim = hidden_dim
         self.query_scale = query_scale
         self.logit_soft_cap = logit_soft_cap
-        self.rope_max_wavelength = rope_max_wavelength
         self.dropout = dropout
-        # Kernel layouts are keras-hub's, so its checkpoints load without transposes:
-        # query [heads, hidden, head_dim], key/value [kv_heads, hidden, head_dim],
-        # output [heads, head_dim, hidden].
+        # 2-D kernels, heads flattened: query [hidden, heads * head_dim], key/value
+        # [hidden, kv_heads * head_dim], output [heads * head_dim, hidden]. Contracting a 3-D
+        # [heads, hidden, head_dim] kernel over its middle axis makes XLA copy the weight
+        # every step (half the decode time on CPU); checkpoints are converted at load/save.
         self.query = keras.layers.EinsumDense(
-            "btd,ndh->btnh", output_shape=(None, num_query_heads, head_dim),
+            "btd,df->btf", output_shape=(None, num_query_heads * head_dim),
             dtype=self.dtype_policy, name="query")
         self.key = keras.layers.EinsumDense(
-            "bsd,kdh->bskh", output_shape=(None, num_key_value_heads, head_dim),
+            "btd,df->btf", output_shape=(None, num_key_value_heads * head_dim),
             dtype=self.dtype_policy, name="key")
         self.value = keras.layers.EinsumDense(
-            "bsd,kdh->bskh", output_shape=(None, num_key_value_heads, head_dim),
+            "btd,df->btf", output_shape=(None, num_key_value_heads * head_dim),
             dtype=self.dtype_policy, name="value")
         self.attention_output = keras.layers.EinsumDense(
-            "btnh,nhd->btd", output_shape=(None, hidden_dim),
+            "btf,fd->btd", output_shape=(None, hidden_dim),
             dtype=self.dtype_policy, name="attention_output")
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape):
         for dense in (self.query, self.key, self.value):
             dense.build(input_shape)
-        self.attention_output.build((None, None, self.num_query_heads, self.head_dim))
+        self.attention_output.build((None, None, self.num_query_heads * self.head_dim))
         self.built = True
 
-    def call(self, x, positions, mask, cache=None, start=None, mode=None, training=False):
-        """x: [batch, len, hidden]; positions: [batch, len]; mask: [batch, len, keys] bool.
+    def call(self, x, rope, mask, cache=None, start=None, mode=None, training=False):
+        """x: [batch, len, hidden]; rope: (sin, cos) of the tokens' positions from
+        `rope_tables`; mask: [batch, len, keys] bool.
 
         Without a cache the keys are this call's tokens. With one (a (key, value) pair of
         [batch, slots, kv_heads, head_dim]) the new keys are written at column `start`, and
@@ -72,11 +77,14 @@ class GemmaAttention(keras.layers.Layer):
         new tokens only, "extend" (a chunk after earlier tokens) over old cache + new tokens.
         Returns (output [batch, len, hidden], updated cache or None).
         """
-        query = self.query(x)  # [batch, len, heads, head_dim]
-        key = self.key(x)      # [batch, len, kv_heads, head_dim]
-        value = self.value(x)  # [batch, len, kv_heads, head_dim]
-        query = apply_rotary_embedding(query, positions, self.rope_max_wavelength)
-        key = apply_rotary_embedding(key, positions, self.rope_max_wavelength)
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        heads = (batch, length, self.num_query_heads, self.head_dim)
+        kv_heads = (batch, length, self.num_key_value_heads, self.head_dim)
+        query = ops.reshape(self.query(x), heads)     # [batch, len, heads, head_dim]
+        key = ops.reshape(self.key(x), kv_heads)      # [batch, len, kv_heads, head_dim]
+        value = ops.reshape(self.value(x), kv_heads)  # [batch, len, kv_heads, head_dim]
+        query = apply_rotary_embedding(query, rope)
+        key = apply_rotary_embedding(key, rope)
         new_cache = None
         keys, values = key, value
         if cache is not None:
@@ -89,7 +97,9 @@ class GemmaAttention(keras.layers.Layer):
                 keys = ops.concatenate([old_key, ops.cast(key, old_key.dtype)], axis=1)
                 values = ops.concatenate([old_value, ops.cast(value, old_value.dtype)], axis=1)
         output = self.attend(query, keys, values, mask, training=training)
-        return self.attention_output(output), new_cache  # [batch, len, hidden]
+        # [batch, len, heads * head_dim] -> [batch, len, hidden]
+        output = ops.reshape(output, (batch, length, self.num_query_heads * self.head_dim))
+        return self.attention_output(output), new_cache
 
     def attend(self, query, key, value, mask, training=False):
         """Scaled dot-product attention over (possibly grouped) heads.
@@ -123,4 +133,4 @@ class GemmaAttention(keras.layers.Layer):
                 "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
                 "hidden_dim": self.hidden_dim, "query_scale": self.query_scale,
                 "logit_soft_cap": self.logit_soft_cap,
-                "rope_max_wavelength": self.rope_max_wavelength, "dropout": self.dropout}
+                "dropout": self.dropout}

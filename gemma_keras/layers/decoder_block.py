@@ -11,6 +11,10 @@ from gemma_keras.layers.rms_norm import GemmaRMSNorm
 class GemmaDecoderBlock(keras.layers.Layer):
     def __init__(self, config, layer_index, **kwargs):
         super().__init__(**kwargs)
+        # Keras would cast every float argument to the compute dtype, the float32 RoPE tables
+        # included (the bf16 position trap), and walk the cache's structure on every call.
+        # Inputs arrive in the right dtypes from the backbone.
+        self._convert_input_args = False
         self.config = config
         self.layer_index = layer_index
         self.uses_sliding_window = config.is_sliding_layer(layer_index)
@@ -23,7 +27,6 @@ class GemmaDecoderBlock(keras.layers.Layer):
             hidden_dim=config.hidden_dim,
             query_scale=config.query_scale,
             logit_soft_cap=config.attention_logit_soft_cap,
-            rope_max_wavelength=config.rope_max_wavelength,
             dropout=config.dropout,
             dtype=policy,
             name="attention")
@@ -46,12 +49,12 @@ class GemmaDecoderBlock(keras.layers.Layer):
                 layer.build(input_shape)
         self.built = True
 
-    def call(self, x, positions, global_mask, local_mask, cache=None, start=None, mode=None,
+    def call(self, x, rope, global_mask, local_mask, cache=None, start=None, mode=None,
              training=False):
         """x: [batch, len, hidden]. The block picks the mask its layer kind needs; `cache` is
         this layer's (key, value) or None. Returns (x, updated cache or None)."""
         mask = local_mask if self.uses_sliding_window else global_mask
-        h, cache = self.attention(self.pre_attention_norm(x), positions, mask, cache=cache,
+        h, cache = self.attention(self.pre_attention_norm(x), rope, mask, cache=cache,
                                   start=start, mode=mode, training=training)
         if self.post_attention_norm is not None:
             h = self.post_attention_norm(h)
