@@ -32,7 +32,6 @@ class GemmaBackbone(keras.Model):
             config.vocabulary_size, config.hidden_dim, tie_weights=True,
             embeddings_initializer=keras.initializers.VarianceScaling(
                 1.0, mode="fan_in", distribution="untruncated_normal"),
-            logit_soft_cap=config.final_logit_soft_cap,
             dtype=policy, name="token_embedding")
         self.transformer_layers = [
             GemmaDecoderBlock(config, i, dtype=policy, name=f"decoder_block_{i}")
@@ -70,6 +69,23 @@ class GemmaBackbone(keras.Model):
         # The normaliser is cast to the compute dtype *before* multiplying: in bfloat16
         # sqrt(3072) becomes 55.5, and the checkpoints were trained with that rounding.
         return x * ops.cast(self.config.hidden_dim ** 0.5, x.dtype)
+
+    def logits(self, hidden):
+        """The tied output head with Gemma 2's final soft-cap: [batch, len, hidden] ->
+        [batch, len, vocab] in the compute dtype (the cap itself in float32)."""
+        table = self.token_embedding.embeddings  # [vocab, hidden]
+        if hidden.shape[1] == 1:
+            # Decoding: the table as the left operand ([vocab, hidden] @ [hidden, batch]). In
+            # the other orientation XLA materialises the table's transpose (131 MB for the
+            # benchmark model) on every step.
+            logits = ops.transpose(ops.matmul(table, ops.transpose(hidden[:, 0, :])))[:, None]
+        else:
+            logits = ops.matmul(hidden, ops.transpose(table))  # [batch, len, vocab]
+        cap = self.config.final_logit_soft_cap
+        if cap is None:
+            return logits
+        capped = ops.tanh(ops.cast(logits, "float32") / cap) * cap
+        return ops.cast(capped, logits.dtype)
 
     def call(self, inputs, training=False, cache=None, start=0, mode=None):
         """inputs: {"token_ids": [batch, len], "padding_mask": [batch, len]} and optionally

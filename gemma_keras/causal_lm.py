@@ -29,8 +29,7 @@ class GemmaCausalLM(keras.Model):
 
     def call(self, inputs, training=False):
         hidden = self.backbone(inputs, training=training)  # [batch, seq, hidden]
-        # Tied head, final soft-cap included: [batch, seq, vocab]
-        return self.backbone.token_embedding(hidden, reverse=True)
+        return self.backbone.logits(hidden)  # [batch, seq, vocab], soft-capped
 
     @classmethod
     def from_preset(cls, preset, dtype=None, load_tokenizer=True):

@@ -53,9 +53,8 @@ class CompiledSteps:
         def step(token_ids, positions, cache, start):
             hidden, cache = backbone({"token_ids": token_ids, "positions": positions},
                                      cache=cache, start=start, mode=mode)
-            # Only the last column's logits are needed: [batch, 1, vocab] -> [batch, vocab]
-            logits = backbone.token_embedding(hidden[:, -1:, :], reverse=True)[:, 0, :]
-            return ops.cast(logits, "float32"), cache
+            # Only the last column's logits are needed: [batch, vocab]
+            return ops.cast(backbone.logits(hidden[:, -1:, :])[:, 0, :], "float32"), cache
         return step
 
 
