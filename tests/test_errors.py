@@ -9,6 +9,14 @@ import gemma_keras as gk
 from gemma_keras.checkpoints import keras_hub_format
 
 
+def _edit_config(directory, edit):
+    """Rewrites directory/config.json through `edit(dict)`."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
 def _truncate(path, keep=0.5):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
@@ -84,27 +92,21 @@ def test_corrupt_config_json(hf_checkpoint):
 
 def test_other_family_hf_config(hf_checkpoint):
     directory, _ = hf_checkpoint("gemma_mqa")
-    config = json.loads((directory / "config.json").read_text())
-    config["model_type"] = "llama"
-    (directory / "config.json").write_text(json.dumps(config))
+    _edit_config(directory, lambda c: c.update(model_type="llama"))
     with pytest.raises(gk.ConfigError, match="model_type 'llama'.*gemma and gemma2"):
         gk.GemmaCausalLM.from_preset(directory)
 
 
 def test_other_family_keras_hub_config(keras_hub_preset):
     directory, _ = keras_hub_preset("gemma_mqa")
-    config = json.loads((directory / "config.json").read_text())
-    config["registered_name"] = "keras_hub>LlamaBackbone"
-    (directory / "config.json").write_text(json.dumps(config))
+    _edit_config(directory, lambda c: c.update(registered_name="keras_hub>LlamaBackbone"))
     with pytest.raises(gk.ConfigError, match="LlamaBackbone"):
         gk.GemmaCausalLM.from_preset(directory)
 
 
 def test_wrong_weight_shape_names_weight_and_shapes_hf(hf_checkpoint):
     directory, _ = hf_checkpoint("gemma_mqa")
-    config = json.loads((directory / "config.json").read_text())
-    config["intermediate_size"] = 80  # weights are 96 wide
-    (directory / "config.json").write_text(json.dumps(config))
+    _edit_config(directory, lambda c: c.update(intermediate_size=80))  # weights are 96 wide
     with pytest.raises(gk.WeightShapeError,
                        match=r"decoder_block_0/ffw_gating' has shape \(64, 96\).*\(64, 80\)"):
         gk.GemmaCausalLM.from_preset(directory)
@@ -112,27 +114,21 @@ def test_wrong_weight_shape_names_weight_and_shapes_hf(hf_checkpoint):
 
 def test_wrong_head_count_is_a_shape_error_not_a_scramble(hf_checkpoint):
     directory, _ = hf_checkpoint("gemma_mqa")
-    config = json.loads((directory / "config.json").read_text())
-    config["num_key_value_heads"] = 2  # weights have 1 kv head
-    (directory / "config.json").write_text(json.dumps(config))
+    _edit_config(directory, lambda c: c.update(num_key_value_heads=2))  # weights have 1 kv head
     with pytest.raises(gk.WeightShapeError, match=r"k_proj.weight' has shape \(16, 64\)"):
         gk.GemmaCausalLM.from_preset(directory)
 
 
 def test_wrong_weight_shape_keras_hub(keras_hub_preset):
     directory, _ = keras_hub_preset("gemma_mqa")
-    config = json.loads((directory / "config.json").read_text())
-    config["config"]["intermediate_dim"] = 160
-    (directory / "config.json").write_text(json.dumps(config))
+    _edit_config(directory, lambda c: c["config"].update(intermediate_dim=160))
     with pytest.raises(gk.WeightShapeError, match=r"ffw_gating' has shape \(64, 96\).*\(64, 80\)"):
         gk.GemmaCausalLM.from_preset(directory)
 
 
 def test_too_few_layers_in_checkpoint(keras_hub_preset):
     directory, _ = keras_hub_preset("gemma_mqa")
-    config = json.loads((directory / "config.json").read_text())
-    config["config"]["num_layers"] = 5
-    (directory / "config.json").write_text(json.dumps(config))
+    _edit_config(directory, lambda c: c["config"].update(num_layers=5))
     with pytest.raises(gk.CheckpointError, match="lacks .*decoder_block_3"):
         gk.GemmaCausalLM.from_preset(directory)
 
