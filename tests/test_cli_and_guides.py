@@ -17,6 +17,7 @@ def test_quickstart_guide_runs(repo_root):
     result = _run(["guides/quickstart.py"], repo_root)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "same logits: True" in result.stdout
+    assert "generated token ids: [" in result.stdout
 
 
 def test_cli_presets_lists_every_card(repo_root):
