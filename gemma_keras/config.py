@@ -7,7 +7,6 @@ keras-hub's `GemmaBackbone` arguments so a keras-hub `config.json` maps onto it 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 from gemma_keras.errors import ConfigError
@@ -129,7 +128,3 @@ class GemmaConfig:
         return (f"{self.num_layers} layers, hidden {self.hidden_dim}, {self.num_query_heads}/"
                 f"{self.num_key_value_heads} heads ({kind}), {self.parameter_count():,} params")
 
-
-def human_count(n: int) -> str:
-    exponent = min(int(math.log10(max(n, 1)) // 3), 4)
-    return f"{n / 1000 ** exponent:.2f}{['', 'K', 'M', 'B', 'T'][exponent]}"
