@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from gemma_keras import backend_ops
 from gemma_keras.config import GemmaConfig
 from gemma_keras.generation.cache import layer_kind, write
 from gemma_keras.layers.attention import attention_mask
@@ -73,14 +74,9 @@ class GemmaBackbone(keras.Model):
     def logits(self, hidden):
         """The tied output head with Gemma 2's final soft-cap: [batch, len, hidden] ->
         [batch, len, vocab] in the compute dtype (the cap itself in float32)."""
-        table = self.token_embedding.embeddings  # [vocab, hidden]
-        if hidden.shape[1] == 1:
-            # Decoding: the table as the left operand ([vocab, hidden] @ [hidden, batch]). In
-            # the other orientation XLA materialises the table's transpose (131 MB for the
-            # benchmark model) on every step.
-            logits = ops.transpose(ops.matmul(table, ops.transpose(hidden[:, 0, :])))[:, None]
-        else:
-            logits = ops.matmul(hidden, ops.transpose(table))  # [batch, len, vocab]
+        # The table [vocab, hidden] is a kernel in [out, in] layout: same product as the
+        # projections, which reads it row by row when decoding (no transposed copy).
+        logits = backend_ops.linear(hidden, self.token_embedding.embeddings)
         cap = self.config.final_logit_soft_cap
         if cap is None:
             return logits

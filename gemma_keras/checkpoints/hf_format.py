@@ -147,13 +147,13 @@ def _safetensors_files(directory: pathlib.Path):
 
 
 class _SafetensorsEntry:
-    """One tensor of a safetensors file; `transpose` turns an HF Linear weight [out, in] into
-    a keras kernel [in, out]."""
+    """One tensor of a safetensors file, read as stored: HF Linear weights [out, in] are our
+    kernels' layout too (layers/linear.py)."""
 
-    def __init__(self, file, raw_dtype, raw_shape, start, end, transpose=False):
+    def __init__(self, file, raw_dtype, raw_shape, start, end):
         self.file, self.raw_dtype, self.raw_shape = file, np.dtype(_DTYPES[raw_dtype]), raw_shape
-        self.start, self.end, self.transpose = start, end, transpose
-        self.shape = tuple(reversed(raw_shape)) if transpose else tuple(raw_shape)
+        self.start, self.end = start, end
+        self.shape = tuple(raw_shape)
 
     def read(self, dtype):
         raw = np.empty(self.raw_shape, dtype)
@@ -173,7 +173,7 @@ class _SafetensorsEntry:
                     return np.frombuffer(data, self.raw_dtype).reshape((b - a,) + self.raw_shape[1:])
 
                 read_chunked(raw, rows, self.raw_shape[0])
-        return raw.T if self.transpose else raw
+        return raw
 
 
 def reader(directory: pathlib.Path, config: GemmaConfig, model_type: str) -> Reader:
@@ -184,10 +184,9 @@ def reader(directory: pathlib.Path, config: GemmaConfig, model_type: str) -> Rea
     # Names are "model.<...>"; the tied lm_head, when present, duplicates the embedding.
     tensors = {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()}
     tensors.pop("lm_head.weight", None)
-    _check_projection_shapes(tensors, config, directory)
 
-    # HF Linear weights are [out, in]; our kernels are [in, out] with the attention heads
-    # flattened the same way, so every projection is a plain transpose.
+    # HF Linear weights are [out, in] with the attention heads flattened as ours: every
+    # projection is read as it is.
     # Gemma 1's "post_attention_layernorm" is the pre-FFN norm; Gemma 2 has a true one.
     if model_type == "gemma":
         norms = {"input_layernorm": "pre_attention_norm",
@@ -205,34 +204,20 @@ def reader(directory: pathlib.Path, config: GemmaConfig, model_type: str) -> Rea
     out = {}
     for name, info in tensors.items():
         if name == "embed_tokens.weight":
-            key, transpose = "token_embedding", False
+            key = "token_embedding"
         elif name == "norm.weight":
-            key, transpose = "final_normalization", False
+            key = "final_normalization"
         elif name.startswith("layers.") and name.endswith(".weight"):
             _, index, rest = name[: -len(".weight")].split(".", 2)
             if rest in norms:
-                key, transpose = f"decoder_block_{index}/{norms[rest]}", False
+                key = f"decoder_block_{index}/{norms[rest]}"
             elif rest in projections:
-                key, transpose = f"decoder_block_{index}/{projections[rest]}", True
+                key = f"decoder_block_{index}/{projections[rest]}"
             else:
-                key, transpose = f"unmapped:{name}", False
+                key = f"unmapped:{name}"
         else:
             # Surfaces as an "extra weight" error naming the tensor.
-            key, transpose = f"unmapped:{name}", False
-        out[key] = _SafetensorsEntry(*info, transpose=transpose)
+            key = f"unmapped:{name}"
+        out[key] = _SafetensorsEntry(*info)
     return out
 
-
-def _check_projection_shapes(tensors, config, directory):
-    """Reshapes above would scramble a wrongly sized tensor silently: check the raw shapes."""
-    n, k, h, d = (config.num_query_heads, config.num_key_value_heads, config.head_dim,
-                  config.hidden_dim)
-    expected = {"self_attn.q_proj.weight": (n * h, d), "self_attn.k_proj.weight": (k * h, d),
-                "self_attn.v_proj.weight": (k * h, d), "self_attn.o_proj.weight": (d, n * h)}
-    for name, (_, _, shape, _, _) in tensors.items():
-        suffix = name.split(".", 2)[-1] if name.startswith("layers.") else None
-        if suffix in expected and shape != expected[suffix]:
-            from gemma_keras.errors import WeightShapeError
-            raise WeightShapeError(
-                f"{directory}: weight '{name}' has shape {shape} in the checkpoint but the "
-                f"config calls for {expected[suffix]}. The config and the weights do not match.")

@@ -55,19 +55,24 @@ _LAYER_NAMES = {"pre_attention_norm": "pre_attention_norm", "query": "query", "k
 
 
 def _head_layouts(config: GemmaConfig):
-    """keras-hub keeps attention kernels 3-D, ours are 2-D (see layers/attention.py):
-    canonical suffix -> (keras-hub shape, our shape, to ours, to keras-hub)."""
-    n, k, h, d = (config.num_query_heads, config.num_key_value_heads, config.head_dim,
-                  config.hidden_dim)
+    """keras-hub's kernels are [in, out] with attention heads on their own axis, ours are
+    [out, in] with heads flattened (see layers/linear.py): canonical suffix -> (keras-hub
+    shape, our shape, to ours, to keras-hub)."""
+    n, k, h, d, f = (config.num_query_heads, config.num_key_value_heads, config.head_dim,
+                     config.hidden_dim, config.ffn_branch_dim)
 
-    def projection_in(heads):  # [heads, hidden, head_dim] <-> [hidden, heads * head_dim]
-        return ((heads, d, h), (d, heads * h),
-                lambda a: a.transpose(1, 0, 2).reshape(d, heads * h),
-                lambda a: a.reshape(d, heads, h).transpose(1, 0, 2))
+    def projection_in(heads):  # [heads, hidden, head_dim] <-> [heads * head_dim, hidden]
+        return ((heads, d, h), (heads * h, d),
+                lambda a: a.transpose(0, 2, 1).reshape(heads * h, d),
+                lambda a: a.reshape(heads, h, d).transpose(0, 2, 1))
+
+    def dense(rows, cols):  # [in, out] <-> [out, in]
+        return (rows, cols), (cols, rows), np.transpose, np.transpose
     return {"query": projection_in(n), "key": projection_in(k), "value": projection_in(k),
-            # [heads, head_dim, hidden] <-> [heads * head_dim, hidden]
-            "attention_output": ((n, h, d), (n * h, d), lambda a: a.reshape(n * h, d),
-                                 lambda a: a.reshape(n, h, d))}
+            # [heads, head_dim, hidden] <-> [hidden, heads * head_dim]
+            "attention_output": ((n, h, d), (d, n * h), lambda a: a.reshape(n * h, d).T,
+                                 lambda a: a.T.reshape(n, h, d)),
+            "ffw_gating": dense(d, f), "ffw_gating_2": dense(d, f), "ffw_linear": dense(f, d)}
 
 
 def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[str]]:

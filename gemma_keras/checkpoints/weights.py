@@ -86,11 +86,13 @@ class _FromCheckpoint(keras.initializers.Initializer):
     def __call__(self, shape, dtype=None):
         from gemma_keras.backend_ops import host_array_to_tensor
 
-        if tuple(self.entry.shape) != tuple(shape):
+        # Shapes are reported in the file's own layout, which is what its owner knows.
+        found = tuple(getattr(self.entry, "file_shape", self.entry.shape))
+        wanted = tuple(getattr(self.entry, "expected_file_shape", shape))
+        if tuple(self.entry.shape) != tuple(shape) or found != wanted:
             raise WeightShapeError(
-                f"{self.source}: weight '{self.name}' has shape {tuple(self.entry.shape)} in "
-                f"the checkpoint but the config calls for {tuple(shape)}. The config and the "
-                "weights do not match.")
+                f"{self.source}: weight '{self.name}' has shape {found} in the checkpoint but "
+                f"the config calls for {wanted}. The config and the weights do not match.")
         return host_array_to_tensor(self.entry.read(numpy_dtype(keras.backend.standardize_dtype(
             dtype))))
 
@@ -134,12 +136,12 @@ def read_chunked(out: np.ndarray, read_rows, rows: int) -> np.ndarray:
 
 class Transformed:
     """An entry seen through a layout change (`to_ours`), for formats whose kernels are laid
-    out differently. `shape` is ours when the raw shape is the expected one, else the raw
-    shape, so a mismatch is reported instead of scrambled by a reshape."""
+    out differently. `shape` is ours; the file's actual and expected shapes are kept apart
+    so that a mismatch is reported (in the file's layout) instead of scrambled by a reshape."""
 
     def __init__(self, entry, raw_shape, shape, to_ours):
-        self.entry, self.to_ours = entry, to_ours
-        self.shape = tuple(shape) if tuple(entry.shape) == tuple(raw_shape) else tuple(entry.shape)
+        self.entry, self.to_ours, self.shape = entry, to_ours, tuple(shape)
+        self.file_shape, self.expected_file_shape = tuple(entry.shape), tuple(raw_shape)
 
     def read(self, dtype):
         return np.ascontiguousarray(self.to_ours(self.entry.read(dtype)))

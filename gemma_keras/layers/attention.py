@@ -5,6 +5,7 @@ import keras
 from keras import ops
 
 from gemma_keras.generation.cache import write
+from gemma_keras.layers.linear import Linear
 from gemma_keras.layers.rotary import apply_rotary_embedding
 
 # Added to masked logits in float32. Finite, so a row with nothing to attend to (a padding
@@ -42,22 +43,17 @@ class GemmaAttention(keras.layers.Layer):
         self.query_scale = query_scale
         self.logit_soft_cap = logit_soft_cap
         self.dropout = dropout
-        # 2-D kernels, heads flattened: query [hidden, heads * head_dim], key/value
-        # [hidden, kv_heads * head_dim], output [heads * head_dim, hidden]. Contracting a 3-D
-        # [heads, hidden, head_dim] kernel over its middle axis makes XLA copy the weight
-        # every step (half the decode time on CPU); checkpoints are converted at load/save.
-        self.query = keras.layers.EinsumDense(
-            "btd,df->btf", output_shape=(None, num_query_heads * head_dim),
-            dtype=self.dtype_policy, name="query")
-        self.key = keras.layers.EinsumDense(
-            "btd,df->btf", output_shape=(None, num_key_value_heads * head_dim),
-            dtype=self.dtype_policy, name="key")
-        self.value = keras.layers.EinsumDense(
-            "btd,df->btf", output_shape=(None, num_key_value_heads * head_dim),
-            dtype=self.dtype_policy, name="value")
-        self.attention_output = keras.layers.EinsumDense(
-            "btf,fd->btd", output_shape=(None, hidden_dim),
-            dtype=self.dtype_policy, name="attention_output")
+        # Kernels [out, in] with the heads flattened (see layers/linear.py): query
+        # [heads * head_dim, hidden], key/value [kv_heads * head_dim, hidden], output
+        # [hidden, heads * head_dim]. keras-hub's 3-D [heads, hidden, head_dim] kernels make
+        # XLA copy the weight every step (half the decode time on CPU); checkpoints are
+        # converted at load/save.
+        def projection(units, name):
+            return Linear(units, dtype=self.dtype_policy, name=name)
+        self.query = projection(num_query_heads * head_dim, "query")
+        self.key = projection(num_key_value_heads * head_dim, "key")
+        self.value = projection(num_key_value_heads * head_dim, "value")
+        self.attention_output = projection(hidden_dim, "attention_output")
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape):

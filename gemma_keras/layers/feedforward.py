@@ -1,7 +1,8 @@
 """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x))."""
 
 import keras
-from keras import ops
+
+from gemma_keras.layers.linear import Linear
 
 
 class GemmaFeedForward(keras.layers.Layer):
@@ -9,16 +10,10 @@ class GemmaFeedForward(keras.layers.Layer):
         super().__init__(**kwargs)
         self.hidden_dim = hidden_dim
         self.branch_dim = branch_dim
-        # EinsumDense so that Keras' own enable_lora / quantize apply unchanged.
-        self.gating = keras.layers.EinsumDense(
-            "btd,df->btf", output_shape=(None, branch_dim), dtype=self.dtype_policy,
-            name="ffw_gating")
-        self.gating_2 = keras.layers.EinsumDense(
-            "btd,df->btf", output_shape=(None, branch_dim), dtype=self.dtype_policy,
-            name="ffw_gating_2")
-        self.linear = keras.layers.EinsumDense(
-            "btf,fd->btd", output_shape=(None, hidden_dim), dtype=self.dtype_policy,
-            name="ffw_linear")
+        # Kernels [out, in]: gating/gating_2 [branch, hidden], linear [hidden, branch].
+        self.gating = Linear(branch_dim, dtype=self.dtype_policy, name="ffw_gating")
+        self.gating_2 = Linear(branch_dim, dtype=self.dtype_policy, name="ffw_gating_2")
+        self.linear = Linear(hidden_dim, dtype=self.dtype_policy, name="ffw_linear")
 
     def build(self, input_shape):
         self.gating.build(input_shape)
