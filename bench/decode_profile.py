@@ -8,8 +8,9 @@ Uses the model and checkpoint of bench/generate_speed.py (built there once, unde
 bench/.cache/generate_speed). Each backend runs in a fresh subprocess that:
   1. prefills a session (`GenerationSession`, 32-token prompt, 160 columns, as `generate`
      does for 128 new tokens), then times, per decode step (median and min over --steps):
-       loop       `session.decode(...)`: what `generate` does per token (sample, bookkeeping,
-                  step);
+       loop       greedy `session.decode(...)`: what `generate` does per token (on jax and
+                  tensorflow one compiled loop for all tokens; on torch sample, bookkeeping,
+                  step per token);
        step       `session.step(tokens)`: host input arrays, compiled call, logits to NumPy;
        compiled   the compiled step function alone (`CompiledSteps`), waited for;
        to_numpy   `keras.ops.convert_to_numpy(logits)` + `np.asarray(float32)`;
@@ -162,93 +163,7 @@ def worker(backend: str, hf_dir: str, batch: int, steps: int, use_py_spy: bool) 
     else:
         out.update(_torch_extras(s, tokens, steps, use_py_spy))
     out["floors"] = _floors(backend, lm, batch)
-    # The layout comparison only applies to keras-hub's 3-D attention kernels, which
-    # gemma_keras stopped using after this profile pointed at them.
-    if len(lm.backbone.transformer_layers[0].attention.query.kernel.shape) == 3:
-        out["variants"] = _projection_variants(backend, lm, batch)
     return out
-
-
-def _projection_variants(backend, lm, batch):
-    """ms for parts of one decode step over all 8 layers, and for the query / output
-    projections and the tied head written as gemma_keras writes them (keras-hub kernel layouts
-    through EinsumDense / ReversibleEmbedding) or in equivalent forms whose contraction order
-    matches the kernel's memory layout. Compiled like the decode step (jax.jit over the
-    variables / tf.function(jit_compile) / torch eager): weights stay inputs, never constants
-    (XLA would fold a constant's transpose away at compile time)."""
-    import numpy as np
-    from keras import ops
-
-    from gemma_keras.generation.compile import compile_step
-
-    blocks = lm.backbone.transformer_layers
-    attn = [blk.attention for blk in blocks]
-    n, d, h = attn[0].query.kernel.shape
-    # Kernels stored [hidden, heads, head_dim]: passed as arguments (a layout gemma_keras
-    # could keep instead of keras-hub's [heads, hidden, head_dim]).
-    q_dnh = [ops.convert_to_tensor(np.ascontiguousarray(np.transpose(
-        np.asarray(ops.convert_to_numpy(a.query.kernel)), (1, 0, 2)))) for a in attn]
-    # All four projections stored as 2-D matrices: q/k/v [hidden, heads * head_dim],
-    # o [heads * head_dim, hidden], i.e. the FFN's "btd,df->btf" form.
-    def as_2d(kernel, transpose):
-        array = np.asarray(ops.convert_to_numpy(kernel))
-        if transpose:  # [heads, hidden, head_dim] -> [hidden, heads * head_dim]
-            array = np.transpose(array, (1, 0, 2)).reshape(array.shape[1], -1)
-        else:          # [heads, head_dim, hidden] -> [heads * head_dim, hidden]
-            array = array.reshape(-1, array.shape[-1])
-        return ops.convert_to_tensor(np.ascontiguousarray(array))
-    qkvo_2d = [[as_2d(at.query.kernel, True), as_2d(at.key.kernel, True),
-                as_2d(at.value.kernel, True), as_2d(at.attention_output.kernel, False)]
-               for at in attn]
-
-    def qkvo_2d_fn(x, kernels):
-        out = []
-        for wq, wk, wv, wo in kernels:
-            q = ops.reshape(ops.matmul(x, wq), (batch, 1, n, h))
-            k = ops.matmul(x, wk)
-            v = ops.matmul(x, wv)
-            out.append((q, k, v, ops.matmul(ops.reshape(q, (batch, 1, n * h)), wo)))
-        return out
-
-    x = ops.ones((batch, 1, d))
-    a4 = ops.ones((batch, 1, n, h))
-    emb = lm.backbone.token_embedding
-    cases = {
-        "8 x GeGLU feed-forward (as now)": (lambda x, _: [b.ffw(x) for b in blocks], (x, [])),
-        "8 x q,k,v,o projections (as now)": (
-            lambda x, a4: [(at.query(x), at.key(x), at.value(x), at.attention_output(a4))
-                           for at in attn], (x, a4)),
-        "8 x q,k,v,o with 2-D kernels (passed as inputs)": (qkvo_2d_fn, (x, qkvo_2d)),
-        "q: EinsumDense btd,ndh->btnh (as now)": (lambda x, _: [at.query(x) for at in attn],
-                                                  (x, [])),
-        "q: batched matmul over heads (same kernel)": (
-            lambda x, _: [ops.transpose(ops.matmul(
-                ops.broadcast_to(ops.reshape(x, (1, -1, d)), (n, batch, d)), at.query.kernel),
-                (1, 0, 2)) for at in attn], (x, [])),
-        "q: einsum btd,dnh->btnh (kernel stored [hidden, heads, head_dim])": (
-            lambda x, ks: [ops.einsum("btd,dnh->btnh", x, k) for k in ks], (x, q_dnh)),
-        "o: EinsumDense btnh,nhd->btd (as now)": (
-            lambda a4, _: [at.attention_output(a4) for at in attn], (a4, [])),
-        "o: matmul [b,t,n*h] @ [n*h,d] (same kernel, reshaped)": (
-            lambda a4, _: [ops.matmul(ops.reshape(a4, (batch, 1, n * h)),
-                                      ops.reshape(at.attention_output.kernel, (n * h, d)))
-                           for at in attn], (a4, [])),
-        "head: ReversibleEmbedding matmul(x, transpose(E)) (as now)": (
-            lambda x, _: emb(x, reverse=True), (x, [])),
-        "head: einsum btd,vd->btv": (lambda x, _: ops.einsum("btd,vd->btv", x, emb.embeddings),
-                                     (x, [])),
-    }
-    res = {}
-    for label, (fn, args) in cases.items():
-        step = compile_step(lm, fn)
-        if backend == "jax":
-            import jax
-
-            call = lambda: jax.block_until_ready(step(*args))  # noqa: E731
-        else:
-            call = lambda: step(*args)  # noqa: E731
-        res[label] = _per_call(call, 12)
-    return res
 
 
 def _jax_extras(lm, compiled, ids, positions, state, start, steps):
@@ -461,7 +376,11 @@ def _floors(backend, lm, batch):
         dxw, dwx = [torch.from_numpy(m) for m in xw], [torch.from_numpy(m) for m in wx]
         with torch.inference_mode():
             res["xW"] = _per_call(lambda: [x @ m for m in dxw], 10)
-            res["Wx"] = _per_call(lambda: [torch.nn.functional.linear(x, m) for m in dwx], 10)
+            from gemma_keras.backend_ops import linear  # oneDNN, as the model runs it
+
+            res["Wx"] = _per_call(lambda: [linear(x, m) for m in dwx], 10)
+            res["Wx_F_linear"] = _per_call(
+                lambda: [torch.nn.functional.linear(x, m) for m in dwx], 10)
             res["xW_einsum"] = _per_call(lambda: [torch.einsum("bd,df->bf", x, m) for m in dxw],
                                          10)
     return res
@@ -483,7 +402,7 @@ def render(results, batch, bound_ms) -> str:
             v = v.get(k) if isinstance(v, dict) else None
         return f"{v['median_ms']:.2f} ({v['min_ms']:.2f})" if v else "-"
     for key, label in [
-            ("loop", "generate loop per token (`session.decode`)"),
+            ("loop", "greedy `session.decode` per token (one compiled loop on jax/tf)"),
             ("step", "`session.step`"), ("compiled", "compiled step alone"),
             ("to_numpy", "logits -> NumPy"), ("argmax", "greedy sampler (argmax)"),
             ("gather_values", "JAX: `[v.value for v in variables]`"),
@@ -493,20 +412,11 @@ def render(results, batch, bound_ms) -> str:
             ("tf_function_tensor_inputs", "TF: tf.function, tensor inputs"),
             ("concrete_function", "TF: concrete function direct"),
             ("floors.xW", "floor: all weights as x @ W[in,out]"),
-            ("floors.Wx", "floor: all weights as W[out,in] . x"),
+            ("floors.Wx", "floor: all weights as W[out,in] . x (as the model; torch: oneDNN)"),
+            ("floors.Wx_F_linear", "floor: all weights as torch F.linear(x, W[out,in])"),
             ("floors.xW_einsum", "floor: all weights as einsum x,W[in,out]")]:
         if any(cell(r, key) != "-" for r in results):
             L.append(f"| {label} | " + " | ".join(cell(r, key) for r in results) + " |")
-    labels = list(results[0].get("variants", {})) if results else []
-    if labels:
-        L += ["", "Projections of all 8 layers and the tied head alone, ms: median (min). Same "
-              "weights, same math; only the contraction order / kernel layout differs.", "",
-              "| computation | " + " | ".join(r["backend"] for r in results) + " |",
-              "|---|" + "--:|" * len(results)]
-        for label in labels:
-            cells = [r["variants"].get(label) for r in results]
-            L.append(f"| {label} | " + " | ".join(
-                f"{v['median_ms']:.2f} ({v['min_ms']:.2f})" if v else "-" for v in cells) + " |")
     for r in results:
         L += ["", f"## {r['backend']}", ""]
         for k in ("hlo", "xla_bytes_accessed", "xla_flops", "tracing_count",

@@ -105,6 +105,36 @@ def test_degenerate_samplers_equal_greedy(wandering):
                            stop_token_ids=None) == greedy
 
 
+class HostGreedy(Sampler):
+    """Greedy, but not `GreedySampler`: takes the host loop that samplers use."""
+
+    def select(self, logits, rng):
+        return np.argmax(logits, axis=-1)
+
+
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+def test_compiled_greedy_loop_equals_the_host_loop(case, wandering):
+    # On JAX and TensorFlow greedy decoding runs as one compiled loop; it must stop each
+    # row where the host loop does, ragged prompts included.
+    lm, _ = wandering(case)
+    prompts = {"token_ids": np.array([[0, 0, 2, 9, 14], [2, 31, 7, 22, 40]], "int32"),
+               "padding_mask": np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)}
+    free = lm.generate(prompts, max_new_tokens=NEW, sampler=HostGreedy(), stop_token_ids=None)
+    row0 = free["token_ids"][0, 3:][free["padding_mask"][0, 3:]]
+    row1 = free["token_ids"][1, 5:]
+    # Stop row 0 at its 4th new token and row 1 at its 9th (if not stopped earlier).
+    stops = [int(row0[3]), int(row1[8])]
+    for kwargs in (dict(max_new_tokens=NEW, stop_token_ids=stops),
+                   dict(max_new_tokens=NEW, stop_token_ids=None),
+                   dict(max_new_tokens=1, stop_token_ids=stops)):
+        host = lm.generate(prompts, sampler=HostGreedy(), **kwargs)
+        loop = lm.generate(prompts, sampler="greedy", **kwargs)
+        np.testing.assert_array_equal(loop["token_ids"], host["token_ids"])
+        np.testing.assert_array_equal(loop["padding_mask"], host["padding_mask"])
+    lengths = lm.generate(prompts, max_new_tokens=NEW, stop_token_ids=stops)["padding_mask"]
+    assert lengths.sum(axis=1).tolist()[0] <= 3 + 4 and lengths.sum() < 3 + 5 + 2 * NEW
+
+
 def test_top_k_and_top_p_filters():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
     assert np.isfinite(gk.samplers.TopKSampler(k=2).filter(logits)).sum() == 2
@@ -214,8 +244,8 @@ def test_chat_reuses_the_cache_and_equals_a_fresh_generation(case, wandering):
             prefills.append(mode) if mode == "prefill" else None
             return original(mode, *args)
     lm._steps = Spy()
-    first = chat.send("The quick brown fox", max_new_tokens=10)
-    second = chat.send("jumps over the lazy dog", max_new_tokens=10)
+    chat.send("The quick brown fox", max_new_tokens=10)
+    chat.send("jumps over the lazy dog", max_new_tokens=10)
     third = "".join(chat.send("Gemma models", max_new_tokens=10, stream=True))
     assert prefills == ["prefill"]  # later turns extend the cache
     assert [r for r, _ in chat.history] == ["user", "model"] * 3
@@ -231,8 +261,8 @@ def test_chat_reuses_the_cache_and_equals_a_fresh_generation(case, wandering):
     assert prompt[: len(expected)] == expected
     assert lm.tokenizer.detokenize(prompt).endswith(
         "<end_of_turn>\n<start_of_turn>user\nGemma models<end_of_turn>\n<start_of_turn>model\n")
-    fresh = lm.generate({"token_ids": np.array([prompt]), "padding_mask": np.ones((1, len(prompt)))},
-                        max_new_tokens=10)
+    fresh = lm.generate({"token_ids": np.array([prompt]),
+                         "padding_mask": np.ones((1, len(prompt)))}, max_new_tokens=10)
     assert fresh["token_ids"][0, len(prompt):].tolist()[: len(reply)] == reply
 
 

@@ -4,14 +4,21 @@
 JAX through `jax.jit` over the variables' values (a pure function, cache buffers donated on
 accelerators), TensorFlow through `tf.function(jit_compile=True)` (XLA), PyTorch through
 `torch.jit.trace` per shape (the traced graph runs without the Python and Keras dispatch that
-costs about a third of an eager decode step), all under inference mode. Arguments must keep their shapes and dtypes
-between calls (scalars as int32 arrays) or the function is traced again; generation buckets
-its shapes for exactly that reason.
+costs about a third of an eager decode step), all under inference mode. Arguments must keep
+their shapes and dtypes between calls (scalars as int32 arrays) or the function is traced
+again; generation buckets its shapes for exactly that reason.
 """
 
 from __future__ import annotations
 
 import keras
+
+
+def loops_compile() -> bool:
+    """Whether a data-dependent loop inside a compiled function stays a loop (an XLA while
+    loop on JAX and TensorFlow). A torch trace would unroll it, so torch loops on the host."""
+    return keras.backend.backend() in ("jax", "tensorflow")
+
 
 
 def compile_step(model, fn, donate_argnums=()):
