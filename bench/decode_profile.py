@@ -458,14 +458,14 @@ def main(argv=None):
     dirs = gs.ensure_checkpoints(gs.DEFAULT_CACHE, log)
     bw = args.bandwidth * 1e9 if args.bandwidth else None
     if bw is None:
-        b = gs._result_line(gs._run([gs.__file__, "--bandwidth"]))
+        b = gs.common.result_line(gs.common.run([gs.__file__, "--bandwidth"]))
         bw = max(b["one_thread"], b["two_threads"])
     results = []
     for backend in (BACKENDS if args.backend == "all" else (args.backend,)):
         log(f"{backend} ...")
         argv_ = [__file__, "--worker", backend, "--dir", dirs["hf"], "--batch", str(args.batch),
                  "--steps", str(args.steps)] + (["--py-spy"] if args.py_spy else [])
-        r = gs._result_line(gs._run(argv_, env={"KERAS_BACKEND": backend}))
+        r = gs.common.result_line(gs.common.run(argv_, env={"KERAS_BACKEND": backend}))
         results.append(r)
         log(f"  step {r['step']['median_ms']:.1f} ms, compiled {r['compiled']['median_ms']:.1f} ms")
     bound_ms = 1e3 * results[0]["weight_bytes"] / bw if results else None

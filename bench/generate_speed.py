@@ -35,18 +35,18 @@ What it does:
 from __future__ import annotations
 
 import argparse
-import datetime
 import fnmatch
 import json
-import os
 import pathlib
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import _common as common  # noqa: E402
+
 DEFAULT_CACHE = REPO / "bench" / ".cache" / "generate_speed"
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "generate_speed.md"
 
@@ -81,7 +81,6 @@ HF_COMPILE_NOTE = (
     "CPU) is left out of the default run: on this 2-core CPU, when this benchmark was "
     "written, its first 128-token generate took 122 s and the next ones ~60 s each (eager: "
     "~13 s), so it does not pay off here; measure it with `--only hf-compile`.")
-CASE_TIMEOUT_S = 600
 REFERENCE = "hf-eager"
 
 
@@ -231,67 +230,9 @@ def bandwidth_worker(gigabytes: float = 1.5, repeats: int = 7) -> dict:
     return {"one_thread": one, "two_threads": two, "bytes": array.nbytes}
 
 
-# ---- building the checkpoint (once) ------------------------------------------------------
-def _run(argv, env=None, timeout=CASE_TIMEOUT_S):
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
-                "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", **(env or {})}
-    proc = subprocess.run([sys.executable, *argv], env=full_env, capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc.stdout
-
-
-def _result_line(stdout: str) -> dict:
-    line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
-
-
-def make_hf(directory: pathlib.Path):
-    import torch
-    import transformers
-
-    torch.manual_seed(SEED)
-    config = transformers.GemmaConfig(
-        **MODEL, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
-        pad_token_id=0)
-    model = transformers.GemmaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():  # non-trivial norm scales, so a norm mix-up would change the tokens
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(-0.5, 0.5)
-        model.model.embed_tokens.weight.normal_(0.0, EMBEDDING_STD)
-    model.save_pretrained(directory)
-
-
-def make_keras_hub(hf_dir: pathlib.Path, directory: pathlib.Path):
-    import gemma_keras as gk
-
-    lm = gk.GemmaCausalLM.from_preset(str(hf_dir), dtype="float32")
-    lm.save_to_preset(str(directory))
-
-
 def ensure_checkpoints(cache: pathlib.Path, log) -> dict:
     key = json.dumps({**MODEL, "seed": SEED, "embedding_std": EMBEDDING_STD}, sort_keys=True)
-    stamp = cache / "config.stamp"
-    hf_dir, kh_dir = cache / "hf", cache / "keras_hub"
-    if not (stamp.is_file() and stamp.read_text() == key and (hf_dir / "config.json").is_file()
-            and (kh_dir / "config.json").is_file()):
-        import shutil
-
-        shutil.rmtree(cache, ignore_errors=True)
-        cache.mkdir(parents=True)
-        log(f"building the checkpoint under {cache} (once) ...")
-        t = time.perf_counter()
-        _run([__file__, "--make", "hf", "--dir", str(hf_dir)])
-        _run([__file__, "--make", "keras_hub", "--dir", str(kh_dir), "--source", str(hf_dir)],
-             env={"KERAS_BACKEND": "jax"})
-        stamp.write_text(key)
-        log(f"  done in {time.perf_counter() - t:.0f} s")
-    return {"hf": str(hf_dir), "keras_hub": str(kh_dir)}
+    return common.ensure_checkpoints(cache, key, __file__, [], log)
 
 
 # ---- metrics and the report --------------------------------------------------------------
@@ -352,13 +293,6 @@ def _fmt(x, digits=1):
 
 
 def render(rows, bandwidth, args, args_line) -> str:
-    import importlib.metadata as md
-
-    def version(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return "-"
 
     P, N = args.prompt_len, args.new_tokens
     batches = args.batch_sizes
@@ -398,8 +332,8 @@ def render(rows, bandwidth, args, args_line) -> str:
         "the compilation / tracing cost.",
         "",
     ]
-    header = (f"| implementation | backend | B=1 decode tok/s | ms/token | % bound | "
-              f"B=1 prefill tok/s | first call (s) | first - steady call (s) |")
+    header = ("| implementation | backend | B=1 decode tok/s | ms/token | % bound | "
+              "B=1 prefill tok/s | first call (s) | first - steady call (s) |")
     sep = "|---|---|--:|--:|--:|--:|--:|--:|"
     if big != 1:
         header += f" B={big} decode tok/s | B={big} prefill tok/s |"
@@ -482,14 +416,7 @@ def render(rows, bandwidth, args, args_line) -> str:
         "compilation (transformers does not auto-compile on CPU). "
         + (HF_COMPILE_NOTE if "hf-compile" not in by_case else ""),
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024 ** 3:.0f} GiB RAM, "
-        f"Linux {platform.release()}, Python {platform.python_version()}. "
-        + ", ".join(f"{p} {version(p)}" for p in ("keras", "jax", "tensorflow", "torch",
-                                                  "keras-hub", "transformers", "numpy")) + ".",
-        f"Run {datetime.date.today().isoformat()}: `{args_line}`.",
-        "",
-    ]
+    ] + common.machine_lines(args_line)
     return "\n".join(lines + notes)
 
 
@@ -543,10 +470,10 @@ def main(argv=None):
                         (args.batch_sizes or ("1" if args.quick else "1,8")).split(",")]
 
     if args.make == "hf":
-        make_hf(pathlib.Path(args.dir))
+        common.make_hf(pathlib.Path(args.dir), MODEL, embedding_std=EMBEDDING_STD)
         return 0
     if args.make == "keras_hub":
-        make_keras_hub(pathlib.Path(args.source), pathlib.Path(args.dir))
+        common.make_keras_hub(pathlib.Path(args.source), pathlib.Path(args.dir))
         return 0
     if args.bandwidth:
         print("RESULT " + json.dumps(bandwidth_worker()), flush=True)
@@ -579,12 +506,12 @@ def main(argv=None):
     def probe_bandwidth():
         if not args.no_bandwidth:
             log("memory bandwidth ...")
-            probes.append(_result_line(_run([__file__, "--bandwidth"])))
+            probes.append(common.result_line(common.run([__file__, "--bandwidth"])))
             log(f"  {max(probes[-1]['one_thread'], probes[-1]['two_threads']) / 1e9:.1f} GB/s")
 
     probe_bandwidth()
     rows = []
-    common = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+    worker_args = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
               "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--runs", str(args.runs),
               "--warmups", str(args.warmups)]
     for case, library, backend, label in cases:
@@ -593,8 +520,9 @@ def main(argv=None):
         t = time.perf_counter()
         env = {"KERAS_BACKEND": backend} if backend else {}
         try:
-            r = _result_line(_run([__file__, "--worker", library, "--dir", json.dumps(dirs),
-                                   *common], env=env))
+            r = common.result_line(common.run(
+                [__file__, "--worker", library, "--dir", json.dumps(dirs), *worker_args],
+                env=env))
         except (RuntimeError, subprocess.TimeoutExpired) as e:
             log(f"  FAILED: {str(e)[-2000:]}")
             r = {"error": str(e).strip().splitlines()[-1][:120]}

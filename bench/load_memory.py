@@ -23,17 +23,17 @@ well as anonymous memory; a loader that mmaps pays for both while both are resid
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import pathlib
-import platform
 import subprocess
 import sys
 import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import _common as common  # noqa: E402
+
 DEFAULT_CACHE = REPO / "bench" / ".cache" / "load_memory"
 DEFAULT_OUTPUT = REPO / "bench" / "results" / "load_memory.md"
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -59,7 +59,6 @@ CASES = [
     ("kh_kh_f32", "(e) keras-hub `GemmaCausalLM.from_preset`", True, "keras_hub", "float32"),
     ("hf_hf_f32", "(f) transformers `from_pretrained`", False, "hf", "float32"),
 ]
-CASE_TIMEOUT_S = 600
 
 
 # ---- memory probes (used inside the worker subprocesses) ----------------------------------
@@ -231,61 +230,10 @@ def worker(case: str, directory: str, dtype: str, trace: str = None) -> dict:
     return result
 
 
-# ---- building the checkpoints (once) -----------------------------------------------------
-def _run(argv, env=None, timeout=CASE_TIMEOUT_S):
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu",
-                "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    proc = subprocess.run([sys.executable, *argv], env=full_env, capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n"
-                           f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc.stdout
-
-
-def make_hf(directory: pathlib.Path, size: str):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GemmaConfig(
-        **SIZES[size], hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
-        rms_norm_eps=1e-6, tie_word_embeddings=True)
-    model = transformers.GemmaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():  # non-trivial norm scales, so a norm mix-up would show in checksums
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(-0.5, 0.5)
-    model.save_pretrained(directory, max_shard_size="200MB")
-
-
-def make_keras_hub(hf_dir: pathlib.Path, directory: pathlib.Path):
-    import gemma_keras as gk
-
-    lm = gk.GemmaCausalLM.from_preset(str(hf_dir), dtype="float32")
-    lm.save_to_preset(str(directory))
-
-
 def ensure_checkpoints(cache: pathlib.Path, size: str, log) -> dict:
     """{'hf': dir, 'keras_hub': dir}, built on the first run and reused afterwards."""
-    root = cache / size
-    key = json.dumps(SIZES[size], sort_keys=True)
-    stamp = root / "config.stamp"
-    hf_dir, kh_dir = root / "hf", root / "keras_hub"
-    if not (stamp.is_file() and stamp.read_text() == key and (hf_dir / "config.json").is_file()
-            and (kh_dir / "config.json").is_file()):
-        import shutil
-
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        log(f"building the '{size}' checkpoint under {root} (once) ...")
-        t = time.perf_counter()
-        _run([__file__, "--make", "hf", "--size", size, "--dir", str(hf_dir)])
-        _run([__file__, "--make", "keras_hub", "--size", size, "--dir", str(kh_dir),
-              "--source", str(hf_dir)], env={"KERAS_BACKEND": "jax"})
-        stamp.write_text(key)
-        log(f"  done in {time.perf_counter() - t:.0f} s")
-    return {"hf": hf_dir, "keras_hub": kh_dir}
+    return common.ensure_checkpoints(cache / size, json.dumps(SIZES[size], sort_keys=True),
+                                     __file__, ["--size", size], log)
 
 
 # ---- the driver -------------------------------------------------------------------------
@@ -294,9 +242,7 @@ def measure(case, backend, directory, dtype, trace_dir=None) -> dict:
     if trace_dir:
         argv += ["--trace-file", str(trace_dir / f"{case}_{backend or 'torch'}.json")]
     env = {"KERAS_BACKEND": backend} if backend else {}
-    stdout = _run(argv, env=env)
-    line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return common.result_line(common.run(argv, env=env))
 
 
 def _mib(n):
@@ -304,13 +250,6 @@ def _mib(n):
 
 
 def render(rows, size, args_line) -> str:
-    import importlib.metadata as md
-
-    def version(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return "-"
 
     params = next((r["params"] for r in rows if "params" in r), None)
     cfg = SIZES[size]
@@ -354,14 +293,7 @@ def render(rows, size, args_line) -> str:
                 f"{_mib(r['in_use'] - r['baseline'])} | {r['seconds']:.1f} |")
     lines += [
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024 ** 3:.0f} GiB RAM, "
-        f"Linux {platform.release()}, Python {platform.python_version()}. "
-        + ", ".join(f"{p} {version(p)}" for p in ("keras", "jax", "tensorflow", "torch",
-                                                  "keras-hub", "transformers", "numpy")) + ".",
-        f"Run {datetime.date.today().isoformat()}: `{args_line}`.",
-        "",
-    ]
+    ] + common.machine_lines(args_line)
     return "\n".join(lines)
 
 
@@ -409,10 +341,10 @@ def main(argv=None):
               flush=True)
         return 0
     if args.make == "hf":
-        make_hf(pathlib.Path(args.dir), args.size)
+        common.make_hf(pathlib.Path(args.dir), SIZES[args.size], max_shard_size="200MB")
         return 0
     if args.make == "keras_hub":
-        make_keras_hub(pathlib.Path(args.source), pathlib.Path(args.dir))
+        common.make_keras_hub(pathlib.Path(args.source), pathlib.Path(args.dir))
         return 0
 
     def log(msg):
