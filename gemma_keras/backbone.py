@@ -76,7 +76,11 @@ class GemmaBackbone(keras.Model):
         [batch, len, vocab] in the compute dtype (the cap itself in float32)."""
         # The table [vocab, hidden] is a kernel in [out, in] layout: same product as the
         # projections, which reads it row by row when decoding (no transposed copy).
-        logits = backend_ops.linear(hidden, self.token_embedding.embeddings)
+        embedding = self.token_embedding
+        if embedding.quantization_mode is None:
+            logits = backend_ops.linear(hidden, embedding.embeddings)
+        else:  # int8/int4 tables hold scaled integers: Keras' own reverse path dequantizes
+            logits = embedding(hidden, reverse=True)
         cap = self.config.final_logit_soft_cap
         if cap is None:
             return logits

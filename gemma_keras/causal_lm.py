@@ -59,8 +59,12 @@ class GemmaCausalLM(keras.Model):
     def _compiled_steps(self):
         from gemma_keras.generation.generate import CompiledSteps
 
-        if self._steps is None:
+        # Compiled steps take the variables as inputs; quantize() or enable_lora() replace
+        # or add variables, and then the steps must be built again.
+        signature = tuple(id(v) for v in self.variables)
+        if self._steps is None or getattr(self, "_steps_signature", None) != signature:
             self._steps = CompiledSteps(self)
+            self._steps_signature = signature
         return self._steps
 
     def generate(self, inputs, max_length=None, max_new_tokens=None, sampler="greedy",

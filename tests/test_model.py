@@ -64,3 +64,63 @@ def test_rope_positions_stay_exact_in_bfloat16():
     assert not np.allclose(exact, np.concatenate([a * np.cos(wrong) - b * np.sin(wrong),
                                                   b * np.cos(wrong) + a * np.sin(wrong)], -1),
                            atol=2e-2)
+
+
+def test_linear_is_x_times_kernel_transposed_and_keeps_keras_lora_and_int8():
+    # Linear stores [out, in] and computes through backend_ops.linear; with LoRA or int8 it
+    # defers to EinsumDense, whose kernel bookkeeping must agree with that layout.
+    from gemma_keras.layers.linear import Linear
+
+    rng = np.random.RandomState(0)
+    x = rng.normal(size=(2, 3, 16)).astype("float32")
+    layer = Linear(8, name="proj")
+    layer.build((None, None, 16))
+    assert tuple(layer.kernel.shape) == (8, 16)
+    kernel = rng.normal(size=(8, 16)).astype("float32")
+    layer.kernel.assign(kernel)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), x @ kernel.T, atol=1e-5)
+
+    layer.enable_lora(2)
+    a = rng.normal(size=tuple(layer.lora_kernel_a.shape)).astype("float32")
+    b = rng.normal(size=tuple(layer.lora_kernel_b.shape)).astype("float32")
+    layer.lora_kernel_a.assign(a)
+    layer.lora_kernel_b.assign(b)
+    merged = keras.ops.convert_to_numpy(layer.kernel)
+    assert merged.shape == (8, 16) and not np.allclose(merged, kernel)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), x @ merged.T, atol=1e-4)
+
+    plain = Linear(8, name="proj_int8")
+    plain.build((None, None, 16))
+    plain.kernel.assign(kernel)
+    plain.quantize("int8")
+    out = keras.ops.convert_to_numpy(plain(x))
+    np.testing.assert_allclose(out, x @ kernel.T, atol=0.05 * np.abs(x @ kernel.T).max())
+    assert Linear.from_config(layer.get_config()).units == 8
+
+
+def test_int8_quantized_model_generates_from_its_quantized_weights(vocab_size):
+    keras.utils.set_random_seed(3)
+    lm = gk.GemmaCausalLM(gk.GemmaBackbone(**keras_hub_kwargs("gemma2_gqa", vocab_size)))
+    ids = np.array([[2, 17, 40, 33, 9]], "int32")
+
+    def forward(tokens):
+        return keras.ops.convert_to_numpy(
+            lm({"token_ids": tokens, "padding_mask": np.ones_like(tokens)}))
+    before = forward(ids)
+    lm.generate({"token_ids": ids, "padding_mask": np.ones_like(ids)}, max_new_tokens=2,
+                stop_token_ids=None)  # compiled steps exist before quantizing
+    lm.backbone.quantize("int8")
+    after = forward(ids)
+    assert 0 < np.abs(after - before).max() < 0.05 * np.abs(before).max()
+    # The compiled (cached) steps run the quantized weights, not the float ones they were
+    # first built with.
+    from gemma_keras.generation.generate import GenerationSession
+
+    session = GenerationSession(lm, [ids[0].tolist()], ids.shape[1] + 4)
+    np.testing.assert_allclose(session.logits[0], after[0, -1], atol=1e-4)
+    out = lm.generate({"token_ids": ids, "padding_mask": np.ones_like(ids)}, max_new_tokens=4,
+                      stop_token_ids=None)["token_ids"][0].tolist()
+    tokens = ids
+    for _ in range(4):
+        tokens = np.concatenate([tokens, [[forward(tokens)[0, -1].argmax()]]], axis=1)
+    assert out == tokens[0].tolist()
