@@ -162,28 +162,25 @@ def _import(case: str):
             return keras_hub.models.GemmaCausalLM.from_preset(
                 str(directory), preprocessor=None, dtype=dtype)
 
-        def describe(lm):
-            backbone = lm.backbone
-            _touch(backbone)
-            return backbone.count_params(), [
-                _mean_abs(keras.ops.convert_to_numpy(backbone.token_embedding.embeddings)),
-                _mean_abs(keras.ops.convert_to_numpy(
-                    backbone.transformer_layers[-1].ffw_linear.kernel))]
-        return load, describe
+        return load, lambda lm: _describe(lm, lambda block: block.ffw_linear)
 
     import gemma_keras as gk
 
     def load(directory, dtype):
         return gk.GemmaCausalLM.from_preset(str(directory), dtype=dtype)
 
-    def describe(lm):
-        backbone = lm.backbone
-        _touch(backbone)
-        return backbone.count_params(), [
-            _mean_abs(keras.ops.convert_to_numpy(backbone.token_embedding.embeddings)),
-            _mean_abs(keras.ops.convert_to_numpy(
-                backbone.transformer_layers[-1].ffw.linear.kernel))]
-    return load, describe
+    return load, lambda lm: _describe(lm, lambda block: block.ffw.linear)
+
+
+def _describe(lm, ffw_linear):
+    """Parameter count and two weight checksums, after reading every weight once."""
+    import keras
+
+    backbone = lm.backbone
+    _touch(backbone)
+    return backbone.count_params(), [
+        _mean_abs(keras.ops.convert_to_numpy(backbone.token_embedding.embeddings)),
+        _mean_abs(keras.ops.convert_to_numpy(ffw_linear(backbone.transformer_layers[-1]).kernel))]
 
 
 def worker(case: str, directory: str, dtype: str, trace: str = None) -> dict:

@@ -1,5 +1,8 @@
 """The one place for backend-specific code. Layers use keras.ops only; what cannot be said in
-keras.ops (zero-copy host arrays, later compilation and fused attention) lives here."""
+keras.ops (zero-copy host arrays, the projection product each backend runs fastest) lives
+here."""
+
+import functools
 
 import keras
 import numpy as np
@@ -47,9 +50,7 @@ def _torch_linear(x, kernel):
     return torch.nn.functional.linear(x, kernel)
 
 
-_ONEDNN = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _onednn_linear():
     """oneDNN's inner product for float32 CPU inference, or None where torch lacks it.
 
@@ -59,16 +60,14 @@ def _onednn_linear():
     tracer cannot record its `Scalar?[]` argument, TorchScript can, and traced generation
     steps then run it without Python.
     """
-    if "fn" not in _ONEDNN:
-        _ONEDNN["fn"] = None
-        try:
-            import torch
+    import torch
 
-            if torch.backends.mkldnn.is_available():
-                _ONEDNN["fn"] = torch.jit.CompilationUnit(_ONEDNN_SOURCE).linear
-        except Exception:  # an older/newer torch without the op: F.linear is exact too
-            _ONEDNN["fn"] = None
-    return _ONEDNN["fn"]
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.jit.CompilationUnit(_ONEDNN_SOURCE).linear
+    except Exception:  # a torch without the op: F.linear is exact too
+        return None
 
 
 _ONEDNN_SOURCE = """

@@ -176,7 +176,7 @@ class _SafetensorsEntry:
         return raw
 
 
-def reader(directory: pathlib.Path, config: GemmaConfig, model_type: str) -> Reader:
+def reader(directory: pathlib.Path, model_type: str) -> Reader:
     """Canonical names -> entries that read keras-layout arrays."""
     tensors = {}
     for file in _safetensors_files(directory):

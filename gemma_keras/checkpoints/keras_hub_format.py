@@ -54,7 +54,7 @@ _LAYER_NAMES = {"pre_attention_norm": "pre_attention_norm", "query": "query", "k
                 "ffw_gating_2": "ffw_gating_2", "ffw_linear": "ffw_linear"}
 
 
-def _head_layouts(config: GemmaConfig):
+def _kernel_layouts(config: GemmaConfig):
     """keras-hub's kernels are [in, out] with attention heads on their own axis, ours are
     [out, in] with heads flattened (see layers/linear.py): canonical suffix -> (keras-hub
     shape, our shape, to ours, to keras-hub)."""
@@ -184,7 +184,7 @@ def reader(directory: pathlib.Path, config: GemmaConfig) -> Reader:
     for i, prefix in enumerate(_block_prefixes(index, config.num_layers)):
         for suffix, group in _BLOCK_H5.items():
             paths[f"decoder_block_{i}/{suffix}"] = f"{prefix}/{group}"
-    layouts = _head_layouts(config)
+    layouts = _kernel_layouts(config)
     out = {}
     for name, group in paths.items():
         entry = index.get(f"{group}/vars/0")
@@ -241,7 +241,7 @@ def _h5_groups(config: GemmaConfig):
 
 def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[int]):
     groups = _h5_groups(backbone.config)
-    layouts = _head_layouts(backbone.config)
+    layouts = _kernel_layouts(backbone.config)
     shards, weight_map, size = [], {}, 0
     h5 = None
 

@@ -52,7 +52,7 @@ def load_backbone(preset, dtype: Optional[str] = None):
         reader = keras_hub_format.reader(directory, config)
     else:
         model_type = read_json(directory / "config.json")["model_type"]
-        reader = hf_format.reader(directory, config, model_type)
+        reader = hf_format.reader(directory, model_type)
     chosen = dtype or (saved_dtype if saved_dtype in DTYPES else "float32")
     backbone = GemmaBackbone(config, dtype=chosen, checkpoint=(reader, str(directory)))
     return backbone, directory

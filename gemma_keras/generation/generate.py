@@ -165,12 +165,13 @@ class GenerationSession:
     def decode(self, max_new_tokens, sampler, rng, stop_ids, on_token=None):
         """Samples up to max_new_tokens per row, stopping rows at a stop id (kept in
         `generated`); `on_token(row_index)` is called after each row gets a token."""
+        on_device = on_token is None and type(sampler) is GreedySampler and loops_compile()
         for i in range(max_new_tokens):
             tokens = sampler.select(self.logits, rng)
             self._record(tokens, stop_ids, on_token)
             if all(row.done for row in self.rows) or i == max_new_tokens - 1:
                 return
-            if i == 0 and on_token is None and type(sampler) is GreedySampler and loops_compile():
+            if on_device:  # the rest in one compiled loop
                 return self._greedy_on_device(tokens, max_new_tokens - 1, stop_ids)
             self.step(tokens)
 
