@@ -14,6 +14,7 @@ _EXPORTS = {
     "GemmaCausalLM": "gemma_keras.causal_lm",
     "GemmaConfig": "gemma_keras.config",
     "GemmaTokenizer": "gemma_keras.tokenizer",
+    "GemmaCausalLMPreprocessor": "gemma_keras.preprocessor",
     "list_presets": "gemma_keras.presets",
     "get_preset_card": "gemma_keras.presets",
     "GemmaError": "gemma_keras.errors",
@@ -24,7 +25,7 @@ _EXPORTS = {
     "WeightShapeError": "gemma_keras.errors",
 }
 # Public submodules: gk.samplers.TopPSampler(...).
-_MODULES = {"samplers": "gemma_keras.generation.samplers"}
+_MODULES = {"samplers": "gemma_keras.generation.samplers", "lora": "gemma_keras.lora"}
 __all__ = sorted([*_EXPORTS, *_MODULES])
 
 

@@ -28,6 +28,9 @@ class GemmaBackbone(keras.Model):
             raise TypeError("Pass either a GemmaConfig or keyword arguments, not both.")
         super().__init__(dtype=dtype, name=name)
         self.config = config
+        # Recompute each decoder block in the backward pass instead of keeping its
+        # activations (less memory for long sequences, about one more forward of compute).
+        self.gradient_checkpointing = False
         policy = self.dtype_policy
         self.token_embedding = keras.layers.ReversibleEmbedding(
             config.vocabulary_size, config.hidden_dim, tie_weights=True,
@@ -60,6 +63,30 @@ class GemmaBackbone(keras.Model):
         self.built = True
         if checkpoint is not None:
             weights.release_checkpoint(self)
+
+    # ---- LoRA and rematerialisation (transformations of the built model) ------------------
+    def enable_lora(self, rank, alpha=None, target_names=("query", "value")):
+        """Freezes every weight and adds trainable rank-`rank` adapters to the projections
+        named in `target_names` ("query", "key", "value", "attention_output", "ffw_gating",
+        "ffw_gating_2", "ffw_linear"); alpha / rank scales them (alpha defaults to rank)."""
+        from gemma_keras import lora
+
+        lora.enable_lora(self, rank, alpha=alpha, target_names=target_names)
+
+    def save_lora_weights(self, path):
+        from gemma_keras import lora
+
+        lora.save_lora_weights(self, path)
+
+    def load_lora_weights(self, path):
+        from gemma_keras import lora
+
+        lora.load_lora_weights(self, path)
+
+    def merge_lora(self):
+        from gemma_keras import lora
+
+        lora.merge_lora(self)
 
     @property
     def hidden_dim(self):
@@ -124,8 +151,12 @@ class GemmaBackbone(keras.Model):
             if cache is not None:
                 kind = layer_kind(self.config, i)
                 layer_cache = cache[kind]["kv"][len(new_cache[kind]["kv"])]
-            x, layer_cache = block(x, rope, global_mask, local_mask, cache=layer_cache,
-                                   start=start, mode=mode, training=training)
+            if training and self.gradient_checkpointing and cache is None:
+                x = keras.remat(lambda h, block=block: block(
+                    h, rope, global_mask, local_mask, training=training)[0])(x)
+            else:
+                x, layer_cache = block(x, rope, global_mask, local_mask, cache=layer_cache,
+                                       start=start, mode=mode, training=training)
             if cache is not None:
                 new_cache[kind]["kv"].append(layer_cache)
         x = self.final_normalization(x)  # [batch, len, hidden]

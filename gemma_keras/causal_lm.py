@@ -20,6 +20,12 @@ class GemmaCausalLM(keras.Model):
         # True for instruction-tuned checkpoints, False for base ones, None when unknown;
         # decides whether generation stops at <end_of_turn> by default.
         self.instruct = instruct
+        self.preprocessor = None
+        if tokenizer is not None:
+            from gemma_keras.preprocessor import GemmaCausalLMPreprocessor
+
+            # Plain texts for a base model; pairs in the chat format for an instruct one.
+            self.preprocessor = GemmaCausalLMPreprocessor(tokenizer, chat_format=bool(instruct))
         self._steps = None
         self.built = True
 
@@ -48,6 +54,54 @@ class GemmaCausalLM(keras.Model):
                     tokenizer = GemmaTokenizer(directory / name)
                     break
         return cls(backbone, tokenizer, instruct=_is_instruct(preset))
+
+    # ---- training -----------------------------------------------------------------------
+    def compile(self, optimizer="auto", loss="auto", weighted_metrics="auto", **kwargs):
+        """Keras' compile with defaults for next-token training: AdamW (learning rate 2e-4
+        with LoRA enabled, 2e-5 without; loss scaling for float16), cross-entropy on the
+        logits in float32 averaged over weighted labels only, accuracy and perplexity."""
+        from gemma_keras import training
+
+        super().compile(
+            optimizer=training.default_optimizer(self) if optimizer == "auto" else optimizer,
+            loss=training.default_loss() if loss == "auto" else loss,
+            weighted_metrics=(training.default_metrics() if weighted_metrics == "auto"
+                              else weighted_metrics),
+            **kwargs)
+
+    def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        """Keras' fit, also on raw data: a string or list of strings, `{"prompts": [...],
+        "responses": [...]}` (loss on responses only), a tf.data dataset of those, a Python
+        generator yielding them, or `{"token_ids", "padding_mask"}` (labels = next token).
+        Compiles with the defaults of `compile()` when not compiled yet."""
+        return self._run_keras(super().fit, x, y, batch_size, sample_weight, kwargs)
+
+    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        """Keras' evaluate on the same inputs as `fit`."""
+        return self._run_keras(super().evaluate, x, y, batch_size, sample_weight, kwargs)
+
+    def _run_keras(self, method, x, y, batch_size, sample_weight, kwargs):
+        from gemma_keras import training
+
+        if not self.compiled:
+            self.compile()
+        x, y, sample_weight, batch_size = training.adapt(self, x, y, sample_weight, batch_size)
+        if method.__name__ == "fit" and y is None and not isinstance(x, dict):
+            # Datasets and generators come in their own order: Keras would warn that its
+            # default shuffle=True is ignored.
+            kwargs.setdefault("shuffle", False)
+        return method(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+
+    def save_lora_weights(self, path):
+        """Writes only the LoRA adapters to an .h5 file (see `gemma_keras.lora`)."""
+        self.backbone.save_lora_weights(path)
+
+    def load_lora_weights(self, path):
+        self.backbone.load_lora_weights(path)
+
+    def merge_lora(self):
+        """Folds the LoRA adapters into the base weights: same logits, no adapters."""
+        self.backbone.merge_lora()
 
     def chat(self, system=None):
         """A multi-turn chat session in Gemma's turn format that keeps the KV cache between

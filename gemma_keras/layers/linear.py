@@ -1,6 +1,7 @@
 """A projection whose kernel is stored [out, in], PyTorch's nn.Linear layout."""
 
 import keras
+from keras import ops
 
 from gemma_keras import backend_ops
 
@@ -15,7 +16,9 @@ class Linear(keras.layers.EinsumDense):
     so they load without a transpose.
 
     An EinsumDense underneath, so Keras' `enable_lora`, `quantize` and serialisation apply
-    unchanged; only the plain float path is routed to `backend_ops.linear`.
+    unchanged. Keras' LoRA factors the kernel as kernel + (alpha / rank) * A @ B, here
+    A [out, rank] and B [rank, in]; instead of materialising that full-size sum on every call
+    (as EinsumDense does), the adapter is applied as two thin products, x @ B^T @ A^T.
     """
 
     def __init__(self, units, **kwargs):
@@ -25,9 +28,55 @@ class Linear(keras.layers.EinsumDense):
         self.units = units
 
     def call(self, inputs, training=None):
-        if self.lora_enabled or self.quantization_mode is not None:
-            return super().call(inputs, training=training)
-        return backend_ops.linear(inputs, self.kernel)
+        return self._with_adapter(inputs, backend_ops.linear(inputs, self._kernel))
+
+    def quantized_call(self, inputs, training=None):
+        # Keras' quantized calls add LoRA with `einsum(equation, x, A)`, which assumes the
+        # kernel's last axis is the output; ours is the input. Run them without the adapter
+        # (the attribute is only read at trace time) and add it here.
+        lora_enabled, self.lora_enabled = self.lora_enabled, False
+        try:
+            outputs = super().quantized_call(inputs, training=training)
+        finally:
+            self.lora_enabled = lora_enabled
+        return self._with_adapter(inputs, outputs)
+
+    def _with_adapter(self, inputs, outputs):
+        if not self.lora_enabled:
+            return outputs
+        # In float32, as the adapter weights: a bfloat16 low-rank path would round away
+        # small updates. [batch, len, in] -> [batch, len, rank] -> [batch, len, out]
+        x = ops.cast(inputs, "float32")
+        delta = backend_ops.linear(backend_ops.linear(x, self.lora_kernel_b), self.lora_kernel_a)
+        delta = delta * (self.lora_alpha / self.lora_rank)
+        return ops.add(outputs, ops.cast(delta, outputs.dtype))
+
+    def merge_lora(self):
+        """Folds the adapter into the kernel and removes it: the layer is plain again.
+        Quantized kernels are re-quantized with the adapter folded in (lossy, as Keras does
+        when it saves a quantized LoRA layer)."""
+        if not self.lora_enabled:
+            return
+        if self.quantization_mode is None:
+            delta = ops.matmul(self.lora_kernel_a, self.lora_kernel_b)  # [out, in]
+            merged = ops.cast(self._kernel, "float32") + delta * (self.lora_alpha / self.lora_rank)
+            self._kernel.assign(ops.cast(merged, self._kernel.dtype))
+        else:
+            kernel, scale, _ = self._get_kernel_with_merged_lora()
+            self._kernel.assign(kernel)
+            self.kernel_scale.assign(scale)
+        self.disable_lora()
+
+    def disable_lora(self):
+        """Drops the adapter without folding it in."""
+        if not self.lora_enabled:
+            return
+        del self.lora_kernel_a  # Keras untracks a variable attribute when it is deleted
+        del self.lora_kernel_b
+        self.lora_enabled = False
+        self.lora_rank = None
+        self.lora_alpha = None
+        self._kernel.trainable = self.trainable
 
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras refuses to quantize EinsumDense subclasses (their call may differ); ours
