@@ -20,6 +20,13 @@ def test_quickstart_guide_runs(repo_root):
     assert "generated token ids: [" in result.stdout
 
 
+def test_lora_guide_improves_held_out_accuracy(repo_root):
+    result = _run(["guides/finetune_lora.py", "--epochs", "8"], repo_root)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "improved held-out accuracy: True" in result.stdout
+    assert "accuracy before: held-out 0%" in result.stdout
+
+
 def test_cli_presets_lists_every_card(repo_root):
     import gemma_keras as gk
 
