@@ -24,9 +24,9 @@ PAIRS = {"prompts": ["The quick brown fox", "Keras is a"],
 @pytest.fixture
 def tiny_lm(hf_checkpoint):
     """case -> a GemmaCausalLM with a tokenizer, from an HF checkpoint written at test time."""
-    def make(case="gemma_mqa", seed=0):
+    def make(case="gemma_mqa", seed=0, dtype=None):
         directory, _ = hf_checkpoint(case, seed=seed, std=0.1)
-        lm = gk.GemmaCausalLM.from_preset(directory)
+        lm = gk.GemmaCausalLM.from_preset(directory, dtype=dtype)
         lm.preprocessor.sequence_length = 32
         return lm
     return make
@@ -62,8 +62,9 @@ def test_trainable_parameters_are_the_adapters_and_match_the_formula(tiny_lm, ta
         assert count == 3 * 3 * ((64 + 64) + (64 + 32))
 
 
-def test_lora_fit_lowers_the_loss_and_leaves_base_weights_bit_identical(tiny_lm):
-    lm = tiny_lm()
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lora_fit_lowers_the_loss_and_leaves_base_weights_bit_identical(tiny_lm, dtype):
+    lm = tiny_lm(dtype=dtype)  # bfloat16: frozen base in bfloat16, adapters in float32
     lm.backbone.enable_lora(rank=4)
     lm.compile(optimizer=keras.optimizers.Adam(3e-3))
     frozen = _base_weights(lm)
