@@ -34,7 +34,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="gemma-keras", description="Gemma models for Keras 3 (JAX, TensorFlow, PyTorch).")
     parser.add_argument("--backend", choices=["jax", "tensorflow", "torch"],
-                        help="Keras backend (default: $KERAS_BACKEND, else the one in ~/.keras/keras.json)")
+                        help="Keras backend (default: $KERAS_BACKEND, else the one in "
+                             "~/.keras/keras.json)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("presets", help="table of the built-in presets").set_defaults(run=_presets)
     inspect = commands.add_parser(

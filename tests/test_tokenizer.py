@@ -60,7 +60,8 @@ def test_detokenize_never_crashes_on_partial_bytes_or_padding_rows(tokenizer):
     width = max(map(len, rows)) + 2
     batch = np.array([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
     assert tokenizer.detokenize(batch, skip_special=True) == ["the fox", "a dog"]
-    assert tokenizer.detokenize([[2, *tokenizer.tokenize("x")], [2]], skip_special=True) == ["x", ""]
+    batch = [[2, *tokenizer.tokenize("x")], [2]]
+    assert tokenizer.detokenize(batch, skip_special=True) == ["x", ""]
     assert tokenizer.detokenize(np.int32(tokenizer.eos_token_id)) == ""
 
 
