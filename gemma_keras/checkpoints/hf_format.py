@@ -170,8 +170,8 @@ class _SafetensorsEntry:
                     data = f.read((b - a) * row_bytes)
                     if len(data) != (b - a) * row_bytes:
                         raise CheckpointError(f"{self.file} is truncated while reading a tensor.")
-                    rows = np.frombuffer(data, self.raw_dtype)
-                    return rows.reshape((b - a,) + self.raw_shape[1:])
+                    flat = np.frombuffer(data, self.raw_dtype)
+                    return flat.reshape((b - a,) + self.raw_shape[1:])
 
                 read_chunked(raw, rows, self.raw_shape[0])
         return raw
