@@ -86,6 +86,8 @@ class GemmaCausalLM(keras.Model):
         if not self.compiled:
             self.compile()
         x, y, sample_weight, batch_size = training.adapt(self, x, y, sample_weight, batch_size)
+        if kwargs.get("validation_data") is not None:  # the same raw forms as x
+            kwargs["validation_data"] = training.adapt_validation(self, kwargs["validation_data"])
         if method.__name__ == "fit" and y is None and not isinstance(x, dict):
             # Datasets and generators come in their own order: Keras would warn that its
             # default shuffle=True is ignored.

@@ -86,6 +86,14 @@ def adapt(lm, x, y=None, sample_weight=None, batch_size=None):
     return x, y, sample_weight, batch_size
 
 
+def adapt_validation(lm, data):
+    """fit's validation_data in any form `adapt` takes (a tuple is (x, y[, weights]))."""
+    if isinstance(data, tuple) and not _is_raw(data):
+        return data
+    x, y, weights, _ = adapt(lm, data)
+    return x if y is None else (x, y, weights)
+
+
 def _is_raw(x):
     if isinstance(x, (str, bytes)):
         return True

@@ -137,6 +137,8 @@ def test_fit_takes_strings_pairs_tf_data_and_generators(tiny_lm):
     history.append(lm.fit(tf.data.Dataset.from_tensor_slices(TEXTS).batch(2), verbose=0))
     history.append(lm.fit(tf.data.Dataset.from_tensor_slices(PAIRS), batch_size=2, verbose=0))
     history.append(lm.fit((t for t in TEXTS), batch_size=2, verbose=0))
+    history.append(lm.fit(TEXTS[:2], validation_data=PAIRS, verbose=0))
+    assert "val_perplexity" in history[-1].history
     for h in history:
         assert np.isfinite(h.history["loss"][-1]) and "perplexity" in h.history
 
