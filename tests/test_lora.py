@@ -256,3 +256,21 @@ def test_gradient_checkpointing_gives_the_same_training_step(tiny_lm, monkeypatc
         np.testing.assert_allclose(results[1][path], results[0][path], atol=1e-5)
         moved += int(np.abs(results[0][path]).max() > 0)
     assert moved
+
+
+def test_a_preset_saved_with_adapters_holds_the_merged_model(tiny_lm, tmp_path, vocab_size):
+    from conftest import token_batch
+
+    ids, mask = token_batch(vocab_size)
+    lm = tiny_lm("gemma2_gqa")
+    lm.backbone.enable_lora(rank=2, target_names=("query", "ffw_gating"))
+    _randomize_adapters(lm.backbone)
+    lm.save_to_preset(tmp_path / "merged")
+    loaded = gk.GemmaCausalLM.from_preset(tmp_path / "merged")
+    np.testing.assert_allclose(logits_of(loaded, ids, mask), logits_of(lm, ids, mask),
+                               atol=1e-4)
+
+    lm.quantize("int8")
+    with pytest.raises(gk.ConfigError, match="quantized"):
+        lm.save_to_preset(tmp_path / "quantized")
+    assert not (tmp_path / "quantized").exists()

@@ -258,7 +258,7 @@ def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[
     new_shard()
     try:
         for name, variable in weight_table(backbone):
-            array = np.asarray(keras.ops.convert_to_numpy(variable.value))
+            array = np.asarray(keras.ops.convert_to_numpy(variable))
             suffix = name.rsplit("/", 1)[-1]
             if suffix in layouts:
                 array = np.ascontiguousarray(layouts[suffix][3](array))

@@ -16,7 +16,7 @@ import keras
 import ml_dtypes
 import numpy as np
 
-from gemma_keras.errors import CheckpointError, WeightShapeError
+from gemma_keras.errors import CheckpointError, ConfigError, WeightShapeError
 
 # Sub-weights of a decoder block: canonical suffix -> attribute path from the block; the last
 # attribute is the variable, the ones before it lead to the layer that owns it.
@@ -67,9 +67,19 @@ def layer_table(backbone) -> Iterator[Tuple[str, object, str]]:
 
 
 def weight_table(backbone) -> Iterator[Tuple[str, object]]:
-    """(canonical name, keras variable) for every weight of a built backbone."""
+    """(canonical name, float value) for every weight of a built backbone, as a checkpoint
+    holds it: LoRA adapters merged into their kernels. Quantized weights are refused (a
+    checkpoint holds float weights; dequantizing would save the rounding as the model)."""
     for name, layer, attr in layer_table(backbone):
-        yield name, getattr(layer, attr)
+        if getattr(layer, "quantization_mode", None) is not None:
+            raise ConfigError(
+                f"Cannot save '{name}': the model is {layer.quantization_mode}-quantized and "
+                "presets hold float weights. Save before quantize() (and quantize after "
+                "loading), or merge_lora() into a float base.")
+        if attr == "kernel" and getattr(layer, "lora_enabled", False):
+            yield name, layer.merged_kernel()
+        else:
+            yield name, getattr(layer, attr).value
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -58,14 +58,18 @@ class Linear(keras.layers.EinsumDense):
         if not self.lora_enabled:
             return
         if self.quantization_mode is None:
-            delta = ops.matmul(self.lora_kernel_a, self.lora_kernel_b)  # [out, in]
-            merged = ops.cast(self._kernel, "float32") + delta * (self.lora_alpha / self.lora_rank)
-            self._kernel.assign(ops.cast(merged, self._kernel.dtype))
+            self._kernel.assign(self.merged_kernel())
         else:
             kernel, scale, _ = self._get_kernel_with_merged_lora()
             self._kernel.assign(kernel)
             self.kernel_scale.assign(scale)
         self.disable_lora()
+
+    def merged_kernel(self):
+        """The float kernel with the adapter folded in, in the kernel's dtype: [out, in]."""
+        delta = ops.matmul(self.lora_kernel_a, self.lora_kernel_b)  # [out, in]
+        merged = ops.cast(self._kernel, "float32") + delta * (self.lora_alpha / self.lora_rank)
+        return ops.cast(merged, self._kernel.dtype)
 
     def disable_lora(self):
         """Drops the adapter without folding it in."""
