@@ -106,7 +106,9 @@ class GemmaBackbone(keras.Model):
         embedding = self.token_embedding
         if embedding.quantization_mode is None:
             logits = backend_ops.linear(hidden, embedding.embeddings)
-        else:  # int8/int4 tables hold scaled integers: Keras' own reverse path dequantizes
+        elif embedding.quantization_mode == "int8" and embedding.inputs_quantizer:
+            logits = int8_head(embedding, hidden)
+        else:  # int4 tables hold packed integers: Keras' own reverse path dequantizes
             logits = embedding(hidden, reverse=True)
         cap = self.config.final_logit_soft_cap
         if cap is None:
@@ -170,6 +172,34 @@ class GemmaBackbone(keras.Model):
     def from_config(cls, config):
         config = dict(config)
         return cls(GemmaConfig.from_dict(config.pop("config")), **config)
+
+
+def int8_head(embedding, hidden):
+    """The tied head on an int8 table: Keras' forward (hidden quantized per token, an integer
+    product, both scales divided out), with a straight-through gradient for `hidden`.
+
+    Why not `embedding(hidden, reverse=True)`: Keras rounds `hidden` there without a custom
+    gradient, so almost no gradient reaches the model below the head, and QLoRA on an int8
+    base barely trains (measured: loss 6.53 -> 6.23 where the float base reaches 5.17).
+    """
+    quantizer = embedding.inputs_quantizer
+    dtype = hidden.dtype
+
+    @ops.custom_gradient
+    def head(hidden, table, scale):  # [batch, len, hidden], [vocab, hidden] int8, [vocab]
+        quantized, hidden_scale = quantizer(hidden)  # int8, [batch, len, 1]
+        logits = ops.cast(ops.matmul(quantized, ops.transpose(table)), dtype)
+        logits = ops.divide(logits, ops.multiply(hidden_scale, scale))  # [batch, len, vocab]
+
+        def grad(*args, upstream=None):
+            upstream = args[0] if upstream is None else upstream
+            # As for the float head with the dequantized table (table / scale per row).
+            return (ops.matmul(ops.divide(upstream, ops.cast(scale, upstream.dtype)),
+                               ops.cast(table, upstream.dtype)), None, None)
+        return logits, grad
+
+    return head(hidden, ops.convert_to_tensor(embedding._embeddings),
+                ops.convert_to_tensor(embedding.embeddings_scale))
 
 
 def positions_from_mask(padding_mask, token_ids):
