@@ -107,3 +107,25 @@ def machine_lines(args_line: str) -> list:
         f"Run {datetime.date.today().isoformat()}: `{args_line}`.",
         "",
     ]
+
+
+# ---- memory probes (inside the workers) ---------------------------------------------------
+def proc_status() -> dict:
+    """Memory fields of /proc/self/status, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(value.split()[0]) * 1024  # reported in kB
+    return out
+
+
+def reset_peak() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

@@ -323,8 +323,8 @@ def render(rows, bandwidth, args, args_line) -> str:
          if bound else "Memory bandwidth: not measured."),
         "",
         f"Each implementation runs in a fresh process: load, first call (timed, compilation "
-        f"included; also the warm-up), then {args.runs} timed rounds of (generate {N} tokens, prefill "
-        "only). *Decode* = batch x decode steps / (generate - prefill), steady state; "
+        f"included; also the warm-up), then {args.runs} timed rounds of (generate {N} tokens, "
+        "prefill only). *Decode* = batch x decode steps / (generate - prefill), steady state; "
         "**best** of the rounds, median in parentheses. *Prefill* = batch x prompt tokens / "
         "prefill time. *% bound* = batch-1 decode / the bandwidth bound. *First call* = the "
         f"very first generate (batch 1, {N} tokens) in a fresh process, compilation "
@@ -396,10 +396,11 @@ def render(rows, bandwidth, args, args_line) -> str:
                 if target:
                     d = (metrics(by_case[g], 1, P).get("decode_best"),
                          metrics(by_case[peer], 1, P).get("decode_best"))
-                    verdict = (f">= {target}x: "
-                               + ("met" if d[0] and d[1] and d[0] / d[1] >= target else "**not met**"))
-                lines.append(f"| {backend} | {by_case[peer]['label']} ({by_case[peer]['backend']}) | "
-                             + " | ".join(cells) + f" | {verdict} |")
+                    met = d[0] and d[1] and d[0] / d[1] >= target
+                    verdict = f">= {target}x: " + ("met" if met else "**not met**")
+                peer_name = f"{by_case[peer]['label']} ({by_case[peer]['backend']})"
+                lines.append(f"| {backend} | {peer_name} | " + " | ".join(cells)
+                             + f" | {verdict} |")
         if bound:
             best = max(gk_cases, key=lambda c: metrics(by_case[c], 1, P).get("decode_best", 0))
             frac = metrics(by_case[best], 1, P)["decode_best"] / bound

@@ -62,25 +62,6 @@ CASES = [
 
 
 # ---- memory probes (used inside the worker subprocesses) ----------------------------------
-def proc_status() -> dict:
-    """Memory fields of /proc/self/status, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(value.split()[0]) * 1024  # reported in kB
-    return out
-
-
-def reset_peak() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class Sampler(threading.Thread):
@@ -95,7 +76,7 @@ class Sampler(threading.Thread):
 
     def run(self):
         while not self._stop_event.is_set():
-            s = proc_status()
+            s = common.proc_status()
             self.timeline.append((time.perf_counter() - self.t0, s["VmRSS"], s["RssAnon"],
                                   s["RssFile"]))
             time.sleep(self.interval)
@@ -188,25 +169,25 @@ def worker(case: str, directory: str, dtype: str, trace: str = None) -> dict:
 
     load, describe = _import(case)
     gc.collect()
-    before = proc_status()
+    before = common.proc_status()
     import_peak = before["VmHWM"]
     result = {"case": case, "baseline": before["VmRSS"], "import_peak": import_peak,
               "baseline_anon": before["RssAnon"]}
     if case == "baseline":
         return result
-    reset = reset_peak()
+    reset = common.reset_peak()
     sampler = Sampler()
     sampler.start()
     start = time.perf_counter()
     model = load(directory, dtype)
     seconds = time.perf_counter() - start
     sampler.stop()
-    after = proc_status()
+    after = common.proc_status()
     gc.collect()
-    settled = proc_status()
+    settled = common.proc_status()
     count, checksums = describe(model)
     gc.collect()
-    in_use = proc_status()
+    in_use = common.proc_status()
     result.update(
         seconds=seconds,
         peak=after["VmHWM"] if reset else max(after["VmHWM"], sampler.peak(1)),

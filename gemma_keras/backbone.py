@@ -154,7 +154,7 @@ class GemmaBackbone(keras.Model):
                 kind = layer_kind(self.config, i)
                 layer_cache = cache[kind]["kv"][len(new_cache[kind]["kv"])]
             if training and self.gradient_checkpointing and cache is None:
-                x = keras.remat(lambda h, block=block: block(
+                x = backend_ops.remat(lambda h, block=block: block(
                     h, rope, global_mask, local_mask, training=training)[0])(x)
             else:
                 x, layer_cache = block(x, rope, global_mask, local_mask, cache=layer_cache,
