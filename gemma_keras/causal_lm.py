@@ -74,13 +74,14 @@ class GemmaCausalLM(keras.Model):
         "responses": [...]}` (loss on responses only), a tf.data dataset of those, a Python
         generator yielding them, or `{"token_ids", "padding_mask"}` (labels = next token).
         Compiles with the defaults of `compile()` when not compiled yet."""
-        return self._run_keras(super().fit, x, y, batch_size, sample_weight, kwargs)
+        return self._run_keras(super().fit, x, y, batch_size, sample_weight, kwargs,
+                               is_fit=True)
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """Keras' evaluate on the same inputs as `fit`."""
         return self._run_keras(super().evaluate, x, y, batch_size, sample_weight, kwargs)
 
-    def _run_keras(self, method, x, y, batch_size, sample_weight, kwargs):
+    def _run_keras(self, method, x, y, batch_size, sample_weight, kwargs, is_fit=False):
         from gemma_keras import training
 
         if not self.compiled:
@@ -88,7 +89,7 @@ class GemmaCausalLM(keras.Model):
         x, y, sample_weight, batch_size = training.adapt(self, x, y, sample_weight, batch_size)
         if kwargs.get("validation_data") is not None:  # the same raw forms as x
             kwargs["validation_data"] = training.adapt_validation(self, kwargs["validation_data"])
-        if method.__name__ == "fit" and y is None and not isinstance(x, dict):
+        if is_fit and y is None and not isinstance(x, dict):
             # Datasets and generators come in their own order: Keras would warn that its
             # default shuffle=True is ignored.
             kwargs.setdefault("shuffle", False)

@@ -5,12 +5,11 @@ them into the base weights. Built on Keras' own `EinsumDense.enable_lora`; see
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
 
 import keras
 
+from gemma_keras.checkpoints.atomic import atomic_file
 from gemma_keras.errors import CheckpointError, ConfigError, WeightShapeError
 
 # keras-hub's layer names, so `target_names` reads the same as there.
@@ -114,22 +113,14 @@ def save_lora_weights(backbone, path):
     path = pathlib.Path(path).expanduser()
     if not path.name.endswith(".h5"):
         raise ValueError(f"LoRA weights go to an .h5 file (e.g. 'adapter.lora.h5'), got {path}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(handle)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["state"] = json.dumps(state)
-            f.attrs["config"] = json.dumps(backbone.config.to_dict(), sort_keys=True)
-            for name, layer in projections(backbone).items():
-                if layer.lora_enabled:
-                    for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
-                        f[f"{name}/{variable.name}"] = keras.ops.convert_to_numpy(variable)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["state"] = json.dumps(state)
+        f.attrs["config"] = json.dumps(backbone.config.to_dict(), sort_keys=True)
+        for name, layer in projections(backbone).items():
+            if layer.lora_enabled:
+                for variable in (layer.lora_kernel_a, layer.lora_kernel_b):
+                    f[f"{name}/{variable.name}"] = keras.ops.convert_to_numpy(variable)
 
 
 def load_lora_weights(backbone, path):

@@ -41,7 +41,9 @@ class Perplexity(keras.metrics.Metric):
 
 
 def default_optimizer(lm):
-    lora = any(layer.lora_enabled for layer in _projections(lm))
+    from gemma_keras.lora import lora_state
+
+    lora = lora_state(lm.backbone) is not None
     optimizer = keras.optimizers.AdamW(
         learning_rate=LORA_LEARNING_RATE if lora else FULL_LEARNING_RATE, weight_decay=0.01)
     optimizer.exclude_from_weight_decay(var_names=["scale"])
@@ -61,12 +63,6 @@ def default_loss():
 
 def default_metrics():
     return [keras.metrics.SparseCategoricalAccuracy(name="accuracy"), Perplexity()]
-
-
-def _projections(lm):
-    from gemma_keras.lora import projections
-
-    return projections(lm.backbone).values()
 
 
 # ---- data ---------------------------------------------------------------------------------

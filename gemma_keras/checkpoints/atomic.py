@@ -29,6 +29,22 @@ def read_json(path) -> dict:
 
 
 @contextlib.contextmanager
+def atomic_file(target):
+    """Yields a temporary path next to `target`; on success it is renamed to `target`, so an
+    interrupted write leaves `target` as it was."""
+    target = pathlib.Path(target).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(handle)
+    try:
+        yield pathlib.Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
 def atomic_directory(target):
     """Yields an empty temporary directory next to `target`; on success it replaces `target`.
 
