@@ -121,6 +121,18 @@ def proc_status() -> dict:
     return out
 
 
+def release_free_memory() -> bool:
+    """Hands memory the C heap holds but no longer uses back to the OS (glibc's malloc_trim),
+    so that an RSS reading counts live data, not freed blocks kept for reuse; False where
+    there is no glibc."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+    except (OSError, AttributeError):
+        return False
+
+
 def reset_peak() -> bool:
     """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
     try:

@@ -29,7 +29,8 @@ What it does:
        tokens/s = batch x sequence / median step time.
   4. Memory, from the kernel's resident-set high-water mark (VmHWM in /proc/self/status,
      reset by writing "5" to /proc/self/clear_refs): the RSS just before `fit` (model,
-     data, libraries) is the reference; the mark is reset there, read and reset again when
+     data, libraries; read after glibc's malloc_trim, so freed heap blocks do not count)
+     is the reference; the mark is reset there, read and reset again when
      the warm-up is over, and read after the last step:
        step memory, first  = peak during the warm-up step(s) - RSS before fit (compilation,
                              optimizer state, activations and gradients at their worst);
@@ -224,6 +225,9 @@ def worker(library: str, config_name: str, int8: bool, remat: bool) -> dict:
 
     timer = StepTimer()
     gc.collect()
+    # Freed heap blocks (build temporaries) would otherwise count in the reference RSS and
+    # then be reused by the step unseen: keras-hub's build leaves ~400 MB of them on torch.
+    common.release_free_memory()
     before = common.proc_status()
     reset = common.reset_peak()
     counters = cpu_counters()
@@ -347,10 +351,12 @@ def render(rows, args_line) -> str:
         "",
         "*Step* = median end-to-end time of the measured steps (after the warm-up); "
         "*tokens/s* = batch x sequence / step. *First step* includes tracing and "
-        "compilation (XLA on JAX and TensorFlow; torch runs eagerly). *Step memory* = peak "
+        "compilation (XLA on JAX; a TF graph, which Keras runs without XLA on a machine "
+        "without a GPU; torch runs eagerly). *Step memory* = peak "
         "RSS (VmHWM) during the warm-up step / during the measured steps, minus the RSS "
-        "just before `fit` (which holds the model and data): the training step's working "
-        "memory. *Process peak* = the process's highest RSS. *Loss* = the first and the "
+        "just before `fit` (which holds the model and data, read after `malloc_trim` so that "
+        "freed heap blocks the step could reuse unseen do not count): the training step's "
+        "working memory. *Process peak* = the process's highest RSS. *Loss* = the first and the "
         "last step's loss on the repeated batch: it must fall if useful gradients reach the "
         "adapters. *Other load* = CPU cores that other processes kept busy during the fit "
         "(from /proc/stat): above ~0.2 the row's times are disturbed, torch's most (its "

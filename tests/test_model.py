@@ -3,6 +3,7 @@
 import keras
 import ml_dtypes
 import numpy as np
+import pytest
 
 import gemma_keras as gk
 from conftest import keras_hub_kwargs
@@ -96,6 +97,28 @@ def test_linear_is_x_times_kernel_transposed_and_keeps_keras_lora_and_int8():
     out = keras.ops.convert_to_numpy(plain(x))
     np.testing.assert_allclose(out, x @ kernel.T, atol=0.05 * np.abs(x @ kernel.T).max())
     assert Linear.from_config(layer.get_config()).units == 8
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's two forms")
+def test_tensorflow_linear_takes_the_2d_form_under_xla_and_both_forms_are_exact(monkeypatch):
+    # Under XLA a batched matmul decodes 3x slower than a 2-D MatMul; without XLA it trains
+    # faster. Both must give x @ W^T, and the compiled generation steps must get the 2-D one.
+    import tensorflow as tf
+
+    from gemma_keras import backend_ops
+
+    rng = np.random.RandomState(1)
+    x = rng.normal(size=(2, 5, 16)).astype("float32")
+    kernel = rng.normal(size=(8, 16)).astype("float32")
+    seen = []
+    real = backend_ops._in_xla_graph
+    monkeypatch.setattr(backend_ops, "_in_xla_graph", lambda: seen.append(real()) or seen[-1])
+    eager = backend_ops.linear(tf.constant(x), tf.constant(kernel))
+    graph = tf.function(backend_ops.linear)(tf.constant(x), tf.constant(kernel))
+    xla = tf.function(backend_ops.linear, jit_compile=True)(tf.constant(x), tf.constant(kernel))
+    assert seen == [False, False, True]
+    for out in (eager, graph, xla):
+        np.testing.assert_allclose(out.numpy(), x @ kernel.T, atol=1e-5)
 
 
 def test_int8_quantized_model_generates_from_its_quantized_weights(vocab_size):
