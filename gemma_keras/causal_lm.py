@@ -147,12 +147,21 @@ class GemmaCausalLM(keras.Model):
                         sampler=sampler, stop_token_ids=stop_token_ids, seed=seed,
                         stream=stream, stop_strings=stop_strings)
 
-    def save_to_preset(self, preset_dir, max_shard_size=None):
-        """Writes a keras-hub preset directory (keras-hub's GemmaCausalLM.from_preset loads it).
+    def save_to_preset(self, preset_dir, max_shard_size=None, format="keras_hub"):
+        """Writes a keras-hub preset directory (keras-hub's GemmaCausalLM.from_preset loads it),
+        or with format="hf" a Hugging Face checkpoint (transformers' from_pretrained loads it).
 
         Written under a temporary name and renamed, so an interrupted save leaves no
         half-written preset. `max_shard_size` (GB) splits the weights into shards.
         """
+        if format == "hf":
+            from gemma_keras.checkpoints.hf_writer import write_checkpoint
+
+            write_checkpoint(self.backbone, self.tokenizer, preset_dir,
+                             max_shard_size=max_shard_size)
+            return
+        if format != "keras_hub":
+            raise ValueError(f"format must be 'keras_hub' or 'hf', got {format!r}.")
         from gemma_keras.checkpoints.keras_hub_format import write_preset
 
         write_preset(self.backbone, self.tokenizer, preset_dir, max_shard_size=max_shard_size,
@@ -161,9 +170,12 @@ class GemmaCausalLM(keras.Model):
 
 def _is_instruct(preset):
     """Whether a preset handle names an instruction-tuned model; None when it cannot tell."""
+    from gemma_keras.checkpoints.resolve import DEMO_PRESET
     from gemma_keras.presets import get_preset_card, list_presets
 
     handle = str(preset)
+    if handle == DEMO_PRESET:  # trained on documents and chat turns: a turn ends a reply
+        return True
     if handle in list_presets():
         return get_preset_card(handle).instruct
     if handle.startswith(("kaggle://", "hf://")):

@@ -164,3 +164,49 @@ def test_reduced_precision_presets_round_trip_bit_exactly(dtype, hf_checkpoint, 
     for a, b in zip(again.backbone.weights, lm.backbone.weights):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(a.value),
                                       keras.ops.convert_to_numpy(b.value))
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+@pytest.mark.parametrize("max_shard_size", [None, 1e-4])
+def test_hf_format_save_loads_in_transformers_with_the_same_logits(case, max_shard_size,
+                                                                   keras_hub_preset, tmp_path,
+                                                                   vocab_size, hf_checkpoint):
+    import torch
+    import transformers
+
+    # Start from the other layout, so the names and kernels really go through the writer.
+    source = (hf_checkpoint(case)[0] if case == "gemma2_27b_style"  # keras-hub: not a reference
+              else keras_hub_preset(case)[0])
+    lm = gk.GemmaCausalLM.from_preset(source, dtype="float32")
+    out = tmp_path / "hf_out"
+    lm.save_to_preset(out, max_shard_size=max_shard_size, format="hf")
+    assert (out / "model.safetensors.index.json").is_file() == (max_shard_size is not None)
+    ids, mask = token_batch(vocab_size)
+    ours = logits_of(lm, ids, mask)
+    model_class = (transformers.Gemma2ForCausalLM if HF_CASES[case]["model_type"] == "gemma2"
+                   else transformers.GemmaForCausalLM)
+    kwargs = {"attn_implementation": "eager"} if model_class is transformers.Gemma2ForCausalLM \
+        else {}
+    theirs = model_class.from_pretrained(out, torch_dtype=torch.float32, **kwargs).eval()
+    assert max_diff_on_real_tokens(hf_logits(theirs, ids, mask), ours, mask) < TOL
+    again = gk.GemmaCausalLM.from_preset(out)
+    assert again.config == lm.config and again.tokenizer.proto == lm.tokenizer.proto
+    for a, b in zip(again.backbone.get_weights(), lm.backbone.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_hf_format_save_keeps_bfloat16_and_refuses_hybrids(hf_checkpoint, tmp_path):
+    lm = gk.GemmaCausalLM.from_preset(hf_checkpoint("gemma2_gqa")[0], dtype="bfloat16")
+    lm.save_to_preset(tmp_path / "bf16", format="hf")
+    again = gk.GemmaCausalLM.from_preset(tmp_path / "bf16")
+    assert again.backbone.dtype_policy.name == "bfloat16"
+    for a, b in zip(again.backbone.weights, lm.backbone.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a.value),
+                                      keras.ops.convert_to_numpy(b.value))
+    # Gemma 1 blocks with Gemma 2's soft-cap: no transformers class computes that.
+    hybrid = gk.GemmaCausalLM(gk.GemmaBackbone(lm.config.replace(
+        use_post_attention_norm=False, use_post_ffw_norm=False,
+        use_sliding_window_attention=False)))
+    with pytest.raises(gk.ConfigError, match="keras-hub preset"):
+        hybrid.save_to_preset(tmp_path / "hybrid", format="hf")
+    assert not (tmp_path / "hybrid").exists()

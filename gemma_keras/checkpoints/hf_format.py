@@ -177,18 +177,9 @@ class _SafetensorsEntry:
         return raw
 
 
-def reader(directory: pathlib.Path, model_type: str) -> Reader:
-    """Canonical names -> entries that read keras-layout arrays."""
-    tensors = {}
-    for file in _safetensors_files(directory):
-        tensors.update(_tensor_index(file))
-    # Names are "model.<...>"; the tied lm_head, when present, duplicates the embedding.
-    tensors = {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()}
-    tensors.pop("lm_head.weight", None)
-
-    # HF Linear weights are [out, in] with the attention heads flattened as ours: every
-    # projection is read as it is.
-    # Gemma 1's "post_attention_layernorm" is the pre-FFN norm; Gemma 2 has a true one.
+def block_names(model_type: str):
+    """(HF norm name -> ours, HF projection name -> ours) inside a decoder layer. Gemma 1's
+    "post_attention_layernorm" is the pre-FFN norm; Gemma 2 has a true one."""
     if model_type == "gemma":
         norms = {"input_layernorm": "pre_attention_norm",
                  "post_attention_layernorm": "pre_ffw_norm"}
@@ -201,7 +192,21 @@ def reader(directory: pathlib.Path, model_type: str) -> Reader:
                    "self_attn.v_proj": "value", "self_attn.o_proj": "attention_output",
                    "mlp.gate_proj": "ffw_gating", "mlp.up_proj": "ffw_gating_2",
                    "mlp.down_proj": "ffw_linear"}
+    return norms, projections
 
+
+def reader(directory: pathlib.Path, model_type: str) -> Reader:
+    """Canonical names -> entries that read keras-layout arrays."""
+    tensors = {}
+    for file in _safetensors_files(directory):
+        tensors.update(_tensor_index(file))
+    # Names are "model.<...>"; the tied lm_head, when present, duplicates the embedding.
+    tensors = {k[len("model."):] if k.startswith("model.") else k: v for k, v in tensors.items()}
+    tensors.pop("lm_head.weight", None)
+
+    # HF Linear weights are [out, in] with the attention heads flattened as ours: every
+    # projection is read as it is.
+    norms, projections = block_names(model_type)
     out = {}
     for name, info in tensors.items():
         if name == "embed_tokens.weight":

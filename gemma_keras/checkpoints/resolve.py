@@ -36,6 +36,21 @@ HF_ALLOW_PATTERNS = [
 _KAGGLE_CREDENTIALS = "set KAGGLE_USERNAME and KAGGLE_KEY, or put them in ~/.kaggle/kaggle.json"
 _HF_CREDENTIALS = "set HF_TOKEN, or run `huggingface-cli login`"
 _HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# The bundled demo: a small Gemma 2 trained by scripts/train_demo_preset.py, shipped inside the
+# package, so that everything runs offline on a fresh install.
+DEMO_PRESET = "gemma_demo"
+
+
+def demo_preset_directory() -> pathlib.Path:
+    """The installed directory of the bundled `gemma_demo` preset."""
+    from importlib import resources
+
+    directory = pathlib.Path(str(resources.files("gemma_keras.preset_cards") / DEMO_PRESET))
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(
+            f"The bundled demo preset is missing from {directory}: reinstall gemma_keras, or "
+            f"rebuild it with `python scripts/train_demo_preset.py`.")
+    return directory
 
 
 def resolve_preset(handle: Union[str, os.PathLike]) -> pathlib.Path:
@@ -48,13 +63,16 @@ def resolve_preset(handle: Union[str, os.PathLike]) -> pathlib.Path:
         return _download_hf(handle[len(HF_SCHEME):])
     if os.path.isdir(os.path.expanduser(handle)) or _looks_like_path(handle):
         return _local_directory(handle)
+    if handle == DEMO_PRESET:
+        return demo_preset_directory()
     if handle in list_presets():
         return _download_kaggle(get_preset_card(handle).kaggle_handle[len(KAGGLE_SCHEME):])
     close = difflib.get_close_matches(handle, list_presets(), n=5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownPresetError(
         f"{handle!r} is not a built-in preset, a kaggle:// or hf:// handle, or an existing "
-        f"directory.{hint} gk.list_presets() shows the built-in presets.")
+        f"directory.{hint} gk.list_presets() shows the built-in presets; {DEMO_PRESET!r} is "
+        f"the bundled demo.")
 
 
 def _looks_like_path(handle: str) -> bool:

@@ -1,0 +1,164 @@
+"""Writing a Hugging Face Gemma checkpoint: config.json (model_type gemma / gemma2), safetensors
+(one file, or shards with model.safetensors.index.json) and tokenizer.model, which
+transformers' `from_pretrained` and our own reader load.
+
+Our kernels are stored [out, in] with the heads flattened, as HF's Linear weights, so every
+tensor is written as it is; only the names change (hf_format.block_names, shared with the
+reader). Tensors are converted to host memory and written one at a time, under a temporary
+directory that replaces the target only when everything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import struct
+from typing import List, Optional, Tuple
+
+import keras
+import numpy as np
+
+from gemma_keras.checkpoints.atomic import atomic_directory
+from gemma_keras.checkpoints.hf_format import SAFETENSORS_INDEX, block_names
+from gemma_keras.checkpoints.weights import numpy_dtype, weight_table
+from gemma_keras.config import GemmaConfig
+from gemma_keras.errors import ConfigError
+
+_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def hf_model_type(config: GemmaConfig) -> str:
+    """"gemma2" or "gemma": the transformers class that computes exactly this config."""
+    gemma2 = (config.use_post_attention_norm, config.use_post_ffw_norm,
+              config.use_sliding_window_attention)
+    if all(gemma2):
+        return "gemma2"
+    if not any(gemma2) and config.query_head_dim_normalize and (
+            config.attention_logit_soft_cap is None and config.final_logit_soft_cap is None):
+        return "gemma"
+    raise ConfigError(
+        f"This config ({config.describe()}) mixes Gemma 1 and Gemma 2 features (post-norms, "
+        "sliding window, soft-caps, query scale); transformers has no class that computes it, "
+        "so it cannot be written as a Hugging Face checkpoint. Save it as a keras-hub preset.")
+
+
+def hf_config(config: GemmaConfig, dtype_name: str, tokenizer=None) -> dict:
+    model_type = hf_model_type(config)
+    out = {
+        "architectures": ["Gemma2ForCausalLM" if model_type == "gemma2" else "GemmaForCausalLM"],
+        "model_type": model_type,
+        "vocab_size": config.vocabulary_size,
+        "hidden_size": config.hidden_dim,
+        "intermediate_size": config.ffn_branch_dim,  # HF counts one GeGLU branch
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_query_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "rms_norm_eps": config.layer_norm_epsilon,
+        "rope_theta": config.rope_max_wavelength,
+        "max_position_embeddings": config.max_sequence_length,
+        # The tanh approximation, which Gemma was trained with (DESIGN.md §2).
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_act": "gelu_pytorch_tanh",
+        "attention_bias": False,
+        "attention_dropout": config.dropout,
+        "tie_word_embeddings": True,
+        "torch_dtype": dtype_name,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+    if model_type == "gemma2":
+        out.update(
+            query_pre_attn_scalar=(config.head_dim if config.query_head_dim_normalize
+                                   else config.hidden_dim // config.num_query_heads),
+            sliding_window=config.sliding_window_size,
+            attn_logit_softcapping=config.attention_logit_soft_cap,
+            final_logit_softcapping=config.final_logit_soft_cap,
+        )
+    if tokenizer is not None:
+        out.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                   bos_token_id=tokenizer.bos_token_id)
+    return out
+
+
+def hf_tensor_names(config: GemmaConfig) -> dict:
+    """Our canonical weight name -> the HF tensor name."""
+    norms, projections = block_names(hf_model_type(config))
+    inside = {ours: hf for hf, ours in {**norms, **projections}.items()}
+    names = {"token_embedding": "model.embed_tokens.weight",
+             "final_normalization": "model.norm.weight"}
+    for i in range(config.num_layers):
+        for ours, hf in inside.items():
+            names[f"decoder_block_{i}/{ours}"] = f"model.layers.{i}.{hf}.weight"
+    return names
+
+
+def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[float] = None):
+    """Writes `backbone` (LoRA adapters merged; quantized models refused) as an HF checkpoint
+    directory. `max_shard_size` in GB splits the weights into model-0000N-of-0000M files."""
+    config: GemmaConfig = backbone.config
+    dtype_name = backbone.dtype_policy.variable_dtype
+    config_json = hf_config(config, dtype_name, tokenizer)  # refuses hybrids before writing
+    names = hf_tensor_names(config)
+    tensors = [(names[name], value) for name, value in weight_table(backbone)]
+    shards = _plan_shards(tensors, None if max_shard_size is None
+                          else int(max_shard_size * 1024 ** 3))
+    with atomic_directory(directory) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
+        weight_map, total = {}, 0
+        for number, shard in enumerate(shards, 1):
+            file = ("model.safetensors" if len(shards) == 1
+                    else f"model-{number:05d}-of-{len(shards):05d}.safetensors")
+            total += _write_safetensors(tmp / file, shard)
+            weight_map.update({name: file for name, _ in shard})
+        if len(shards) > 1:
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if tokenizer is not None:
+            (tmp / "tokenizer.model").write_bytes(tokenizer.proto)
+            (tmp / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "GemmaTokenizer", "add_bos_token": True,
+                "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
+                "pad_token": "<pad>", "unk_token": "<unk>"}, indent=2))
+
+
+def _nbytes(value) -> int:
+    dtype = keras.backend.standardize_dtype(value.dtype)
+    return int(np.prod(value.shape)) * (4 if dtype == "float32" else 2)
+
+
+def _plan_shards(tensors, max_bytes) -> List[List[Tuple[str, object]]]:
+    shards, size = [[]], 0
+    for name, value in tensors:
+        if max_bytes is not None and shards[-1] and size + _nbytes(value) > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, value))
+        size += _nbytes(value)
+    return shards
+
+
+def _write_safetensors(path: pathlib.Path, tensors) -> int:
+    """The safetensors layout: 8-byte little-endian header length, a JSON header of dtypes,
+    shapes and byte offsets, then the raw tensors in order. Returns the data bytes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, value in tensors:
+        dtype = keras.backend.standardize_dtype(value.dtype)
+        if dtype not in _CODES:
+            raise ConfigError(f"Cannot write '{name}' of dtype {dtype} to safetensors.")
+        size = _nbytes(value)
+        header[name] = {"dtype": _CODES[dtype], "shape": [int(d) for d in value.shape],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, value in tensors:  # one tensor in host memory at a time
+            array = np.asarray(keras.ops.convert_to_numpy(value))
+            # Keras' torch conversion widens bfloat16 to float32; the header says bfloat16.
+            wanted = numpy_dtype(keras.backend.standardize_dtype(value.dtype))
+            array = np.ascontiguousarray(array.astype(wanted, copy=False))
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+    return offset
