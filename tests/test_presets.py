@@ -130,3 +130,21 @@ def test_unknown_name_suggests_close_matches(typo, expected):
 def test_unknown_name_with_nothing_close():
     with pytest.raises(UnknownPresetError, match="gk.list_presets"):
         get_preset_card("llama")
+
+
+def test_the_wheel_ships_every_subpackage_and_the_demo_preset(repo_root):
+    # An editable install finds any folder; a wheel only what pyproject.toml lists (the
+    # generation package was once missing from it).
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((repo_root / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    found = {".".join(p.relative_to(repo_root).parent.parts)
+             for p in (repo_root / "gemma_keras").rglob("__init__.py")}
+    assert found <= listed, found - listed
+    data = project["tool"]["setuptools"]["package-data"]["gemma_keras.preset_cards"]
+    demo = repo_root / "presets" / "gemma_demo"
+    shipped = {p for pattern in data for p in (repo_root / "presets").glob(pattern)}
+    needed = {demo / "config.json", demo / "model.weights.h5",
+              demo / "assets" / "tokenizer" / "vocabulary.spm"}
+    assert needed <= shipped, needed - shipped
