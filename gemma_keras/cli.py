@@ -1,14 +1,42 @@
-"""`gemma-keras` command line. Today: `presets` and `inspect`; generation, chat, fine-tuning
-and export commands arrive with their issues."""
+"""`gemma-keras`: generate, chat, fine-tune, convert and benchmark Gemma from the shell.
+
+Every command defaults to the bundled demo preset (`gemma_demo`), so each works offline on a
+fresh install. User mistakes (a wrong path, a bad file, an argument out of range) print one
+line on stderr and exit with status 2, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pathlib
 import sys
+import time
+
+DEMO = "gemma_demo"
+EPILOG = """examples:
+  gemma-keras generate "json.dumps("                        # the bundled demo preset
+  gemma-keras generate --stream --sampler top_p --seed 1 "Module os"
+  gemma-keras chat                                          # multi-turn, /reset, /exit
+  gemma-keras --backend torch generate --preset ./my_gemma "Hello"
+  gemma-keras finetune data.jsonl --epochs 2 --output ./tuned   # LoRA, then a merged preset
+  gemma-keras convert ./hf_checkpoint ./keras_hub_preset     # HF safetensors -> keras-hub
+  gemma-keras convert --to hf gemma_demo ./demo_hf            # keras-hub -> HF safetensors
+  gemma-keras presets                                       # the built-in presets
+  gemma-keras bench --max-new-tokens 64                     # decode speed on this machine
+
+A preset is a built-in name (gemma-keras presets), kaggle://owner/model/keras/variation[/v],
+hf://org/repo, or a local keras-hub preset or Hugging Face checkpoint directory."""
 
 
+class UsageError(Exception):
+    """A mistake in what the user asked for, reported without a traceback."""
+
+
+# ---- commands ---------------------------------------------------------------------------
 def _presets(args):
+    from gemma_keras.checkpoints.resolve import demo_preset_directory
     from gemma_keras.presets import get_preset_card, list_presets
 
     print(f"{'preset':32} {'params':>15}  {'kaggle handle':52} hf repo")
@@ -16,6 +44,7 @@ def _presets(args):
         card = get_preset_card(name)
         print(f"{name:32} {card.parameter_count:>15,}  {card.kaggle_handle:52} "
               f"{card.hf_repo or '-'}")
+    print(f"{DEMO:32} {'(bundled)':>15}  {str(demo_preset_directory()):52} -")
 
 
 def _inspect(args):
@@ -30,26 +59,273 @@ def _inspect(args):
         print(f"  {key:30} {value}")
 
 
-def main(argv=None):
+def _generate(args):
+    lm = _load(args)
+    prompts = args.prompt or [sys.stdin.read()]
+    options = dict(max_new_tokens=args.max_new_tokens, sampler=_sampler(args), seed=args.seed,
+                   stop_strings=args.stop or None)
+    if args.stream:
+        for prompt in prompts:
+            print(prompt, end="", flush=True)
+            for piece in lm.generate(prompt, stream=True, **options):
+                print(piece, end="", flush=True)
+            print()
+        return
+    for text in lm.generate(prompts, **options):
+        print(text)
+
+
+def _chat(args):
+    lm = _load(args)
+    session = lm.chat(system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chatting with {args.preset}. /reset starts over, /exit (or Ctrl-D) ends.")
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/reset":
+            session.reset()
+            print("(conversation cleared)")
+            continue
+        try:
+            for piece in session.send(message, max_new_tokens=args.max_new_tokens,
+                                      sampler=_sampler(args), seed=args.seed, stream=True):
+                print(piece, end="", flush=True)
+        except ValueError as e:  # the conversation outgrew the context
+            raise UsageError(str(e)) from e
+        print()
+
+
+def _finetune(args):
+    import keras
+
+    examples = _read_jsonl(args.data)
+    lm = _load(args)
+    if lm.preprocessor is None:
+        raise UsageError(f"{args.preset} has no tokenizer; fine-tuning on text needs one.")
+    lm.preprocessor.sequence_length = args.sequence_length
+    lm.backbone.enable_lora(rank=args.rank)
+    if args.learning_rate:
+        lm.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01))
+    history = lm.fit(examples, epochs=args.epochs, batch_size=args.batch_size, verbose=1)
+    losses = history.history["loss"]
+    print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {args.epochs} epoch(s)")
+    if args.adapter:
+        lm.save_lora_weights(args.adapter)
+        print(f"adapters: {args.adapter}")
+    if args.output:
+        lm.save_to_preset(args.output)  # merged weights; loadable by keras-hub too
+        print(f"fine-tuned preset (adapters merged): {args.output}")
+
+
+def _convert(args):
+    from gemma_keras.causal_lm import GemmaCausalLM
+
+    if os.path.exists(args.output):
+        raise UsageError(f"{args.output} exists; choose a new directory (nothing is "
+                         f"overwritten).")
+    start = time.perf_counter()
+    print(f"reading {args.source} ...", flush=True)
+    lm = GemmaCausalLM.from_preset(args.source, dtype=args.dtype)
+    print(f"  {lm.config.describe()} in {time.perf_counter() - start:.1f} s; writing "
+          f"{args.output} ...", flush=True)
+    lm.save_to_preset(args.output, max_shard_size=args.max_shard_size, format=args.to)
+    kind = "a Hugging Face checkpoint" if args.to == "hf" else "a keras-hub preset"
+    print(f"wrote {kind} in {time.perf_counter() - start:.1f} s: {args.output}")
+
+
+def _bench(args):
+    import numpy as np
+
+    lm = _load(args)
+    tokens = np.random.default_rng(0).integers(
+        4, lm.config.vocabulary_size, size=(args.batch_size, args.prompt_length)).astype("int32")
+    tokens[:, 0] = lm.tokenizer.bos_token_id if lm.tokenizer else 2
+    inputs = {"token_ids": tokens, "padding_mask": np.ones_like(tokens, bool)}
+
+    def run(new_tokens):
+        start = time.perf_counter()
+        lm.generate(inputs, max_new_tokens=new_tokens, stop_token_ids=None)
+        return time.perf_counter() - start
+
+    first = run(args.max_new_tokens)
+    full = min(run(args.max_new_tokens) for _ in range(args.runs))
+    prefill = min(run(1) for _ in range(args.runs))
+    decode = args.batch_size * (args.max_new_tokens - 1) / max(full - prefill, 1e-9)
+    import keras
+
+    print(f"{args.preset} on {keras.backend.backend()}, batch {args.batch_size}, prompt "
+          f"{args.prompt_length}, {args.max_new_tokens} new tokens (best of {args.runs}):")
+    print(f"  decode   {decode:8.1f} tokens/s")
+    print(f"  prefill  {args.batch_size * args.prompt_length / prefill:8.1f} tokens/s")
+    print(f"  first call (compilation included) {first:.2f} s")
+
+
+# ---- helpers ----------------------------------------------------------------------------
+def _load(args):
+    from gemma_keras.causal_lm import GemmaCausalLM
+
+    return GemmaCausalLM.from_preset(args.preset, dtype=args.dtype)
+
+
+def _sampler(args):
+    from gemma_keras.generation import samplers
+
+    if args.sampler == "greedy":
+        return "greedy"
+    if args.sampler == "random":
+        return samplers.RandomSampler(temperature=args.temperature)
+    if args.sampler == "top_k":
+        return samplers.TopKSampler(k=args.top_k, temperature=args.temperature)
+    return samplers.TopPSampler(p=args.top_p, temperature=args.temperature)
+
+
+def _read_jsonl(path):
+    """Lines of {"text": ...} give texts; {"prompt": ..., "response": ...} give pairs (the
+    loss on responses only). One kind per file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file.")
+    texts, prompts, responses = [], [], []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{number}: not JSON ({e.msg}).") from e
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                texts.append(item["text"])
+            elif (isinstance(item, dict) and isinstance(item.get("prompt"), str)
+                  and isinstance(item.get("response"), str)):
+                prompts.append(item["prompt"])
+                responses.append(item["response"])
+            else:
+                raise UsageError(f'{path}:{number}: expected {{"text": ...}} or '
+                                 f'{{"prompt": ..., "response": ...}} with string values.')
+    if texts and prompts:
+        raise UsageError(f"{path}: mixes text lines and prompt/response lines; use one kind.")
+    if not (texts or prompts):
+        raise UsageError(f"{path}: no examples.")
+    return texts if texts else {"prompts": prompts, "responses": responses}
+
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _model_options(parser, preset_help="preset name, handle or directory"):
+    parser.add_argument("--preset", default=DEMO, help=f"{preset_help} (default: {DEMO})")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="compute and weight dtype (default: the checkpoint's)")
+
+
+def _sampling_options(parser, max_new_tokens):
+    parser.add_argument("--max-new-tokens", type=_positive(int), default=max_new_tokens)
+    parser.add_argument("--sampler", choices=("greedy", "random", "top_k", "top_p"),
+                        default="greedy")
+    parser.add_argument("--temperature", type=_positive(float), default=1.0)
+    parser.add_argument("--top-k", type=_positive(int), default=5)
+    parser.add_argument("--top-p", type=_positive(float), default=0.9)
+    parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+
+
+def build_parser():
     parser = argparse.ArgumentParser(
-        prog="gemma-keras", description="Gemma models for Keras 3 (JAX, TensorFlow, PyTorch).")
+        prog="gemma-keras", description="Gemma models for Keras 3 (JAX, TensorFlow, PyTorch).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["jax", "tensorflow", "torch"],
                         help="Keras backend (default: $KERAS_BACKEND, else the one in "
                              "~/.keras/keras.json)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("presets", help="table of the built-in presets").set_defaults(run=_presets)
-    inspect = commands.add_parser(
-        "inspect", help="show the config of a preset, handle or checkpoint directory")
-    inspect.add_argument("preset")
-    inspect.set_defaults(run=_inspect)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = commands.add_parser("generate", help="complete prompts (text in, text out)")
+    p.add_argument("prompt", nargs="*", help="prompts (default: read one from stdin)")
+    _model_options(p)
+    _sampling_options(p, 64)
+    p.add_argument("--stream", action="store_true", help="print text as it is decoded")
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.set_defaults(run=_generate)
+
+    p = commands.add_parser("chat", help="an interactive, multi-turn chat")
+    _model_options(p)
+    _sampling_options(p, 256)
+    p.add_argument("--system", help="instructions put before the first message")
+    p.set_defaults(run=_chat)
+
+    p = commands.add_parser("finetune", help="LoRA fine-tuning on a JSONL file")
+    p.add_argument("data", help='JSONL: {"text": ...} or {"prompt": ..., "response": ...} lines')
+    _model_options(p)
+    p.add_argument("--rank", type=_positive(int), default=4, help="LoRA rank (default 4)")
+    p.add_argument("--epochs", type=_positive(int), default=1)
+    p.add_argument("--batch-size", type=_positive(int), default=4)
+    p.add_argument("--sequence-length", type=_positive(int), default=256)
+    p.add_argument("--learning-rate", type=_positive(float),
+                   help="AdamW learning rate (default: 2e-4, the LoRA default)")
+    p.add_argument("--adapter", help="write the adapters here (.lora.h5)")
+    p.add_argument("--output", help="write a preset with the adapters merged here")
+    p.set_defaults(run=_finetune)
+
+    p = commands.add_parser("convert", help="HF checkpoint <-> keras-hub preset")
+    p.add_argument("source", help="HF checkpoint or keras-hub preset: directory or handle")
+    p.add_argument("output", help="new directory")
+    p.add_argument("--to", choices=("keras_hub", "hf"), default="keras_hub",
+                   help="layout to write (default: keras_hub)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--max-shard-size", type=_positive(float), help="GB per weights shard")
+    p.set_defaults(run=_convert)
+
+    p = commands.add_parser("presets", help="table of the built-in presets")
+    p.set_defaults(run=_presets)
+
+    p = commands.add_parser("inspect", help="the config of a preset, handle or directory")
+    p.add_argument("preset")
+    p.set_defaults(run=_inspect)
+
+    p = commands.add_parser("bench", help="generation speed of a preset on this machine")
+    _model_options(p)
+    p.add_argument("--batch-size", type=_positive(int), default=1)
+    p.add_argument("--prompt-length", type=_positive(int), default=32)
+    p.add_argument("--max-new-tokens", type=_positive(int), default=128)
+    p.add_argument("--runs", type=_positive(int), default=3)
+    p.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.backend:
         os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter
     from gemma_keras.errors import GemmaError
 
     try:
         args.run(args)
-    except GemmaError as e:  # user mistakes: a message, not a traceback
+    except (GemmaError, UsageError) as e:  # user mistakes: a message, not a traceback
+        print(f"gemma-keras: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except ValueError as e:
+        # generate's documented argument errors (a prompt longer than the context, ...)
+        # are ValueErrors that say what to change; anything else is a bug: show it.
+        if args.run not in (_generate, _chat, _bench):
+            raise
         print(f"gemma-keras: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,9 +1,11 @@
 """The command line and the guides, run as a user runs them (subprocesses)."""
 
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -17,11 +19,19 @@ def test_quickstart_guide_runs(repo_root):
     result = _run(["guides/quickstart.py"], repo_root)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "same logits: True" in result.stdout
-    assert "generated token ids: [" in result.stdout
+    assert "[chat] user: What does os.path.join do?" in result.stdout
+    assert "[generate, greedy]\njson.dumps(" in result.stdout
+
+
+def test_chat_guide_runs(repo_root):
+    result = _run(["guides/chat.py", "--max-new-tokens", "24"], repo_root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "user: What does str.join do?" in result.stdout
+    assert "after reset the conversation holds 0 tokens" in result.stdout
 
 
 def test_lora_guide_improves_held_out_accuracy(repo_root):
-    result = _run(["guides/finetune_lora.py", "--epochs", "8"], repo_root)
+    result = _run(["guides/finetune_lora.py", "--epochs", "5"], repo_root)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "improved held-out accuracy: True" in result.stdout
     assert "accuracy before: held-out 0%" in result.stdout
@@ -32,7 +42,7 @@ def test_cli_presets_lists_every_card(repo_root):
 
     result = _run(["-m", "gemma_keras.cli", "presets"], repo_root)
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in gk.list_presets():
+    for name in gk.list_presets() + ["gemma_demo"]:
         assert name in result.stdout
 
 
@@ -56,3 +66,110 @@ def test_cli_user_errors_have_no_traceback(repo_root, args, message):
 def test_cli_bad_arguments(repo_root):
     result = _run(["-m", "gemma_keras.cli", "frobnicate"], repo_root)
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+# ---- every command on the bundled demo preset --------------------------------------------
+def _cli(args, repo_root, stdin=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "gemma_keras.cli", *args], cwd=repo_root,
+                          env=dict(os.environ), input=stdin, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_generate_greedy_stream_and_sampled(repo_root):
+    import gemma_keras as gk
+
+    lm = gk.GemmaCausalLM.from_preset("gemma_demo")
+    expected = lm.generate("Module os\n", max_new_tokens=12)
+    result = _cli(["generate", "--max-new-tokens", "12", "Module os\n"], repo_root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == expected + "\n"
+    streamed = _cli(["generate", "--stream", "--max-new-tokens", "12", "Module os\n"],
+                    repo_root)
+    assert streamed.returncode == 0 and streamed.stdout == expected + "\n", streamed.stderr
+    sampled = [_cli(["generate", "--sampler", "top_p", "--seed", "3", "--max-new-tokens", "12",
+                     "Module os\n"], repo_root).stdout for _ in range(2)]
+    assert sampled[0] == sampled[1] and sampled[0].startswith("Module os")
+
+
+def test_cli_chat_reads_turns_from_stdin(repo_root):
+    result = _cli(["chat", "--max-new-tokens", "40"], repo_root,
+                  stdin="What does os.path.join do?\n/reset\nWhat is the json module?\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, cleared, second = result.stdout.partition("(conversation cleared)\n")
+    assert cleared and first.strip() and second.strip(), result.stdout
+
+
+def test_cli_finetune_writes_adapters_and_a_merged_preset(repo_root, tmp_path):
+    import gemma_keras as gk
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"Say {w}.", "response": f"{w} {w}"})
+                              for w in ("red", "green", "blue", "black") * 4))
+    result = _cli(["finetune", str(data), "--epochs", "2", "--batch-size", "8",
+                   "--sequence-length", "32", "--learning-rate", "1e-3",
+                   "--adapter", str(tmp_path / "a.lora.h5"), "--output", str(tmp_path / "out")],
+                  repo_root)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "loss:" in result.stdout and (tmp_path / "a.lora.h5").is_file()
+    tuned = gk.GemmaCausalLM.from_preset(str(tmp_path / "out"))
+    base = gk.GemmaCausalLM.from_preset("gemma_demo")
+    changed = [not np.array_equal(a, b) for a, b in zip(tuned.get_weights(), base.get_weights())]
+    assert any(changed) and not all(changed)  # the merged projections moved, the rest did not
+
+
+def test_cli_convert_hf_to_keras_hub_preset(repo_root, hf_checkpoint, tmp_path):
+    import keras_hub
+
+    directory, _ = hf_checkpoint("gemma2_gqa")
+    result = _cli(["convert", str(directory), str(tmp_path / "kh")], repo_root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wrote a keras-hub preset" in result.stdout
+    keras_hub.models.GemmaBackbone.from_preset(str(tmp_path / "kh"))
+    again = _cli(["convert", str(directory), str(tmp_path / "kh")], repo_root)
+    assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_cli_convert_keras_hub_preset_to_hf(repo_root, tmp_path):
+    import gemma_keras as gk
+
+    result = _cli(["convert", "--to", "hf", "gemma_demo", str(tmp_path / "hf")], repo_root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wrote a Hugging Face checkpoint" in result.stdout
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    converted = gk.GemmaCausalLM.from_preset(str(tmp_path / "hf"))
+    demo = gk.GemmaCausalLM.from_preset("gemma_demo")
+    assert converted.config == demo.config
+    for a, b in zip(converted.get_weights(), demo.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cli_bench_reports_speeds(repo_root):
+    result = _cli(["bench", "--max-new-tokens", "8", "--runs", "1"], repo_root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "decode" in result.stdout and "tokens/s" in result.stdout
+
+
+@pytest.mark.parametrize("args,stdin,message", [
+    (["finetune", "/no/such.jsonl"], None, "no such file"),
+    (["generate", "--max-new-tokens", "0", "x"], None, "must be > 0"),
+    (["generate", "--preset", "/no/such/dir", "x"], None, "no such directory"),
+    (["generate", "--max-new-tokens", "100000", "x"], None, "context"),
+])
+def test_cli_mistakes_are_one_line_errors(repo_root, args, stdin, message):
+    result = _cli(args, repo_root, stdin=stdin)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_finetune_rejects_a_bad_jsonl_line(repo_root, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "fine"}\n{"prompt": 3}\n')
+    result = _cli(["finetune", str(data)], repo_root)
+    assert result.returncode == 2 and "bad.jsonl:2" in result.stderr, result.stderr
+
+
+def test_cli_help_lists_every_command(repo_root):
+    result = _cli(["--help"], repo_root)
+    assert result.returncode == 0
+    for command in ("generate", "chat", "finetune", "convert", "presets", "inspect", "bench"):
+        assert command in result.stdout

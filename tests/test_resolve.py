@@ -237,3 +237,15 @@ def test_unknown_name_lists_close_presets():
     message = str(info.value)
     assert "gemma2_2b_en" in message
     assert "gk.list_presets()" in message
+
+
+def test_demo_preset_resolves_to_the_installed_directory_without_network():
+    directory = resolve_preset("gemma_demo")  # the autouse fixture refuses every download
+    assert (directory / "config.json").is_file()
+    assert (directory / "model.weights.h5").is_file()
+    assert (directory / "assets" / "tokenizer" / "vocabulary.spm").is_file()
+
+
+def test_unknown_name_mentions_the_demo_preset():
+    with pytest.raises(UnknownPresetError, match="gemma_demo"):
+        resolve_preset("no_such_gemma")
