@@ -459,7 +459,7 @@ def main(argv=None):
     bw = args.bandwidth * 1e9 if args.bandwidth else None
     if bw is None:
         b = gs.common.result_line(gs.common.run([gs.__file__, "--bandwidth"]))
-        bw = max(b["one_thread"], b["two_threads"])
+        bw = max(b.get(k, 0.0) for k in ("one_thread", "two_threads", "two_threads_max"))
     results = []
     for backend in (BACKENDS if args.backend == "all" else (args.backend,)):
         log(f"{backend} ...")
