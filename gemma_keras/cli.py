@@ -14,7 +14,7 @@ import pathlib
 import sys
 import time
 
-DEMO = "gemma_demo"
+from gemma_keras.checkpoints.resolve import DEMO_PRESET as DEMO  # imports no Keras
 EPILOG = """examples:
   gemma-keras generate "json.dumps("                        # the bundled demo preset
   gemma-keras generate --stream --sampler top_p --seed 1 "Module os"

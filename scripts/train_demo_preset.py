@@ -41,6 +41,8 @@ import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
+import keras  # noqa: E402  (after the backend is chosen)
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "presets" / "gemma_demo"
 # Parts of the standard library whose docstrings are tests, generated tables or GUI code.
@@ -78,9 +80,8 @@ def docstrings(max_docs=None):
             continue
         for kind, name, signature, doc in _walk(tree, module):
             doc = inspect.cleandoc(doc).strip()
-            if not (24 <= len(doc) <= 4000) or not doc.isascii() or doc in seen:
+            if not _keep(doc, seen):
                 continue
-            seen.add(doc)
             out.append((kind, name, signature, doc))
             if max_docs and len(out) >= max_docs:
                 return out
@@ -118,9 +119,8 @@ def compiled_docstrings(seen):
         for kind, name, value in entries:
             doc = inspect.getdoc(value) or ""
             doc = doc.strip()
-            if not (24 <= len(doc) <= 4000) or not doc.isascii() or doc in seen:
+            if not _keep(doc, seen):
                 continue
-            seen.add(doc)
             try:
                 signature = str(inspect.signature(value))[1:-1] if kind != "module" else ""
             except (TypeError, ValueError):  # no text signature (its docstring may have one)
@@ -156,6 +156,15 @@ def language_reference(root):
                 chunk += ("\n\n" if chunk else "") + paragraph
             out += [("topic", name, "", part) for part in parts + [chunk] if part.strip()]
     return out
+
+
+def _keep(doc, seen):
+    """Docstrings worth a document: 24-4,000 ASCII characters, each text once (many
+    overrides repeat their parent's). Records the kept ones in `seen`."""
+    if not (24 <= len(doc) <= 4000) or not doc.isascii() or doc in seen:
+        return False
+    seen.add(doc)
+    return True
 
 
 def _walk(tree, module):
@@ -253,7 +262,6 @@ def pack(tokenizer, items, length):
 
 # ---- training -----------------------------------------------------------------------------
 def train(args):
-    import keras
     import numpy as np
 
     import gemma_keras as gk
@@ -312,24 +320,19 @@ def train(args):
     return history, held
 
 
-class LossHistory:
-    """A Keras callback keeping (step, loss) every `every` steps, for the loss curve."""
+class LossHistory(keras.callbacks.Callback):
+    """Keeps (step, loss) every `every` steps, for the loss curve."""
 
-    def __new__(cls, every):
-        import keras
+    def __init__(self, every):
+        super().__init__()
+        self.every, self.losses = every, []
 
-        class _History(keras.callbacks.Callback):
-            def __init__(self):
-                super().__init__()
-                self.losses = []
-
-            def on_train_batch_end(self, batch, logs=None):
-                if batch % every == 0 or batch == self.params["steps"] - 1:
-                    self.losses.append((batch + 1, float(logs["loss"])))
-                    if len(self.losses) % 20 == 1:
-                        print(f"  step {batch + 1}/{self.params['steps']}: "
-                              f"loss {logs['loss']:.3f}", flush=True)
-        return _History()
+    def on_train_batch_end(self, batch, logs=None):
+        if batch % self.every == 0 or batch == self.params["steps"] - 1:
+            self.losses.append((batch + 1, float(logs["loss"])))
+            if len(self.losses) % 20 == 1:
+                print(f"  step {batch + 1}/{self.params['steps']}: loss {logs['loss']:.3f}",
+                      flush=True)
 
 
 def cast_model(lm, dtype):

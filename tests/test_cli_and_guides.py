@@ -161,9 +161,10 @@ def test_cli_mistakes_are_one_line_errors(repo_root, args, stdin, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_finetune_rejects_a_bad_jsonl_line(repo_root, tmp_path):
+@pytest.mark.parametrize("second_line", ['{"prompt": 3}', '{"text": "cut off'])
+def test_cli_finetune_rejects_a_bad_jsonl_line(repo_root, tmp_path, second_line):
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"text": "fine"}\n{"prompt": 3}\n')
+    data.write_text('{"text": "fine"}\n' + second_line + "\n")
     result = _cli(["finetune", str(data)], repo_root)
     assert result.returncode == 2 and "bad.jsonl:2" in result.stderr, result.stderr
 

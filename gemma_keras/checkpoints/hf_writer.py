@@ -123,8 +123,11 @@ def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[fl
 
 
 def _nbytes(value) -> int:
-    dtype = keras.backend.standardize_dtype(value.dtype)
-    return int(np.prod(value.shape)) * (4 if dtype == "float32" else 2)
+    return int(np.prod(value.shape)) * _host_dtype(value).itemsize
+
+
+def _host_dtype(value) -> np.dtype:
+    return numpy_dtype(keras.backend.standardize_dtype(value.dtype))
 
 
 def _plan_shards(tensors, max_bytes) -> List[List[Tuple[str, object]]]:
@@ -158,7 +161,6 @@ def _write_safetensors(path: pathlib.Path, tensors) -> int:
         for _, value in tensors:  # one tensor in host memory at a time
             array = np.asarray(keras.ops.convert_to_numpy(value))
             # Keras' torch conversion widens bfloat16 to float32; the header says bfloat16.
-            wanted = numpy_dtype(keras.backend.standardize_dtype(value.dtype))
-            array = np.ascontiguousarray(array.astype(wanted, copy=False))
+            array = np.ascontiguousarray(array.astype(_host_dtype(value), copy=False))
             f.write(memoryview(array.reshape(-1).view(np.uint8)))
     return offset
