@@ -23,6 +23,8 @@ _EXPORTS = {
     "PresetAccessError": "gemma_keras.errors",
     "UnknownPresetError": "gemma_keras.errors",
     "WeightShapeError": "gemma_keras.errors",
+    "ExportError": "gemma_keras.errors",
+    "export": "gemma_keras.export",
 }
 # Public submodules: gk.samplers.TopPSampler(...).
 _MODULES = {"samplers": "gemma_keras.generation.samplers", "lora": "gemma_keras.lora"}

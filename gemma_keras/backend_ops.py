@@ -2,6 +2,7 @@
 keras.ops (zero-copy host arrays, the projection product each backend runs fastest) lives
 here."""
 
+import contextlib
 import functools
 
 import keras
@@ -36,7 +37,7 @@ def linear(x, kernel):
 def _tf_linear(x, kernel):
     import tensorflow as tf
 
-    if _in_xla_graph():
+    if _in_xla_graph() or _EXPORT_FORM[0]:
         # TF's XLA runs a 2-D matmul with a transposed operand 2.6x faster than the same
         # product written as a 3-D einsum or batched matmul (16 vs 43 ms for the benchmark's
         # weights; as a BatchMatMulV2, batch-1 decode fell from 40 to 12 tok/s).
@@ -47,6 +48,23 @@ def _tf_linear(x, kernel):
     # kernel adjoint 15-25% faster than that 2-D MatMul for 32+ rows (benchmark FFN weights,
     # 512 rows: 10.6 vs 12.4 ms). [batch, len, in] x [out, in]^T -> [batch, len, out]
     return tf.linalg.matmul(x, kernel, adjoint_b=True)
+
+
+# Set while tracing an export: the LiteRT converter turns the 2-D MatMul with the kernel
+# transposed into a FULLY_CONNECTED that reads our [out, in] kernel as it is (its own weight
+# layout), and int8 weight quantization applies to it; a batched matmul would keep a
+# transposed copy of the weight or stay in float.
+_EXPORT_FORM = [False]
+
+
+@contextlib.contextmanager
+def export_form():
+    """Traces projections in the form exported graphs want (see `_EXPORT_FORM`)."""
+    previous, _EXPORT_FORM[0] = _EXPORT_FORM[0], True
+    try:
+        yield
+    finally:
+        _EXPORT_FORM[0] = previous
 
 
 def _in_xla_graph() -> bool:

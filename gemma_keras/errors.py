@@ -24,3 +24,8 @@ class CheckpointError(GemmaError, OSError):
 
 class WeightShapeError(GemmaError, ValueError):
     """A checkpoint weight whose shape does not match the model built from its config."""
+
+
+class ExportError(GemmaError, RuntimeError):
+    """A model that cannot be exported as asked (too large for the format, quantized, no
+    tokenizer), or an export that failed part-way (nothing is left at the target)."""

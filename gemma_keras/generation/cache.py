@@ -20,11 +20,17 @@ from __future__ import annotations
 from keras import ops
 
 
-def cache_slots(config, total_columns: int) -> dict:
-    """Slots per attention kind for a cache that must hold `total_columns` columns."""
+def cache_slots(config, total_columns: int, ring: bool = True) -> dict:
+    """Slots per attention kind for a cache that must hold `total_columns` columns.
+
+    ring=False gives sliding-window layers a slot per column too. Exported models use that:
+    there a chunk is written into the cache *before* it is attended over (one code path for
+    prefill and decode, with shapes fixed at export), which a ring would corrupt when the
+    chunk overwrites keys its own earlier queries still see.
+    """
     kinds = {"global": total_columns}
     if config.use_sliding_window_attention:
-        kinds["local"] = min(total_columns, config.sliding_window_size)
+        kinds["local"] = min(total_columns, config.sliding_window_size) if ring else total_columns
     return kinds
 
 
@@ -32,10 +38,10 @@ def layer_kind(config, layer_index: int) -> str:
     return "local" if config.is_sliding_layer(layer_index) else "global"
 
 
-def init_cache(config, batch: int, total_columns: int, dtype) -> dict:
+def init_cache(config, batch: int, total_columns: int, dtype, ring: bool = True) -> dict:
     """An empty cache (every slot at position -1) for `total_columns` columns."""
     cache = {}
-    for kind, slots in cache_slots(config, total_columns).items():
+    for kind, slots in cache_slots(config, total_columns, ring).items():
         n_layers = sum(layer_kind(config, i) == kind for i in range(config.num_layers))
         shape = (batch, slots, config.num_key_value_heads, config.head_dim)
         cache[kind] = {
@@ -54,10 +60,11 @@ def write(buffer, update, start):
     may wrap around the ring or be longer than it: each slot then takes the last column of the
     chunk that maps to it, by a gather, keeping static shapes for the compilers.
     """
-    slots = buffer.shape[1]
-    length = update.shape[1]
+    # Static sizes where known; graph sizes where not (an exported model's prompt length).
+    slots = buffer.shape[1] or ops.shape(buffer)[1]
+    length = update.shape[1] or ops.shape(update)[1]
     start = ops.cast(start, "int32")
-    if length == 1:
+    if update.shape[1] == 1:
         index = [0, start % slots] + [0] * (len(buffer.shape) - 2)
         return ops.slice_update(buffer, index, ops.cast(update, buffer.dtype))
     slot = ops.arange(slots, dtype="int32")

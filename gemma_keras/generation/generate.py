@@ -66,41 +66,45 @@ class CompiledSteps:
         return step
 
     def _greedy_loop_fn(self):
-        """Greedy decoding as a loop inside the compiled function, so the host dispatches
-        once per `generate` instead of once per token (on CPU that dispatch, the logits copy
-        and the bookkeeping were 10-20% of a step). Same semantics as the host loop of
-        `GenerationSession.decode`: a finished row is fed a padding slot (position -1), and
-        the loop ends early once every row has hit a stop id."""
-        backbone = self.lm.backbone
         tokenizer = self.lm.tokenizer
         pad = tokenizer.pad_token_id if tokenizer is not None else 0
+        return greedy_loop_fn(self.lm.backbone, pad)
 
-        def loop(tokens, positions, done, cache, start, steps, stop_ids):
-            # tokens, positions, done: [batch], the next token to feed per row, its position
-            # and whether the row has finished; stop_ids: [n] (padded with -1).
-            # Returns (new tokens [batch, slots], steps run, cache, next positions).
-            batch = ops.shape(tokens)[0]
-            out = ops.zeros((batch, cache["global"]["positions"].shape[1]), "int32")
 
-            def cond(i, tokens, positions, done, out, cache):
-                return ops.logical_and(i < steps, ops.logical_not(ops.all(done)))
+def greedy_loop_fn(backbone, pad):
+    """Greedy decoding as a loop inside the compiled function, so the host dispatches once
+    per `generate` instead of once per token (on CPU that dispatch, the logits copy and the
+    bookkeeping were 10-20% of a step). Same semantics as the host loop of
+    `GenerationSession.decode`: a finished row is fed a padding slot (position -1), and the
+    loop ends early once every row has hit a stop id. Exported SavedModels run it too."""
 
-            def body(i, tokens, positions, done, out, cache):
-                feed = ops.where(done, pad, tokens)[:, None]        # [batch, 1]
-                fed_at = ops.where(done, -1, positions)[:, None]   # [batch, 1]
-                hidden, cache = backbone({"token_ids": feed, "positions": fed_at},
-                                         cache=cache, start=start + i, mode="decode")
-                logits = ops.cast(backbone.logits(hidden)[:, 0, :], "float32")
-                new = ops.cast(ops.argmax(logits, axis=-1), "int32")  # [batch]
-                out = ops.slice_update(out, [0, i], new[:, None])
-                positions = ops.where(done, positions, positions + 1)
-                done = ops.logical_or(done, ops.any(new[:, None] == stop_ids[None, :], axis=-1))
-                return i + 1, new, positions, done, out, cache
+    def loop(tokens, positions, done, cache, start, steps, stop_ids):
+        # tokens, positions, done: [batch], the next token to feed per row, its position
+        # and whether the row has finished; stop_ids: [n] (padded with -1).
+        # Returns (new tokens [batch, slots], steps run, cache, next positions).
+        batch = ops.shape(tokens)[0]
+        slots = cache["global"]["positions"].shape[1] or ops.shape(cache["global"]["positions"])[1]
+        out = ops.zeros((batch, slots), "int32")
 
-            i, _, positions, _, out, cache = ops.while_loop(
-                cond, body, (ops.zeros((), "int32"), tokens, positions, done, out, cache))
-            return out, i, cache, positions
-        return loop
+        def cond(i, tokens, positions, done, out, cache):
+            return ops.logical_and(i < steps, ops.logical_not(ops.all(done)))
+
+        def body(i, tokens, positions, done, out, cache):
+            feed = ops.where(done, pad, tokens)[:, None]        # [batch, 1]
+            fed_at = ops.where(done, -1, positions)[:, None]   # [batch, 1]
+            hidden, cache = backbone({"token_ids": feed, "positions": fed_at},
+                                     cache=cache, start=start + i, mode="decode")
+            logits = ops.cast(backbone.logits(hidden)[:, 0, :], "float32")
+            new = ops.cast(ops.argmax(logits, axis=-1), "int32")  # [batch]
+            out = ops.slice_update(out, [0, i], new[:, None])
+            positions = ops.where(done, positions, positions + 1)
+            done = ops.logical_or(done, ops.any(new[:, None] == stop_ids[None, :], axis=-1))
+            return i + 1, new, positions, done, out, cache
+
+        i, _, positions, _, out, cache = ops.while_loop(
+            cond, body, (ops.zeros((), "int32"), tokens, positions, done, out, cache))
+        return out, i, cache, positions
+    return loop
 
 
 @dataclasses.dataclass

@@ -1,0 +1,192 @@
+"""Writing exports, under Keras' TensorFlow backend (in the user's process when that is the
+backend, else in a child process: `python -m gemma_keras.export.build PRESET SPEC INSTRUCT`).
+
+SavedModel directory:
+    saved_model.pb, variables/      signatures `generate` and `logits`
+    assets.extra/tokenizer.model    the SentencePiece model (also inside the graph)
+    assets.extra/gemma_export.json  what was exported: config, max_length, special ids
+LiteRT (path ending in .tflite, or a directory holding model.tflite):
+    <name>.tflite                   signatures `prefill` and `decode`
+    tokenizer.model, <name>.json    beside it, for the runner (see runner.py)
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import tempfile
+
+import numpy as np
+
+from gemma_keras.checkpoints.atomic import atomic_directory, atomic_file
+from gemma_keras.errors import ExportError
+from gemma_keras.export import FLATBUFFER_LIMIT, METADATA_FILE, ExportSpec
+
+
+def export_model(lm, spec: ExportSpec):
+    from gemma_keras.generation.generate import resolve_stop_ids
+
+    stop_ids = sorted(resolve_stop_ids(lm, "auto"))
+    # LiteRT runs float32 activations whatever the weights are stored in.
+    dtype = "float32" if spec.format == "litert" else None
+    lm = _plain_model(lm, dtype)
+    metadata = _metadata(lm, spec, stop_ids)
+    if spec.format == "saved_model":
+        write_saved_model(lm, spec, stop_ids, metadata)
+    else:
+        write_litert(lm, spec, metadata)
+
+
+def _plain_model(lm, dtype=None):
+    """`lm` itself, or a copy with LoRA merged (and cast to `dtype`): what is exported. The
+    user's model keeps its adapters."""
+    from gemma_keras.backbone import GemmaBackbone
+    from gemma_keras.causal_lm import GemmaCausalLM
+    from gemma_keras.checkpoints.weights import weight_table
+    from gemma_keras.lora import lora_state
+
+    backbone = lm.backbone
+    if lora_state(backbone) is None and dtype in (None, backbone.dtype_policy.name):
+        return lm
+    import keras
+
+    reader = {name: _ArrayEntry(np.asarray(keras.ops.convert_to_numpy(value)))
+              for name, value in weight_table(backbone)}
+    copy = GemmaBackbone(backbone.config, dtype=dtype or backbone.dtype_policy.name,
+                         checkpoint=(reader, "the model being exported"))
+    return GemmaCausalLM(copy, lm.tokenizer, instruct=lm.instruct)
+
+
+class _ArrayEntry:
+    def __init__(self, array):
+        self.array, self.shape = array, array.shape
+
+    def read(self, dtype):
+        return self.array.astype(dtype, copy=False)
+
+
+def _metadata(lm, spec, stop_ids):
+    import keras
+
+    import gemma_keras
+    from gemma_keras.export.signatures import cache_names
+
+    config, tokenizer = lm.backbone.config, lm.tokenizer
+    return {
+        "format": spec.format,
+        "gemma_keras_version": gemma_keras.__version__,
+        "keras_version": keras.__version__,
+        "max_length": spec.max_length,
+        "prefill_length": spec.prefill_length if spec.format == "litert" else None,
+        "quantize": spec.quantize,
+        "dtype": "float32" if spec.format == "litert" else lm.backbone.dtype_policy.name,
+        "vocabulary_size": config.vocabulary_size,
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "stop_token_ids": stop_ids,
+        "instruct": lm.instruct,
+        "kv_cache": {"names": cache_names(config),
+                     "shape": [1, spec.max_length, config.num_key_value_heads, config.head_dim]},
+        "tokenizer": "tokenizer.model",
+        "config": config.to_dict(),
+    }
+
+
+def write_saved_model(lm, spec, stop_ids, metadata):
+    import keras
+    import tensorflow as tf
+
+    from gemma_keras.export.signatures import generate_fns, logits_fn
+
+    backbone = lm.backbone
+    archive = keras.export.ExportArchive()
+    archive.track(backbone)
+    generate, sentencepiece = generate_fns(backbone, lm.tokenizer, spec.max_length, stop_ids)
+    archive.track(sentencepiece)
+    archive.add_endpoint("generate", generate, input_signature=[
+        tf.TensorSpec([None], tf.string, name="prompts"),
+        tf.TensorSpec([], tf.int32, name="max_new_tokens")])
+    archive.add_endpoint("logits", logits_fn(backbone), input_signature=[
+        tf.TensorSpec([None, None], tf.int32, name="token_ids"),
+        tf.TensorSpec([None, None], tf.int32, name="padding_mask")])
+    with atomic_directory(spec.path) as tmp:
+        archive.write_out(str(tmp), verbose=False)
+        extra = tmp / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        (extra / "tokenizer.model").write_bytes(lm.tokenizer.proto)
+        (extra / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+
+
+def litert_paths(path):
+    """(model file, tokenizer file, metadata file) for a LiteRT export path."""
+    path = pathlib.Path(path)
+    model = path if path.suffix == ".tflite" else path / "model.tflite"
+    return model, model.parent / "tokenizer.model", model.with_suffix(".json")
+
+
+def write_litert(lm, spec, metadata):
+    import keras
+    import tensorflow as tf
+
+    from gemma_keras.export.signatures import litert_signature, litert_step
+
+    backbone, config = lm.backbone, lm.backbone.config
+    archive = keras.export.ExportArchive()
+    archive.track(backbone)
+    archive.add_endpoint("prefill", litert_step(backbone, spec.max_length, with_logits=False),
+                         input_signature=litert_signature(config, spec.prefill_length,
+                                                          spec.max_length))
+    archive.add_endpoint("decode", litert_step(backbone, spec.max_length, with_logits=True),
+                         input_signature=litert_signature(config, 1, spec.max_length))
+    with tempfile.TemporaryDirectory(prefix="gemma_litert_") as tmp:
+        archive.write_out(tmp, verbose=False)
+        del archive
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            tmp, signature_keys=["prefill", "decode"])
+        # The cache update is one dynamic-update-slice per layer; without this flag the
+        # converter would fall back to a TF op that the LiteRT runtime lacks.
+        converter._experimental_enable_dynamic_update_slice = True
+        if spec.quantize == "int8":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 weights, per channel
+        elif spec.quantize == "float16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        if spec.allow_large_file:
+            converter._experimental_use_buffer_offset = True
+        try:
+            flatbuffer = converter.convert()
+        except Exception as e:
+            raise ExportError(f"The LiteRT converter failed: {str(e).strip()[:2000]}") from e
+    if len(flatbuffer) > FLATBUFFER_LIMIT and not spec.allow_large_file:
+        raise ExportError(f"The converted model is {len(flatbuffer) / 1024 ** 3:.2f} GiB, over "
+                          "the 2 GiB FlatBuffer limit; export with quantize='int8' or "
+                          "allow_large_file=True.")
+    model_path, tokenizer_path, metadata_path = litert_paths(spec.path)
+    metadata = dict(metadata, tokenizer=tokenizer_path.name, file_bytes=len(flatbuffer))
+    for target, data in ((model_path, flatbuffer), (tokenizer_path, lm.tokenizer.proto),
+                         (metadata_path, json.dumps(metadata, indent=2).encode())):
+        with atomic_file(target) as tmp:
+            tmp.write_bytes(data)
+
+
+def _main(argv):
+    """The child process: argv = [preset directory, spec JSON, instruct JSON]."""
+    from gemma_keras.causal_lm import GemmaCausalLM
+    from gemma_keras.errors import GemmaError
+
+    preset, spec, instruct = argv
+    spec = ExportSpec(**json.loads(spec))
+    try:
+        lm = GemmaCausalLM.from_preset(preset, dtype="float32" if spec.format == "litert"
+                                       else None)
+        lm.instruct = json.loads(instruct)
+        export_model(lm, spec)
+    except GemmaError as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,133 @@
+"""A small reference runner for LiteRT exports: greedy text generation with the LiteRT
+interpreter, the way an on-device runtime drives the `prefill` and `decode` signatures.
+
+Needs only numpy, sentencepiece and the interpreter (`pip install ai-edge-litert`; TensorFlow's
+`tf.lite.Interpreter` is used when that is missing). It does not import Keras or TensorFlow
+otherwise, so it is also a template for a runtime elsewhere:
+
+    python -m gemma_keras.export.runner out/gemma.tflite "What is Keras?" --max-new-tokens 32
+
+The protocol (see signatures.py):
+1. Tokens are <bos> + the prompt's pieces. Every cache tensor starts as zeros.
+2. `prefill(tokens [1, P], input_pos [P], kv_cache_*)` for all prompt tokens but the last,
+   P at a time; a short last chunk is padded at the end with input_pos -1. Each call returns
+   the updated `kv_cache_*`, fed to the next call.
+3. `decode(tokens [1, 1], input_pos [1], kv_cache_*)` with the last prompt token, then with
+   each generated token at the next position; it returns `logits` [1, vocab] and the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+from typing import List, Optional
+
+import numpy as np
+
+
+def _interpreter(model_path, num_threads):
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            import tensorflow as tf
+        except ImportError:
+            raise ImportError("The LiteRT runner needs an interpreter: pip install "
+                              "ai-edge-litert (or tensorflow).") from None
+        Interpreter = tf.lite.Interpreter
+    return Interpreter(model_path=str(model_path), num_threads=num_threads)
+
+
+class LiteRTGenerator:
+    """Greedy generation from a LiteRT export written by `gk.export(..., format="litert")`."""
+
+    def __init__(self, path, num_threads: Optional[int] = None):
+        from gemma_keras.export.build import litert_paths  # no TensorFlow import
+
+        model_path, tokenizer_path, metadata_path = litert_paths(path)
+        for required in (model_path, metadata_path, tokenizer_path):
+            if not required.is_file():
+                raise FileNotFoundError(
+                    f"{required} does not exist: a LiteRT export is the .tflite file with "
+                    "tokenizer.model and its .json beside it, as gk.export writes them.")
+        self.metadata = json.loads(metadata_path.read_text())
+        import sentencepiece as spm
+
+        self.tokenizer = spm.SentencePieceProcessor()
+        self.tokenizer.LoadFromSerializedProto(tokenizer_path.read_bytes())
+        self.interpreter = _interpreter(model_path, num_threads)
+        self._prefill = self.interpreter.get_signature_runner("prefill")
+        self._decode = self.interpreter.get_signature_runner("decode")
+        self.max_length = self.metadata["max_length"]
+        self.prefill_length = self.metadata["prefill_length"]
+        self.stop_token_ids = set(self.metadata["stop_token_ids"])
+
+    def new_cache(self):
+        shape = self.metadata["kv_cache"]["shape"]
+        return {name: np.zeros(shape, np.float32) for name in self.metadata["kv_cache"]["names"]}
+
+    def prefill(self, ids: List[int], cache, start: int = 0):
+        """Writes `ids` (at positions start..) into the cache; returns the cache."""
+        length = self.prefill_length
+        if start + len(ids) > self.max_length:
+            raise ValueError(f"{start + len(ids)} tokens do not fit this export's cache of "
+                             f"{self.max_length}.")
+        for offset in range(0, len(ids), length):
+            end = min(len(ids), offset + length)
+            # A padded chunk must not run past the cache (its write would be clamped): start
+            # the last one earlier instead. Rewriting earlier slots with the same tokens at
+            # the same positions stores the same keys and values.
+            begin = max(0, min(offset, self.max_length - length - start))
+            chunk, first = ids[begin:end], start + begin
+            tokens = np.zeros((1, length), np.int32)
+            positions = np.full((length,), -1, np.int32)
+            tokens[0, : len(chunk)] = chunk
+            positions[: len(chunk)] = np.arange(first, first + len(chunk))
+            cache = dict(self._prefill(tokens=tokens, input_pos=positions, **cache))
+        return cache
+
+    def decode(self, token: int, position: int, cache):
+        """One step: (logits [vocab] float32, updated cache)."""
+        out = dict(self._decode(tokens=np.array([[token]], np.int32),
+                                input_pos=np.array([position], np.int32), **cache))
+        logits = out.pop("logits")[0]
+        return logits, out
+
+    def generate_ids(self, prompt_ids: List[int], max_new_tokens: int = 32) -> List[int]:
+        """Greedy continuation of `prompt_ids` (<bos> included); the stop token, if reached,
+        ends the list and is not part of it."""
+        if not prompt_ids:
+            raise ValueError("prompt_ids is empty: start it with <bos>.")
+        if len(prompt_ids) + max_new_tokens > self.max_length:
+            raise ValueError(
+                f"{len(prompt_ids)} prompt tokens + max_new_tokens={max_new_tokens} exceed "
+                f"this export's max_length of {self.max_length}; shorten the prompt or "
+                "export with a larger max_length.")
+        cache = self.prefill(list(prompt_ids[:-1]), self.new_cache())
+        token, position, generated = prompt_ids[-1], len(prompt_ids) - 1, []
+        for _ in range(max_new_tokens):
+            logits, cache = self.decode(token, position, cache)
+            token, position = int(np.argmax(logits)), position + 1
+            if token in self.stop_token_ids:
+                break
+            generated.append(token)
+        return generated
+
+    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
+        """The prompt's greedy completion text."""
+        ids = [self.metadata["bos_token_id"]] + self.tokenizer.EncodeAsIds(prompt)
+        return self.tokenizer.DecodeIds(self.generate_ids(ids, max_new_tokens))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="the .tflite file (or the export directory)")
+    parser.add_argument("prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    print(LiteRTGenerator(pathlib.Path(args.model)).generate(args.prompt, args.max_new_tokens))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The functions an exported Gemma runs, traced in TensorFlow through the model's one forward
+path (`GemmaBackbone.call` with an explicit cache) and the library's greedy loop.
+
+Only imported under the TensorFlow backend (see `gemma_keras.export.build`).
+
+Two families:
+- SavedModel: `logits` (token ids -> logits) and `generate` (strings -> strings, the
+  SentencePiece tokenizer inside the graph through tensorflow-text, prefill then a greedy
+  while-loop compiled by XLA).
+- LiteRT: `prefill` and `decode`, batch 1, fixed shapes, the KV cache as named inputs and
+  outputs (`kv_cache_k_{layer}`, `kv_cache_v_{layer}`, each [1, max_length, kv_heads,
+  head_dim]) so an on-device runtime keeps it between calls.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from keras import ops
+
+from gemma_keras import backend_ops
+from gemma_keras.generation.cache import init_cache, layer_kind
+from gemma_keras.generation.generate import greedy_loop_fn
+
+
+def cache_names(config):
+    """The LiteRT cache tensors' names, in layer order: k_0, v_0, k_1, v_1, ..."""
+    return [f"kv_cache_{part}_{i}" for i in range(config.num_layers) for part in ("k", "v")]
+
+
+def _as_cache(config, tensors, slot_positions):
+    """Named per-layer tensors -> the backbone's cache structure (see generation/cache.py)."""
+    cache = {}
+    for i in range(config.num_layers):
+        part = cache.setdefault(layer_kind(config, i), {"positions": slot_positions, "kv": []})
+        part["kv"].append((tensors[f"kv_cache_k_{i}"], tensors[f"kv_cache_v_{i}"]))
+    return cache
+
+
+def _as_tensors(config, cache):
+    tensors, taken = {}, {kind: 0 for kind in cache}
+    for i in range(config.num_layers):
+        kind = layer_kind(config, i)
+        key, value = cache[kind]["kv"][taken[kind]]
+        taken[kind] += 1
+        tensors[f"kv_cache_k_{i}"], tensors[f"kv_cache_v_{i}"] = key, value
+    return tensors
+
+
+def litert_step(backbone, max_length, with_logits):
+    """The body of `prefill` (with_logits=False) and `decode` (True).
+
+    tokens [1, L] int32 and input_pos [L] int32: the tokens' positions, which are also their
+    cache slots (batch 1, the stream starts at slot 0), -1 for padding at the end of a short
+    prefill chunk. The chunk is written into the cache and then attended over (the backbone's
+    "decode" mode, on a cache without a ring; see cache.cache_slots), so prefill and decode
+    are the same computation and a long prompt can be prefilled chunk by chunk.
+
+    Why the cache carries no positions: slot s holds position s once written. Handing the
+    backbone arange(max_length) as the slots' positions makes every slot after the query
+    invisible (the future), every slot before it visible (written by an earlier call), and
+    padding slots -1 (the write puts the chunk's positions there).
+    """
+    config = backbone.config
+
+    def step(tokens, input_pos, caches):
+        slot_positions = ops.arange(max_length, dtype="int32")[None, :]  # [1, max_length]
+        cache = _as_cache(config, caches, slot_positions)
+        with backend_ops.export_form():
+            hidden, cache = backbone({"token_ids": tokens, "positions": input_pos[None, :]},
+                                     cache=cache, start=input_pos[0], mode="decode")
+            outputs = _as_tensors(config, cache)
+            if with_logits:
+                # [1, vocab]: the last token's logits only; an on-device sampler reads them.
+                outputs["logits"] = ops.cast(
+                    backbone.logits(hidden[:, -1:, :])[:, 0, :], "float32")
+        return outputs
+    return step
+
+
+def litert_signature(config, length, max_length, dtype="float32"):
+    cache_shape = (1, max_length, config.num_key_value_heads, config.head_dim)
+    return [tf.TensorSpec((1, length), tf.int32, name="tokens"),
+            tf.TensorSpec((length,), tf.int32, name="input_pos"),
+            {name: tf.TensorSpec(cache_shape, dtype, name=name) for name in cache_names(config)}]
+
+
+def logits_fn(backbone):
+    def logits(token_ids, padding_mask):
+        hidden = backbone({"token_ids": token_ids, "padding_mask": padding_mask})
+        return {"logits": ops.cast(backbone.logits(hidden), "float32")}  # [batch, seq, vocab]
+    return logits
+
+
+def generate_fns(backbone, tokenizer, max_length, stop_ids):
+    """(generate, tokenizer resource): `generate(prompts [batch] string, max_new_tokens
+    int32 scalar)` -> {"completion": [batch] string, "text": prompt + completion,
+    "token_ids": [batch, max_new_tokens] int32 (the completion's ids, padded with <pad>),
+    "num_tokens": [batch] int32}.
+
+    Same semantics as `GemmaCausalLM.generate` with the greedy sampler: <bos> then the prompt,
+    ragged batches left-padded (each row's positions count its own tokens), stop ids ending
+    each row on its own, the stop token not part of the completion.
+    """
+    import tensorflow_text as tf_text
+
+    config = backbone.config
+    pad = tokenizer.pad_token_id
+    sp = tf_text.SentencepieceTokenizer(model=tokenizer.proto, out_type=tf.int32)
+    stops = tf.constant(sorted(stop_ids) or [-1], tf.int32)
+    dtype = backbone.dtype_policy.compute_dtype
+
+    @tf.function(jit_compile=True)
+    def decode(ids, positions, steps):
+        # ids, positions: [batch, prompt] (left-padded, -1 positions on padding).
+        batch, width = ops.shape(ids)[0], ops.shape(ids)[1]
+        cache = init_cache(config, batch, max_length, dtype)
+        hidden, cache = backbone({"token_ids": ids, "positions": positions}, cache=cache,
+                                 start=0, mode="prefill")
+        logits = ops.cast(backbone.logits(hidden[:, -1:, :])[:, 0, :], "float32")
+        first = ops.cast(ops.argmax(logits, axis=-1), "int32")  # [batch]
+        done = ops.any(first[:, None] == stops[None, :], axis=-1)
+        next_positions = ops.max(positions, axis=1) + 1
+        out, count, _, _ = greedy_loop_fn(backbone, pad)(
+            first, next_positions, done, cache, width, steps - 1, stops)
+        return ops.concatenate([first[:, None], out], axis=1), count + 1  # [batch, 1 + slots]
+
+    def generate(prompts, max_new_tokens):
+        ragged = sp.tokenize(prompts)  # [batch, (len)]
+        bos = tf.fill([tf.shape(prompts)[0], 1], tokenizer.bos_token_id)
+        ragged = tf.concat([tf.RaggedTensor.from_tensor(bos), ragged], axis=1)
+        lengths = tf.cast(ragged.row_lengths(), tf.int32)
+        width = tf.reduce_max(lengths)
+        tf.debugging.assert_greater(max_new_tokens, 0, message="max_new_tokens must be >= 1.")
+        tf.debugging.assert_less_equal(
+            width + max_new_tokens, max_length,
+            message=f"prompt tokens + max_new_tokens exceed this export's max_length of "
+                    f"{max_length}; shorten the prompt, lower max_new_tokens, or export with "
+                    "a larger max_length.")
+        # XLA compiles the model per prompt width: pad it to a power-of-two bucket (at least
+        # 16, as GemmaCausalLM.generate), so a new prompt length rarely compiles again.
+        bucket = tf.while_loop(lambda b: b < width, lambda b: b * 2, [tf.constant(16)])[0]
+        bucket = tf.minimum(bucket, max_length - max_new_tokens)
+        # Left padding: reverse each row, pad on the right, reverse back. [batch, bucket]
+        ids = tf.reverse(tf.reverse(ragged, [1]).to_tensor(pad), [1])
+        ids = tf.pad(ids, [[0, 0], [bucket - width, 0]], constant_values=pad)
+        real = tf.reverse(tf.sequence_mask(lengths, bucket), [1])  # [batch, bucket]
+        positions = tf.where(real, tf.cumsum(tf.cast(real, tf.int32), axis=1) - 1, -1)
+        tokens, count = decode(ids, positions, max_new_tokens)
+        tokens = tokens[:, :count]  # [batch, count]
+        # A row's completion ends before its first stop id.
+        is_stop = tf.reduce_any(tokens[:, :, None] == stops[None, None, :], axis=-1)
+        keep = tf.logical_not(tf.cast(tf.cumsum(tf.cast(is_stop, tf.int32), axis=1), tf.bool))
+        kept = tf.ragged.boolean_mask(tokens, keep)
+        completion = sp.detokenize(kept)
+        dense = kept.to_tensor(pad)  # [batch, longest completion]
+        padded = tf.pad(dense, [[0, 0], [0, max_new_tokens - tf.shape(dense)[1]]],
+                        constant_values=pad)
+        return {"completion": completion, "text": tf.strings.join([prompts, completion]),
+                "token_ids": padded, "num_tokens": tf.cast(kept.row_lengths(), tf.int32)}
+    return generate, sp
