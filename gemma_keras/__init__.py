@@ -24,10 +24,11 @@ _EXPORTS = {
     "UnknownPresetError": "gemma_keras.errors",
     "WeightShapeError": "gemma_keras.errors",
     "ExportError": "gemma_keras.errors",
-    "export": "gemma_keras.export",
 }
 # Public submodules: gk.samplers.TopPSampler(...).
-_MODULES = {"samplers": "gemma_keras.generation.samplers", "lora": "gemma_keras.lora"}
+# gk.export is the export package, callable as gk.export(lm, path, format=...).
+_MODULES = {"samplers": "gemma_keras.generation.samplers", "lora": "gemma_keras.lora",
+            "export": "gemma_keras.export"}
 __all__ = sorted([*_EXPORTS, *_MODULES])
 
 

@@ -177,3 +177,15 @@ def _export_in_tensorflow_process(lm, spec):
         raise ExportError(f"Exporting in a TensorFlow process failed (exit "
                           f"{result.returncode}); nothing was written to {spec.path}. Its "
                           f"error:\n{tail}")
+
+
+class _CallableModule(type(sys)):
+    """`gk.export(lm, ...)` calls `export`: importing the submodules of this package (the
+    runner, say) sets the package itself as `gemma_keras.export`, so the package must be
+    the function too."""
+
+    def __call__(self, *args, **kwargs):
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

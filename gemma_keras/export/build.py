@@ -147,6 +147,9 @@ def write_litert(lm, spec, metadata):
         # The cache update is one dynamic-update-slice per layer; without this flag the
         # converter would fall back to a TF op that the LiteRT runtime lacks.
         converter._experimental_enable_dynamic_update_slice = True
+        # Otherwise the final soft-cap's division is folded into the head: a second,
+        # pre-divided copy of the embedding table (the lookup keeps the original).
+        converter._experimental_disable_fuse_mul_and_fc = True
         if spec.quantize == "int8":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]  # int8 weights, per channel
         elif spec.quantize == "float16":

@@ -130,12 +130,16 @@ def generate_fns(backbone, tokenizer, max_length, stop_ids):
         ragged = tf.concat([tf.RaggedTensor.from_tensor(bos), ragged], axis=1)
         lengths = tf.cast(ragged.row_lengths(), tf.int32)
         width = tf.reduce_max(lengths)
-        tf.debugging.assert_greater(max_new_tokens, 0, message="max_new_tokens must be >= 1.")
-        tf.debugging.assert_less_equal(
-            width + max_new_tokens, max_length,
-            message=f"prompt tokens + max_new_tokens exceed this export's max_length of "
-                    f"{max_length}; shorten the prompt, lower max_new_tokens, or export with "
-                    "a larger max_length.")
+        checks = [
+            tf.debugging.assert_greater(max_new_tokens, 0,
+                                        message="max_new_tokens must be at least 1."),
+            tf.debugging.assert_less_equal(
+                width + max_new_tokens, max_length,
+                message=f"prompt tokens + max_new_tokens exceed this export's max_length of "
+                        f"{max_length}; shorten the prompt, lower max_new_tokens, or export "
+                        "with a larger max_length.")]
+        with tf.control_dependencies(checks):  # before anything sized by them runs
+            width = tf.identity(width)
         # XLA compiles the model per prompt width: pad it to a power-of-two bucket (at least
         # 16, as GemmaCausalLM.generate), so a new prompt length rarely compiles again.
         bucket = tf.while_loop(lambda b: b < width, lambda b: b * 2, [tf.constant(16)])[0]
