@@ -9,9 +9,20 @@ import keras
 import numpy as np
 
 
-def host_array_to_tensor(array: np.ndarray):
+def host_array_to_tensor(array: np.ndarray, layout=None):
     """A backend tensor for a host array, without the extra copies keras' generic conversion
-    makes (on torch it copies every array, and widens bfloat16 to float32 first)."""
+    makes (on torch it copies every array, and widens bfloat16 to float32 first).
+
+    layout: a JAX sharding (under `keras.distribution`): the array then goes from the host
+    straight into its shards, each device receiving only its slice, instead of whole onto
+    one device first."""
+    if layout is not None:
+        import jax
+
+        # Keras hands initializers a sharding over an abstract mesh; the transfer needs the
+        # distribution's concrete devices, with the same partition spec.
+        mesh = keras.distribution.distribution().device_mesh.backend_mesh
+        return jax.device_put(array, jax.sharding.NamedSharding(mesh, layout.spec))
     if keras.backend.backend() == "torch":
         import torch
 

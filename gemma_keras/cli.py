@@ -1,4 +1,5 @@
-"""`gemma-keras`: generate, chat, fine-tune, convert and benchmark Gemma from the shell.
+"""`gemma-keras`: generate, chat, fine-tune, export, convert and benchmark Gemma from the
+shell.
 
 Every command defaults to the bundled demo preset (`gemma_demo`), so each works offline on a
 fresh install. User mistakes (a wrong path, a bad file, an argument out of range) print one
@@ -21,6 +22,8 @@ EPILOG = """examples:
   gemma-keras chat                                          # multi-turn, /reset, /exit
   gemma-keras --backend torch generate --preset ./my_gemma "Hello"
   gemma-keras finetune data.jsonl --epochs 2 --output ./tuned   # LoRA, then a merged preset
+  gemma-keras export ./demo_saved_model                     # SavedModel, generate signature
+  gemma-keras export --format litert --quantize int8 ./demo.tflite   # on-device prefill/decode
   gemma-keras convert ./hf_checkpoint ./keras_hub_preset     # HF safetensors -> keras-hub
   gemma-keras convert --to hf gemma_demo ./demo_hf            # keras-hub -> HF safetensors
   gemma-keras presets                                       # the built-in presets
@@ -139,6 +142,33 @@ def _convert(args):
     lm.save_to_preset(args.output, max_shard_size=args.max_shard_size, format=args.to)
     kind = "a Hugging Face checkpoint" if args.to == "hf" else "a keras-hub preset"
     print(f"wrote {kind} in {time.perf_counter() - start:.1f} s: {args.output}")
+
+
+def _export(args):
+    from gemma_keras.export import export
+
+    if os.path.exists(args.output):
+        raise UsageError(f"{args.output} exists; choose a new path (nothing is overwritten).")
+    start = time.perf_counter()
+    print(f"reading {args.preset} ...", flush=True)
+    lm = _load(args)
+    if args.adapter:  # enables LoRA as the file says; export merges it
+        lm.load_lora_weights(args.adapter)
+    print(f"exporting {lm.config.describe()} as {args.format} ...", flush=True)
+    export(lm, args.output, format=args.format, quantize=args.quantize,
+           max_length=args.max_length, prefill_length=args.prefill_length,
+           allow_large_file=args.allow_large_file)
+    if args.format == "litert":
+        from gemma_keras.export.build import litert_paths
+
+        files = litert_paths(args.output)
+    else:
+        files = [f for f in pathlib.Path(args.output).rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    print(f"wrote {args.output} ({size / 2 ** 20:.1f} MiB) in "
+          f"{time.perf_counter() - start:.1f} s")
+    if args.format == "litert":
+        print(f"run it: python -m gemma_keras.export.runner {args.output} \"Your prompt\"")
 
 
 def _bench(args):
@@ -278,6 +308,23 @@ def build_parser():
     p.add_argument("--adapter", help="write the adapters here (.lora.h5)")
     p.add_argument("--output", help="write a preset with the adapters merged here")
     p.set_defaults(run=_finetune)
+
+    p = commands.add_parser("export", help="SavedModel or LiteRT (.tflite) for serving and "
+                                           "on-device generation")
+    p.add_argument("output", help="new path: a directory, or a .tflite file for litert")
+    _model_options(p)
+    p.add_argument("--format", choices=("saved_model", "litert"), default="saved_model")
+    p.add_argument("--quantize", choices=("int8", "float16"),
+                   help="LiteRT weight quantization (default: float32)")
+    p.add_argument("--max-length", type=_positive(int),
+                   help="longest prompt + completion served; sizes the KV cache (default 1024 "
+                        "or the model's context)")
+    p.add_argument("--prefill-length", type=_positive(int),
+                   help="LiteRT tokens per prefill call (default 128)")
+    p.add_argument("--adapter", help="LoRA adapters (.lora.h5) to merge into the export")
+    p.add_argument("--allow-large-file", action="store_true",
+                   help="LiteRT past the 2 GiB FlatBuffer limit (weights after the FlatBuffer)")
+    p.set_defaults(run=_export)
 
     p = commands.add_parser("convert", help="HF checkpoint <-> keras-hub preset")
     p.add_argument("source", help="HF checkpoint or keras-hub preset: directory or handle")

@@ -37,6 +37,15 @@ def test_lora_guide_improves_held_out_accuracy(repo_root):
     assert "accuracy before: held-out 0%" in result.stdout
 
 
+def test_export_guide_runs(repo_root):
+    result = _run(["guides/export.py", "--max-length", "64", "--max-new-tokens", "12"],
+                  repo_root, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "saved_model equals keras: True" in result.stdout
+    assert "litert equals keras: True" in result.stdout
+    assert "[litert int8]" in result.stdout
+
+
 def test_cli_presets_lists_every_card(repo_root):
     import gemma_keras as gk
 
@@ -143,6 +152,23 @@ def test_cli_convert_keras_hub_preset_to_hf(repo_root, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_cli_export_litert_and_run_it(repo_root, tmp_path):
+    target = tmp_path / "demo.tflite"
+    result = _cli(["export", "--format", "litert", "--quantize", "int8", "--max-length", "64",
+                   "--prefill-length", "16", str(target)], repo_root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wrote" in result.stdout and target.is_file()
+    assert (tmp_path / "tokenizer.model").is_file()
+    ran = _run(["-m", "gemma_keras.export.runner", str(target), "json.dumps(",
+                "--max-new-tokens", "6"], repo_root)
+    assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]
+    again = _cli(["export", "--format", "litert", str(target)], repo_root)
+    assert again.returncode == 2 and "exists" in again.stderr
+    wrong = _cli(["export", "--quantize", "int8", str(tmp_path / "sm")], repo_root)
+    assert wrong.returncode == 2 and "litert' only" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and not (tmp_path / "sm").exists()
+
+
 def test_cli_bench_reports_speeds(repo_root):
     result = _cli(["bench", "--max-new-tokens", "8", "--runs", "1"], repo_root)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -172,5 +198,6 @@ def test_cli_finetune_rejects_a_bad_jsonl_line(repo_root, tmp_path, second_line)
 def test_cli_help_lists_every_command(repo_root):
     result = _cli(["--help"], repo_root)
     assert result.returncode == 0
-    for command in ("generate", "chat", "finetune", "convert", "presets", "inspect", "bench"):
+    for command in ("generate", "chat", "finetune", "export", "convert", "presets", "inspect",
+                    "bench"):
         assert command in result.stdout

@@ -100,8 +100,9 @@ def write_saved_model(lm, spec, stop_ids, metadata):
     from gemma_keras.export.signatures import generate_fns, logits_fn
 
     backbone = lm.backbone
+    # Not archive.track(backbone): the endpoints' variables are saved anyway, and tracking
+    # the model as well saved every weight twice (Keras 3.15: 33.6 vs 16.8 MB for the demo).
     archive = keras.export.ExportArchive()
-    archive.track(backbone)
     generate, sentencepiece = generate_fns(backbone, lm.tokenizer, spec.max_length, stop_ids)
     archive.track(sentencepiece)
     archive.add_endpoint("generate", generate, input_signature=[
@@ -133,7 +134,6 @@ def write_litert(lm, spec, metadata):
 
     backbone, config = lm.backbone, lm.backbone.config
     archive = keras.export.ExportArchive()
-    archive.track(backbone)
     archive.add_endpoint("prefill", litert_step(backbone, spec.max_length, with_logits=False),
                          input_signature=litert_signature(config, spec.prefill_length,
                                                           spec.max_length))
