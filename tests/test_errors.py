@@ -180,6 +180,24 @@ def test_failed_save_leaves_no_half_written_preset(hf_checkpoint, tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_gemma_mqa", "preset"]
 
 
+def test_saved_files_get_the_usual_permissions(hf_checkpoint, tmp_path):
+    """Written through temporaries, but readable like any file the user writes (the
+    temporaries' private 0600 / 0700 modes would lock others out of a shared preset)."""
+    import os
+
+    lm = gk.GemmaCausalLM.from_preset(hf_checkpoint("gemma_mqa")[0])
+    old = os.umask(0o022)
+    try:
+        lm.save_to_preset(tmp_path / "preset")
+        lm.backbone.enable_lora(rank=2)
+        lm.save_lora_weights(tmp_path / "a.lora.h5")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "preset").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "preset" / "config.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "a.lora.h5").stat().st_mode & 0o777 == 0o644
+
+
 def test_save_over_a_file_is_refused(hf_checkpoint, tmp_path):
     lm = gk.GemmaCausalLM.from_preset(hf_checkpoint("gemma_mqa")[0])
     (tmp_path / "afile").write_text("x")

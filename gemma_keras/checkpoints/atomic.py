@@ -28,6 +28,15 @@ def read_json(path) -> dict:
     return value
 
 
+def _default_mode(kind: int) -> int:
+    """Permissions a plain open()/mkdir() would give (0o666 / 0o777 less the umask):
+    mkstemp and mkdtemp make private 0600 / 0700 entries, which would make every saved
+    preset unreadable to anyone else sharing it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return kind & ~mask
+
+
 @contextlib.contextmanager
 def atomic_file(target):
     """Yields a temporary path next to `target`; on success it is renamed to `target`, so an
@@ -36,6 +45,7 @@ def atomic_file(target):
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(handle)
+    os.chmod(tmp, _default_mode(0o666))
     try:
         yield pathlib.Path(tmp)
         os.replace(tmp, target)
@@ -56,6 +66,7 @@ def atomic_directory(target):
         raise CheckpointError(f"Cannot save to {target}: it exists and is not a directory.")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, _default_mode(0o777))
     try:
         yield tmp
         if target.exists():
