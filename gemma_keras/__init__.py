@@ -23,6 +23,8 @@ _EXPORTS = {
     "PresetAccessError": "gemma_keras.errors",
     "UnknownPresetError": "gemma_keras.errors",
     "WeightShapeError": "gemma_keras.errors",
+    "model_parallel": "gemma_keras.distribution",
+    "data_parallel": "gemma_keras.distribution",
     "ExportError": "gemma_keras.errors",
 }
 # Public submodules: gk.samplers.TopPSampler(...).

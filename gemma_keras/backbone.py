@@ -5,6 +5,7 @@ from keras import ops
 
 from gemma_keras import backend_ops
 from gemma_keras.config import GemmaConfig
+from gemma_keras.distribution import shard_cache
 from gemma_keras.generation.cache import layer_kind, write
 from gemma_keras.layers.attention import attention_mask
 from gemma_keras.layers.decoder_block import GemmaDecoderBlock
@@ -162,7 +163,12 @@ class GemmaBackbone(keras.Model):
             if cache is not None:
                 new_cache[kind]["kv"].append(layer_cache)
         x = self.final_normalization(x)  # [batch, len, hidden]
-        return x if cache is None else (x, new_cache)
+        if cache is None:
+            return x
+        # Under a keras.distribution (JAX) the cache leaves split by batch and kv heads, as it
+        # came in: the next compiled step then sees the same layout (no recompilation, no
+        # resharding). Without one this returns the cache unchanged.
+        return x, shard_cache(new_cache)
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name,

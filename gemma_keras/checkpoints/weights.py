@@ -93,7 +93,11 @@ class _FromCheckpoint(keras.initializers.Initializer):
     def __init__(self, name, entry, source):
         self.name, self.entry, self.source = name, entry, source
 
-    def __call__(self, shape, dtype=None):
+    # `layout`: Keras passes the variable's sharding under a JAX distribution to
+    # initializers that take one (and only then). Without the argument Keras would run a
+    # large weight's initializer under jax.jit to shard it, embedding the tensor read from
+    # the file in the compiled program as a constant.
+    def __call__(self, shape, dtype=None, layout=None):
         from gemma_keras.backend_ops import host_array_to_tensor
 
         # Shapes are reported in the file's own layout, which is what its owner knows.
@@ -104,7 +108,7 @@ class _FromCheckpoint(keras.initializers.Initializer):
                 f"{self.source}: weight '{self.name}' has shape {found} in the checkpoint but "
                 f"the config calls for {wanted}. The config and the weights do not match.")
         return host_array_to_tensor(self.entry.read(numpy_dtype(keras.backend.standardize_dtype(
-            dtype))))
+            dtype))), layout)
 
 
 def install_checkpoint(backbone, reader: Reader, source: str) -> None:
