@@ -88,8 +88,9 @@ def test_saved_model_in_a_process_without_keras_generates_like_keras(lm_of, tmp_
     ids = np.random.RandomState(0).randint(4, vocab_size, size=(2, 9)).astype("int32")
     ids[:, 0] = 2
     models, paths = {}, []
-    for case in ("gemma_mqa", "gemma2_gqa"):
-        models[case] = lm_of(case)
+    models["gemma_mqa"], models["gemma2_gqa"] = lm_of("gemma_mqa"), lm_of("gemma2_gqa")
+    models["padded_table"] = _with_padded_table(models["gemma_mqa"], PROMPTS[0])
+    for case in models:
         path = tmp_path / f"saved_{case}"
         assert gk.export(models[case], path, format="saved_model", max_length=64) == path
         paths.append(str(path))
@@ -107,6 +108,24 @@ def test_saved_model_in_a_process_without_keras_generates_like_keras(lm_of, tmp_
         np.testing.assert_allclose(np.array(got["logits"]), logits_of(lm, ids, np.ones_like(ids)),
                                    atol=1e-4, err_msg=case)
         assert "max_length of 64" in got["too_long"]
+    # Ids past the tokenizer's vocabulary were generated, and dropped from the text.
+    assert max(max(ids) for ids in loaded[paths[2]]["ids"]) >= vocab_size
+
+
+def _with_padded_table(lm, prompt, extra=8):
+    """`lm` with its embedding table padded past the tokenizer's vocabulary (as real
+    checkpoints pad 256,000 to 256,128), the extra rows made to win the prompt's first step."""
+    import dataclasses
+
+    config = lm.backbone.config
+    backbone = gk.GemmaBackbone(
+        dataclasses.replace(config, vocabulary_size=config.vocabulary_size + extra))
+    weights = lm.backbone.get_weights()
+    first = _keras_completions(lm, [prompt], 1)[0][0]
+    weights[0] = np.concatenate([weights[0], np.repeat(3 * weights[0][first:first + 1], extra,
+                                                       axis=0)])
+    backbone.set_weights(weights)
+    return gk.GemmaCausalLM(backbone, lm.tokenizer)
 
 
 def _litert(lm, path, **kwargs):

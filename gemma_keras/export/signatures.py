@@ -155,7 +155,10 @@ def generate_fns(backbone, tokenizer, max_length, stop_ids):
         is_stop = tf.reduce_any(tokens[:, :, None] == stops[None, None, :], axis=-1)
         keep = tf.logical_not(tf.cast(tf.cumsum(tf.cast(is_stop, tf.int32), axis=1), tf.bool))
         kept = tf.ragged.boolean_mask(tokens, keep)
-        completion = sp.detokenize(kept)
+        # As GemmaTokenizer.detokenize: ids past the SentencePiece vocabulary (checkpoints pad
+        # the embedding table) are dropped from the text; the op would fail on them.
+        completion = sp.detokenize(tf.ragged.boolean_mask(
+            kept, kept < tokenizer.vocabulary_size))
         dense = kept.to_tensor(pad)  # [batch, longest completion]
         padded = tf.pad(dense, [[0, 0], [0, max_new_tokens - tf.shape(dense)[1]]],
                         constant_values=pad)
