@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from keras import ops
 
+from gemma_keras.distribution import shard_cache
+
 
 def cache_slots(config, total_columns: int, ring: bool = True) -> dict:
     """Slots per attention kind for a cache that must hold `total_columns` columns.
@@ -48,7 +50,9 @@ def init_cache(config, batch: int, total_columns: int, dtype, ring: bool = True)
             "positions": ops.full((batch, slots), -1, dtype="int32"),
             "kv": [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(n_layers)],
         }
-    return cache
+    # Under a keras.distribution (JAX) the cache is born split by batch / kv heads, so no
+    # device ever holds it whole and the first prefill compiles for the split layout.
+    return shard_cache(cache)
 
 
 def write(buffer, update, start):
