@@ -15,6 +15,7 @@ import pathlib
 import sys
 import time
 
+from gemma_keras.checkpoints import progress  # imports no Keras
 from gemma_keras.checkpoints.resolve import DEMO_PRESET as DEMO  # imports no Keras
 EPILOG = """examples:
   gemma-keras generate "json.dumps("                        # the bundled demo preset
@@ -136,10 +137,11 @@ def _convert(args):
                          f"overwritten).")
     start = time.perf_counter()
     print(f"reading {args.source} ...", flush=True)
-    lm = GemmaCausalLM.from_preset(args.source, dtype=args.dtype)
-    print(f"  {lm.config.describe()} in {time.perf_counter() - start:.1f} s; writing "
-          f"{args.output} ...", flush=True)
-    lm.save_to_preset(args.output, max_shard_size=args.max_shard_size, format=args.to)
+    with progress.shown():  # a bar per tensor read and written
+        lm = GemmaCausalLM.from_preset(args.source, dtype=args.dtype)
+        print(f"  {lm.config.describe()} in {time.perf_counter() - start:.1f} s; writing "
+              f"{args.output} ...", flush=True)
+        lm.save_to_preset(args.output, max_shard_size=args.max_shard_size, format=args.to)
     kind = "a Hugging Face checkpoint" if args.to == "hf" else "a keras-hub preset"
     print(f"wrote {kind} in {time.perf_counter() - start:.1f} s: {args.output}")
 
@@ -151,7 +153,8 @@ def _export(args):
         raise UsageError(f"{args.output} exists; choose a new path (nothing is overwritten).")
     start = time.perf_counter()
     print(f"reading {args.preset} ...", flush=True)
-    lm = _load(args)
+    with progress.shown():
+        lm = _load(args)
     if args.adapter:  # enables LoRA as the file says; export merges it
         lm.load_lora_weights(args.adapter)
     print(f"exporting {lm.config.describe()} as {args.format} ...", flush=True)

@@ -133,6 +133,8 @@ def test_cli_convert_hf_to_keras_hub_preset(repo_root, hf_checkpoint, tmp_path):
     result = _cli(["convert", str(directory), str(tmp_path / "kh")], repo_root)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wrote a keras-hub preset" in result.stdout
+    # Progress bars while reading and writing, one step per tensor.
+    assert result.stdout.count("/tensor") >= 2 and "writing weights" in result.stdout
     keras_hub.models.GemmaBackbone.from_preset(str(tmp_path / "kh"))
     again = _cli(["convert", str(directory), str(tmp_path / "kh")], repo_root)
     assert again.returncode == 2 and "exists" in again.stderr
@@ -144,6 +146,7 @@ def test_cli_convert_keras_hub_preset_to_hf(repo_root, tmp_path):
     result = _cli(["convert", "--to", "hf", "gemma_demo", str(tmp_path / "hf")], repo_root)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wrote a Hugging Face checkpoint" in result.stdout
+    assert "46/46" in result.stdout and "writing weights" in result.stdout  # 46 demo tensors
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     converted = gk.GemmaCausalLM.from_preset(str(tmp_path / "hf"))
     demo = gk.GemmaCausalLM.from_preset("gemma_demo")

@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple
 import keras
 import numpy as np
 
+from gemma_keras.checkpoints import progress
 from gemma_keras.checkpoints.atomic import atomic_directory
 from gemma_keras.checkpoints.hf_format import SAFETENSORS_INDEX, block_names
 from gemma_keras.checkpoints.weights import numpy_dtype, weight_table
@@ -104,6 +105,7 @@ def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[fl
     shards = _plan_shards(tensors, None if max_shard_size is None
                           else int(max_shard_size * 1024 ** 3))
     with atomic_directory(directory) as tmp:
+        progress.start("writing weights", len(tensors))
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
         weight_map, total = {}, 0
         for number, shard in enumerate(shards, 1):
@@ -159,6 +161,7 @@ def _write_safetensors(path: pathlib.Path, tensors) -> int:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, value in tensors:  # one tensor in host memory at a time
+            progress.step()
             array = np.asarray(keras.ops.convert_to_numpy(value))
             # Keras' torch conversion widens bfloat16 to float32; the header says bfloat16.
             array = np.ascontiguousarray(array.astype(_host_dtype(value), copy=False))

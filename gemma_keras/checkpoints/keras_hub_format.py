@@ -21,9 +21,10 @@ import keras
 import ml_dtypes
 import numpy as np
 
+from gemma_keras.checkpoints import progress
 from gemma_keras.checkpoints.atomic import atomic_directory, read_json
-from gemma_keras.checkpoints.weights import (BLOCK_WEIGHTS, Reader, Transformed, read_chunked,
-                                             weight_table)
+from gemma_keras.checkpoints.weights import (BLOCK_WEIGHTS, Reader, Transformed, layer_table,
+                                             read_chunked, weight_table)
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
 
@@ -256,8 +257,10 @@ def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[
         h5.create_group("vars").attrs["name"] = "gemma_backbone"
 
     new_shard()
+    progress.start("writing weights", sum(1 for _ in layer_table(backbone)))
     try:
         for name, variable in weight_table(backbone):
+            progress.step()
             array = np.asarray(keras.ops.convert_to_numpy(variable))
             suffix = name.rsplit("/", 1)[-1]
             if suffix in layouts:

@@ -16,6 +16,7 @@ import keras
 import ml_dtypes
 import numpy as np
 
+from gemma_keras.checkpoints import progress
 from gemma_keras.errors import CheckpointError, ConfigError, WeightShapeError
 
 # Sub-weights of a decoder block: canonical suffix -> attribute path from the block; the last
@@ -107,8 +108,9 @@ class _FromCheckpoint(keras.initializers.Initializer):
             raise WeightShapeError(
                 f"{self.source}: weight '{self.name}' has shape {found} in the checkpoint but "
                 f"the config calls for {wanted}. The config and the weights do not match.")
-        return host_array_to_tensor(self.entry.read(numpy_dtype(keras.backend.standardize_dtype(
-            dtype))), layout)
+        array = self.entry.read(numpy_dtype(keras.backend.standardize_dtype(dtype)))
+        progress.step()
+        return host_array_to_tensor(array, layout)
 
 
 def install_checkpoint(backbone, reader: Reader, source: str) -> None:
@@ -128,6 +130,7 @@ def install_checkpoint(backbone, reader: Reader, source: str) -> None:
             "Check num_layers and the post-norm flags in config.json.")
     for name, layer, attr in table:
         setattr(layer, _INITIALIZER_ATTR[attr], _FromCheckpoint(name, reader[name], source))
+    progress.start(f"reading {source}", len(table))
 
 
 def release_checkpoint(backbone) -> None:
