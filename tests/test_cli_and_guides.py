@@ -15,6 +15,29 @@ def _run(args, cwd, timeout=300):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "jax") != "jax",
+                    reason="the README's first command uses the default backend, JAX: once")
+def test_readme_first_command_from_a_fresh_clone(repo_root, tmp_path):
+    """`scripts/demo.sh`, run as the README says in a fresh clone: it makes its own .venv,
+    installs gemma_keras with the default backend and prints the demo's generations."""
+    import shutil
+
+    if shutil.which("git") is None or not (repo_root / ".git").exists():
+        pytest.skip("needs the repository's git history to clone")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{repo_root}", str(clone)],
+                   check=True, timeout=300)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VIRTUAL_ENV", "KERAS_BACKEND", "PYTHONPATH")}
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                  if not p.startswith(os.environ.get("VIRTUAL_ENV", "\0")))
+    result = subprocess.run(["bash", "scripts/demo.sh"], cwd=clone, env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "[generate, greedy]\njson.dumps(" in result.stdout
+    assert (clone / ".venv" / "bin" / "python").exists()
+
+
 def test_quickstart_guide_runs(repo_root):
     result = _run(["guides/quickstart.py"], repo_root)
     assert result.returncode == 0, result.stderr[-2000:]
