@@ -45,10 +45,30 @@ def linear(x, kernel):
     return keras.ops.einsum("...d,fd->...f", x, kernel)
 
 
+def write_slot(buffer, update, slot):
+    """`buffer` [batch, slots, ...] with `update` [batch, 1, ...] written at `slot` (a scalar
+    int tensor) on axis 1: a new tensor (the buffer itself under `cache_writes_in_place`).
+
+    keras.ops.slice_update is exactly this on JAX and TensorFlow (one dynamic-update-slice).
+    On torch it builds index grids (an arange per axis, a meshgrid, index_put_): ~25 ops per
+    write, 17 writes per decode step of the benchmark model, over 40% of the traced graph's
+    ops; `index_copy` is one."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        buffer, update, slot = (keras.ops.convert_to_tensor(t) for t in (buffer, update, slot))
+        index = torch.reshape(slot, (1,)).to(torch.int64)
+        if _IN_PLACE_CACHE.on:
+            return buffer.index_copy_(1, index, update.to(buffer.dtype))
+        return torch.index_copy(buffer, 1, index, update.to(buffer.dtype))
+    index = [0, slot] + [0] * (len(buffer.shape) - 2)
+    return keras.ops.slice_update(buffer, index, keras.ops.cast(update, buffer.dtype))
+
+
 def _tf_linear(x, kernel):
     import tensorflow as tf
 
-    if _in_xla_graph() or _EXPORT_FORM[0]:
+    if _in_xla_graph() or _EXPORT_FORM.on:
         # TF's XLA runs a 2-D matmul with a transposed operand 2.6x faster than the same
         # product written as a 3-D einsum or batched matmul (16 vs 43 ms for the benchmark's
         # weights; as a BatchMatMulV2, batch-1 decode fell from 40 to 12 tok/s).
@@ -61,21 +81,34 @@ def _tf_linear(x, kernel):
     return tf.linalg.matmul(x, kernel, adjoint_b=True)
 
 
+class _Flag:
+    """A trace-time switch, set for the duration of a `with flag.set():` block."""
+
+    def __init__(self):
+        self.on = False
+
+    @contextlib.contextmanager
+    def set(self):
+        previous, self.on = self.on, True
+        try:
+            yield
+        finally:
+            self.on = previous
+
+
 # Set while tracing an export: the LiteRT converter turns the 2-D MatMul with the kernel
 # transposed into a FULLY_CONNECTED that reads our [out, in] kernel as it is (its own weight
 # layout), and int8 weight quantization applies to it; a batched matmul would keep a
 # transposed copy of the weight or stay in float.
-_EXPORT_FORM = [False]
+_EXPORT_FORM = _Flag()
+export_form = _EXPORT_FORM.set  # traces projections in the form exported graphs want
 
-
-@contextlib.contextmanager
-def export_form():
-    """Traces projections in the form exported graphs want (see `_EXPORT_FORM`)."""
-    previous, _EXPORT_FORM[0] = _EXPORT_FORM[0], True
-    try:
-        yield
-    finally:
-        _EXPORT_FORM[0] = previous
+# Set while torch traces a compiled generation step that owns its cache (the cache argument
+# is donated, as on JAX accelerators: the caller never reads the old one again). One-slot
+# cache writes then update the buffer in place: a new 128 KiB-or-larger buffer per write is
+# a fresh mmap whose pages fault in on every step.
+_IN_PLACE_CACHE = _Flag()
+cache_writes_in_place = _IN_PLACE_CACHE.set
 
 
 def _in_xla_graph() -> bool:
@@ -113,10 +146,40 @@ def _torch_linear(x, kernel):
 
     if (x.device.type == "cpu" and x.dtype == kernel.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad))):
-        fast = _onednn_linear()
+        rows = x.numel() // x.shape[-1]
+        fast = _one_row_linear() if rows == 1 else _onednn_linear()
         if fast is not None:
             return fast(x, kernel)
     return torch.nn.functional.linear(x, kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_row_linear():
+    """The faster float32 CPU product for one row (a batch-1 decode step), measured once per
+    process: torch's `F.linear` (MKL's gemv) or oneDNN's inner product.
+
+    Which wins depends on the CPU: on one host of this project's 2-core machines MKL's gemv
+    ran on one core (the benchmark model's weights in 31-35 ms vs oneDNN's 21); on another it
+    used both and beat oneDNN by ~10%. Timed on 128 MiB of weights (more than any cache), each
+    candidate the best of 3 interleaved passes: ~0.1 s, once."""
+    import time
+
+    import torch
+
+    fast = _onednn_linear()
+    if fast is None:
+        return None
+    weights = [torch.ones(4096, 1024) for _ in range(8)]
+    x = torch.ones(1, 1024)
+    best = {product: float("inf") for product in (torch.nn.functional.linear, fast)}
+    with torch.inference_mode():
+        for _ in range(3):
+            for candidate in best:
+                begin = time.perf_counter()
+                for w in weights:
+                    candidate(x, w)
+                best[candidate] = min(best[candidate], time.perf_counter() - begin)
+    return min(best, key=best.get)
 
 
 @functools.lru_cache(maxsize=None)

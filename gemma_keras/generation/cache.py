@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from keras import ops
 
+from gemma_keras.backend_ops import write_slot
 from gemma_keras.distribution import shard_cache
 
 
@@ -69,8 +70,7 @@ def write(buffer, update, start):
     length = update.shape[1] or ops.shape(update)[1]
     start = ops.cast(start, "int32")
     if update.shape[1] == 1:
-        index = [0, start % slots] + [0] * (len(buffer.shape) - 2)
-        return ops.slice_update(buffer, index, ops.cast(update, buffer.dtype))
+        return write_slot(buffer, update, start % slots)
     slot = ops.arange(slots, dtype="int32")
     last = start + length - 1
     # The latest column of this chunk that lands in each slot, and whether there is one.

@@ -7,11 +7,19 @@ accelerators), TensorFlow through `tf.function(jit_compile=True)` (XLA), PyTorch
 costs about a third of an eager decode step), all under inference mode. Arguments must keep
 their shapes and dtypes between calls (scalars as int32 arrays) or the function is traced
 again; generation buckets its shapes for exactly that reason.
+
+`donate_argnums` names arguments the caller gives up: JAX may reuse their buffers, and a
+torch step writes one-slot cache updates into them in place. Never read a donated argument
+after the call; use what the call returned.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
+
+from gemma_keras import backend_ops
 
 
 def loops_compile() -> bool:
@@ -31,7 +39,7 @@ def compile_step(model, fn, donate_argnums=()):
         # Static shapes (no reduce_retracing): XLA compiles per shape bucket anyway.
         return tf.function(fn, jit_compile=True)
     if backend == "torch":
-        return _torch(model, fn)
+        return _torch(model, fn, in_place=bool(donate_argnums))
     return fn
 
 
@@ -55,7 +63,7 @@ def _jax(model, fn, donate_argnums):
     return run
 
 
-def _torch(model, fn):
+def _torch(model, fn, in_place):
     import warnings
 
     import numpy as np
@@ -84,10 +92,51 @@ def _torch(model, fn):
                     structure["out"] = out
                     return tuple(keras.tree.flatten(out))
 
-                with warnings.catch_warnings():
+                writes = backend_ops.cache_writes_in_place() if in_place else contextlib.nullcontext()
+                with warnings.catch_warnings(), writes:
                     warnings.simplefilter("ignore")  # TracerWarnings about static shapes
                     graph = torch.jit.trace(pure, (*values, *flat), check_trace=False)
+                _drop_noop_casts(graph.graph)
                 traced[key] = (graph, structure["out"])
             graph, out_structure = traced[key]
             return keras.tree.pack_sequence_as(out_structure, list(graph(*values, *flat)))
     return run
+
+
+def _drop_noop_casts(graph):
+    """Removes `aten::to` nodes that return their input (same dtype and device, no copy) from a
+    traced graph. Keras' convert_to_tensor records two per variable read and one per cast: 537
+    in the benchmark model's decode step, each a dispatch the interpreter pays per call."""
+    import torch
+
+    for node in list(graph.nodes()):
+        if node.kind() != "aten::to":
+            continue
+        source, result = node.inputsAt(0), node.output()
+        a, b = source.type(), result.type()
+        if not (isinstance(a, torch._C.TensorType) and isinstance(b, torch._C.TensorType)):
+            continue
+        if a.scalarType() is None or a.scalarType() != b.scalarType() or a.device() != b.device():
+            continue
+        arguments = dict(zip(_argument_names(node.schema()), node.inputs()))
+        copy = arguments.get("copy")
+        fmt = arguments.get("memory_format")
+        if copy is None or copy.toIValue() is not False:
+            continue
+        if fmt is not None and fmt.toIValue() is not None:
+            continue
+        result.replaceAllUsesWith(source)
+        node.destroy()
+    torch._C._jit_pass_dce(graph)
+
+
+def _argument_names(schema: str):
+    """Argument names of an operator schema string, in order."""
+    inside = schema[schema.index("(") + 1: schema.rindex(") ->")]
+    names = []
+    for part in inside.split(","):
+        part = part.strip()
+        if not part or part == "*":
+            continue
+        names.append(part.split("=")[0].split()[-1])
+    return names
