@@ -30,6 +30,58 @@ def run(argv, env=None, timeout=CASE_TIMEOUT_S) -> str:
     return proc.stdout
 
 
+class Worker:
+    """A benchmark case kept alive in its own process, answering one JSON request per line.
+
+    Benchmarks whose ratios matter start every case's worker first and then ask them for
+    timed rounds in turn (only one works at a time), so a slow minute of this shared machine
+    lands on every implementation alike instead of on whichever ran then."""
+
+    def __init__(self, argv, env=None):
+        import tempfile
+
+        self._log = tempfile.TemporaryFile("w+")  # stderr: a pipe nobody reads could fill
+        self.proc = subprocess.Popen([sys.executable, *map(str, argv)],
+                                     env={**os.environ, **_CHILD_ENV, **(env or {})},
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, text=True, cwd=REPO)
+        self.argv = argv
+
+    def ask(self, request: dict, timeout=CASE_TIMEOUT_S) -> dict:
+        """Sends a request; the worker's 'RESULT ' reply (other output is skipped)."""
+        import select
+
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [],
+                                        max(0.0, deadline - time.monotonic()))
+            line = self.proc.stdout.readline() if ready else ""
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+            if not ready or (not line and self.proc.poll() is not None):
+                self.close()
+                self._log.seek(0)
+                why = "timed out" if not ready else f"exited ({self.proc.returncode})"
+                raise RuntimeError(f"{' '.join(map(str, self.argv))} {why}:\n"
+                                   f"{self._log.read()[-5000:]}")
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+def serve(handle):
+    """The worker side of `Worker`: answers each request line with handle(request)."""
+    for line in sys.stdin:
+        print("RESULT " + json.dumps(handle(json.loads(line))), flush=True)
+
+
 def result_line(stdout: str) -> dict:
     """The JSON a worker printed after 'RESULT '."""
     line = [s for s in stdout.splitlines() if s.startswith("RESULT ")][-1]

@@ -14,9 +14,13 @@ What it does:
      two threads, best of several) in a fresh process. Decoding one token reads every weight
      once (the embedding once, as the output head), so bandwidth / (parameters x 4 bytes) is
      an upper bound on batch-1 decode tokens/s in float32.
-  3. Runs each implementation in a fresh subprocess: load, a first `generate` call (timed:
-     the first-call latency, compilation included), a warm-up, then `--runs` timed rounds of
-     (full generate of N new tokens, prefill only). All greedy, no stop tokens, float32.
+  3. Runs each implementation in its own subprocess, all of them alive together: each loads
+     (one at a time), makes its first `generate` call (timed: the first-call latency,
+     compilation included; also the warm-up; one worker at a time), then `--runs` rounds in
+     which every implementation in turn times one (full generate of N new tokens, prefill
+     only), the order rotating each round. Interleaving matters on this shared machine:
+     its speed drifts by 20-30% over minutes, which sequential runs turned into false
+     ratios. All greedy, no stop tokens, float32.
        decode tokens/s  = batch x decode steps / (generate time - prefill time)
        prefill tokens/s = batch x prompt length / prefill time
      "best" uses the fastest run of each, "median" the medians. Prefill only is, per library:
@@ -183,28 +187,118 @@ def _timed(fn, *args):
     return time.perf_counter() - start, out
 
 
-def worker(library: str, dirs: dict, batches, prompt_len, new_tokens, runs, warmups) -> dict:
+def serve_worker(library: str, dirs: dict, prompt_len, new_tokens, warmups):
+    """One implementation, loaded once, answering the coordinator's requests in turn:
+    load (the model's size), first (the first generate of a batch size: compilation /
+    tracing included; it is also the warm-up), round (one timed generate and prefill)."""
     start = time.perf_counter()
     generate, prefill, steps, params = _setup(library, dirs, prompt_len, new_tokens)
-    result = {"load_s": time.perf_counter() - start, "params": int(params), "steps": steps,
-              "batches": {}}
-    for batch in batches:
+    loaded = {"load_s": time.perf_counter() - start, "params": int(params), "steps": steps}
+    first_tokens = {}
+
+    def handle(request):
+        if request["cmd"] == "load":
+            return loaded
+        batch = request["batch"]
         ids = _prompts(batch, prompt_len, MODEL["vocab_size"])
-        # The first call is also the warm-up: it compiles (or traces) for this batch size.
-        first_s, tokens = _timed(generate, ids)
-        warm_prefill_s, _ = _timed(prefill, ids)  # compiles what prefill alone needs, if any
-        for _ in range(warmups):
-            _timed(generate, ids)
-        gen_s, pre_s = [], []
-        for _ in range(runs):
-            t, again = _timed(generate, ids)
-            gen_s.append(t)
-            pre_s.append(_timed(prefill, ids)[0])
-        result["batches"][str(batch)] = {
-            "first_s": first_s, "first_prefill_s": warm_prefill_s, "generate_s": gen_s,
-            "prefill_s": pre_s, "tokens": tokens.tolist(),
-            "deterministic": bool((again == tokens).all())}
-    return result
+        if request["cmd"] == "first":
+            first_s, tokens = _timed(generate, ids)
+            warm_prefill_s, _ = _timed(prefill, ids)  # compiles what prefill alone needs
+            for _ in range(warmups):
+                _timed(generate, ids)
+            first_tokens[batch] = tokens
+            return {"first_s": first_s, "first_prefill_s": warm_prefill_s,
+                    "tokens": tokens.tolist(), **_choices(library)}
+        t, again = _timed(generate, ids)
+        return {"generate_s": t, "prefill_s": _timed(prefill, ids)[0],
+                "same": bool((again == first_tokens[batch]).all())}
+
+    common.serve(handle)
+
+
+def _choices(library) -> dict:
+    """What gemma_keras picked by timing at first use (torch: the one-row product)."""
+    if library != "gemma_keras" or "torch" not in sys.modules:
+        return {}
+    from gemma_keras import backend_ops
+
+    if backend_ops._one_row_linear.cache_info().currsize == 0:
+        return {}
+    product = backend_ops._one_row_linear()
+    return {"one_row_product": "F.linear" if product is sys.modules["torch"].nn.functional.linear
+            else "oneDNN" if product is not None else "none"}
+
+
+def measure(cases, dirs, args, log) -> list:
+    """Every case's worker is started (one loading at a time), then each batch size gets its
+    first calls one worker at a time and `--runs` rounds in which every worker times one
+    generate + prefill in turn, the order rotating each round. Only one worker computes at a
+    time; the others wait on their stdin."""
+    worker_args = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                   "--warmups", str(args.warmups)]
+    rows, workers = [], {}
+    for case, library, backend, label in cases:
+        shown = backend or "torch"
+        row = {"case": case, "label": label, "backend": shown}
+        rows.append(row)
+        log(f"{case}: {label} [{shown}] loading ...")
+        env = {"KERAS_BACKEND": backend} if backend else {}
+        worker = common.Worker([__file__, "--worker", library, "--dir", json.dumps(dirs),
+                                *worker_args], env=env)
+        try:
+            row.update(worker.ask({"cmd": "load"}), batches={})
+            workers[case] = worker
+        except RuntimeError as e:
+            _failed(row, e, log)
+
+    def ask(row, request):
+        try:
+            return workers[row["case"]].ask(request)
+        except RuntimeError as e:
+            del workers[row["case"]]
+            _failed(row, e, log)
+            return None
+
+    for batch in args.batch_sizes:
+        for row in rows:
+            if row["case"] in workers:
+                log(f"{row['case']}: B={batch} first call ...")
+                first = ask(row, {"cmd": "first", "batch": batch})
+                if first:
+                    if "one_row_product" in first:
+                        log(f"  one-row product: {first['one_row_product']}")
+                    row["batches"][str(batch)] = {**first, "generate_s": [], "prefill_s": [],
+                                                  "deterministic": True}
+        for round_ in range(args.runs):
+            live = [r for r in rows if r["case"] in workers]
+            shift = round_ % max(len(live), 1)
+            order = live[shift:] + live[:shift]
+            log(f"B={batch} round {round_ + 1}/{args.runs}: "
+                + ", ".join(r["case"] for r in order))
+            for row in order:
+                time.sleep(0.3)  # let the previous worker's threads go idle
+                got = ask(row, {"cmd": "round", "batch": batch})
+                if got:
+                    b = row["batches"][str(batch)]
+                    b["generate_s"].append(got["generate_s"])
+                    b["prefill_s"].append(got["prefill_s"])
+                    b["deterministic"] &= got["same"]
+    for worker in workers.values():
+        worker.close()
+    for row in rows:
+        for batch in args.batch_sizes:
+            m = metrics(row, batch, args.prompt_len) if "batches" in row else {}
+            if m:
+                log(f"{row['case']} B={batch}: decode {m['decode_best']:.1f} tok/s (median "
+                    f"{m['decode_median']:.1f}), prefill {m['prefill_best']:.0f} tok/s, first "
+                    f"call {m['first_s']:.1f} s")
+    return rows
+
+
+def _failed(row, error, log):
+    log(f"  {row['case']} FAILED: {str(error)[-2000:]}")
+    row.pop("batches", None)
+    row["error"] = str(error).strip().splitlines()[-1][:120]
 
 
 BANDWIDTH_KEYS = ("one_thread", "two_threads", "two_threads_max")
@@ -332,9 +426,10 @@ def render(rows, bandwidth, args, args_line) -> str:
          f"**{bound:.1f} tokens/s** ({1e3 / bound:.1f} ms/token)."
          if bound else "Memory bandwidth: not measured."),
         "",
-        f"Each implementation runs in a fresh process: load, first call (timed, compilation "
-        f"included; also the warm-up), then {args.runs} timed rounds of (generate {N} tokens, "
-        "prefill only). *Decode* = batch x decode steps / (generate - prefill), steady state; "
+        f"Each implementation runs in its own process, all alive together: load, first call "
+        f"(timed, compilation included; also the warm-up), then {args.runs} rounds in which "
+        f"each implementation in turn times (generate {N} tokens, prefill only), the order "
+        "rotating, so the machine's drift falls on all of them alike. *Decode* = batch x decode steps / (generate - prefill), steady state; "
         "**best** of the rounds, median in parentheses. *Prefill* = batch x prompt tokens / "
         "prefill time. *% bound* = batch-1 decode / the bandwidth bound. *First call* = the "
         f"very first generate (batch 1, {N} tokens) in a fresh process, compilation "
@@ -491,10 +586,7 @@ def main(argv=None):
         return 0
     if args.worker:
         dirs = json.loads(args.dir)
-        print("RESULT " + json.dumps(worker(args.worker, dirs, args.batch_sizes,
-                                            args.prompt_len, args.new_tokens, args.runs,
-                                            args.warmups)),
-              flush=True)
+        serve_worker(args.worker, dirs, args.prompt_len, args.new_tokens, args.warmups)
         return 0
 
     def log(msg):
@@ -521,31 +613,7 @@ def main(argv=None):
             log(f"  {max(probes[-1][k] for k in BANDWIDTH_KEYS) / 1e9:.1f} GB/s")
 
     probe_bandwidth()
-    rows = []
-    worker_args = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-              "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--runs", str(args.runs),
-              "--warmups", str(args.warmups)]
-    for case, library, backend, label in cases:
-        shown = backend or "torch"
-        log(f"{case}: {label} [{shown}] ...")
-        t = time.perf_counter()
-        env = {"KERAS_BACKEND": backend} if backend else {}
-        try:
-            r = common.result_line(common.run(
-                [__file__, "--worker", library, "--dir", json.dumps(dirs), *worker_args],
-                env=env))
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            log(f"  FAILED: {str(e)[-2000:]}")
-            r = {"error": str(e).strip().splitlines()[-1][:120]}
-        r.update(case=case, label=label, backend=shown)
-        rows.append(r)
-        if "batches" in r:
-            for batch in args.batch_sizes:
-                m = metrics(r, batch, args.prompt_len)
-                log(f"  B={batch}: decode {m['decode_best']:.1f} tok/s "
-                    f"(median {m['decode_median']:.1f}), prefill {m['prefill_best']:.0f} tok/s, "
-                    f"first call {m['first_s']:.1f} s")
-        log(f"  ({time.perf_counter() - t:.0f} s)")
+    rows = measure(cases, dirs, args, log)
     probe_bandwidth()  # again at the end: the machine is shared, so keep the best probe
     bandwidth = None
     if probes:

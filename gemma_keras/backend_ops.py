@@ -161,7 +161,7 @@ def _one_row_linear():
     Which wins depends on the CPU: on one host of this project's 2-core machines MKL's gemv
     ran on one core (the benchmark model's weights in 31-35 ms vs oneDNN's 21); on another it
     used both and beat oneDNN by ~10%. Timed on 128 MiB of weights (more than any cache), each
-    candidate the best of 3 interleaved passes: ~0.1 s, once."""
+    candidate the best of 5 interleaved passes: ~0.15 s, once."""
     import time
 
     import torch
@@ -173,7 +173,7 @@ def _one_row_linear():
     x = torch.ones(1, 1024)
     best = {product: float("inf") for product in (torch.nn.functional.linear, fast)}
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(5):
             for candidate in best:
                 begin = time.perf_counter()
                 for w in weights:

@@ -19,11 +19,13 @@ class GemmaRMSNorm(keras.layers.Layer):
     def call(self, x):
         # float32 whatever the compute dtype: bf16 mean-of-squares loses the small activations,
         # and both reference implementations upcast here.
+        # keras.ops.rms_normalization is that formula on JAX / TensorFlow and torch's fused
+        # rms_norm on torch (one traced op instead of seven; same logits here, no measurable
+        # speed difference in a decode step).
         input_dtype = x.dtype
-        x = ops.cast(x, "float32")
-        variance = ops.mean(ops.square(x), axis=-1, keepdims=True)
-        x = x * ops.rsqrt(variance + self.epsilon)
-        x = x * (1.0 + ops.cast(self.scale, "float32"))
+        x = ops.rms_normalization(ops.cast(x, "float32"),
+                                  scale=1.0 + ops.cast(self.scale, "float32"), axis=-1,
+                                  epsilon=self.epsilon)
         return ops.cast(x, input_dtype)
 
     def get_config(self):
