@@ -10,8 +10,9 @@ What it does:
      Face `GemmaForCausalLM` (seed 0) saved as safetensors, and the same weights written as a
      keras-hub preset by gemma_keras' `save_to_preset`. Every implementation loads these, so
      all of them run the identical model.
-  2. Measures this machine's memory read bandwidth (NumPy sums over a 1.5 GB array, one and
-     two threads, best of several) in a fresh process. Decoding one token reads every weight
+  2. Measures this machine's memory read bandwidth (NumPy sums and maxes over a 1.5 GB
+     array, one and two threads, best of several) in a fresh process, at the start, after
+     every timed round and at the end; the bound takes the best. Decoding one token reads every weight
      once (the embedding once, as the output head), so bandwidth / (parameters x 4 bytes) is
      an upper bound on batch-1 decode tokens/s in float32.
   3. Runs each implementation in its own subprocess, all of them alive together: each loads
@@ -229,11 +230,12 @@ def _choices(library) -> dict:
             else "oneDNN" if product is not None else "none"}
 
 
-def measure(cases, dirs, args, log) -> list:
+def measure(cases, dirs, args, log, after_round=None) -> list:
     """Every case's worker is started (one loading at a time), then each batch size gets its
     first calls one worker at a time and `--runs` rounds in which every worker times one
     generate + prefill in turn, the order rotating each round. Only one worker computes at a
-    time; the others wait on their stdin."""
+    time; the others wait on their stdin. `after_round()` runs after each round (the bandwidth
+    probe, so the bound is measured through the same minutes as the decoding)."""
     worker_args = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                    "--warmups", str(args.warmups)]
     rows, workers = [], {}
@@ -283,6 +285,8 @@ def measure(cases, dirs, args, log) -> list:
                     b["generate_s"].append(got["generate_s"])
                     b["prefill_s"].append(got["prefill_s"])
                     b["deterministic"] &= got["same"]
+            if after_round:
+                after_round()
     for worker in workers.values():
         worker.close()
     for row in rows:
@@ -416,8 +420,9 @@ def render(rows, bandwidth, args, args_line) -> str:
          f"{N} new tokens." if params else ""),
         "",
         (f"Memory read bandwidth: {bw / 1e9:.1f} GB/s (NumPy reductions over "
-         f"{bandwidth['bytes'] / 1e9:.1f} GB, best of 7 at the start and 7 at the end of the "
-         f"run; sum, one thread "
+         f"{bandwidth['bytes'] / 1e9:.1f} GB, best of 7 in each of "
+         f"{bandwidth.get('probes', 2)} probes: at the start, after every round and at the "
+         f"end; sum, one thread "
          f"{bandwidth['one_thread'] / 1e9:.1f}, two threads "
          f"{bandwidth['two_threads'] / 1e9:.1f}; NumPy max, two threads "
          f"{bandwidth.get('two_threads_max', float('nan')) / 1e9:.1f}; the bound takes the "
@@ -613,8 +618,8 @@ def main(argv=None):
             log(f"  {max(probes[-1][k] for k in BANDWIDTH_KEYS) / 1e9:.1f} GB/s")
 
     probe_bandwidth()
-    rows = measure(cases, dirs, args, log)
-    probe_bandwidth()  # again at the end: the machine is shared, so keep the best probe
+    rows = measure(cases, dirs, args, log, after_round=probe_bandwidth)
+    probe_bandwidth()  # the machine is shared: the bound takes the best of all probes
     bandwidth = None
     if probes:
         bandwidth = {k: max(b[k] for b in probes) for k in BANDWIDTH_KEYS}
