@@ -153,6 +153,11 @@ def _torch_linear(x, kernel):
     return torch.nn.functional.linear(x, kernel)
 
 
+def choose_torch_products():
+    """Makes the per-process choice of `_one_row_linear` now (it is cached)."""
+    _one_row_linear()
+
+
 @functools.lru_cache(maxsize=None)
 def _one_row_linear():
     """The faster float32 CPU product for one row (a batch-1 decode step), measured once per

@@ -92,6 +92,9 @@ def _torch(model, fn, in_place):
                     structure["out"] = out
                     return tuple(keras.tree.flatten(out))
 
+                # The one-row product is chosen by timing: do that before tracing, so neither
+                # the tracer's bookkeeping nor the timed ops touch the measurement or the graph.
+                backend_ops.choose_torch_products()
                 writes = backend_ops.cache_writes_in_place() if in_place else contextlib.nullcontext()
                 with warnings.catch_warnings(), writes:
                     warnings.simplefilter("ignore")  # TracerWarnings about static shapes
