@@ -121,25 +121,12 @@ def _drop_noop_casts(graph):
             continue
         if a.scalarType() is None or a.scalarType() != b.scalarType() or a.device() != b.device():
             continue
-        arguments = dict(zip(_argument_names(node.schema()), node.inputs()))
-        copy = arguments.get("copy")
-        fmt = arguments.get("memory_format")
-        if copy is None or copy.toIValue() is not False:
+        # Every aten::to overload has these two arguments.
+        if node.namedInput("copy").toIValue() is not False:
             continue
-        if fmt is not None and fmt.toIValue() is not None:
+        if node.namedInput("memory_format").toIValue() is not None:
             continue
         result.replaceAllUsesWith(source)
         node.destroy()
     torch._C._jit_pass_dce(graph)
 
-
-def _argument_names(schema: str):
-    """Argument names of an operator schema string, in order."""
-    inside = schema[schema.index("(") + 1: schema.rindex(") ->")]
-    names = []
-    for part in inside.split(","):
-        part = part.strip()
-        if not part or part == "*":
-            continue
-        names.append(part.split("=")[0].split()[-1])
-    return names
