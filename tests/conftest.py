@@ -12,6 +12,32 @@ import pathlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+BACKEND = os.environ["KERAS_BACKEND"]
+# `scripts/test.sh --all` sets this: every test on every backend (before a release).
+RUN_ALL = os.environ.get("GEMMA_KERAS_TEST_ALL") == "1"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "once(backend): an end-to-end test (a guide, a script, a CLI subprocess, a fresh "
+        "install) whose code path does not depend on the backend, or that one backend covers: "
+        "it runs in one backend's pass only, unless GEMMA_KERAS_TEST_ALL=1.")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects `once` tests that belong to another backend's pass."""
+    if RUN_ALL:
+        return
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("once")
+        (drop if marker is not None and marker.args[0] != BACKEND else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 SEQ = 16
 # Tiny architectures covering every attention layout and Gemma 2 feature. Values are HF
 # config kwargs; keras-hub equivalents are derived in `keras_hub_kwargs`.
