@@ -141,17 +141,57 @@ def hf_logits(model, ids, mask):
                      attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
 
 
-@pytest.fixture
-def hf_checkpoint(tmp_path, spm_path, vocab_size):
-    """Factory: case name -> (directory, HF model). Saved sharded, with tokenizer.model."""
-    def make(case, seed=0, shard="40KB", **model_kwargs):
+class _Pristine:
+    """Reference checkpoints built once per session, keyed by how they were made."""
+
+    def __init__(self, root):
+        self.root, self.entries = root, {}
+
+    def get(self, key, build, name):
+        """(directory, model): `build(directory) -> model` runs on the first request only.
+        The directory is shared: read it, never write to it (see `_copy`)."""
+        if key not in self.entries:
+            directory = self.root / f"{len(self.entries)}_{name}"
+            self.entries[key] = (directory, build(directory))
+        return self.entries[key]
+
+
+def _copy(source, tmp_path, name):
+    """A test's own copy of a pristine checkpoint, which it may corrupt or overwrite."""
+    import shutil
+
+    target, n = tmp_path / name, 1
+    while target.exists():  # the same test asked twice: a second copy
+        target, n = tmp_path / f"{name}_{n}", n + 1
+    shutil.copytree(source, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def pristine_hf(tmp_path_factory, spm_path, vocab_size):
+    """Factory: case -> (shared read-only directory, HF model), written once per session."""
+    store = _Pristine(tmp_path_factory.mktemp("pristine_hf"))
+
+    def get(case, seed=0, shard="40KB", **model_kwargs):
         import shutil
 
-        model = hf_model(case, vocab_size, seed, **model_kwargs)
-        directory = tmp_path / f"hf_{case}"
-        model.save_pretrained(directory, max_shard_size=shard)
-        shutil.copy(spm_path, directory / "tokenizer.model")
-        return directory, model
+        def build(directory):
+            model = hf_model(case, vocab_size, seed, **model_kwargs)
+            model.save_pretrained(directory, max_shard_size=shard)
+            shutil.copy(spm_path, directory / "tokenizer.model")
+            return model
+        key = (case, seed, shard, tuple(sorted(model_kwargs.items())))
+        return store.get(key, build, f"hf_{case}")
+    return get
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path, pristine_hf):
+    """Factory: case name -> (directory, HF model). Saved sharded, with tokenizer.model; the
+    directory is this test's own copy."""
+    def make(case, seed=0, shard="40KB", **model_kwargs):
+        source, model = pristine_hf(case, seed, shard, **model_kwargs)
+        return _copy(source, tmp_path, f"hf_{case}"), model
     return make
 
 
@@ -191,17 +231,29 @@ def keras_hub_logits(lm, ids, mask):
     return keras.ops.convert_to_numpy(lm.backbone.token_embedding(hidden, reverse=True))
 
 
+@pytest.fixture(scope="session")
+def _pristine_keras_hub(tmp_path_factory, spm_path, vocab_size):
+    store = _Pristine(tmp_path_factory.mktemp("pristine_keras_hub"))
+
+    def get(case, seed=0, max_shard_size=None):
+        def build(directory):
+            lm = keras_hub_lm(case, vocab_size, spm_path, seed)
+            if max_shard_size is None:
+                lm.save_to_preset(str(directory))
+            else:
+                lm.save_to_preset(str(directory), max_shard_size=max_shard_size)
+            return lm
+        return store.get((case, seed, max_shard_size), build, f"kh_{case}")
+    return get
+
+
 @pytest.fixture
-def keras_hub_preset(tmp_path, spm_path, vocab_size):
-    """Factory: case -> (directory, keras-hub GemmaCausalLM) saved with keras-hub's own saver."""
+def keras_hub_preset(tmp_path, _pristine_keras_hub):
+    """Factory: case -> (directory, keras-hub GemmaCausalLM) saved with keras-hub's own saver;
+    the directory is this test's own copy."""
     def make(case, seed=0, max_shard_size=None):
-        lm = keras_hub_lm(case, vocab_size, spm_path, seed)
-        directory = tmp_path / f"kh_{case}"
-        if max_shard_size is None:
-            lm.save_to_preset(str(directory))
-        else:
-            lm.save_to_preset(str(directory), max_shard_size=max_shard_size)
-        return directory, lm
+        source, lm = _pristine_keras_hub(case, seed, max_shard_size)
+        return _copy(source, tmp_path, f"kh_{case}"), lm
     return make
 
 
