@@ -1,4 +1,8 @@
-"""The command line and the guides, run as a user runs them (subprocesses)."""
+"""The command line and the guides, run as a user runs them (subprocesses).
+
+Each test here is end-to-end and backend-independent in what it checks, so it runs in one
+backend's pass only (`once`), the three spread so that each backend runs some guides and
+commands: `scripts/test.sh --all` runs them in every pass."""
 
 import json
 import os
@@ -15,8 +19,7 @@ def _run(args, cwd, timeout=300):
                           text=True, timeout=timeout)
 
 
-@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "jax") != "jax",
-                    reason="the README's first command uses the default backend, JAX: once")
+@pytest.mark.once("jax")  # the README's first command uses the default backend, JAX
 def test_readme_first_command_from_a_fresh_clone(repo_root, tmp_path):
     """`scripts/demo.sh`, run as the README says in a fresh clone: it makes its own .venv,
     installs gemma_keras with the default backend and prints the demo's generations."""
@@ -38,6 +41,7 @@ def test_readme_first_command_from_a_fresh_clone(repo_root, tmp_path):
     assert (clone / ".venv" / "bin" / "python").exists()
 
 
+@pytest.mark.once("jax")
 def test_quickstart_guide_runs(repo_root):
     result = _run(["guides/quickstart.py"], repo_root)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -46,6 +50,7 @@ def test_quickstart_guide_runs(repo_root):
     assert "[generate, greedy]\njson.dumps(" in result.stdout
 
 
+@pytest.mark.once("torch")
 def test_chat_guide_runs(repo_root):
     result = _run(["guides/chat.py", "--max-new-tokens", "24"], repo_root)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -53,6 +58,7 @@ def test_chat_guide_runs(repo_root):
     assert "after reset the conversation holds 0 tokens" in result.stdout
 
 
+@pytest.mark.once("jax")
 def test_lora_guide_improves_held_out_accuracy(repo_root):
     result = _run(["guides/finetune_lora.py", "--epochs", "5"], repo_root)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -60,6 +66,7 @@ def test_lora_guide_improves_held_out_accuracy(repo_root):
     assert "accuracy before: held-out 0%" in result.stdout
 
 
+@pytest.mark.once("tensorflow")
 def test_export_guide_runs(repo_root):
     result = _run(["guides/export.py", "--max-length", "64", "--max-new-tokens", "12"],
                   repo_root, timeout=600)
@@ -69,6 +76,7 @@ def test_export_guide_runs(repo_root):
     assert "[litert int8]" in result.stdout
 
 
+@pytest.mark.once("torch")
 def test_cli_presets_lists_every_card(repo_root):
     import gemma_keras as gk
 
@@ -78,6 +86,7 @@ def test_cli_presets_lists_every_card(repo_root):
         assert name in result.stdout
 
 
+@pytest.mark.once("tensorflow")
 def test_cli_inspect_a_checkpoint(repo_root, hf_checkpoint):
     directory, _ = hf_checkpoint("gemma2_gqa")
     result = _run(["-m", "gemma_keras.cli", "inspect", str(directory)], repo_root)
@@ -85,6 +94,7 @@ def test_cli_inspect_a_checkpoint(repo_root, hf_checkpoint):
     assert "hf checkpoint" in result.stdout and "sliding_window_size" in result.stdout
 
 
+@pytest.mark.once("torch")
 @pytest.mark.parametrize("args,message", [
     (["inspect", "gemma2_2b"], "Did you mean: gemma2_2b_en"),
     (["inspect", "/no/such/dir"], "no such directory"),
@@ -95,6 +105,7 @@ def test_cli_user_errors_have_no_traceback(repo_root, args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.once("torch")
 def test_cli_bad_arguments(repo_root):
     result = _run(["-m", "gemma_keras.cli", "frobnicate"], repo_root)
     assert result.returncode == 2 and "invalid choice" in result.stderr
@@ -107,6 +118,7 @@ def _cli(args, repo_root, stdin=None, timeout=300):
                           timeout=timeout)
 
 
+@pytest.mark.once("jax")
 def test_cli_generate_greedy_stream_and_sampled(repo_root):
     import gemma_keras as gk
 
@@ -123,6 +135,7 @@ def test_cli_generate_greedy_stream_and_sampled(repo_root):
     assert sampled[0] == sampled[1] and sampled[0].startswith("Module os")
 
 
+@pytest.mark.once("torch")
 def test_cli_chat_reads_turns_from_stdin(repo_root):
     result = _cli(["chat", "--max-new-tokens", "40"], repo_root,
                   stdin="What does os.path.join do?\n/reset\nWhat is the json module?\n")
@@ -131,6 +144,7 @@ def test_cli_chat_reads_turns_from_stdin(repo_root):
     assert cleared and first.strip() and second.strip(), result.stdout
 
 
+@pytest.mark.once("torch")
 def test_cli_finetune_writes_adapters_and_a_merged_preset(repo_root, tmp_path):
     import gemma_keras as gk
 
@@ -149,6 +163,7 @@ def test_cli_finetune_writes_adapters_and_a_merged_preset(repo_root, tmp_path):
     assert any(changed) and not all(changed)  # the merged projections moved, the rest did not
 
 
+@pytest.mark.once("tensorflow")
 def test_cli_convert_hf_to_keras_hub_preset(repo_root, hf_checkpoint, tmp_path):
     import keras_hub
 
@@ -163,6 +178,7 @@ def test_cli_convert_hf_to_keras_hub_preset(repo_root, hf_checkpoint, tmp_path):
     assert again.returncode == 2 and "exists" in again.stderr
 
 
+@pytest.mark.once("torch")
 def test_cli_convert_keras_hub_preset_to_hf(repo_root, tmp_path):
     import gemma_keras as gk
 
@@ -178,6 +194,7 @@ def test_cli_convert_keras_hub_preset_to_hf(repo_root, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.once("tensorflow")
 def test_cli_export_litert_and_run_it(repo_root, tmp_path):
     target = tmp_path / "demo.tflite"
     result = _cli(["export", "--format", "litert", "--quantize", "int8", "--max-length", "64",
@@ -195,12 +212,14 @@ def test_cli_export_litert_and_run_it(repo_root, tmp_path):
     assert "Traceback" not in wrong.stderr and not (tmp_path / "sm").exists()
 
 
+@pytest.mark.once("torch")
 def test_cli_bench_reports_speeds(repo_root):
     result = _cli(["bench", "--max-new-tokens", "8", "--runs", "1"], repo_root)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "decode" in result.stdout and "tokens/s" in result.stdout
 
 
+@pytest.mark.once("jax")
 @pytest.mark.parametrize("args,stdin,message", [
     (["finetune", "/no/such.jsonl"], None, "no such file"),
     (["generate", "--max-new-tokens", "0", "x"], None, "must be > 0"),
@@ -213,6 +232,7 @@ def test_cli_mistakes_are_one_line_errors(repo_root, args, stdin, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.once("tensorflow")
 @pytest.mark.parametrize("second_line", ['{"prompt": 3}', '{"text": "cut off'])
 def test_cli_finetune_rejects_a_bad_jsonl_line(repo_root, tmp_path, second_line):
     data = tmp_path / "bad.jsonl"
@@ -221,6 +241,7 @@ def test_cli_finetune_rejects_a_bad_jsonl_line(repo_root, tmp_path, second_line)
     assert result.returncode == 2 and "bad.jsonl:2" in result.stderr, result.stderr
 
 
+@pytest.mark.once("tensorflow")
 def test_cli_help_lists_every_command(repo_root):
     result = _cli(["--help"], repo_root)
     assert result.returncode == 0

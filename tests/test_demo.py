@@ -7,6 +7,7 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 
 import gemma_keras as gk
 
@@ -53,6 +54,7 @@ def test_demo_preset_generates_and_chats():
     assert chat.send("What is the json module?", max_new_tokens=60).strip()
 
 
+@pytest.mark.once("tensorflow")  # a subprocess; training itself is tested on every backend
 def test_training_script_reruns_on_a_small_budget(repo_root, tmp_path):
     output = tmp_path / "demo"
     env = dict(os.environ)
