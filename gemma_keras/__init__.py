@@ -26,7 +26,14 @@ _EXPORTS = {
     "model_parallel": "gemma_keras.distribution",
     "data_parallel": "gemma_keras.distribution",
     "ExportError": "gemma_keras.errors",
+    "InvalidArgumentError": "gemma_keras.errors",
+    "ArgumentTypeError": "gemma_keras.errors",
+    "BackendError": "gemma_keras.errors",
+    "TargetExistsError": "gemma_keras.errors",
 }
+# Modules that import no Keras: names from them resolve without settling a backend, so that
+# `gk.GemmaError` or `gk.list_presets()` work whatever KERAS_BACKEND says.
+_KERAS_FREE = {"gemma_keras.errors", "gemma_keras.presets", "gemma_keras.config"}
 # Public submodules: gk.samplers.TopPSampler(...).
 # gk.export is the export package, callable as gk.export(lm, path, format=...).
 _MODULES = {"samplers": "gemma_keras.generation.samplers", "lora": "gemma_keras.lora",
@@ -34,7 +41,18 @@ _MODULES = {"samplers": "gemma_keras.generation.samplers", "lora": "gemma_keras.
 __all__ = sorted([*_EXPORTS, *_MODULES])
 
 
+def _settle_backend(module):
+    if module not in _KERAS_FREE:
+        # Before Keras is imported: a missing backend is one clear line (BackendError), and
+        # with none chosen an installed one is picked (gemma_keras/backend_choice.py).
+        from gemma_keras.backend_choice import ensure_backend
+
+        ensure_backend()
+
+
 def __getattr__(name):
+    if name in _MODULES or name in _EXPORTS:
+        _settle_backend(_MODULES.get(name) or _EXPORTS[name])
     if name in _MODULES:
         value = importlib.import_module(_MODULES[name])
         globals()[name] = value

@@ -74,10 +74,10 @@ class GemmaBackbone(keras.Model):
 
         lora.enable_lora(self, rank, alpha=alpha, target_names=target_names)
 
-    def save_lora_weights(self, path):
+    def save_lora_weights(self, path, overwrite=False):
         from gemma_keras import lora
 
-        lora.save_lora_weights(self, path)
+        lora.save_lora_weights(self, path, overwrite=overwrite)
 
     def load_lora_weights(self, path):
         from gemma_keras import lora

@@ -95,15 +95,18 @@ class GemmaCausalLM(keras.Model):
             kwargs.setdefault("shuffle", False)
         return method(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
 
-    def save_lora_weights(self, path):
-        """Writes only the LoRA adapters to an .h5 file (see `gemma_keras.lora`)."""
-        self.backbone.save_lora_weights(path)
+    def save_lora_weights(self, path, overwrite=False):
+        """Writes only the LoRA adapters to an .h5 file (see `gemma_keras.lora`). An existing
+        file is refused (TargetExistsError) unless `overwrite=True`."""
+        self.backbone.save_lora_weights(path, overwrite=overwrite)
 
     def load_lora_weights(self, path):
         self.backbone.load_lora_weights(path)
 
     def merge_lora(self):
-        """Folds the LoRA adapters into the base weights: same logits, no adapters."""
+        """Folds the LoRA adapters into the base weights: same logits, no adapters. Raises
+        ConfigError when no adapters are enabled (a merge then would do nothing, which is
+        almost always a forgotten enable_lora / load_lora_weights)."""
         self.backbone.merge_lora()
 
     def chat(self, system=None):
@@ -124,48 +127,81 @@ class GemmaCausalLM(keras.Model):
             self._steps_signature = signature
         return self._steps
 
-    def generate(self, inputs, max_length=None, max_new_tokens=None, sampler="greedy",
-                 stop_token_ids="auto", seed=None, stream=False, stop_strings=None):
+    def generate(self, inputs, max_length=None, max_new_tokens=None, sampler=None,
+                 stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
+                 temperature=None, top_k=None, top_p=None, min_new_tokens=0,
+                 repetition_penalty=None, chat_template="auto", include_prompt=True,
+                 skip_special_tokens=True):
         """Generates text with a KV cache: the prompt in one pass, then one compiled step per
         token.
 
         inputs: a string, a list of strings (prompts of any lengths, batched), or the
-            pre-tokenized dict {"token_ids", "padding_mask"}; strings give prompt + completion
-            text (as keras-hub), the dict gives {"token_ids", "padding_mask"} with the prompt
-            then the generated ids, right-padded.
+            pre-tokenized dict {"token_ids", "padding_mask"}. Strings give prompt +
+            completion text (keras-hub's convention; the prompt exactly as passed, so
+            `text[len(prompt):]` is the completion); the dict gives {"token_ids",
+            "padding_mask"}: the prompt then the generated ids (stop id included),
+            right-padded. An empty string prompt is <bos> alone.
+        chat_template: "auto" sends each string to an instruct model (`self.instruct`) as one
+            user turn in Gemma's chat format, so that it answers (the completion is then the
+            model's reply); strings that already hold turn markers, empty strings, token ids
+            and base models are sent as they are. True always wraps, False never (continue
+            the text as written, e.g. code, as keras-hub's generate does).
+        include_prompt: False returns the completion alone (ids: the generated ids alone).
+        skip_special_tokens: True (default) leaves special pieces (<bos>, <eos>, <pad>,
+            turn markers) out of the completion text.
         max_length: total tokens, prompt included; or max_new_tokens (default 128).
-        sampler: "greedy", "random", "top_k", "top_p" or a `gk.samplers` object.
+        min_new_tokens: the stop ids cannot end a row before it has this many new tokens.
+        sampler: "greedy", "random", "top_k", "top_p" or a `gk.samplers` object; None is
+            greedy unless temperature / top_k / top_p are given, which then pick the sampler
+            (top_p, else top_k, else random) as in transformers; with a sampler name they set
+            its parameters; with a sampler object they are an error.
+        repetition_penalty: transformers' semantics: the logit of every token already in
+            the prompt or the completion is divided by it when positive, multiplied when
+            negative (> 1 discourages repeats; 1.0 or None: off).
         stop_token_ids: "auto" (<eos>, and <end_of_turn> unless the model is known to be a
             base model), None, or ids. Each row stops on its own. stop_strings: optional
             strings that end a row's completion (not included).
-        seed: makes sampling reproducible. stream: with one string prompt, return an
-            iterator of completion text pieces as they are decoded.
+        seed: an int makes sampling reproducible: the same seed and arguments give the same
+            text on every call; across backends too in float32 (bfloat16 logits differ
+            slightly between backends, so sampled text may too). stream: with one string
+            prompt, return an iterator of the completion's text pieces as they are decoded.
+
+        Samplers and the logits rules (min_new_tokens, repetition_penalty) run on the host on
+        float32 logits: switching them never recompiles. Bad arguments raise
+        `gk.InvalidArgumentError` / `gk.ArgumentTypeError` before any compilation.
         """
         from gemma_keras.generation.generate import generate
 
         return generate(self, inputs, max_length=max_length, max_new_tokens=max_new_tokens,
                         sampler=sampler, stop_token_ids=stop_token_ids, seed=seed,
-                        stream=stream, stop_strings=stop_strings)
+                        stream=stream, stop_strings=stop_strings, temperature=temperature,
+                        top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
+                        repetition_penalty=repetition_penalty, chat_template=chat_template,
+                        include_prompt=include_prompt, skip_special_tokens=skip_special_tokens)
 
-    def save_to_preset(self, preset_dir, max_shard_size=None, format="keras_hub"):
+    def save_to_preset(self, preset_dir, max_shard_size=None, format="keras_hub",
+                       overwrite=False):
         """Writes a keras-hub preset directory (keras-hub's GemmaCausalLM.from_preset loads it),
         or with format="hf" a Hugging Face checkpoint (transformers' from_pretrained loads it).
 
         Written under a temporary name and renamed, so an interrupted save leaves no
-        half-written preset. `max_shard_size` (GB) splits the weights into shards.
+        half-written preset. `max_shard_size` (GB) splits the weights into shards. An existing
+        `preset_dir` is refused (TargetExistsError) unless `overwrite=True`.
         """
         if format == "hf":
             from gemma_keras.checkpoints.hf_writer import write_checkpoint
 
             write_checkpoint(self.backbone, self.tokenizer, preset_dir,
-                             max_shard_size=max_shard_size)
+                             max_shard_size=max_shard_size, overwrite=overwrite)
             return
         if format != "keras_hub":
-            raise ValueError(f"format must be 'keras_hub' or 'hf', got {format!r}.")
+            from gemma_keras.errors import ConfigError
+
+            raise ConfigError(f"format must be 'keras_hub' or 'hf', got {format!r}.")
         from gemma_keras.checkpoints.keras_hub_format import write_preset
 
         write_preset(self.backbone, self.tokenizer, preset_dir, max_shard_size=max_shard_size,
-                     sequence_length=self.config.max_sequence_length)
+                     sequence_length=self.config.max_sequence_length, overwrite=overwrite)
 
 
 def _is_instruct(preset):

@@ -84,7 +84,12 @@ def lora_state(backbone):
 
 def merge_lora(backbone):
     """Folds every adapter into its kernel (same logits, fewer weights) and unfreezes the
-    model. Quantized kernels are re-quantized with the adapter folded in."""
+    model. Quantized kernels are re-quantized with the adapter folded in. With no adapters
+    enabled it raises: merging nothing silently would hide a forgotten enable_lora or
+    load_lora_weights."""
+    if lora_state(backbone) is None:
+        raise ConfigError("merge_lora(): this model has no LoRA adapters to merge; call "
+                          "enable_lora(rank) and train, or load_lora_weights(path), first.")
     for layer in projections(backbone).values():
         layer.merge_lora()
     _unfreeze(backbone)
@@ -102,9 +107,10 @@ def _unfreeze(backbone):
         layer.trainable = True
 
 
-def save_lora_weights(backbone, path):
+def save_lora_weights(backbone, path, overwrite=False):
     """Writes only the adapters (and the config and rank they belong to) to an .h5 file,
-    through a temporary name, so a crash never leaves half a file at `path`."""
+    through a temporary name, so a crash never leaves half a file at `path`. An existing
+    file is refused unless `overwrite`."""
     import h5py
 
     state = lora_state(backbone)
@@ -112,8 +118,8 @@ def save_lora_weights(backbone, path):
         raise ConfigError("No LoRA adapters to save: call backbone.enable_lora(rank) first.")
     path = pathlib.Path(path).expanduser()
     if not path.name.endswith(".h5"):
-        raise ValueError(f"LoRA weights go to an .h5 file (e.g. 'adapter.lora.h5'), got {path}.")
-    with atomic_file(path) as tmp, h5py.File(tmp, "w") as f:
+        raise ConfigError(f"LoRA weights go to an .h5 file (e.g. 'adapter.lora.h5'), got {path}.")
+    with atomic_file(path, overwrite) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["state"] = json.dumps(state)
         f.attrs["config"] = json.dumps(backbone.config.to_dict(), sort_keys=True)

@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any, Mapping, Optional
 
 from gemma_keras.config import GemmaConfig
+from gemma_keras import errors
 from gemma_keras.errors import ConfigError, UnknownPresetError
 
 _CARDS_PACKAGE = "gemma_keras.preset_cards"
@@ -77,4 +78,4 @@ def get_preset_card(name: str) -> PresetCard:
     close = difflib.get_close_matches(name, list(cards), n=5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownPresetError(
-        f"{name!r} is not a built-in Gemma preset.{hint} gk.list_presets() shows all of them.")
+        f"{name!r} is not a built-in Gemma preset.{hint} {errors.hint('list_presets')}.")

@@ -1,6 +1,7 @@
 """Writing a Hugging Face Gemma checkpoint: config.json (model_type gemma / gemma2), safetensors
-(one file, or shards with model.safetensors.index.json) and tokenizer.model, which
-transformers' `from_pretrained` and our own reader load.
+(one file, or shards with model.safetensors.index.json), tokenizer.model, tokenizer_config.json
+with Gemma's chat template and tokenizer.json, which transformers' `from_pretrained` /
+`AutoTokenizer` and our own reader load.
 
 Our kernels are stored [out, in] with the heads flattened, as HF's Linear weights, so every
 tensor is written as it is; only the names change (hf_format.block_names, shared with the
@@ -19,7 +20,7 @@ import keras
 import numpy as np
 
 from gemma_keras.checkpoints import progress
-from gemma_keras.checkpoints.atomic import atomic_directory
+from gemma_keras.checkpoints.atomic import atomic_directory, check_target
 from gemma_keras.checkpoints.hf_format import SAFETENSORS_INDEX, block_names
 from gemma_keras.checkpoints.weights import numpy_dtype, weight_table
 from gemma_keras.config import GemmaConfig
@@ -94,9 +95,12 @@ def hf_tensor_names(config: GemmaConfig) -> dict:
     return names
 
 
-def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[float] = None):
+def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[float] = None,
+                     overwrite: bool = False):
     """Writes `backbone` (LoRA adapters merged; quantized models refused) as an HF checkpoint
-    directory. `max_shard_size` in GB splits the weights into model-0000N-of-0000M files."""
+    directory. `max_shard_size` in GB splits the weights into model-0000N-of-0000M files. An
+    existing `directory` is refused unless `overwrite` (then replaced atomically)."""
+    check_target(directory, overwrite, directory=True)  # before any work
     config: GemmaConfig = backbone.config
     dtype_name = backbone.dtype_policy.variable_dtype
     config_json = hf_config(config, dtype_name, tokenizer)  # refuses hybrids before writing
@@ -104,7 +108,7 @@ def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[fl
     tensors = [(names[name], value) for name, value in weight_table(backbone)]
     shards = _plan_shards(tensors, None if max_shard_size is None
                           else int(max_shard_size * 1024 ** 3))
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite) as tmp:
         progress.start("writing weights", len(tensors))
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
         weight_map, total = {}, 0
@@ -117,11 +121,62 @@ def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[fl
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if tokenizer is not None:
-            (tmp / "tokenizer.model").write_bytes(tokenizer.proto)
-            (tmp / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "GemmaTokenizer", "add_bos_token": True,
-                "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
-                "pad_token": "<pad>", "unk_token": "<unk>"}, indent=2))
+            write_hf_tokenizer(tokenizer, tmp)
+
+
+# Gemma's turn format (DESIGN.md §2) as a Jinja chat template, for transformers'
+# `apply_chat_template`. Gemma has no system role: as `lm.chat(system=...)` does, a system
+# message is put before the first user message, separated by a blank line. transformers calls
+# the model's role "assistant"; Gemma's turn marker says "model".
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set state = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- set state.system = message['content'] -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] in ('assistant', 'model') else message['role'] -%}"
+    "{%- set text = message['content'] -%}"
+    "{%- if state.system and role == 'user' -%}"
+    "{%- set text = state.system + '\\n\\n' + text -%}"
+    "{%- set state.system = '' -%}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + text + '<end_of_turn>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+def write_hf_tokenizer(tokenizer, directory: pathlib.Path):
+    """tokenizer.model (the SentencePiece model itself), tokenizer_config.json (special
+    tokens, <bos> added, the chat template) and, when transformers is installed, tokenizer.json
+    (the same tokenizer in the `tokenizers` format, which transformers loads without
+    converting). Without transformers the first two are enough: transformers converts
+    tokenizer.model when it loads the directory."""
+    directory = pathlib.Path(directory)
+    (directory / "tokenizer.model").write_bytes(tokenizer.proto)
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "add_bos_token": True,
+        "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
+        "pad_token": "<pad>", "unk_token": "<unk>", "padding_side": "left",
+        "additional_special_tokens": [t for t in ("<start_of_turn>", "<end_of_turn>")
+                                      if tokenizer.token_to_id(t) is not None],
+        "chat_template": CHAT_TEMPLATE}, indent=2))
+    try:
+        import transformers
+    except ImportError:
+        return
+    try:
+        fast = transformers.AutoTokenizer.from_pretrained(str(directory))
+        fast.backend_tokenizer.save(str(directory / "tokenizer.json"))
+    except Exception as error:  # noqa: BLE001
+        # tokenizer.json is a convenience (transformers rebuilds it from tokenizer.model):
+        # a converter that fails on this transformers version must not lose the checkpoint.
+        import warnings
+
+        warnings.warn(f"tokenizer.json was not written (transformers could not convert "
+                      f"tokenizer.model: {error}); transformers still loads tokenizer.model.")
 
 
 def _nbytes(value) -> int:

@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from gemma_keras.checkpoints import progress
-from gemma_keras.checkpoints.atomic import atomic_directory, read_json
+from gemma_keras.checkpoints.atomic import atomic_directory, check_target, read_json
 from gemma_keras.checkpoints.weights import (BLOCK_WEIGHTS, Reader, Transformed, layer_table,
                                              read_chunked, weight_table)
 from gemma_keras.config import GemmaConfig
@@ -289,8 +289,10 @@ def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[
 
 
 def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
-                 max_shard_size: Optional[float] = None):
-    """Writes a keras-hub GemmaCausalLM preset. `max_shard_size` in GB, as keras-hub."""
+                 max_shard_size: Optional[float] = None, overwrite: bool = False):
+    """Writes a keras-hub GemmaCausalLM preset. `max_shard_size` in GB, as keras-hub. An
+    existing `directory` is refused unless `overwrite` (then replaced atomically)."""
+    check_target(directory, overwrite, directory=True)  # before any work
     config: GemmaConfig = backbone.config
     dtype_name = backbone.dtype_policy.name
     shard_bytes = None if max_shard_size is None else int(max_shard_size * 1024 ** 3)
@@ -303,7 +305,7 @@ def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
         "tasks": ["CausalLM"],
         "gemma_keras": {"config": {k: getattr(config, k) for k in config.GEMMA_KERAS_ONLY}},
     }
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite) as tmp:
         for name, content in (("config.json", backbone_json), ("tokenizer.json", tokenizer_json),
                               ("preprocessor.json", preprocessor_json), ("task.json", task_json),
                               ("metadata.json", metadata)):

@@ -14,6 +14,7 @@ import pathlib
 import re
 from typing import Optional, Union
 
+from gemma_keras import errors
 from gemma_keras.errors import CheckpointError, PresetAccessError, UnknownPresetError
 from gemma_keras.presets import get_preset_card, list_presets
 
@@ -55,24 +56,44 @@ def demo_preset_directory() -> pathlib.Path:
 
 def resolve_preset(handle: Union[str, os.PathLike]) -> pathlib.Path:
     """Return the local directory holding the checkpoint `handle` names, downloading if needed."""
-    if not isinstance(handle, str):
-        return _local_directory(os.fspath(handle))
-    if handle.startswith(KAGGLE_SCHEME):
-        return _download_kaggle(handle[len(KAGGLE_SCHEME):])
-    if handle.startswith(HF_SCHEME):
-        return _download_hf(handle[len(HF_SCHEME):])
-    if os.path.isdir(os.path.expanduser(handle)) or _looks_like_path(handle):
-        return _local_directory(handle)
-    if handle == DEMO_PRESET:
+    kind, value = _locate(handle)
+    if kind == "local":
+        return value
+    if kind == "demo":
         return demo_preset_directory()
+    if kind == "kaggle":
+        return _download_kaggle(value)
+    return _download_hf(value)
+
+
+def check_preset(handle: Union[str, os.PathLike]) -> None:
+    """Raises what `resolve_preset` would for a mistyped name, a malformed handle or a missing
+    directory, without downloading or importing Keras: the command line calls it before
+    loading a backend, so a typo costs milliseconds, not seconds."""
+    _locate(handle)
+
+
+def _locate(handle):
+    """("local", directory), ("demo", None), ("kaggle", owner/model/framework/variation[/v])
+    or ("hf", org/repo[@revision]); raises for anything else."""
+    if not isinstance(handle, str):
+        return "local", _local_directory(os.fspath(handle))
+    if handle.startswith(KAGGLE_SCHEME):
+        return "kaggle", _check_kaggle_handle(handle[len(KAGGLE_SCHEME):])
+    if handle.startswith(HF_SCHEME):
+        return "hf", _check_hf_handle(handle[len(HF_SCHEME):])
+    if os.path.isdir(os.path.expanduser(handle)) or _looks_like_path(handle):
+        return "local", _local_directory(handle)
+    if handle == DEMO_PRESET:
+        return "demo", None
     if handle in list_presets():
-        return _download_kaggle(get_preset_card(handle).kaggle_handle[len(KAGGLE_SCHEME):])
+        return "kaggle", get_preset_card(handle).kaggle_handle[len(KAGGLE_SCHEME):]
     close = difflib.get_close_matches(handle, list_presets(), n=5)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownPresetError(
         f"{handle!r} is not a built-in preset, a kaggle:// or hf:// handle, or an existing "
-        f"directory.{hint} gk.list_presets() shows the built-in presets; {DEMO_PRESET!r} is "
-        f"the bundled demo.")
+        f"directory.{hint} {errors.hint('list_presets')}; {DEMO_PRESET!r} is the bundled "
+        f"demo.")
 
 
 def _looks_like_path(handle: str) -> bool:
@@ -90,8 +111,7 @@ def _local_directory(path: str) -> pathlib.Path:
 
 
 # ---- Kaggle ------------------------------------------------------------------------------------
-def _download_kaggle(handle: str) -> pathlib.Path:
-    """`handle` is `owner/model/framework/variation[/version]`, without the scheme."""
+def _check_kaggle_handle(handle: str) -> str:
     parts = handle.split("/")
     versioned = len(parts) == 5
     if len(parts) not in (4, 5) or not all(parts) or (versioned and not parts[4].isdigit()):
@@ -99,6 +119,12 @@ def _download_kaggle(handle: str) -> pathlib.Path:
             f"{KAGGLE_SCHEME}{handle} is not a Kaggle model handle; expected "
             f"{KAGGLE_SCHEME}owner/model/framework/variation[/version], e.g. "
             f"{get_preset_card('gemma_2b_en').kaggle_handle}.")
+    return handle
+
+
+def _download_kaggle(handle: str) -> pathlib.Path:
+    """`handle` is `owner/model/framework/variation[/version]`, without the scheme."""
+    parts = _check_kaggle_handle(handle).split("/")
     # Imported here, and the function looked up on the module at call time, so that importing
     # gemma_keras stays light and tests can replace kagglehub.model_download.
     import kagglehub
@@ -115,13 +141,18 @@ def _download_kaggle(handle: str) -> pathlib.Path:
 
 
 # ---- Hugging Face ------------------------------------------------------------------------------
-def _download_hf(handle: str) -> pathlib.Path:
-    """`handle` is `org/repo[@revision]`, without the scheme."""
-    repo_id, _, revision = handle.partition("@")
+def _check_hf_handle(handle: str) -> str:
+    repo_id = handle.partition("@")[0]
     if not _HF_REPO_ID.fullmatch(repo_id) or handle.endswith("@"):
         raise UnknownPresetError(
             f"{HF_SCHEME}{handle} is not a Hugging Face handle; expected "
             f"{HF_SCHEME}org/repo[@revision], e.g. {HF_SCHEME}google/gemma-2-2b.")
+    return handle
+
+
+def _download_hf(handle: str) -> pathlib.Path:
+    """`handle` is `org/repo[@revision]`, without the scheme."""
+    repo_id, _, revision = _check_hf_handle(handle).partition("@")
     try:
         import huggingface_hub
         from huggingface_hub.errors import HfHubHTTPError

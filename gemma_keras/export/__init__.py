@@ -43,13 +43,14 @@ class ExportSpec:
     max_length: int
     prefill_length: int
     allow_large_file: bool
+    overwrite: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 
 
 def export(lm, path, format="saved_model", quantize=None, max_length=None,
-           prefill_length=None, allow_large_file=False):
+           prefill_length=None, allow_large_file=False, overwrite=False):
     """Exports `lm` for serving or on-device generation.
 
     format="saved_model": a directory loadable by `tf.saved_model.load` with TensorFlow and
@@ -68,9 +69,12 @@ def export(lm, path, format="saved_model", quantize=None, max_length=None,
         the KV cache. Defaults to min(1024, the model's context).
 
     The export is written under a temporary name and renamed, so an interrupted export leaves
-    nothing half-written at `path`.
+    nothing half-written at `path`. An existing target (the directory; for LiteRT the .tflite
+    file or its .json, or a tokenizer.model beside it that differs) is refused before any work
+    (TargetExistsError) unless `overwrite=True`.
     """
-    spec = _spec(lm, path, format, quantize, max_length, prefill_length, allow_large_file)
+    spec = _spec(lm, path, format, quantize, max_length, prefill_length, allow_large_file,
+                 overwrite)
     import keras
 
     if keras.backend.backend() == "tensorflow":
@@ -82,7 +86,8 @@ def export(lm, path, format="saved_model", quantize=None, max_length=None,
     return pathlib.Path(spec.path)
 
 
-def _spec(lm, path, format, quantize, max_length, prefill_length, allow_large_file):
+def _spec(lm, path, format, quantize, max_length, prefill_length, allow_large_file,
+          overwrite=False):
     config = lm.backbone.config
     if format not in FORMATS:
         raise ConfigError(f"format={format!r}: choose one of {FORMATS}.")
@@ -119,8 +124,28 @@ def _spec(lm, path, format, quantize, max_length, prefill_length, allow_large_fi
             and not (target / "model.tflite").exists():
         raise ExportError(f"{target} is a directory with other files in it; export LiteRT "
                           "to a new directory or to a path ending in .tflite.")
+    check_export_target(target, format, lm.tokenizer.proto, overwrite)
     return ExportSpec(str(target), format, quantize, max_length, prefill_length,
-                      bool(allow_large_file))
+                      bool(allow_large_file), bool(overwrite))
+
+
+def check_export_target(target, format, tokenizer_proto=None, overwrite=False):
+    """Refuses existing export files unless `overwrite` (the policy of checkpoints/atomic.py).
+    A LiteRT export is three files; a tokenizer.model already beside it with the same bytes
+    (another export of the same model in that directory) is shared, not a conflict."""
+    from gemma_keras.checkpoints.atomic import check_target
+
+    if format != "litert":
+        return check_target(target, overwrite, directory=True)
+    from gemma_keras.export.build import litert_paths
+
+    model_path, tokenizer_path, metadata_path = litert_paths(target)
+    check_target(model_path, overwrite)
+    check_target(metadata_path, overwrite)
+    if (tokenizer_path.is_file() and tokenizer_proto is not None
+            and tokenizer_path.read_bytes() != tokenizer_proto):
+        check_target(tokenizer_path, overwrite)
+    return target
 
 
 def litert_size_estimate(config, quantize) -> int:

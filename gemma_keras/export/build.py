@@ -111,7 +111,7 @@ def write_saved_model(lm, spec, stop_ids, metadata):
     archive.add_endpoint("logits", logits_fn(backbone), input_signature=[
         tf.TensorSpec([None, None], tf.int32, name="token_ids"),
         tf.TensorSpec([None, None], tf.int32, name="padding_mask")])
-    with atomic_directory(spec.path) as tmp:
+    with atomic_directory(spec.path, spec.overwrite) as tmp:
         archive.write_out(str(tmp), verbose=False)
         extra = tmp / "assets.extra"
         extra.mkdir(exist_ok=True)
@@ -169,7 +169,8 @@ def write_litert(lm, spec, metadata):
     metadata = dict(metadata, tokenizer=tokenizer_path.name, file_bytes=len(flatbuffer))
     for target, data in ((model_path, flatbuffer), (tokenizer_path, lm.tokenizer.proto),
                          (metadata_path, json.dumps(metadata, indent=2).encode())):
-        with atomic_file(target) as tmp:
+        # The tokenizer may be shared with another export in the directory (checked equal).
+        with atomic_file(target, spec.overwrite or target == tokenizer_path) as tmp:
             tmp.write_bytes(data)
 
 
