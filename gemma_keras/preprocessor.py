@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from gemma_keras.generation.chat import format_chat
+from gemma_keras.tokenizer import format_chat
 
 # The user turn around a prompt and the close of the model's turn, in Gemma's chat format.
 _PROMPT_OPEN, _PROMPT_CLOSE = format_chat([("user", "\0")]).split("\0")

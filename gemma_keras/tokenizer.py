@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Iterable, Sequence, Union
+from typing import Iterable, List, Sequence, Tuple, Union
 
 import numpy as np
 import sentencepiece as spm
@@ -13,6 +13,24 @@ from gemma_keras.errors import CheckpointError
 
 # Where each on-disk layout keeps the SentencePiece model, in the order they are tried.
 TOKENIZER_FILES = ("assets/tokenizer/vocabulary.spm", "tokenizer.model")
+
+
+# ---- Gemma's chat format: the one place it is written -----------------------------------
+#     <bos><start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n{reply}<end_of_turn>\n
+# Used by `generate` (a string sent to an instruct model), chat sessions and the
+# preprocessor's prompt/response pairs.
+def format_turn(role: str, text: str) -> str:
+    """One turn, opened; `format_turn("model", "")` opens the model's turn."""
+    if role not in ("user", "model"):
+        raise ValueError(f"role must be 'user' or 'model', got {role!r}.")
+    return f"<start_of_turn>{role}\n{text}"
+
+
+def format_chat(messages: List[Tuple[str, str]], add_generation_prompt: bool = True) -> str:
+    """A conversation [(role, text), ...] as Gemma's prompt text (without <bos>); with
+    add_generation_prompt the model's turn is opened at the end, ready for its reply."""
+    text = "".join(format_turn(role, t) + "<end_of_turn>\n" for role, t in messages)
+    return text + (format_turn("model", "") if add_generation_prompt else "")
 
 
 class GemmaTokenizer:

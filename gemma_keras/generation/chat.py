@@ -13,22 +13,14 @@ from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
+from gemma_keras.generation import options
 from gemma_keras.generation.generate import (GenerationSession, cache_bucket,
                                              resolve_stop_ids)
-from gemma_keras.generation.samplers import get_sampler
-
-
-def format_turn(role: str, text: str) -> str:
-    """One turn, opened and closed; `format_turn("model", "")` opens the model's turn."""
-    if role not in ("user", "model"):
-        raise ValueError(f"role must be 'user' or 'model', got {role!r}.")
-    return f"<start_of_turn>{role}\n{text}"
-
-
-def format_chat(messages: List[Tuple[str, str]], add_generation_prompt: bool = True) -> str:
-    """A conversation [(role, text), ...] as Gemma's prompt text (without <bos>)."""
-    text = "".join(format_turn(role, t) + "<end_of_turn>\n" for role, t in messages)
-    return text + (format_turn("model", "") if add_generation_prompt else "")
+from gemma_keras.generation.options import Decoding
+from gemma_keras.generation.samplers import build_sampler, check_repetition_penalty
+# The format's one owner is the tokenizer module; imported here for `chat.format_chat` users.
+from gemma_keras.tokenizer import format_chat, format_turn  # noqa: F401
 
 
 class ChatSession:
@@ -38,8 +30,8 @@ class ChatSession:
     def __init__(self, lm, system: Optional[str] = None):
         tokenizer = lm.tokenizer
         if tokenizer is None or tokenizer.end_of_turn_id is None:
-            raise ValueError("chat() needs a tokenizer with Gemma's <start_of_turn> and "
-                             "<end_of_turn> pieces.")
+            raise InvalidArgumentError("chat() needs a tokenizer with Gemma's <start_of_turn> "
+                                       "and <end_of_turn> pieces.")
         self.lm, self.system = lm, system
         self.history: List[Tuple[str, str]] = []
         self._session: Optional[GenerationSession] = None
@@ -67,8 +59,9 @@ class ChatSession:
         needed = len(self._tokens) + max_new_tokens
         limit = self.lm.backbone.config.max_sequence_length
         if needed > limit:
-            raise ValueError(f"The conversation would need {needed} tokens, more than the "
-                             f"model's context of {limit}; call reset() to start over.")
+            raise InvalidArgumentError(
+                f"The conversation would need {needed} tokens, more than the model's context "
+                f"of {limit}; call reset() to start over.")
         session = self._session
         # A new session (one prefill of the whole conversation) only when the cache is full:
         # its capacity doubles, so this happens O(log length) times per conversation.
@@ -77,32 +70,48 @@ class ChatSession:
             capacity = cache_bucket(max(2 * needed, 256), limit)
             self._session = GenerationSession(self.lm, [self._tokens], capacity)
         else:
+            # The row's context is now the whole conversation (repetition_penalty reads it).
+            session.rows[0].prompt = list(self._tokens)
             session.rows[0].generated = []
             session.rows[0].done = False
             session.extend([chunk])
         self._pending = []
 
-    def send(self, message: str, max_new_tokens: int = 256, sampler="greedy", seed=None,
-             stream: bool = False) -> Union[str, Iterator[str]]:
+    def send(self, message: str, max_new_tokens: int = 256, sampler=None, seed=None,
+             stream: bool = False, *, temperature=None, top_k=None, top_p=None,
+             min_new_tokens=0, repetition_penalty=None) -> Union[str, Iterator[str]]:
         """Adds a user message and returns the reply (or, with stream=True, an iterator of
-        its pieces; the reply joins the history when the iterator is exhausted)."""
+        its pieces; the reply joins the history when the iterator is exhausted).
+
+        The sampling arguments are `generate`'s; repetition_penalty counts every token of
+        the conversation so far. The reply never contains special pieces."""
+        if not isinstance(message, str):
+            raise ArgumentTypeError(f"send() takes the message as a string, got "
+                                    f"{type(message).__name__}.")
+        max_new_tokens = options.whole_number("max_new_tokens", max_new_tokens, 1)
+        min_new_tokens = options.whole_number("min_new_tokens", min_new_tokens, 0)
+        if min_new_tokens > max_new_tokens:
+            raise InvalidArgumentError(f"min_new_tokens={min_new_tokens} is more than "
+                                       f"max_new_tokens={max_new_tokens}.")
+        rng = np.random.default_rng(options.seed_value(seed))
+        stream = options.flag("stream", stream)
+        stop_ids = resolve_stop_ids(self.lm, "auto") | {self.lm.tokenizer.end_of_turn_id}
+        decoding = Decoding(build_sampler(sampler, temperature, top_k, top_p), stop_ids,
+                            min_new_tokens, check_repetition_penalty(repetition_penalty))
+        # Checked above, before the conversation changes: a bad argument leaves it as it was.
         self._prepare(message, max_new_tokens)
         self.history.append(("user", message))
-        sampler = get_sampler(sampler)
-        rng = np.random.default_rng(seed)
-        stop_ids = resolve_stop_ids(self.lm, "auto") | {self.lm.tokenizer.end_of_turn_id}
-        pieces = self._decode(max_new_tokens, sampler, rng, stop_ids)
+        pieces = self._decode(max_new_tokens, decoding, rng)
         if stream:
             return pieces
         return "".join(pieces)
 
-    def _decode(self, max_new_tokens, sampler, rng, stop_ids):
+    def _decode(self, max_new_tokens, decoding, rng):
         from gemma_keras.generation.generate import stream_session
 
         session = self._session
         reply = []
-        for piece in stream_session(self.lm, session, max_new_tokens, sampler, rng, stop_ids,
-                                    None):
+        for piece in stream_session(self.lm, session, max_new_tokens, decoding, rng, None):
             reply.append(piece)
             yield piece
         generated = session.rows[0].generated

@@ -15,9 +15,14 @@ import keras
 import numpy as np
 from keras import ops
 
+from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
+from gemma_keras.generation import options
 from gemma_keras.generation.cache import init_cache
 from gemma_keras.generation.compile import compile_step, loops_compile
-from gemma_keras.generation.samplers import GreedySampler, get_sampler
+from gemma_keras.generation.options import Decoding
+from gemma_keras.generation.samplers import (Sampler, build_sampler,
+                                             check_repetition_penalty)
+from gemma_keras.tokenizer import format_chat
 
 DEFAULT_MAX_NEW_TOKENS = 128
 MIN_PROMPT_BUCKET = 16
@@ -109,7 +114,7 @@ def greedy_loop_fn(backbone, pad):
 
 @dataclasses.dataclass
 class _Row:
-    prompt: List[int]
+    prompt: List[int]  # everything the row's context held before this decoding
     generated: List[int] = dataclasses.field(default_factory=list)
     done: bool = False
 
@@ -141,7 +146,7 @@ class GenerationSession:
         [batch, vocab] after each row's last token."""
         width = prompt_bucket(max(len(c) for c in chunks), self.capacity) if mode != "decode" else 1
         if self.column + width > self.capacity:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"The conversation needs {self.column + width} cache columns but this session "
                 f"holds {self.capacity}; start a new one with a larger max_length.")
         pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer is not None else 0
@@ -166,17 +171,23 @@ class GenerationSession:
         chunks = [[t] if not row.done else [] for row, t in zip(self.rows, tokens)]
         self.logits = self._feed(chunks, mode="decode")
 
-    def decode(self, max_new_tokens, sampler, rng, stop_ids, on_token=None):
-        """Samples up to max_new_tokens per row, stopping rows at a stop id (kept in
-        `generated`); `on_token(row_index)` is called after each row gets a token."""
-        on_device = on_token is None and type(sampler) is GreedySampler and loops_compile()
+    def decode(self, max_new_tokens, decoding, rng, on_token=None):
+        """Chooses up to max_new_tokens per row with `decoding` (a `Decoding`, or a bare
+        Sampler with no stop ids), stopping rows at a stop id (kept in `generated`);
+        `on_token(row_index)` is called after each row gets a token."""
+        if isinstance(decoding, Sampler):
+            decoding = Decoding(decoding, set())
+        stop_ids = decoding.stop_ids
+        on_device = on_token is None and loops_compile()
         for i in range(max_new_tokens):
-            tokens = sampler.select(self.logits, rng)
+            tokens = decoding.select(self.logits, self.rows, rng)
             self._record(tokens, stop_ids, on_token)
             if all(row.done for row in self.rows) or i == max_new_tokens - 1:
                 return
-            if on_device:  # the rest in one compiled loop
-                return self._greedy_on_device(tokens, max_new_tokens - 1, stop_ids)
+            # The rest in one compiled loop, once no host-side rule is left to apply
+            # (min_new_tokens reached, no repetition penalty).
+            if on_device and decoding.compiled_loop_can_finish(self.rows):
+                return self._greedy_on_device(tokens, max_new_tokens - 1 - i, stop_ids)
             self.step(tokens)
 
     def _record(self, tokens, stop_ids, on_token=None):
@@ -192,7 +203,7 @@ class GenerationSession:
         """The rest of a greedy `decode` as one compiled loop: feeds `tokens` and decodes up
         to `steps` more tokens per row."""
         if self.column + steps > self.capacity:
-            raise ValueError(f"Decoding {steps} more tokens needs {self.column + steps} cache "
+            raise InvalidArgumentError(f"Decoding {steps} more tokens needs {self.column + steps} cache "
                              f"columns but this session holds {self.capacity}.")
         stops = np.full(-(-max(len(stop_ids), 1) // 8) * 8, -1, "int32")  # fixed shape
         stops[: len(stop_ids)] = sorted(stop_ids)
@@ -211,52 +222,92 @@ class GenerationSession:
 
 def resolve_stop_ids(lm, stop_token_ids) -> set:
     tokenizer = lm.tokenizer
-    if stop_token_ids == "auto":
+    if isinstance(stop_token_ids, str) and stop_token_ids == "auto":
         if tokenizer is None:
-            raise ValueError("stop_token_ids='auto' needs the model's tokenizer; pass ids.")
+            raise InvalidArgumentError(
+                "stop_token_ids='auto' needs the model's tokenizer; pass ids.")
         ids = {tokenizer.eos_token_id}
         # Instruct models end their turn with <end_of_turn>. When we cannot tell whether the
         # model is instruction-tuned (a plain local directory), stopping there is harmless.
         if lm.instruct is not False and tokenizer.end_of_turn_id is not None:
             ids.add(tokenizer.end_of_turn_id)
         return ids
-    if stop_token_ids is None:
-        return set()
-    return {int(i) for i in stop_token_ids}
+    if isinstance(stop_token_ids, (str, bytes)) or not isinstance(
+            stop_token_ids, (list, tuple, set, frozenset, np.ndarray)):
+        raise ArgumentTypeError(f"stop_token_ids must be 'auto', None or a list of token ids, "
+                                f"got {stop_token_ids!r}.")
+    return {options.whole_number("stop_token_ids[i]", i.item() if isinstance(i, np.generic)
+                                 else i, 0) for i in stop_token_ids}
 
 
-def prepare_prompts(lm, inputs):
-    """(token lists, kind) where kind is "text", "batch" or "ids"."""
+_INPUT_FORMS = ("generate() takes a string, a list of strings, or the dict "
+                "{'token_ids', 'padding_mask'}")
+
+
+def uses_chat_template(lm, chat_template, text):
+    """Whether a string prompt is sent as one user turn in Gemma's chat format.
+
+    "auto": yes for an instruct model (`lm.instruct is True`), unless the text already has
+    turn markers (written by the caller) or is empty (an empty prompt is <bos> alone).
+    """
+    if chat_template == "auto":
+        return lm.instruct is True and text != "" and "<start_of_turn>" not in text
+    return chat_template
+
+
+def prepare_prompts(lm, inputs, chat_template="auto"):
+    """(token lists, kind, texts) where kind is "text", "batch" or "ids" and texts are the
+    prompt strings as given (None for ids)."""
     if isinstance(inputs, dict):
         if "token_ids" not in inputs:
-            raise ValueError("Pre-tokenized input must be a dict with 'token_ids' and "
-                             "'padding_mask'.")
+            raise InvalidArgumentError("Pre-tokenized input must be a dict with 'token_ids' "
+                                       "and 'padding_mask'.")
         ids = np.asarray(keras.ops.convert_to_numpy(inputs["token_ids"]))
         mask = inputs.get("padding_mask")
         mask = (np.ones_like(ids) if mask is None
                 else np.asarray(keras.ops.convert_to_numpy(mask)).astype(bool))
         if ids.ndim != 2 or mask.shape != ids.shape:
-            raise ValueError(f"token_ids must be [batch, length] with a padding_mask of the "
-                             f"same shape; got {ids.shape} and {mask.shape}.")
+            raise InvalidArgumentError(
+                f"token_ids must be [batch, length] with a padding_mask of the same shape; "
+                f"got {ids.shape} and {mask.shape}.")
+        if ids.dtype.kind not in "iu":
+            raise ArgumentTypeError(f"token_ids must be integers, got dtype {ids.dtype}.")
+        vocab = lm.backbone.config.vocabulary_size
+        if ids[mask].size and not (0 <= ids[mask].min() and ids[mask].max() < vocab):
+            raise InvalidArgumentError(
+                f"token_ids must be in [0, {vocab}) (the model's vocabulary), found "
+                f"{ids[mask].min()}..{ids[mask].max()}.")
         prompts = [row[m].tolist() for row, m in zip(ids, mask)]
-        kind = "ids"
+        kind, texts = "ids", None
     else:
-        if lm.tokenizer is None:
-            raise ValueError("This model has no tokenizer: pass pre-tokenized input "
-                             "{'token_ids', 'padding_mask'}.")
+        if inputs is None or not isinstance(inputs, (str, list, tuple, np.ndarray)):
+            raise ArgumentTypeError(f"{_INPUT_FORMS}; got {_describe(inputs)}.")
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("generate() takes a string, a list of strings, or a dict of "
-                            "'token_ids' and 'padding_mask'.")
+        bad = [t for t in texts if not isinstance(t, str)]
+        if bad:
+            raise ArgumentTypeError(f"{_INPUT_FORMS}; the list holds {_describe(bad[0])}.")
+        if lm.tokenizer is None:
+            raise InvalidArgumentError("This model has no tokenizer: pass pre-tokenized input "
+                                       "{'token_ids', 'padding_mask'}.")
+        if chat_template is True and lm.tokenizer.start_of_turn_id is None:
+            raise InvalidArgumentError("chat_template=True needs a tokenizer with Gemma's "
+                                       "<start_of_turn> and <end_of_turn> pieces; this one "
+                                       "has none.")
         # Every Gemma sequence starts with <bos>; an empty prompt is just <bos>.
-        prompts = lm.tokenizer.tokenize(texts, add_bos=True)
+        prompts = [lm.tokenizer.tokenize(
+            format_chat([("user", t)]) if uses_chat_template(lm, chat_template, t) else t,
+            add_bos=True) for t in texts]
         kind = "text" if isinstance(inputs, str) else "batch"
     if not prompts:
-        raise ValueError("generate() got an empty batch: pass at least one prompt.")
+        raise InvalidArgumentError("generate() got an empty batch: pass at least one prompt.")
     if any(len(p) == 0 for p in prompts):
-        raise ValueError("A pre-tokenized prompt has no tokens (its padding_mask is all "
-                         "zero); start each prompt with <bos>.")
-    return prompts, kind
+        raise InvalidArgumentError("A pre-tokenized prompt has no tokens (its padding_mask is "
+                                   "all zero); start each prompt with <bos>.")
+    return prompts, kind, texts
+
+
+def _describe(value):
+    return "None" if value is None else f"{type(value).__name__} {value!r:.60}"
 
 
 def plan_lengths(lm, prompts, max_length, max_new_tokens):
@@ -264,28 +315,45 @@ def plan_lengths(lm, prompts, max_length, max_new_tokens):
     limit = lm.backbone.config.max_sequence_length
     longest = max(len(p) for p in prompts)
     if longest > limit:
-        raise ValueError(f"The longest prompt has {longest} tokens, more than the model's "
-                         f"context of {limit}; shorten it.")
+        raise InvalidArgumentError(f"The longest prompt has {longest} tokens, more than the "
+                                   f"model's context of {limit}; shorten it.")
     if max_length is not None and max_new_tokens is not None:
-        raise ValueError("Pass max_length (prompt + new tokens) or max_new_tokens, not both.")
+        raise InvalidArgumentError("Pass max_length (prompt + new tokens) or max_new_tokens, "
+                                   "not both.")
     if max_length is not None:
         if max_length <= longest:
-            raise ValueError(f"max_length={max_length} leaves no room to generate: the longest "
-                             f"prompt already has {longest} tokens. Use max_new_tokens.")
+            raise InvalidArgumentError(
+                f"max_length={max_length} leaves no room to generate: the longest prompt "
+                f"already has {longest} tokens. Use max_new_tokens.")
         new = max_length - longest
     else:
         new = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-        if new < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {new}.")
     if longest + new > limit:
-        raise ValueError(f"{longest} prompt tokens + {new} new tokens exceed the model's "
-                         f"context of {limit}; lower max_new_tokens.")
+        raise InvalidArgumentError(f"{longest} prompt tokens + {new} new tokens exceed the "
+                                   f"model's context of {limit}; lower max_new_tokens.")
     return new
 
 
-def _completion_text(tokenizer, row: _Row, stop_ids, stop_strings):
+def check_arguments(max_length=None, max_new_tokens=None, min_new_tokens=0, seed=None,
+                    stream=False, stop_strings=None, repetition_penalty=None,
+                    chat_template="auto", include_prompt=True, skip_special_tokens=True):
+    """The scalar arguments of generate, checked and normalized before any work."""
+    return dict(
+        max_length=options.whole_number("max_length", max_length, 1),
+        max_new_tokens=options.whole_number("max_new_tokens", max_new_tokens, 1),
+        min_new_tokens=options.whole_number("min_new_tokens", min_new_tokens, 0),
+        seed=options.seed_value(seed),
+        stream=options.flag("stream", stream),
+        stop_strings=options.stop_strings_value(stop_strings),
+        repetition_penalty=check_repetition_penalty(repetition_penalty),
+        chat_template=options.chat_template_value(chat_template),
+        include_prompt=options.flag("include_prompt", include_prompt),
+        skip_special_tokens=options.flag("skip_special_tokens", skip_special_tokens))
+
+
+def _completion_text(tokenizer, row: _Row, stop_ids, stop_strings, skip_special=True):
     ids = row.generated[:-1] if row.generated and row.generated[-1] in stop_ids else row.generated
-    text = tokenizer.detokenize(ids) if ids else ""
+    text = tokenizer.detokenize(ids, skip_special=skip_special) if ids else ""
     for s in stop_strings or ():
         cut = text.find(s)
         if cut >= 0:
@@ -293,19 +361,32 @@ def _completion_text(tokenizer, row: _Row, stop_ids, stop_strings):
     return text
 
 
-def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler="greedy",
-             stop_token_ids="auto", seed=None, stream=False, stop_strings=None):
-    sampler = get_sampler(sampler)
-    prompts, kind = prepare_prompts(lm, inputs)
-    new = plan_lengths(lm, prompts, max_length, max_new_tokens)
+def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler=None,
+             stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
+             temperature=None, top_k=None, top_p=None, min_new_tokens=0,
+             repetition_penalty=None, chat_template="auto", include_prompt=True,
+             skip_special_tokens=True):
+    # Everything is checked before the first compilation or cache allocation.
+    args = check_arguments(max_length, max_new_tokens, min_new_tokens, seed, stream,
+                           stop_strings, repetition_penalty, chat_template, include_prompt,
+                           skip_special_tokens)
+    sampler = build_sampler(sampler, temperature=temperature, top_k=top_k, top_p=top_p)
+    prompts, kind, texts = prepare_prompts(lm, inputs, args["chat_template"])
+    new = plan_lengths(lm, prompts, args["max_length"], args["max_new_tokens"])
+    if args["min_new_tokens"] > new:
+        raise InvalidArgumentError(f"min_new_tokens={args['min_new_tokens']} is more than the "
+                                   f"{new} new tokens asked for; raise max_new_tokens.")
     stop_ids = resolve_stop_ids(lm, stop_token_ids)
+    stop_strings = args["stop_strings"]
     if stop_strings and lm.tokenizer is None:
-        raise ValueError("stop_strings need the model's tokenizer.")
-    rng = np.random.default_rng(seed)
-    if stream:
+        raise InvalidArgumentError("stop_strings need the model's tokenizer.")
+    decoding = Decoding(sampler, stop_ids, args["min_new_tokens"], args["repetition_penalty"])
+    rng = np.random.default_rng(args["seed"])
+    skip_special = args["skip_special_tokens"]
+    if args["stream"]:
         if kind != "text":
-            raise ValueError("stream=True takes one string prompt.")
-        return _stream(lm, prompts, new, sampler, rng, stop_ids, stop_strings)
+            raise InvalidArgumentError("stream=True takes one string prompt.")
+        return _stream(lm, prompts, new, decoding, rng, stop_strings, skip_special)
     session = GenerationSession(lm, prompts, max(len(p) for p in prompts) + new)
     on_token = None
     if stop_strings:
@@ -313,19 +394,22 @@ def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler="greedy",
             row = session.rows[r]
             if any(s in lm.tokenizer.detokenize(row.generated) for s in stop_strings):
                 row.done = True
-    session.decode(new, sampler, rng, stop_ids, on_token)
+    session.decode(new, decoding, rng, on_token)
     if kind == "ids":
-        return _as_ids(lm, session.rows)
-    texts = [lm.tokenizer.detokenize(row.prompt, skip_special=True)
-             + _completion_text(lm.tokenizer, row, stop_ids, stop_strings)
-             for row in session.rows]
-    return texts[0] if kind == "text" else texts
+        return _as_ids(lm, session.rows, args["include_prompt"])
+    # The prompt exactly as given (not re-detokenized, not the chat-template markup), so
+    # `text[len(prompt):]` is always the completion.
+    outputs = [(text if args["include_prompt"] else "")
+               + _completion_text(lm.tokenizer, row, stop_ids, stop_strings, skip_special)
+               for text, row in zip(texts, session.rows)]
+    return outputs[0] if kind == "text" else outputs
 
 
-def _as_ids(lm, rows):
-    """keras-hub's form: prompt then generated tokens (the stop token included), right-padded."""
+def _as_ids(lm, rows, include_prompt=True):
+    """keras-hub's form: prompt then generated tokens (the stop token included), right-padded;
+    without the prompt, the generated tokens alone."""
     pad = lm.tokenizer.pad_token_id if lm.tokenizer is not None else 0
-    sequences = [row.prompt + row.generated for row in rows]
+    sequences = [(row.prompt if include_prompt else []) + row.generated for row in rows]
     width = max(len(s) for s in sequences)
     ids = np.full((len(rows), width), pad, "int32")
     mask = np.zeros((len(rows), width), bool)
@@ -335,25 +419,28 @@ def _as_ids(lm, rows):
     return {"token_ids": ids, "padding_mask": mask}
 
 
-def _stream(lm, prompts, new, sampler, rng, stop_ids, stop_strings) -> Iterator[str]:
+def _stream(lm, prompts, new, decoding, rng, stop_strings, skip_special) -> Iterator[str]:
     session = GenerationSession(lm, prompts, len(prompts[0]) + new)
-    return stream_session(lm, session, new, sampler, rng, stop_ids, stop_strings)
+    return stream_session(lm, session, new, decoding, rng, stop_strings, skip_special)
 
 
-def stream_session(lm, session, new, sampler, rng, stop_ids, stop_strings) -> Iterator[str]:
-    """Decodes row 0 of a prefilled session, yielding completion text as it is decoded.
+def stream_session(lm, session, new, decoding, rng, stop_strings,
+                   skip_special=True) -> Iterator[str]:
+    """Decodes row 0 of a prefilled session with `decoding` (a `Decoding`), yielding
+    completion text as it is decoded.
 
     Never splits a multi-byte character: text ending in U+FFFD (bytes of a character still
     to come) is held back until the rest arrives or decoding ends.
     """
     tokenizer = lm.tokenizer
+    stop_ids = decoding.stop_ids
     row = session.rows[0]
     emitted = ""
     for i in range(new):
-        token = int(sampler.select(session.logits, rng)[0])
+        token = int(decoding.select(session.logits, session.rows[:1], rng)[0])
         row.generated.append(token)
         row.done = token in stop_ids
-        text = _completion_text(tokenizer, row, stop_ids, stop_strings)
+        text = _completion_text(tokenizer, row, stop_ids, stop_strings, skip_special)
         stopped_by_string = any(s in tokenizer.detokenize(row.generated)
                                 for s in stop_strings or ())
         final = row.done or stopped_by_string or i == new - 1

@@ -3,12 +3,21 @@
 They run on the host with NumPy on the [batch, vocab] float32 logits of one step: the
 compiled model step stays the same for every sampler (no recompilation when the user
 switches from greedy to top-p), and a seeded `numpy.random.Generator` makes sampling
-reproducible across calls and identical on every backend.
+reproducible across calls. Across backends the same seed gives the same tokens when the
+logits are the same: float32 models, not bfloat16 ones (see `GemmaCausalLM.generate`).
+
+Besides the samplers, the host-side logits rules that `generate` applies before a sampler
+(`repetition_penalty`, `min_new_tokens`) live here, and `build_sampler` turns generate's
+`temperature=` / `top_k=` / `top_p=` shortcuts into a sampler.
 """
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
+
+from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 
 
 class Sampler:
@@ -31,10 +40,11 @@ class RandomSampler(Sampler):
     """Samples from softmax(logits / temperature)."""
 
     def __init__(self, temperature: float = 1.0):
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}; use "
-                             "sampler='greedy' for deterministic decoding.")
-        self.temperature = float(temperature)
+        self.temperature = _number("temperature", temperature)
+        if not self.temperature > 0:
+            raise InvalidArgumentError(
+                f"temperature must be > 0, got {temperature!r}; for deterministic decoding "
+                "use greedy (leave sampler and temperature unset).")
 
     def filter(self, logits):
         """Logits with the tokens this sampler excludes set to -inf."""
@@ -56,26 +66,27 @@ class TopKSampler(RandomSampler):
 
     def __init__(self, k: int = 50, temperature: float = 1.0):
         super().__init__(temperature)
-        if not (isinstance(k, int) and k > 0):
-            raise ValueError(f"k must be a positive integer, got {k!r}.")
-        self.k = k
+        self.k = _positive_int("top_k", k)
 
     def filter(self, logits):
-        k = min(self.k, logits.shape[-1])
-        kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]
-        return np.where(logits >= kth, logits, -np.inf)
+        return _keep_top_k(logits, self.k)
 
 
 class TopPSampler(RandomSampler):
-    """Nucleus sampling: the smallest set of most likely tokens whose mass reaches p."""
+    """Nucleus sampling: the smallest set of most likely tokens whose mass reaches p;
+    with k (keras-hub's argument), among the k most likely tokens only (transformers'
+    `top_k` and `top_p` together)."""
 
-    def __init__(self, p: float = 0.9, temperature: float = 1.0):
+    def __init__(self, p: float = 0.9, temperature: float = 1.0, k: int = None):
         super().__init__(temperature)
-        if not 0 < p <= 1:
-            raise ValueError(f"p must be in (0, 1], got {p!r}.")
-        self.p = float(p)
+        self.p = _number("top_p", p)
+        if not 0 < self.p <= 1:
+            raise InvalidArgumentError(f"top_p must be in (0, 1], got {p!r}.")
+        self.k = None if k is None else _positive_int("top_k", k)
 
     def filter(self, logits):
+        if self.k is not None:
+            logits = _keep_top_k(logits, self.k)
         order = np.argsort(-logits, axis=-1)
         sorted_logits = np.take_along_axis(logits, order, axis=-1)
         probs = np.exp(sorted_logits - sorted_logits[:, :1])
@@ -87,15 +98,110 @@ class TopPSampler(RandomSampler):
         return np.where(keep, logits, -np.inf)
 
 
+def _keep_top_k(logits, k):
+    """logits [batch, vocab] with all but the k largest of each row set to -inf."""
+    k = min(k, logits.shape[-1])
+    kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]  # [batch, 1]
+    return np.where(logits >= kth, logits, -np.inf)
+
+
+def _number(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ArgumentTypeError(f"{name} must be a number, got {value!r}.")
+    return float(value)
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be a whole number, got {value!r}.")
+    if value < 1:
+        raise InvalidArgumentError(f"{name} must be at least 1, got {value!r}.")
+    return int(value)
+
+
 _BY_NAME = {"greedy": GreedySampler, "random": RandomSampler, "top_k": TopKSampler,
             "top_p": TopPSampler}
+# The shortcuts each named sampler takes, and the constructor argument each one sets.
+_SHORTCUTS = {"greedy": {}, "random": {"temperature": "temperature"},
+              "top_k": {"temperature": "temperature", "top_k": "k"},
+              "top_p": {"temperature": "temperature", "top_p": "p", "top_k": "k"}}
 
 
 def get_sampler(sampler) -> Sampler:
     """A Sampler from an instance or a name: "greedy", "random", "top_k", "top_p"."""
+    return build_sampler(sampler)
+
+
+def build_sampler(sampler=None, temperature=None, top_k=None, top_p=None) -> Sampler:
+    """The sampler `generate` uses, from its `sampler=` and the transformers-style shortcuts.
+
+    sampler=None picks by the shortcuts given: top_p -> TopPSampler (with top_k, among the
+    top k only), else top_k -> TopKSampler, else temperature -> RandomSampler, else greedy.
+    A sampler name takes the shortcuts it understands (`sampler="top_k", top_k=10`); a
+    Sampler object takes none (set them on the object), so nothing is silently ignored.
+    """
+    given = {name: value for name, value in
+             (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+             if value is not None}
     if isinstance(sampler, Sampler):
+        if given:
+            raise InvalidArgumentError(
+                f"Pass either the sampler object {sampler!r} or {', '.join(given)}, not both; "
+                f"set them on the object instead, e.g. TopPSampler(p=0.9, temperature=0.7).")
         return sampler
-    if isinstance(sampler, str) and sampler in _BY_NAME:
-        return _BY_NAME[sampler]()
-    raise ValueError(f"Unknown sampler {sampler!r}; use one of {sorted(_BY_NAME)} or a "
-                     "gemma_keras.samplers.Sampler instance.")
+    if sampler is None:
+        name = ("top_p" if "top_p" in given else "top_k" if "top_k" in given
+                else "random" if "temperature" in given else "greedy")
+    elif isinstance(sampler, str):
+        if sampler not in _BY_NAME:
+            raise InvalidArgumentError(
+                f"Unknown sampler {sampler!r}; use one of {sorted(_BY_NAME)} or a "
+                "gemma_keras.samplers.Sampler instance.")
+        name = sampler
+    else:
+        raise ArgumentTypeError(
+            f"sampler must be a name ({', '.join(sorted(_BY_NAME))}), a "
+            f"gemma_keras.samplers.Sampler or None, got {sampler!r}.")
+    unused = [k for k in given if k not in _SHORTCUTS[name]]
+    if unused:
+        raise InvalidArgumentError(
+            f"sampler={name!r} takes no {' or '.join(unused)}; "
+            + ("leave sampler unset to sample with them." if name == "greedy" else
+               f"it takes {', '.join(_SHORTCUTS[name])}."))
+    return _BY_NAME[name](**{_SHORTCUTS[name][k]: v for k, v in given.items()})
+
+
+# ---- logits rules applied on the host before the sampler ---------------------------------
+def check_repetition_penalty(penalty):
+    """None (no penalty) or a number > 0, as a float; 1.0 is no penalty."""
+    if penalty is None:
+        return None
+    penalty = _number("repetition_penalty", penalty)
+    if not penalty > 0 or not np.isfinite(penalty):
+        raise InvalidArgumentError(
+            f"repetition_penalty must be > 0 (1.0 is none, 1.1-1.3 is usual), got {penalty!r}.")
+    return None if penalty == 1.0 else penalty
+
+
+def apply_repetition_penalty(logits, contexts, penalty):
+    """transformers' repetition penalty (Keskar et al. 2019): in row r, the logit of every
+    token already in `contexts[r]` (the prompt and what was generated) is divided by
+    `penalty` when positive and multiplied by it when negative, so a penalty > 1 always
+    makes a seen token less likely. logits [batch, vocab] float32; returns a new array."""
+    out = np.array(logits, "float32")  # a copy: the session's logits stay as computed
+    vocab = out.shape[-1]
+    for r, ids in enumerate(contexts):
+        seen = np.unique(np.asarray(ids, "int64"))
+        seen = seen[(seen >= 0) & (seen < vocab)]
+        score = out[r, seen]
+        out[r, seen] = np.where(score < 0, score * penalty, score / penalty)
+    return out
+
+
+def suppress(logits, rows, ids):
+    """logits [batch, vocab] with `ids` set to -inf in the given rows (a new array)."""
+    out = np.array(logits, "float32")
+    ids = [i for i in ids if 0 <= i < out.shape[-1]]
+    if rows and ids:
+        out[np.ix_(list(rows), ids)] = -np.inf
+    return out

@@ -1,0 +1,99 @@
+"""The arguments of `generate` and `chat.send`, checked in one place before anything compiles,
+and `Decoding`: how each next token is chosen from the step's float32 logits on the host.
+
+Every mistake is one `GemmaError` naming the argument and what to pass instead:
+`InvalidArgumentError` (also a ValueError) for a value that cannot be used,
+`ArgumentTypeError` (also a TypeError) for a wrong type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Optional
+
+import numpy as np
+
+from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
+from gemma_keras.generation.samplers import (GreedySampler, Sampler, apply_repetition_penalty,
+                                             suppress)
+
+
+def whole_number(name, value, minimum, hint=""):
+    """`value` as an int >= minimum; None stays None. bool is refused (True is not 1 token)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(f"{name} must be a whole number (an int), got {value!r}.{hint}")
+    if value < minimum:
+        raise InvalidArgumentError(f"{name} must be at least {minimum}, got {value}.{hint}")
+    return int(value)
+
+
+def flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def seed_value(seed):
+    """None (fresh randomness every call) or an int >= 0 for numpy's generator."""
+    return whole_number("seed", seed, 0, " Pass an int such as seed=1, or None.")
+
+
+def chat_template_value(value):
+    if value == "auto" or isinstance(value, bool):
+        return value
+    raise InvalidArgumentError(
+        f"chat_template must be 'auto', True or False, got {value!r}.")
+
+
+def stop_strings_value(stop_strings):
+    """None or a list of non-empty strings (one string is accepted as a list of one)."""
+    if stop_strings is None:
+        return None
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if not isinstance(stop_strings, (list, tuple)) or not all(
+            isinstance(s, str) for s in stop_strings):
+        raise ArgumentTypeError(f"stop_strings must be a string or a list of strings, got "
+                                f"{stop_strings!r}.")
+    if any(s == "" for s in stop_strings):
+        raise InvalidArgumentError("stop_strings has an empty string, which would end every "
+                                   "completion before it starts; remove it.")
+    return list(stop_strings) or None
+
+
+@dataclasses.dataclass
+class Decoding:
+    """How each row's next token is chosen: the logits rules, then the sampler.
+
+    stop_ids end a row (the stop token is kept in its ids, never in its text).
+    min_new_tokens: the stop ids are masked out of a row's logits until it has that many
+    new tokens (transformers' `min_new_tokens`). repetition_penalty: see
+    `samplers.apply_repetition_penalty`; None is none.
+    """
+
+    sampler: Sampler
+    stop_ids: set
+    min_new_tokens: int = 0
+    repetition_penalty: Optional[float] = None
+
+    def select(self, logits, rows, rng):
+        """Next token per row [batch] from logits [batch, vocab] float32; `rows` have
+        `.prompt` (everything the row's context holds before this call's tokens) and
+        `.generated`."""
+        if self.repetition_penalty is not None:
+            logits = apply_repetition_penalty(
+                logits, [row.prompt + row.generated for row in rows], self.repetition_penalty)
+        early = [r for r, row in enumerate(rows) if len(row.generated) < self.min_new_tokens]
+        if early and self.stop_ids:
+            logits = suppress(logits, early, sorted(self.stop_ids))
+        return self.sampler.select(logits, rng)
+
+    def compiled_loop_can_finish(self, rows):
+        """Whether the rest of the decoding may run as the compiled greedy loop, which
+        applies argmax and the stop ids but none of the logits rules above."""
+        return (type(self.sampler) is GreedySampler and self.repetition_penalty is None
+                and all(row.done or len(row.generated) >= self.min_new_tokens
+                        for row in rows))
