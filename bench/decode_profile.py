@@ -110,14 +110,14 @@ def worker(backend: str, hf_dir: str, batch: int, steps: int, use_py_spy: bool) 
 
     # Compile everything once.
     s = new_session()
-    s.decode(4, sampler, rng, set())
+    s.decode(4, sampler, rng)
 
     # loop: session.decode, as generate runs it (one more select than steps).
     per_loop = []
     for _ in range(3):
         s = new_session()
         t = time.perf_counter()
-        s.decode(steps + 1, sampler, rng, set())
+        s.decode(steps + 1, sampler, rng)
         per_loop.append((time.perf_counter() - t) / steps)
     out["loop"] = _stats(per_loop)
 
