@@ -68,6 +68,7 @@ def default_metrics():
 # ---- data ---------------------------------------------------------------------------------
 def adapt(lm, x, y=None, sample_weight=None, batch_size=None):
     """Returns the (x, y, sample_weight, batch_size) to hand to keras.Model.fit/evaluate."""
+    _check_data(x)
     if _is_tf_dataset(x):
         return _dataset(lm, x, batch_size), None, None, None
     if _is_raw(x):
@@ -80,6 +81,40 @@ def adapt(lm, x, y=None, sample_weight=None, batch_size=None):
     if isinstance(x, (types.GeneratorType, collections.abc.Iterator)):
         return _generator(lm, x, batch_size or 1), None, None, None
     return x, y, sample_weight, batch_size
+
+
+_DATA_FORMS = ("a string, a list of strings, {'prompts': [...], 'responses': [...]}, a tf.data "
+               "dataset, a generator, or {'token_ids', 'padding_mask'} arrays")
+
+
+def _check_data(x):
+    """Empty or mixed data as one clear error here, not an exception from deep inside Keras
+    (an empty list used to end in `KeyError: 'pop from an empty set'`)."""
+    from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
+
+    if x is None:
+        raise ArgumentTypeError(f"No training data: pass x as {_DATA_FORMS}.")
+    if isinstance(x, (str, bytes)):
+        if not x:
+            raise InvalidArgumentError("The training text is empty; pass some text.")
+        return
+    if isinstance(x, dict):
+        for key in ("prompts", "responses", "token_ids"):
+            if key in x and len(x[key]) == 0:
+                raise InvalidArgumentError(f"x[{key!r}] is empty: there is nothing to train on.")
+        if "prompts" in x and "responses" in x and len(x["prompts"]) != len(x["responses"]):
+            raise InvalidArgumentError(
+                f"x has {len(x['prompts'])} prompts but {len(x['responses'])} responses; "
+                "pass one response per prompt.")
+        return
+    if isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.dtype.kind in "OSU"):
+        if len(x) == 0:
+            raise InvalidArgumentError(f"x is empty: there is nothing to train on. Pass "
+                                       f"{_DATA_FORMS}.")
+        kinds = {isinstance(v, (str, bytes)) for v in np.asarray(x, dtype=object).reshape(-1)}
+        if kinds == {True, False}:
+            raise ArgumentTypeError("x mixes strings with other values; pass a list of "
+                                    "strings only.")
 
 
 def adapt_validation(lm, data):
