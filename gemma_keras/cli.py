@@ -66,8 +66,8 @@ def _inspect(args):
 def _generate(args):
     lm = _load(args)
     prompts = args.prompt or [sys.stdin.read()]
-    options = dict(max_new_tokens=args.max_new_tokens, sampler=_sampler(args), seed=args.seed,
-                   stop_strings=args.stop or None)
+    options = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop or None,
+                   chat_template=args.chat_template, **_sampling(args))
     if args.stream:
         for prompt in prompts:
             print(prompt, end="", flush=True)
@@ -100,7 +100,7 @@ def _chat(args):
             continue
         try:
             for piece in session.send(message, max_new_tokens=args.max_new_tokens,
-                                      sampler=_sampler(args), seed=args.seed, stream=True):
+                                      stream=True, **_sampling(args)):
                 print(piece, end="", flush=True)
         except ValueError as e:  # the conversation outgrew the context
             raise UsageError(str(e)) from e
@@ -208,16 +208,12 @@ def _load(args):
     return GemmaCausalLM.from_preset(args.preset, dtype=args.dtype)
 
 
-def _sampler(args):
-    from gemma_keras.generation import samplers
-
-    if args.sampler == "greedy":
-        return "greedy"
-    if args.sampler == "random":
-        return samplers.RandomSampler(temperature=args.temperature)
-    if args.sampler == "top_k":
-        return samplers.TopKSampler(k=args.top_k, temperature=args.temperature)
-    return samplers.TopPSampler(p=args.top_p, temperature=args.temperature)
+def _sampling(args):
+    """generate's sampling keywords, as in Python: --temperature / --top-k / --top-p alone
+    pick the sampler; with --sampler they set its parameters."""
+    return dict(sampler=args.sampler, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, min_new_tokens=args.min_new_tokens,
+                repetition_penalty=args.repetition_penalty)
 
 
 def _read_jsonl(path):
@@ -269,10 +265,17 @@ def _model_options(parser, preset_help="preset name, handle or directory"):
 def _sampling_options(parser, max_new_tokens):
     parser.add_argument("--max-new-tokens", type=_positive(int), default=max_new_tokens)
     parser.add_argument("--sampler", choices=("greedy", "random", "top_k", "top_p"),
-                        default="greedy")
-    parser.add_argument("--temperature", type=_positive(float), default=1.0)
-    parser.add_argument("--top-k", type=_positive(int), default=5)
-    parser.add_argument("--top-p", type=_positive(float), default=0.9)
+                        help="default: greedy, or what --temperature/--top-k/--top-p ask for")
+    parser.add_argument("--temperature", type=_positive(float), help="sample at this "
+                        "temperature (default 1.0 when sampling)")
+    parser.add_argument("--top-k", type=_positive(int), help="sample among the k most likely "
+                        "tokens (top_k's default: 50)")
+    parser.add_argument("--top-p", type=_positive(float), help="nucleus sampling with this "
+                        "mass (top_p's default: 0.9)")
+    parser.add_argument("--min-new-tokens", type=int, default=0,
+                        help="no stop token before this many new tokens")
+    parser.add_argument("--repetition-penalty", type=_positive(float),
+                        help="> 1 discourages tokens already seen (transformers' semantics)")
     parser.add_argument("--seed", type=int, help="makes sampling reproducible")
 
 
@@ -291,6 +294,10 @@ def build_parser():
     _sampling_options(p, 64)
     p.add_argument("--stream", action="store_true", help="print text as it is decoded")
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--no-chat-template", dest="chat_template", action="store_const",
+                   const=False, default="auto",
+                   help="send the prompt as written, to be continued (by default an instruct "
+                        "model gets it as a user turn and answers it)")
     p.set_defaults(run=_generate)
 
     p = commands.add_parser("chat", help="an interactive, multi-turn chat")
