@@ -52,6 +52,22 @@ def _presets(args):
 
 
 def _inspect(args):
+    from gemma_keras.presets import get_preset_card, list_presets
+
+    if args.preset in list_presets():
+        # The card shipped in the package holds the config and counts: nothing to download.
+        card = get_preset_card(args.preset)
+        config = card.gemma_config()
+        print(f"{card.name}: {card.description}")
+        print(f"  {'parameters':30} {card.parameter_count:,}")
+        print(f"  {'kaggle handle':30} {card.kaggle_handle}")
+        print(f"  {'hf repo':30} {card.hf_repo or '-'}")
+        print(f"  {'instruct':30} {card.instruct}")
+        print(config.describe())
+        for key, value in config.to_dict().items():
+            print(f"  {key:30} {value}")
+        return
+    _settle_backend(args)
     from gemma_keras.checkpoints.loading import read_preset_config
     from gemma_keras.checkpoints.resolve import resolve_preset
 
@@ -65,7 +81,7 @@ def _inspect(args):
 
 def _generate(args):
     lm = _load(args)
-    prompts = args.prompt or [sys.stdin.read()]
+    prompts = args.prompt
     options = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop or None,
                    chat_template=args.chat_template, **_sampling(args))
     if args.stream:
@@ -110,38 +126,42 @@ def _chat(args):
 def _finetune(args):
     import keras
 
-    examples = _read_jsonl(args.data)
+    examples = args.examples  # read and checked by _prepare, before loading
     lm = _load(args)
     if lm.preprocessor is None:
         raise UsageError(f"{args.preset} has no tokenizer; fine-tuning on text needs one.")
+    if args.seed is not None:  # LoRA's initial adapters, dropout and the data order
+        keras.utils.set_random_seed(args.seed)
     lm.preprocessor.sequence_length = args.sequence_length
     lm.backbone.enable_lora(rank=args.rank)
     if args.learning_rate:
         lm.compile(optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.01))
     history = lm.fit(examples, epochs=args.epochs, batch_size=args.batch_size, verbose=1)
     losses = history.history["loss"]
-    print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {args.epochs} epoch(s)")
+    if len(losses) == 1:  # one epoch has one mean: a "first -> last" would repeat it
+        print(f"loss: {losses[0]:.4f} (mean over the epoch)")
+    else:
+        print(f"loss: {losses[0]:.4f} (epoch 1) -> {losses[-1]:.4f} (epoch {len(losses)})")
     if args.adapter:
-        lm.save_lora_weights(args.adapter)
+        lm.save_lora_weights(args.adapter, overwrite=args.overwrite)
         print(f"adapters: {args.adapter}")
     if args.output:
-        lm.save_to_preset(args.output)  # merged weights; loadable by keras-hub too
+        # merged weights; loadable by keras-hub too
+        lm.save_to_preset(args.output, overwrite=args.overwrite)
         print(f"fine-tuned preset (adapters merged): {args.output}")
 
 
 def _convert(args):
     from gemma_keras.causal_lm import GemmaCausalLM
 
-    if os.path.exists(args.output):
-        raise UsageError(f"{args.output} exists; choose a new directory (nothing is "
-                         f"overwritten).")
     start = time.perf_counter()
     print(f"reading {args.source} ...", flush=True)
     with progress.shown():  # a bar per tensor read and written
         lm = GemmaCausalLM.from_preset(args.source, dtype=args.dtype)
         print(f"  {lm.config.describe()} in {time.perf_counter() - start:.1f} s; writing "
               f"{args.output} ...", flush=True)
-        lm.save_to_preset(args.output, max_shard_size=args.max_shard_size, format=args.to)
+        lm.save_to_preset(args.output, max_shard_size=args.max_shard_size, format=args.to,
+                          overwrite=args.overwrite)
     kind = "a Hugging Face checkpoint" if args.to == "hf" else "a keras-hub preset"
     print(f"wrote {kind} in {time.perf_counter() - start:.1f} s: {args.output}")
 
@@ -149,8 +169,6 @@ def _convert(args):
 def _export(args):
     from gemma_keras.export import export
 
-    if os.path.exists(args.output):
-        raise UsageError(f"{args.output} exists; choose a new path (nothing is overwritten).")
     start = time.perf_counter()
     print(f"reading {args.preset} ...", flush=True)
     with progress.shown():
@@ -160,7 +178,7 @@ def _export(args):
     print(f"exporting {lm.config.describe()} as {args.format} ...", flush=True)
     export(lm, args.output, format=args.format, quantize=args.quantize,
            max_length=args.max_length, prefill_length=args.prefill_length,
-           allow_large_file=args.allow_large_file)
+           allow_large_file=args.allow_large_file, overwrite=args.overwrite)
     if args.format == "litert":
         from gemma_keras.export.build import litert_paths
 
@@ -171,7 +189,9 @@ def _export(args):
     print(f"wrote {args.output} ({size / 2 ** 20:.1f} MiB) in "
           f"{time.perf_counter() - start:.1f} s")
     if args.format == "litert":
-        print(f"run it: python -m gemma_keras.export.runner {args.output} \"Your prompt\"")
+        print(f"run it (the runner needs the LiteRT interpreter: pip install "
+              f"\"gemma-keras[litert]\"): python -m gemma_keras.export.runner {args.output} "
+              f"\"Your prompt\"")
 
 
 def _bench(args):
@@ -199,6 +219,91 @@ def _bench(args):
     print(f"  decode   {decode:8.1f} tokens/s")
     print(f"  prefill  {args.batch_size * args.prompt_length / prefill:8.1f} tokens/s")
     print(f"  first call (compilation included) {first:.2f} s")
+
+
+# ---- before anything loads --------------------------------------------------------------
+def _prepare(args):
+    """What can be checked without Keras is checked first, in milliseconds: the prompt, the
+    preset's name or path, the data file, the targets (nothing is overwritten unless
+    --overwrite), so a typo never waits for a backend to load or a model to train."""
+    from gemma_keras.checkpoints.atomic import check_target
+    from gemma_keras.checkpoints.resolve import check_preset
+
+    if args.run is _generate and not args.prompt:
+        text = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+        # The shell's `echo` (and an editor's last line) ends with one newline that is no
+        # part of the prompt; only that one is dropped.
+        if text.endswith("\n"):
+            text = text[:-2] if text.endswith("\r\n") else text[:-1]
+        if not text:
+            raise UsageError("no prompt: give one as an argument (gemma-keras generate "
+                             "\"json.dumps(\") or on stdin (echo \"json.dumps(\" | gemma-keras "
+                             "generate).")
+        args.prompt = [text]
+    elif args.run is _generate and "" in args.prompt:
+        raise UsageError("an empty prompt: give the text to complete, e.g. "
+                         "gemma-keras generate \"json.dumps(\".")
+    if getattr(args, "preset", None) is not None:
+        check_preset(args.preset)
+    if args.run is _convert:
+        check_preset(args.source)
+        check_target(args.output, args.overwrite, directory=True)
+    if args.run is _finetune:
+        if not (args.adapter or args.output):
+            raise UsageError("finetune needs somewhere to put the result: --adapter FILE "
+                             "(.lora.h5) and/or --output DIR (a preset with the adapters "
+                             "merged); nothing was trained.")
+        args.examples = _read_jsonl(args.data)
+        if args.adapter:
+            check_target(args.adapter, args.overwrite)
+        if args.output:
+            check_target(args.output, args.overwrite, directory=True)
+    if args.run is _export:
+        from gemma_keras.export import check_export_target
+
+        check_export_target(args.output, args.format, overwrite=args.overwrite)
+
+
+def _quiet_backend_logs():
+    """The backends' start-up chatter (TensorFlow's oneDNN and CUDA notes, absl's preamble,
+    JAX's "no GPU" warning) is not for the person at the terminal. Set before any backend
+    import; what is printed while importing anyway is swallowed by _import_keras."""
+    import logging
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    for name in ("absl", "jax._src.xla_bridge", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _settle_backend(args):
+    """Chooses the backend (gemma_keras/backend_choice.py) and imports Keras with it, with
+    the C++ logs printed during the import kept off the terminal (TensorFlow writes them to
+    file descriptor 2 before any log setting applies). If the import fails they are shown."""
+    import tempfile
+
+    from gemma_keras.backend_choice import ensure_backend
+
+    if args.backend:
+        ensure_backend(args.backend, "--backend")
+    else:
+        ensure_backend()
+    if "keras" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode("utf-8", "replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 # ---- helpers ----------------------------------------------------------------------------
@@ -285,7 +390,8 @@ def build_parser():
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["jax", "tensorflow", "torch"],
                         help="Keras backend (default: $KERAS_BACKEND, else the one in "
-                             "~/.keras/keras.json)")
+                             "~/.keras/keras.json if installed, else jax, torch or "
+                             "tensorflow, whichever is installed)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
     p = commands.add_parser("generate", help="complete prompts (text in, text out)")
@@ -317,6 +423,10 @@ def build_parser():
                    help="AdamW learning rate (default: 2e-4, the LoRA default)")
     p.add_argument("--adapter", help="write the adapters here (.lora.h5)")
     p.add_argument("--output", help="write a preset with the adapters merged here")
+    p.add_argument("--seed", type=int, help="makes the adapters' start and the data order "
+                                           "reproducible")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --adapter / --output (atomically)")
     p.set_defaults(run=_finetune)
 
     p = commands.add_parser("export", help="SavedModel or LiteRT (.tflite) for serving and "
@@ -334,6 +444,8 @@ def build_parser():
     p.add_argument("--adapter", help="LoRA adapters (.lora.h5) to merge into the export")
     p.add_argument("--allow-large-file", action="store_true",
                    help="LiteRT past the 2 GiB FlatBuffer limit (weights after the FlatBuffer)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing export (atomically)")
     p.set_defaults(run=_export)
 
     p = commands.add_parser("convert", help="HF checkpoint <-> keras-hub preset")
@@ -343,13 +455,16 @@ def build_parser():
                    help="layout to write (default: keras_hub)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--max-shard-size", type=_positive(float), help="GB per weights shard")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory (atomically)")
     p.set_defaults(run=_convert)
 
     p = commands.add_parser("presets", help="table of the built-in presets")
     p.set_defaults(run=_presets)
 
-    p = commands.add_parser("inspect", help="the config of a preset, handle or directory")
-    p.add_argument("preset")
+    p = commands.add_parser("inspect", help="the config of a preset, handle or directory "
+                                            "(built-in names: from the card, no download)")
+    p.add_argument("preset", nargs="?", default=DEMO, help=f"(default: {DEMO})")
     p.set_defaults(run=_inspect)
 
     p = commands.add_parser("bench", help="generation speed of a preset on this machine")
@@ -365,12 +480,15 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.backend:
-        os.environ["KERAS_BACKEND"] = args.backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter
+    _quiet_backend_logs()
+    from gemma_keras import errors
     from gemma_keras.errors import GemmaError
 
+    errors.use_cli_hints()  # "add --overwrite", "gemma-keras presets" in messages
     try:
+        _prepare(args)  # no Keras yet: mistakes cost milliseconds
+        if args.run not in (_presets, _inspect):  # inspect settles it only for a directory
+            _settle_backend(args)
         args.run(args)
     except (GemmaError, UsageError) as e:  # user mistakes: a message, not a traceback
         print(f"gemma-keras: error: {e}", file=sys.stderr)

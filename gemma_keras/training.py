@@ -5,6 +5,7 @@ generators into (features, labels, sample_weight) batches."""
 from __future__ import annotations
 
 import collections.abc
+import sys
 import types
 
 import keras
@@ -137,11 +138,10 @@ def _is_raw(x):
 
 
 def _is_tf_dataset(x):
-    try:
-        import tensorflow as tf
-    except ImportError:
-        return False
-    return isinstance(x, tf.data.Dataset)
+    # A tf.data dataset exists only once TensorFlow is imported; importing it here just to
+    # ask would cost seconds (and its log lines) on JAX and PyTorch for every fit().
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(x, tf.data.Dataset)
 
 
 def _preprocessor(lm):

@@ -187,7 +187,8 @@ def _export_in_tensorflow_process(lm, spec):
         import tensorflow  # noqa: F401  (only to fail early and clearly)
     except ImportError:
         raise ExportError("Export traces the model in TensorFlow, which is not installed: "
-                          "pip install 'gemma-keras[tensorflow]'.") from None
+                          "pip install \"gemma-keras[tensorflow]\" (and \"gemma-keras[litert]\" "
+                          "to run a .tflite with gemma_keras.export.runner).") from None
     with tempfile.TemporaryDirectory(prefix="gemma_export_") as tmp:
         preset = pathlib.Path(tmp) / "preset"
         write_preset(lm.backbone, lm.tokenizer, preset,

@@ -34,7 +34,7 @@ def _interpreter(model_path, num_threads):
             import tensorflow as tf
         except ImportError:
             raise ImportError("The LiteRT runner needs an interpreter: pip install "
-                              "ai-edge-litert (or tensorflow).") from None
+                              "\"gemma-keras[litert]\" (ai-edge-litert), or tensorflow.") from None
         Interpreter = tf.lite.Interpreter
     return Interpreter(model_path=str(model_path), num_threads=num_threads)
 
@@ -120,14 +120,41 @@ class LiteRTGenerator:
         return self.tokenizer.DecodeIds(self.generate_ids(ids, max_new_tokens))
 
 
+def _check_model_path(path: pathlib.Path):
+    """The mistakes a person makes on the command line, as one line each."""
+    if not path.exists():
+        return f"{path}: no such file; give the .tflite file that gk.export wrote."
+    if path.is_dir():
+        if not (path / "model.tflite").is_file():
+            return f"{path} is a directory without model.tflite; give the .tflite file."
+    elif path.suffix != ".tflite":
+        return f"{path} is not a .tflite file; give the .tflite file that gk.export wrote."
+    return None
+
+
 def main(argv=None):
+    """Exit status 0, or 2 with one line on stderr for a wrong path, a file that is not a
+    LiteRT export, or a prompt too long for the export (no traceback)."""
+    import sys
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the .tflite file (or the export directory)")
     parser.add_argument("prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
-    print(LiteRTGenerator(pathlib.Path(args.model)).generate(args.prompt, args.max_new_tokens))
+    path = pathlib.Path(args.model)
+    problem = _check_model_path(path)
+    try:
+        if problem is None:
+            print(LiteRTGenerator(path).generate(args.prompt, args.max_new_tokens))
+            return 0
+    except (FileNotFoundError, ImportError) as e:  # a missing companion file, no interpreter
+        problem = str(e)
+    except ValueError as e:  # the interpreter's "not a model" or our too-long prompt
+        problem = f"{path}: {str(e).strip().splitlines()[0]}"
+    print(f"gemma_keras.export.runner: error: {problem}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
