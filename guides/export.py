@@ -54,7 +54,8 @@ def main(argv=None):
     parser.add_argument("--out", help="directory for the exports (default: a temporary one)")
     args = parser.parse_args(argv)
     lm = gk.GemmaCausalLM.from_preset(args.preset, dtype="float32")
-    keras_text = lm.generate(PROMPT, max_new_tokens=args.max_new_tokens)
+    # The exported graphs continue the text as written (no chat template): compare with that.
+    keras_text = lm.generate(PROMPT, max_new_tokens=args.max_new_tokens, chat_template=False)
     print(f"[keras, {os.environ['KERAS_BACKEND']}] {keras_text!r}")
 
     with tempfile.TemporaryDirectory() as tmp:

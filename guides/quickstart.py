@@ -33,19 +33,33 @@ def main(argv=None):
     print(f"loaded {args.preset}: {lm.config.describe()}")
 
     # Text in, text out: the prompt is prefilled once, then each token is one compiled,
-    # KV-cached step. Greedy by default; samplers are seeded and reproducible.
+    # KV-cached step. An instruct model (the demo is one) gets a string as a user turn in
+    # Gemma's chat format and answers it; include_prompt=False returns the answer alone.
+    question = "What does str.join do?"
+    print(f"\n[generate, instruct]\n{question}\n"
+          + lm.generate(question, max_new_tokens=48, include_prompt=False))
+
+    # chat_template=False sends the text as written, to be continued (what keras-hub's
+    # generate does): here, code. The result is prompt + completion. Greedy by default.
     prompt = "json.dumps("
-    print("\n[generate, greedy]\n" + lm.generate(prompt, max_new_tokens=48))
+    print("\n[generate, greedy]\n" + lm.generate(prompt, max_new_tokens=48, chat_template=False))
+    # transformers' repetition_penalty: tokens already seen are made less likely.
+    print("\n[generate, repetition_penalty=1.5]\n"
+          + lm.generate(prompt, max_new_tokens=48, chat_template=False, repetition_penalty=1.5))
+    # Sampling: temperature= / top_k= / top_p= pick a sampler; seeded, so reproducible.
     print("\n[generate, top-p, seed 1]\n"
-          + lm.generate("Module collections\n\n", max_new_tokens=32, sampler="top_p", seed=1))
+          + lm.generate("Module collections\n\n", max_new_tokens=32, top_p=0.9, seed=1,
+                        chat_template=False))
 
     # A batch of prompts of different lengths gives what each prompt gives alone.
-    batch = lm.generate(["class list(", "Module os.path\n\n"], max_new_tokens=16)
+    batch = lm.generate(["class list(", "Module os.path\n\n"], max_new_tokens=16,
+                        chat_template=False)
     print("\n[batch]\n" + "\n---\n".join(batch))
 
-    # Streaming: pieces as they are decoded (never half a UTF-8 character).
+    # Streaming: pieces of the completion as they are decoded (never half a character).
     print("\n[stream]\nModule re\n")
-    for piece in lm.generate("Module re\n\n", max_new_tokens=32, stream=True):
+    for piece in lm.generate("Module re\n\n", max_new_tokens=32, stream=True,
+                             chat_template=False):
         print(piece, end="", flush=True)
     print()
 

@@ -26,7 +26,7 @@ PROMPTS = ["json.dumps(", "Module collections\n\n", "class list(", "Module os.pa
 def main():
     # float32 so the single-device and the sharded runs can be compared token for token.
     reference = gk.GemmaCausalLM.from_preset("gemma_demo", dtype="float32")
-    expected = reference.generate(PROMPTS, max_new_tokens=24)
+    expected = reference.generate(PROMPTS, max_new_tokens=24, chat_template=False)
     del reference
 
     devices = keras.distribution.list_devices()
@@ -42,7 +42,7 @@ def main():
 
     # A batch of 4 prompts: the KV cache is split over the 2 replicas by batch (the demo's 2
     # kv heads do not divide the model axis of 4, so over that axis it is replicated).
-    texts = lm.generate(PROMPTS, max_new_tokens=24)
+    texts = lm.generate(PROMPTS, max_new_tokens=24, chat_template=False)  # code: continued
     print("generated:", repr(texts[0]))
     print("same greedy text on 8 devices:", texts == expected)
 
