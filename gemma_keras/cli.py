@@ -503,6 +503,8 @@ def main(argv=None):
             raise
         print(f"gemma-keras: error: {e}", file=sys.stderr)
         return 2
+    finally:  # main() called in-process (tests, scripts) leaves Python's hints as they were
+        errors.use_cli_hints(False)
     return 0
 
 

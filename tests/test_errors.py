@@ -171,7 +171,7 @@ def test_failed_save_leaves_no_half_written_preset(hf_checkpoint, tmp_path, monk
 
     monkeypatch.setattr(keras_hub_format, "_write_weights", crash)
     with pytest.raises(KeyboardInterrupt):
-        lm.save_to_preset(target)
+        lm.save_to_preset(target, overwrite=True)  # an existing preset is replaced only if asked
     with pytest.raises(KeyboardInterrupt):
         lm.save_to_preset(tmp_path / "fresh")
     # The old preset is intact, the new one was never created, no temporaries are left.
