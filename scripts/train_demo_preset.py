@@ -313,7 +313,8 @@ def train(args):
 
     lm = cast_model(lm, args.dtype)
     output = pathlib.Path(args.output)
-    lm.save_to_preset(output)  # atomic: a temporary directory, then a rename
+    # Retraining replaces the bundled preset: atomic (a temporary directory, then a rename).
+    lm.save_to_preset(output, overwrite=True)
     samples = sample_outputs(lm)
     write_record(output, args, docs, rows, config, history, held, minutes, samples)
     print(f"wrote {output}", flush=True)
