@@ -201,6 +201,7 @@ def test_cli_export_litert_and_run_it(repo_root, tmp_path):
                    "--prefill-length", "16", str(target)], repo_root)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wrote" in result.stdout and target.is_file()
+    assert 'pip install "gemma-keras[litert]"' in result.stdout  # what running it needs
     assert (tmp_path / "tokenizer.model").is_file()
     ran = _run(["-m", "gemma_keras.export.runner", str(target), "json.dumps(",
                 "--max-new-tokens", "6"], repo_root)
