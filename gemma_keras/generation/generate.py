@@ -264,7 +264,8 @@ def prepare_prompts(lm, inputs, chat_template="auto"):
                                        "and 'padding_mask'.")
         ids = np.asarray(keras.ops.convert_to_numpy(inputs["token_ids"]))
         mask = inputs.get("padding_mask")
-        mask = (np.ones_like(ids) if mask is None
+        # A bool mask: an int one would index rows by position instead of selecting tokens.
+        mask = (np.ones_like(ids, bool) if mask is None
                 else np.asarray(keras.ops.convert_to_numpy(mask)).astype(bool))
         if ids.ndim != 2 or mask.shape != ids.shape:
             raise InvalidArgumentError(
