@@ -232,6 +232,8 @@ def resolve_stop_ids(lm, stop_token_ids) -> set:
         if lm.instruct is not False and tokenizer.end_of_turn_id is not None:
             ids.add(tokenizer.end_of_turn_id)
         return ids
+    if stop_token_ids is None:
+        return set()
     if isinstance(stop_token_ids, (str, bytes)) or not isinstance(
             stop_token_ids, (list, tuple, set, frozenset, np.ndarray)):
         raise ArgumentTypeError(f"stop_token_ids must be 'auto', None or a list of token ids, "
