@@ -336,18 +336,25 @@ def test_min_new_tokens_masks_the_stop_ids_until_reached(lm):
     inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     first = lm.generate(inputs, max_new_tokens=6, include_prompt=False)
     assert first["token_ids"][0, 0] == lm.tokenizer.end_of_turn_id
+    forced = lm.generate(inputs, max_new_tokens=6, min_new_tokens=1, include_prompt=False)
+    assert forced["token_ids"][0, 0] not in _stop_ids(lm)
+    # The question as a user turn is answered in fewer than 16 tokens: a loop that dropped
+    # the rule after the first token would stop there.
+    ids = np.array([lm.tokenizer.tokenize(format_chat([("user", QUESTION)]), add_bos=True)])
+    answered = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    out = lm.generate(answered, max_new_tokens=20, include_prompt=False)
+    assert out["padding_mask"].sum() < 16
     for sampler in (None, HostGreedy()):  # the compiled greedy loop and the host loop
-        out = lm.generate(inputs, max_new_tokens=12, min_new_tokens=5, sampler=sampler,
+        out = lm.generate(answered, max_new_tokens=20, min_new_tokens=16, sampler=sampler,
                           include_prompt=False)
         new = out["token_ids"][0][out["padding_mask"][0]].tolist()
-        assert len(new) >= 5 and not set(new[:5]) & _stop_ids(lm), new
+        assert len(new) >= 16 and not set(new[:16]) & _stop_ids(lm), new
         if sampler is None:
             expected = new
     assert new == expected
-    text = lm.generate(QUESTION, max_new_tokens=12, min_new_tokens=5, chat_template=False,
-                       include_prompt=False)
-    streamed = "".join(lm.generate(QUESTION, max_new_tokens=12, min_new_tokens=5,
-                                   chat_template=False, stream=True))
+    text = lm.generate(QUESTION, max_new_tokens=20, min_new_tokens=16, include_prompt=False)
+    streamed = "".join(lm.generate(QUESTION, max_new_tokens=20, min_new_tokens=16,
+                                   stream=True))
     assert text == streamed == lm.tokenizer.detokenize(
         [t for t in expected if t not in _stop_ids(lm)], skip_special=True) and text.strip()
 
