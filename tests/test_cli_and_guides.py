@@ -6,6 +6,7 @@ commands: `scripts/test.sh --all` runs them in every pass."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,13 @@ def test_quickstart_guide_runs(repo_root):
     assert "same logits: True" in result.stdout
     assert "[chat] user: What does os.path.join do?" in result.stdout
     assert "[generate, greedy]\njson.dumps(" in result.stdout
+    # Every example completes its prompt (the demo is an instruct model: issue 16).
+    for shown in ("[generate, instruct]\nWhat does str.join do?\n",
+                  "[generate, greedy]\njson.dumps(",
+                  "[generate, repetition_penalty=1.5]\njson.dumps(",
+                  "[generate, top-p, seed 1]\nModule collections\n\n", "[batch]\nclass list(",
+                  "[stream]\nModule re\n\n", "[chat] user: What does os.path.join do?\nmodel: "):
+        assert re.search(re.escape(shown) + r"\S", result.stdout), shown
 
 
 @pytest.mark.once("torch")
@@ -56,6 +64,8 @@ def test_chat_guide_runs(repo_root):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "user: What does str.join do?" in result.stdout
     assert "after reset the conversation holds 0 tokens" in result.stdout
+    replies = re.findall(r"^model[^:]*: (.*)$", result.stdout, re.M)
+    assert len(replies) == 4 and all(r.strip() for r in replies), replies
 
 
 @pytest.mark.once("jax")

@@ -321,7 +321,8 @@ def _reference_greedy(lm, prompt, steps, penalty):
 def test_greedy_with_repetition_penalty_equals_a_full_forward_reference(lm32):
     # Greedy with a penalty must take the host loop: the compiled greedy loop cannot apply it.
     prompt = lm32.tokenizer.tokenize("json.dumps(", add_bos=True)
-    out = lm32.generate({"token_ids": np.array([prompt]), "padding_mask": np.ones((1, len(prompt)))},
+    ids = np.array([prompt])
+    out = lm32.generate({"token_ids": ids, "padding_mask": np.ones_like(ids)},
                         max_new_tokens=10, repetition_penalty=1.8, include_prompt=False)
     got = out["token_ids"][0][out["padding_mask"][0]].tolist()
     assert got == _reference_greedy(lm32, prompt, 10, 1.8)

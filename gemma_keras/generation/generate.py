@@ -203,8 +203,9 @@ class GenerationSession:
         """The rest of a greedy `decode` as one compiled loop: feeds `tokens` and decodes up
         to `steps` more tokens per row."""
         if self.column + steps > self.capacity:
-            raise InvalidArgumentError(f"Decoding {steps} more tokens needs {self.column + steps} cache "
-                             f"columns but this session holds {self.capacity}.")
+            raise InvalidArgumentError(
+                f"Decoding {steps} more tokens needs {self.column + steps} cache columns but "
+                f"this session holds {self.capacity}.")
         stops = np.full(-(-max(len(stop_ids), 1) // 8) * 8, -1, "int32")  # fixed shape
         stops[: len(stop_ids)] = sorted(stop_ids)
         done = np.array([row.done for row in self.rows])
