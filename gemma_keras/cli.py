@@ -249,11 +249,11 @@ def _prepare(args):
         check_preset(args.source)
         check_target(args.output, args.overwrite, directory=True)
     if args.run is _finetune:
+        args.examples = _read_jsonl(args.data)  # the data first: the first thing a user gives
         if not (args.adapter or args.output):
             raise UsageError("finetune needs somewhere to put the result: --adapter FILE "
                              "(.lora.h5) and/or --output DIR (a preset with the adapters "
                              "merged); nothing was trained.")
-        args.examples = _read_jsonl(args.data)
         if args.adapter:
             check_target(args.adapter, args.overwrite)
         if args.output:

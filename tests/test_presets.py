@@ -142,9 +142,15 @@ def test_the_wheel_ships_every_subpackage_and_the_demo_preset(repo_root):
     found = {".".join(p.relative_to(repo_root).parent.parts)
              for p in (repo_root / "gemma_keras").rglob("__init__.py")}
     assert found <= listed, found - listed
-    data = project["tool"]["setuptools"]["package-data"]["gemma_keras.preset_cards"]
+    # Package data per package: gemma_keras.preset_cards[.sub.folders] lives in presets/.
+    shipped = set()
+    for package, patterns in project["tool"]["setuptools"]["package-data"].items():
+        assert package in listed, package  # data of an unlisted package is not installed
+        parts = package.split(".")
+        assert parts[:2] == ["gemma_keras", "preset_cards"], package
+        folder = (repo_root / "presets").joinpath(*parts[2:])
+        shipped |= {p for pattern in patterns for p in folder.glob(pattern)}
     demo = repo_root / "presets" / "gemma_demo"
-    shipped = {p for pattern in data for p in (repo_root / "presets").glob(pattern)}
     needed = {demo / "config.json", demo / "model.weights.h5",
               demo / "assets" / "tokenizer" / "vocabulary.spm"}
     assert needed <= shipped, needed - shipped
