@@ -68,7 +68,7 @@ def test_chat_guide_runs(repo_root):
     assert len(replies) == 4 and all(r.strip() for r in replies), replies
 
 
-@pytest.mark.once("jax")
+@pytest.mark.once("torch")
 def test_lora_guide_improves_held_out_accuracy(repo_root):
     result = _run(["guides/finetune_lora.py", "--epochs", "5"], repo_root)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -128,7 +128,7 @@ def _cli(args, repo_root, stdin=None, timeout=300):
                           timeout=timeout)
 
 
-@pytest.mark.once("jax")
+@pytest.mark.once("torch")
 def test_cli_generate_greedy_stream_and_sampled(repo_root):
     import gemma_keras as gk
 

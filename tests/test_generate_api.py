@@ -411,7 +411,7 @@ def test_float32_sampling_gives_the_same_text_on_every_backend(lm32):
 
 
 # ---- the command line's matching flags ----------------------------------------------------
-@pytest.mark.once("jax")
+@pytest.mark.once("torch")
 def test_cli_sampling_flags_equal_the_python_keywords(lm):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "gemma_keras.cli", *args], cwd=REPO,
