@@ -83,18 +83,17 @@ print(json.dumps(results))
 """
 
 
+# The SavedModel's graph is TensorFlow code whichever backend built the model; the hand-over
+# from JAX and torch (a TensorFlow child process) is the LiteRT tests' and the README CLI
+# block's (`gemma-keras export`) there, so this one runs where the export is in-process.
+@conversion_variant
 def test_saved_model_in_a_process_without_keras_generates_like_keras(lm_of, tmp_path,
                                                                       vocab_size):
     ids = np.random.RandomState(0).randint(4, vocab_size, size=(2, 9)).astype("int32")
     ids[:, 0] = 2
     models, paths = {}, []
-    models["gemma2_gqa"] = lm_of("gemma2_gqa")
-    # The MQA layout and the padded table are variants of the same TensorFlow graph code
-    # (each export from JAX or torch costs a TensorFlow child process): on TensorFlow only.
-    padded_table = keras.backend.backend() == "tensorflow"
-    if padded_table:
-        models["gemma_mqa"] = lm_of("gemma_mqa")
-        models["padded_table"] = _with_padded_table(models["gemma_mqa"], PROMPTS[0])
+    models["gemma2_gqa"], models["gemma_mqa"] = lm_of("gemma2_gqa"), lm_of("gemma_mqa")
+    models["padded_table"] = _with_padded_table(models["gemma_mqa"], PROMPTS[0])
     for case in models:
         path = tmp_path / f"saved_{case}"
         assert gk.export(models[case], path, format="saved_model", max_length=64) == path
@@ -114,8 +113,7 @@ def test_saved_model_in_a_process_without_keras_generates_like_keras(lm_of, tmp_
                                    atol=1e-4, err_msg=case)
         assert "max_length of 64" in got["too_long"]
     # Ids past the tokenizer's vocabulary were generated, and dropped from the text.
-    if padded_table:
-        assert max(max(ids) for ids in loaded[paths[2]]["ids"]) >= vocab_size
+    assert max(max(ids) for ids in loaded[paths[2]]["ids"]) >= vocab_size
 
 
 def _with_padded_table(lm, prompt, extra=8):
