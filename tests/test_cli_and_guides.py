@@ -227,13 +227,6 @@ def test_cli_export_litert_and_run_it(repo_root, tmp_path):
     assert "Traceback" not in wrong.stderr and not (tmp_path / "sm").exists()
 
 
-@pytest.mark.once("torch")
-def test_cli_bench_reports_speeds(repo_root):
-    result = _cli(["bench", "--max-new-tokens", "8", "--runs", "1"], repo_root)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "decode" in result.stdout and "tokens/s" in result.stdout
-
-
 @pytest.mark.once("jax")
 @pytest.mark.parametrize("args,stdin,message", [
     (["finetune", "/no/such.jsonl"], None, "no such file"),
@@ -301,5 +294,7 @@ def test_readme_cli_block_runs_as_written(tmp_path):
             prompt = command.rsplit('"', 2)[1]
             assert result.stdout.startswith(prompt), (command, result.stdout)
             assert result.stdout[len(prompt):].strip(), (command, result.stdout)
+        if " bench " in command:  # (was test_cli_bench_reports_speeds)
+            assert "decode" in result.stdout and "tokens/s" in result.stdout, result.stdout
     assert (tmp_path / "a.lora.h5").is_file() and (tmp_path / "tuned" / "config.json").is_file()
     assert (tmp_path / "demo.tflite").is_file() and (tmp_path / "keras_hub_preset").is_dir()
