@@ -263,6 +263,16 @@ def logits_of(lm, ids, mask):
     return keras.ops.convert_to_numpy(lm({"token_ids": ids, "padding_mask": mask}))
 
 
+def padded_logits(lm, tokens, width):
+    """[len(tokens), vocab] logits of one full forward pass, run right-padded to `width`
+    columns: causal attention keeps the padding from earlier positions, and a reference that
+    grows token by token reuses one compilation instead of one per length."""
+    ids = np.zeros((1, width), "int32")
+    ids[0, : len(tokens)] = tokens
+    mask = (np.arange(width) < len(tokens))[None].astype("int32")
+    return logits_of(lm, ids, mask)[0, : len(tokens)]
+
+
 def max_diff_on_real_tokens(a, b, mask):
     valid = np.asarray(mask).astype(bool)
     return float(np.abs(np.asarray(a, "float32") - np.asarray(b, "float32"))[valid].max())

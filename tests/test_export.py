@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import gemma_keras as gk
-from conftest import logits_of
+from conftest import logits_of, padded_logits
 from gemma_keras.export.runner import LiteRTGenerator
 
 NEW = 12  # past the Gemma 2 case's sliding window of 5
@@ -138,14 +138,8 @@ def _litert(lm, path, **kwargs):
 
 
 def _full_logits(lm, tokens):
-    """[len(tokens), vocab] logits of one full forward pass. Run right-padded to a multiple of
-    32 columns (causal attention: padding never reaches earlier positions), so the growing
-    references of a decode loop reuse one compilation instead of one per length."""
-    width = -(-len(tokens) // 32) * 32
-    ids = np.zeros((1, width), "int32")
-    ids[0, : len(tokens)] = tokens
-    mask = (np.arange(width) < len(tokens))[None].astype("int32")
-    return logits_of(lm, ids, mask)[0, : len(tokens)]
+    """[len(tokens), vocab]: padded to a multiple of 32 columns (one compilation per width)."""
+    return padded_logits(lm, tokens, -(-len(tokens) // 32) * 32)
 
 
 # Gemma 2 (sliding window, soft-caps, GQA) on every backend; the MQA layout is one more

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import gemma_keras as gk
-from conftest import logits_of
+from conftest import padded_logits
 from gemma_keras.generation.compile import loops_compile
 from gemma_keras.generation.generate import GenerationSession
 from gemma_keras.generation.samplers import Sampler
@@ -79,11 +79,8 @@ def test_cached_decode_logits_equal_full_forward(case, wandering, vocab_size):
     # (a new length per step recompiled the forward pass every step: 101 s on JAX).
     width = len(prompt) + NEW
     for step in range(NEW):
-        ids = np.zeros((1, width), "int32")
-        mask = np.zeros((1, width), "int32")
-        ids[0, : len(tokens)], mask[0, : len(tokens)] = tokens, 1
-        full = logits_of(lm, ids, mask)
-        np.testing.assert_allclose(session.logits[0], full[0, len(tokens) - 1], atol=1e-4,
+        full = padded_logits(lm, tokens, width)
+        np.testing.assert_allclose(session.logits[0], full[-1], atol=1e-4,
                                    err_msg=f"step {step}")
         token = int(np.argmax(session.logits[0]))
         tokens.append(token)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import gemma_keras as gk
-from conftest import keras_hub_kwargs
+from conftest import keras_hub_kwargs, padded_logits
 
 
 def test_parameter_count_formula_equals_built_model_and_keras_hub(vocab_size):
@@ -147,11 +147,7 @@ def test_int8_quantized_model_generates_from_its_quantized_weights(vocab_size):
     # positions), so the eager forward compiles once, not once per length (71 s on JAX).
     tokens = ids[0].tolist()
     for _ in range(4):
-        padded = np.zeros((1, ids.shape[1] + 4), "int32")
-        padded[0, : len(tokens)] = tokens
-        mask = (np.arange(padded.shape[1]) < len(tokens))[None].astype("int32")
-        logits = keras.ops.convert_to_numpy(lm({"token_ids": padded, "padding_mask": mask}))
-        tokens.append(int(logits[0, len(tokens) - 1].argmax()))
+        tokens.append(int(padded_logits(lm, tokens, ids.shape[1] + 4)[-1].argmax()))
     assert out == tokens
 
 
