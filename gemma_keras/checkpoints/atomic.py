@@ -1,4 +1,4 @@
-"""Small file helpers every reader and writer shares: JSON with clear errors, atomic writes.
+"""Atomic writes for every save and export.
 
 The one overwrite policy of gemma_keras lives here: every save and export (save_to_preset,
 save_lora_weights, export, and the command line's finetune / convert / export) refuses a target
@@ -11,7 +11,6 @@ rename, so a target that appeared meanwhile is not clobbered either.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 import shutil
@@ -19,22 +18,6 @@ import tempfile
 
 from gemma_keras import errors
 from gemma_keras.errors import CheckpointError, TargetExistsError
-
-
-def read_json(path) -> dict:
-    path = pathlib.Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist.") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): the file is truncated or "
-                              "corrupt.") from e
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} should hold a JSON object, found {type(value).__name__}.")
-    return value
 
 
 def _default_mode(kind: int) -> int:

@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 import ml_dtypes
 import numpy as np
 
-from gemma_keras.checkpoints.atomic import read_json
+from gemma_keras.checkpoints.reading import read_json
 from gemma_keras.checkpoints.weights import Reader, read_chunked
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError

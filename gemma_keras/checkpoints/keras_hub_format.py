@@ -22,7 +22,8 @@ import ml_dtypes
 import numpy as np
 
 from gemma_keras.checkpoints import progress
-from gemma_keras.checkpoints.atomic import atomic_directory, check_target, read_json
+from gemma_keras.checkpoints.atomic import atomic_directory, check_target
+from gemma_keras.checkpoints.reading import read_json
 from gemma_keras.checkpoints.weights import (BLOCK_WEIGHTS, Reader, Transformed, layer_table,
                                              read_chunked, weight_table)
 from gemma_keras.config import GemmaConfig

@@ -6,7 +6,7 @@ import pathlib
 from typing import Optional, Tuple
 
 from gemma_keras.checkpoints import hf_format, keras_hub_format
-from gemma_keras.checkpoints.atomic import read_json
+from gemma_keras.checkpoints.reading import read_json
 from gemma_keras.checkpoints.resolve import resolve_preset
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
