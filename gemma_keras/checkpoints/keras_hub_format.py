@@ -48,12 +48,6 @@ _BLOCK_H5 = {
     "ffw_linear": "ffw_linear",
 }
 assert set(_BLOCK_H5) == set(BLOCK_WEIGHTS)
-# The layer name keras-hub gives the same object (stored as the `name` attribute of `vars`).
-_LAYER_NAMES = {"pre_attention_norm": "pre_attention_norm", "query": "query", "key": "key",
-                "value": "value", "attention_output": "attention_output",
-                "post_attention_norm": "post_attention_norm", "pre_ffw_norm": "pre_ffw_norm",
-                "post_ffw_norm": "post_ffw_norm", "ffw_gating": "ffw_gating",
-                "ffw_gating_2": "ffw_gating_2", "ffw_linear": "ffw_linear"}
 
 
 def _kernel_layouts(config: GemmaConfig):
@@ -230,13 +224,14 @@ def _configs(config: GemmaConfig, dtype_name: str, sequence_length: int):
 
 
 def _h5_groups(config: GemmaConfig):
-    """canonical name -> (h5 group, keras layer name), keras-hub's naming."""
+    """canonical name -> (h5 group, keras layer name), keras-hub's naming. keras-hub names
+    each layer inside a decoder block with its canonical suffix ("query", "ffw_gating", ...)."""
     groups = {"token_embedding": ("layers/reversible_embedding", "token_embedding"),
               "final_normalization": ("layers/rms_normalization", "final_normalization")}
     for i in range(config.num_layers):
         prefix = "layers/gemma_decoder_block" + (f"_{i}" if i else "")
         for suffix, group in _BLOCK_H5.items():
-            groups[f"decoder_block_{i}/{suffix}"] = (f"{prefix}/{group}", _LAYER_NAMES[suffix])
+            groups[f"decoder_block_{i}/{suffix}"] = (f"{prefix}/{group}", suffix)
         groups[f"@block{i}"] = (prefix, f"decoder_block_{i}")
     return groups
 
