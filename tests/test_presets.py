@@ -1,4 +1,5 @@
-"""The bundled preset cards against the published Gemma facts (DESIGN.md §2)."""
+"""The bundled preset cards against the published Gemma facts (the Gemma and Gemma 2 reports
+and model cards): official names, parameter counts, architectures."""
 
 import re
 

@@ -59,7 +59,7 @@ def hf_config(config: GemmaConfig, dtype_name: str, tokenizer=None) -> dict:
         "rms_norm_eps": config.layer_norm_epsilon,
         "rope_theta": config.rope_max_wavelength,
         "max_position_embeddings": config.max_sequence_length,
-        # The tanh approximation, which Gemma was trained with (DESIGN.md §2).
+        # Gemma uses the tanh-approximate GELU (early HF configs say "gelu", which is wrong).
         "hidden_activation": "gelu_pytorch_tanh",
         "hidden_act": "gelu_pytorch_tanh",
         "attention_bias": False,
@@ -124,10 +124,11 @@ def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[fl
             write_hf_tokenizer(tokenizer, tmp)
 
 
-# Gemma's turn format (DESIGN.md §2) as a Jinja chat template, for transformers'
-# `apply_chat_template`. Gemma has no system role: as `lm.chat(system=...)` does, a system
-# message is put before the first user message, separated by a blank line. transformers calls
-# the model's role "assistant"; Gemma's turn marker says "model".
+# Gemma's turn format, `<start_of_turn>{role}\n{text}<end_of_turn>\n` after one <bos>, as a
+# Jinja chat template for transformers' `apply_chat_template`. Gemma has no system role: as
+# `lm.chat(system=...)` does, a system message is put before the first user message, separated
+# by a blank line. transformers calls the model's role "assistant"; Gemma's turn marker says
+# "model".
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- set state = namespace(system='') -%}"
