@@ -1,24 +1,36 @@
-"""What the benchmarks share: running a case in a fresh subprocess, and the random
-Gemma-shaped checkpoints (HF safetensors + the keras-hub preset written from it) that each
-benchmark builds once under its cache folder."""
+"""The benchmarks' shared harness. Each bench/*.py script is a driver that runs its cases in
+fresh worker processes of itself and renders a markdown report; what they share is here:
+processes (run / run_case, Worker and Workers, the worker side serve / reply), measuring
+(timed / times, the memory-bandwidth probe, RSS and its peak), the random checkpoints, the
+command line (parser, --only, --output / --json / --from-json) and the report (report,
+machine_lines, tables, number formats, error lines). `python bench/_common.py --bandwidth` is
+the bandwidth probe's own process."""
 
 from __future__ import annotations
 
+import argparse
+import fnmatch
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+CACHE = REPO / "bench" / ".cache"  # git-ignored
+RESULTS = REPO / "bench" / "results"
 CASE_TIMEOUT_S = 600
+MIB = 1024 ** 2
+BACKENDS = ("jax", "tensorflow", "torch")
 # Quiet, CPU-only, offline children.
 _CHILD_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "",
               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
               "TRANSFORMERS_VERBOSITY": "error"}
 
 
+# ---- processes ----------------------------------------------------------------------------
 def run(argv, env=None, timeout=CASE_TIMEOUT_S) -> str:
     """Runs `python *argv` from the repository root; its stdout, or an error with its tail."""
     proc = subprocess.run([sys.executable, *map(str, argv)],
@@ -30,12 +42,21 @@ def run(argv, env=None, timeout=CASE_TIMEOUT_S) -> str:
     return proc.stdout
 
 
-class Worker:
-    """A benchmark case kept alive in its own process, answering one JSON request per line.
+def run_case(argv, env=None, timeout=CASE_TIMEOUT_S) -> dict:
+    """One case in a fresh process: the dict its worker replied, or {"error": one line} when
+    it failed or timed out (the whole failure is logged)."""
+    try:
+        return result_line(run(argv, env=env, timeout=timeout))
+    except RuntimeError as e:
+        log(f"  FAILED: {str(e)[-3000:]}")
+        return {"error": error_line(str(e))}
+    except subprocess.TimeoutExpired as e:
+        log(f"  TIMED OUT after {e.timeout:.0f} s")
+        return {"error": f"timed out after {e.timeout:.0f} s"}
 
-    Benchmarks whose ratios matter start every case's worker first and then ask them for
-    timed rounds in turn (only one works at a time), so a slow minute of this shared machine
-    lands on every implementation alike instead of on whichever ran then."""
+
+class Worker:
+    """A benchmark case kept alive in its own process, answering one JSON request per line."""
 
     def __init__(self, argv, env=None):
         import tempfile
@@ -76,10 +97,59 @@ class Worker:
                 self.proc.kill()
 
 
+class Workers:
+    """Every case's `Worker`, alive together and asked in turn, so that only one computes at
+    a time while the others wait on their stdin. Benchmarks whose ratios matter start them
+    all first, then run timed rounds in which each case takes its turn, the order rotating
+    each round: a slow minute of this shared machine then lands on every implementation
+    alike instead of on whichever ran then. A worker that fails is closed, left out of later
+    rounds, and reported to `on_error(case, error)`."""
+
+    def __init__(self, on_error):
+        self.live = {}
+        self.on_error = on_error
+
+    def start(self, case, argv, env, request: dict):
+        """Starts `case`'s worker and returns its reply to `request` (None if it failed);
+        waiting for that reply means one worker loads at a time."""
+        self.live[case] = Worker(argv, env=env)
+        return self.ask(case, request)
+
+    def ask(self, case, request: dict, settle_s=0.0):
+        """`case`'s reply, after `settle_s` (the previous worker's threads go idle); None if
+        its worker failed (or had failed before)."""
+        if case not in self.live:
+            return None
+        time.sleep(settle_s)
+        try:
+            return self.live[case].ask(request)
+        except RuntimeError as e:
+            del self.live[case]
+            self.on_error(case, e)
+            return None
+
+    def rounds(self, cases, n):
+        """(round, the live cases in that round's order) for n rounds; the order is `cases`
+        rotated by one more each round."""
+        for round_ in range(n):
+            live = [c for c in cases if c in self.live]
+            shift = round_ % max(len(live), 1)
+            yield round_, live[shift:] + live[:shift]
+
+    def close(self):
+        for worker in self.live.values():
+            worker.close()
+
+
+def reply(result: dict):
+    """The worker side: prints `result` as the 'RESULT ' line its driver reads."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
 def serve(handle):
     """The worker side of `Worker`: answers each request line with handle(request)."""
     for line in sys.stdin:
-        print("RESULT " + json.dumps(handle(json.loads(line))), flush=True)
+        reply(handle(json.loads(line)))
 
 
 def result_line(stdout: str) -> dict:
@@ -88,82 +158,70 @@ def result_line(stdout: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def make_hf(directory: pathlib.Path, model: dict, embedding_std=None, max_shard_size=None):
-    """A random transformers GemmaForCausalLM of `model`'s shape, saved as safetensors."""
-    import torch
-    import transformers
+# ---- measuring ----------------------------------------------------------------------------
+def timed(fn, *args, collect=False):
+    """(seconds, fn(*args)); with `collect`, Python's garbage is collected first, so a
+    collection of earlier garbage does not land inside the timing."""
+    if collect:
+        import gc
 
-    torch.manual_seed(0)
-    config = transformers.GemmaConfig(
-        **model, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
-        pad_token_id=0)
-    hf = transformers.GemmaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():  # non-trivial norm scales, so a norm mix-up would show
-        for name, p in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(-0.5, 0.5)
-        if embedding_std is not None:
-            hf.model.embed_tokens.weight.normal_(0.0, embedding_std)
-    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    hf.save_pretrained(directory, **shards)
+        gc.collect()
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
 
 
-def make_keras_hub(hf_dir: pathlib.Path, directory: pathlib.Path):
-    """The same weights as a keras-hub preset, written by gemma_keras."""
-    import gemma_keras as gk
-
-    lm = gk.GemmaCausalLM.from_preset(str(hf_dir), dtype="float32")
-    lm.save_to_preset(str(directory))
+def times(fn, n) -> list:
+    """Seconds of each of n calls of fn()."""
+    return [timed(fn)[0] for _ in range(n)]
 
 
-def ensure_checkpoints(root: pathlib.Path, key: str, script, make_args, log) -> dict:
-    """{'hf': dir, 'keras_hub': dir} under `root`, built once by `script --make hf|keras_hub
-    *make_args` (each in a fresh process) and rebuilt when `key` (the model's description)
-    changes."""
-    stamp = root / "config.stamp"
-    hf_dir, kh_dir = root / "hf", root / "keras_hub"
-    if not (stamp.is_file() and stamp.read_text() == key and (hf_dir / "config.json").is_file()
-            and (kh_dir / "config.json").is_file()):
-        import shutil
+def start_backend():
+    """Starts the Keras backend's runtime (so that it is not counted in what follows)."""
+    import keras
 
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        log(f"building the checkpoint under {root} (once) ...")
-        t = time.perf_counter()
-        run([script, "--make", "hf", *make_args, "--dir", hf_dir])
-        run([script, "--make", "keras_hub", *make_args, "--dir", kh_dir, "--source", hf_dir],
-            env={"KERAS_BACKEND": "jax"})
-        stamp.write_text(key)
-        log(f"  done in {time.perf_counter() - t:.0f} s")
-    return {"hf": str(hf_dir), "keras_hub": str(kh_dir)}
+    keras.ops.convert_to_numpy(keras.ops.zeros((1,)) + 1)
 
 
-def machine_lines(args_line: str) -> list:
-    """The report's closing lines: machine, library versions, date and command."""
-    import datetime
-    import importlib.metadata as md
-    import platform
-
-    def version(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return "-"
-    return [
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024 ** 3:.0f} GiB RAM, "
-        f"Linux {platform.release()}, Python {platform.python_version()}. "
-        + ", ".join(f"{p} {version(p)}" for p in ("keras", "jax", "tensorflow", "torch",
-                                                  "keras-hub", "transformers", "numpy")) + ".",
-        f"Run {datetime.date.today().isoformat()}: `{args_line}`.",
-        "",
-    ]
+BANDWIDTH_KEYS = ("one_thread", "two_threads", "two_threads_max")
 
 
-# ---- memory probes (inside the workers) ---------------------------------------------------
+def read_bandwidth(gigabytes: float = 1.5, repeats: int = 7) -> dict:
+    """Memory read bandwidth (bytes/s): NumPy float32 sums and maxes streaming a `gigabytes`
+    array, one and two threads, best of `repeats` each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    array = np.ones(int(gigabytes * 1e9) // 4, np.float32)
+    halves = np.array_split(array, 2)
+    pool = ThreadPoolExecutor(2)
+
+    def best(fn):
+        return array.nbytes / min(times(fn, repeats))
+
+    one = best(lambda: array.sum())
+    two = best(lambda: list(pool.map(np.sum, halves)))  # np.sum releases the GIL
+    # A float32 sum is compute-bound on some CPUs (2026-12-01: 15.3 GB/s where decoding read
+    # the weights at 25); a max is one SIMD compare per element, so it streams at the
+    # memory's pace (26.4 GB/s there). The bound is the fastest read measured.
+    two_max = best(lambda: list(pool.map(np.max, halves)))
+    return {"one_thread": one, "two_threads": two, "two_threads_max": two_max,
+            "bytes": array.nbytes}
+
+
+def probe_bandwidth() -> dict:
+    """`read_bandwidth()` in a fresh process (no benchmark's memory or threads around)."""
+    return result_line(run([__file__, "--bandwidth"]))
+
+
+def fastest(bandwidth: dict) -> float:
+    """The fastest read of a probe (or of the best of several), bytes/s."""
+    return max(bandwidth[k] for k in BANDWIDTH_KEYS if k in bandwidth)
+
+
 def proc_status() -> dict:
-    """Memory fields of /proc/self/status, in bytes."""
+    """Memory fields of /proc/self/status, in bytes (VmHWM: the peak RSS)."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -193,3 +251,206 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+def make_hf(directory: pathlib.Path, model: dict, embedding_std=None, max_shard_size=None):
+    """A random transformers GemmaForCausalLM of `model`'s shape, saved as safetensors."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GemmaConfig(
+        **model, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+        pad_token_id=0)
+    hf = transformers.GemmaForCausalLM(config).to(torch.float32)
+    with torch.no_grad():  # non-trivial norm scales, so a norm mix-up would show
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+        if embedding_std is not None:
+            hf.model.embed_tokens.weight.normal_(0.0, embedding_std)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    hf.save_pretrained(directory, **shards)
+
+
+def make_keras_hub(hf_dir: pathlib.Path, directory: pathlib.Path):
+    """The same weights as a keras-hub preset, written by gemma_keras."""
+    import gemma_keras as gk
+
+    lm = gk.GemmaCausalLM.from_preset(str(hf_dir), dtype="float32")
+    lm.save_to_preset(str(directory))
+
+
+def ensure_checkpoints(root: pathlib.Path, key: str, script, make_args) -> dict:
+    """{'hf': dir, 'keras_hub': dir} under `root`, built once by `script --make hf|keras_hub
+    *make_args` (each in a fresh process; see `make_checkpoint`) and rebuilt when `key` (the
+    model's description) changes."""
+    stamp = root / "config.stamp"
+    hf_dir, kh_dir = root / "hf", root / "keras_hub"
+    if not (stamp.is_file() and stamp.read_text() == key and (hf_dir / "config.json").is_file()
+            and (kh_dir / "config.json").is_file()):
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        log(f"building the checkpoint under {root} (once) ...")
+        t = time.perf_counter()
+        run([script, "--make", "hf", *make_args, "--dir", hf_dir])
+        run([script, "--make", "keras_hub", *make_args, "--dir", kh_dir, "--source", hf_dir],
+            env={"KERAS_BACKEND": "jax"})
+        stamp.write_text(key)
+        log(f"  done in {time.perf_counter() - t:.0f} s")
+    return {"hf": str(hf_dir), "keras_hub": str(kh_dir)}
+
+
+# ---- the command line ---------------------------------------------------------------------
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: its docstring's first paragraph as the description."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_backend_arg(p: argparse.ArgumentParser):
+    p.add_argument("--backend", choices=BACKENDS + ("all",), default="all",
+                   help="Keras backend(s) to measure (default: all, each in subprocesses).")
+
+
+def backends(args) -> tuple:
+    """The Keras backends --backend names."""
+    return BACKENDS if args.backend == "all" else (args.backend,)
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser):
+    """The internal flags of `ensure_checkpoints`' builder processes (and --dir)."""
+    p.add_argument("--make", choices=("hf", "keras_hub"), help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    p.add_argument("--source", help=argparse.SUPPRESS)
+
+
+def add_report_args(p: argparse.ArgumentParser, output_help: str, json_help=None,
+                    from_json_help=None):
+    """--output (the markdown), and where given their help, --json (the raw results) and
+    --from-json (re-render an earlier run's); for `report`."""
+    p.add_argument("--output", type=pathlib.Path, default=None, help=output_help)
+    if json_help:
+        p.add_argument("--json", type=pathlib.Path, default=None, help=json_help)
+    if from_json_help:
+        p.add_argument("--from-json", type=pathlib.Path, default=None, help=from_json_help)
+
+
+def make_checkpoint(args, model: dict, **hf_options) -> bool:
+    """In a builder process (`--make`): writes its checkpoint and says True."""
+    if args.make == "hf":
+        make_hf(pathlib.Path(args.dir), model, **hf_options)
+    elif args.make == "keras_hub":
+        make_keras_hub(pathlib.Path(args.source), pathlib.Path(args.dir))
+    return bool(args.make)
+
+
+def pick(ids, only: str, prefixes=False) -> list:
+    """The ids matching `--only`: comma-separated globs (and, with `prefixes`, prefixes)."""
+    patterns = [p.strip() for p in only.split(",") if p.strip()]
+    chosen = [i for i in ids if any(fnmatch.fnmatch(i, p) or (prefixes and i.startswith(p))
+                                    for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"--only {only!r} matches none of {list(ids)}")
+    return chosen
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def args_line(script, argv=None) -> str:
+    """The command as typed: `python bench/<script> <arguments>`."""
+    return f"python bench/{pathlib.Path(script).name}" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+
+
+def report(output: pathlib.Path, measure, render, json_path=None, from_json=None) -> int:
+    """A driver's end. The raw results (a dict with 'rows') are measured now, `measure()`,
+    and also saved to `json_path`, or read back from an earlier run's `from_json`; the
+    markdown `render(raw)` is printed and written to `output`. 1 if a row failed, else 0."""
+    start = time.perf_counter()
+    if from_json:
+        raw = json.loads(pathlib.Path(from_json).read_text())
+    else:
+        raw = measure()
+        if json_path:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(raw, indent=1))
+    text = render(raw)
+    print(text)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    log(f"wrote {output}" + ("" if from_json
+                             else f" ({time.perf_counter() - start:.0f} s in all)"))
+    return 1 if any(r.get("error") for r in raw["rows"]) else 0
+
+
+# ---- the report ---------------------------------------------------------------------------
+def machine_lines(args_line: str) -> list:
+    """The report's closing lines: machine, library versions, date and command."""
+    import datetime
+    import importlib.metadata as md
+    import platform
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "-"
+    return [
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024 ** 3:.0f} GiB RAM, "
+        f"Linux {platform.release()}, Python {platform.python_version()}. "
+        + ", ".join(f"{p} {version(p)}" for p in ("keras", "jax", "tensorflow", "torch",
+                                                  "keras-hub", "transformers", "numpy")) + ".",
+        f"Run {datetime.date.today().isoformat()}: `{args_line}`.",
+        "",
+    ]
+
+
+def table_row(cells) -> str:
+    return "|" + "|".join(f" {c} " if c else " " for c in cells) + "|"
+
+
+def table_head(columns, align: str) -> list:
+    """A markdown table's header and rule; `align` has an 'l' or 'r' per column."""
+    return [table_row(columns), "|" + "".join("--:|" if a == "r" else "---|" for a in align)]
+
+
+def failed_row(cells, error: str, columns: int) -> str:
+    """A case that failed: its first cells, then the error, in a row of `columns` cells."""
+    return table_row([*cells, f"failed: {error}"] + [""] * (columns - len(cells) - 1))
+
+
+def fmt(x, digits=1) -> str:
+    return "-" if x is None or x != x else f"{x:,.{digits}f}"  # None, NaN: not measured
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def mib(n) -> str:
+    return f"{n / MIB:,.0f}"
+
+
+def error_line(text: str) -> str:
+    """The exception line of a failed worker's output (else its last line), shortened."""
+    lines = [s.strip() for s in text.strip().splitlines() if s.strip()]
+    killed = re.search(r"(?:failed|exited) \((-\d+)\)", lines[0] if lines else "")
+    if killed:  # no traceback: the kernel's OOM killer sends signal 9
+        signal = -int(killed.group(1))
+        return f"killed by signal {signal}" + (" (out of memory?)" if signal == 9 else "")
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*", line):
+            return line[:240].replace("|", "\\|")
+    return (lines[-1] if lines else "unknown error")[:240].replace("|", "\\|")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--bandwidth"]:
+    reply(read_bandwidth())

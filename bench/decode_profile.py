@@ -39,11 +39,12 @@ import subprocess
 import sys
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 import generate_speed as gs  # noqa: E402  (the model, checkpoint and prompts)
+from _common import log  # noqa: E402
 
-BACKENDS = ("jax", "tensorflow", "torch")
+CACHE = common.CACHE / "decode_profile"  # raw results, HLO dumps, py-spy samples
 
 
 def _stats(times):
@@ -54,12 +55,7 @@ def _stats(times):
 def _per_call(fn, n, warm=3):
     for _ in range(warm):
         fn()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return _stats(times)
+    return _stats(common.times(fn, n))
 
 
 def hlo_summary(text: str) -> dict:
@@ -116,9 +112,7 @@ def worker(backend: str, hf_dir: str, batch: int, steps: int, use_py_spy: bool) 
     per_loop = []
     for _ in range(3):
         s = new_session()
-        t = time.perf_counter()
-        s.decode(steps + 1, sampler, rng)
-        per_loop.append((time.perf_counter() - t) / steps)
+        per_loop.append(common.timed(s.decode, steps + 1, sampler, rng)[0] / steps)
     out["loop"] = _stats(per_loop)
 
     # step: session.step alone.
@@ -208,8 +202,8 @@ def _jax_extras(lm, compiled, ids, positions, state, start, steps):
         res["xla_flops"] = float(cost.get("flops", float("nan")))
     except Exception as e:  # cost analysis is best-effort
         res["xla_cost_error"] = repr(e)[:200]
-    (HERE / ".cache" / "decode_profile").mkdir(parents=True, exist_ok=True)
-    (HERE / ".cache" / "decode_profile" / "jax_decode_step.hlo.txt").write_text(text)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / "jax_decode_step.hlo.txt").write_text(text)
     return res
 
 
@@ -234,8 +228,8 @@ def _tf_extras(compiled, ids, positions, state, start, steps):
         text = fn.experimental_get_compiler_ir(t_ids, t_pos, cache, t_start)(
             stage="optimized_hlo")
         res["hlo"] = hlo_summary(text)
-        (HERE / ".cache" / "decode_profile").mkdir(parents=True, exist_ok=True)
-        (HERE / ".cache" / "decode_profile" / "tf_decode_step.hlo.txt").write_text(text)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        (CACHE / "tf_decode_step.hlo.txt").write_text(text)
     except Exception as e:
         res["hlo_error"] = repr(e)[:300]
     return res
@@ -273,7 +267,7 @@ def _py_spy(session, tokens, steps):
     import shutil
 
     exe = shutil.which("py-spy") or str(pathlib.Path(sys.executable).parent / "py-spy")
-    raw = HERE / ".cache" / "decode_profile" / "torch_py_spy.txt"
+    raw = CACHE / "torch_py_spy.txt"
     raw.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([exe, "record", "--pid", str(os.getpid()), "--rate", "250",
                              "--format", "raw", "--output", str(raw),
@@ -393,8 +387,8 @@ def render(results, batch, bound_ms) -> str:
         L += [f"Bandwidth bound for one step: {bound_ms:.1f} ms (weights / measured read "
               "bandwidth).", ""]
     L += ["Per decode step, ms: median (min).", "",
-          "| component | " + " | ".join(r["backend"] for r in results) + " |",
-          "|---|" + "--:|" * len(results)]
+          *common.table_head(["component", *(r["backend"] for r in results)],
+                             "l" + "r" * len(results))]
 
     def cell(r, key):
         v = r
@@ -416,7 +410,7 @@ def render(results, batch, bound_ms) -> str:
             ("floors.Wx_F_linear", "floor: all weights as torch F.linear(x, W[out,in])"),
             ("floors.xW_einsum", "floor: all weights as einsum x,W[in,out]")]:
         if any(cell(r, key) != "-" for r in results):
-            L.append(f"| {label} | " + " | ".join(cell(r, key) for r in results) + " |")
+            L.append(common.table_row([label, *(cell(r, key) for r in results)]))
     for r in results:
         L += ["", f"## {r['backend']}", ""]
         for k in ("hlo", "xla_bytes_accessed", "xla_flops", "tracing_count",
@@ -426,8 +420,8 @@ def render(results, batch, bound_ms) -> str:
             if k in r:
                 L.append(f"- {k}: {json.dumps(r[k])}")
         if "torch_top_ops" in r:
-            L += ["", "| op | calls/step | self ms/step |", "|---|--:|--:|"]
-            L += [f"| {k} | {c:.0f} | {t:.2f} |" for k, c, t in r["torch_top_ops"]]
+            L += ["", *common.table_head(["op", "calls/step", "self ms/step"], "lrr")]
+            L += [common.table_row([k, f"{c:.0f}", f"{t:.2f}"]) for k, c, t in r["torch_top_ops"]]
         if "py_spy" in r:
             ps = r["py_spy"]
             L += ["", f"py-spy ({ps['samples']} samples), self time by innermost Python "
@@ -439,46 +433,43 @@ def render(results, batch, bound_ms) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=BACKENDS + ("all",), default="all")
+    p = common.parser(__doc__)
+    common.add_backend_arg(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=48, help="Decode steps timed per component.")
     p.add_argument("--py-spy", action="store_true", help="py-spy the torch step loop.")
     p.add_argument("--bandwidth", type=float, default=None,
                    help="GB/s for the bound line (default: measure it).")
-    p.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=common.BACKENDS, help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.dir, args.batch, args.steps,
-                                            args.py_spy)), flush=True)
+        common.reply(worker(args.worker, args.dir, args.batch, args.steps, args.py_spy))
         return 0
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    dirs = gs.ensure_checkpoints(gs.DEFAULT_CACHE, log)
-    bw = args.bandwidth * 1e9 if args.bandwidth else None
-    if bw is None:
-        b = gs.common.result_line(gs.common.run([gs.__file__, "--bandwidth"]))
-        bw = max(b.get(k, 0.0) for k in ("one_thread", "two_threads", "two_threads_max"))
-    results = []
-    for backend in (BACKENDS if args.backend == "all" else (args.backend,)):
-        log(f"{backend} ...")
-        argv_ = [__file__, "--worker", backend, "--dir", dirs["hf"], "--batch", str(args.batch),
-                 "--steps", str(args.steps)] + (["--py-spy"] if args.py_spy else [])
-        r = gs.common.result_line(gs.common.run(argv_, env={"KERAS_BACKEND": backend}))
-        results.append(r)
-        log(f"  step {r['step']['median_ms']:.1f} ms, compiled {r['compiled']['median_ms']:.1f} ms")
-    bound_ms = 1e3 * results[0]["weight_bytes"] / bw if results else None
-    text = render(results, args.batch, bound_ms)
-    print(text)
-    out = HERE / "results" / ("decode_profile.md" if args.batch == 1
-                              else f"decode_profile_b{args.batch}.md")
-    out.write_text(text)
-    (HERE / ".cache" / "decode_profile").mkdir(parents=True, exist_ok=True)
-    (HERE / ".cache" / "decode_profile" / f"raw_b{args.batch}.json").write_text(
-        json.dumps(results, indent=1))
-    log(f"wrote {out}")
-    return 0
+
+    def measure_all():
+        dirs = gs.ensure_checkpoints(gs.DEFAULT_CACHE)
+        bw = args.bandwidth * 1e9 if args.bandwidth else common.fastest(common.probe_bandwidth())
+        results = []
+        for backend in common.backends(args):
+            log(f"{backend} ...")
+            argv_ = [__file__, "--worker", backend, "--dir", dirs["hf"], "--batch",
+                     str(args.batch), "--steps", str(args.steps)]
+            r = common.result_line(common.run(argv_ + (["--py-spy"] if args.py_spy else []),
+                                              env={"KERAS_BACKEND": backend}))
+            results.append(r)
+            log(f"  step {r['step']['median_ms']:.1f} ms, compiled "
+                f"{r['compiled']['median_ms']:.1f} ms")
+        return {"rows": results, "bandwidth": bw}
+
+    def render_raw(raw):
+        results = raw["rows"]
+        bound_ms = 1e3 * results[0]["weight_bytes"] / raw["bandwidth"] if results else None
+        return render(results, args.batch, bound_ms)
+
+    name = "decode_profile.md" if args.batch == 1 else f"decode_profile_b{args.batch}.md"
+    return common.report(common.RESULTS / name, measure_all, render_raw,
+                         json_path=CACHE / f"raw_b{args.batch}.json")
 
 
 if __name__ == "__main__":

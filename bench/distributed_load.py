@@ -15,11 +15,14 @@ process's baseline (imports, JAX runtime) against the model's size:
   the file becomes a constant of the compiled program.
 """
 
-import json
+import argparse
 import os
-import subprocess
+import pathlib
 import sys
 import tempfile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 
 # Before JAX starts, in this process and (inherited) in every child.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -30,17 +33,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Divisible by 8 everywhere; 83M parameters, 333 MB in float32.
 CONFIG = dict(vocabulary_size=32000, num_layers=4, num_query_heads=8, num_key_value_heads=8,
               hidden_dim=1024, intermediate_dim=5632, head_dim=128)
+MODES = ("unsharded", "model_parallel (1, 8)", "jit initializer")
 
 
 def rss_mb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
+    return common.proc_status()[field] / 2 ** 20
 
 
-def child(mode, directory):
+def make(directory):
+    import gemma_keras as gk
+
+    gk.GemmaCausalLM(gk.GemmaBackbone(gk.GemmaConfig(**CONFIG))).save_to_preset(directory)
+
+
+def worker(mode, directory) -> dict:
     import keras
 
     import gemma_keras as gk
@@ -61,25 +67,28 @@ def child(mode, directory):
     model = sum(int(keras.ops.size(v)) * 4 for v in weights) / 2 ** 20
     # What device 0 holds (its shard of every weight).
     device0 = sum(v.value.addressable_shards[0].data.nbytes for v in weights) / 2 ** 20
-    print(json.dumps({"mode": mode, "device0_mb": device0, "baseline_mb": baseline, "peak_mb": rss_mb("VmHWM"),
-                      "after_mb": rss_mb("VmRSS"), "model_mb": model,
-                      "largest_tensor_mb": largest}))
+    return {"mode": mode, "device0_mb": device0, "baseline_mb": baseline,
+            "peak_mb": rss_mb("VmHWM"), "after_mb": rss_mb("VmRSS"), "model_mb": model,
+            "largest_tensor_mb": largest}
 
 
-def main():
+def main(argv=None):
+    p = common.parser(__doc__)
+    p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    p.add_argument("--make", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.make:
+        make(args.dir)
+        return 0
+    if args.worker:
+        common.reply(worker(args.worker, args.dir))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         directory = os.path.join(tmp, "preset")
-        subprocess.run([sys.executable, "-c", (
-            "import gemma_keras as gk\n"
-            f"b = gk.GemmaBackbone(gk.GemmaConfig(**{CONFIG!r}))\n"
-            f"gk.GemmaCausalLM(b).save_to_preset({directory!r})\n")], check=True)
-        rows = []
-        for mode in ("unsharded", "model_parallel (1, 8)", "jit initializer"):
-            done = subprocess.run([sys.executable, __file__, "--child", mode, directory],
-                                  capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(done.stderr[-3000:])
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        common.run([__file__, "--make", "--dir", directory])
+        rows = [common.result_line(common.run([__file__, "--worker", mode, "--dir", directory]))
+                for mode in MODES]
     print(f"checkpoint: {rows[0]['model_mb']:.0f} MB float32, largest tensor "
           f"{rows[0]['largest_tensor_mb']:.0f} MB, 8 virtual CPU devices")
     print(f"{'load':24s} {'baseline':>9s} {'peak':>8s} {'peak - baseline':>16s} "
@@ -88,10 +97,8 @@ def main():
         extra = r["peak_mb"] - r["baseline_mb"]
         print(f"{r['mode']:24s} {r['baseline_mb']:8.0f}M {r['peak_mb']:7.0f}M "
               f"{extra:15.0f}M {extra / r['model_mb']:8.2f} {r['device0_mb']:14.0f}M")
+    return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3])
-    else:
-        main()
+    sys.exit(main())

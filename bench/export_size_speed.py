@@ -13,17 +13,15 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import resource
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import machine_lines, result_line, run  # noqa: E402
+import _common as common  # noqa: E402
 
-# The generation benchmark's 152M Gemma-shaped config (issue 3), random weights.
+# The 152M Gemma-shaped config of bench/generate_speed.py, random weights.
 MODELS = {
     "demo": None,
     "152m": dict(vocabulary_size=32000, num_layers=8, num_query_heads=8,
@@ -91,23 +89,15 @@ def worker(name, fmt, quantize):
                     out = generate(prompts=tf.constant(["json.dumps("]),
                                    max_new_tokens=tf.constant(NEW_TOKENS))
                     return int(out["num_tokens"][0]) + 1
-        start = time.perf_counter()
-        run_once()
-        result["first_s"] = time.perf_counter() - start
-        result["tokens_per_s"] = max(_timed(run_once) for _ in range(3))
-    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    print("RESULT " + json.dumps(result))
-
-
-def _timed(fn):
-    """Tokens per second of one call of fn (which returns its token count)."""
-    start = time.perf_counter()
-    tokens = fn()
-    return tokens / (time.perf_counter() - start)
+        result["first_s"], _ = common.timed(run_once)
+        result["tokens_per_s"] = max(tokens / seconds for seconds, tokens in
+                                     (common.timed(run_once) for _ in range(3)))
+    result["peak_rss_gib"] = common.proc_status()["VmHWM"] / 2 ** 30
+    return result
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.parser(__doc__)
     parser.add_argument("--models", nargs="+", default=["demo", "152m"], choices=list(MODELS))
     parser.add_argument("--cases", nargs="+", choices=[f"{f}:{q}" for f, q in CASES],
                         help="format:quantize pairs (default: all)")
@@ -115,28 +105,33 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.worker:
         name, fmt, quantize = args.worker
-        return worker(name, fmt, None if quantize == "none" else quantize)
+        common.reply(worker(name, fmt, None if quantize == "none" else quantize))
+        return 0
     lines = [f"Export, {NEW_TOKENS} greedy tokens after a {PROMPT_TOKENS}-token prompt, cache "
              f"{MAX_LENGTH} (best of 3, after a first call), batch 1, float32 model.", ""]
-    lines += machine_lines(" ".join(sys.argv[1:]) or "(defaults)")
-    lines += ["", "| model | params | target | export s | size MiB | peak RSS GiB | first call s "
-              "| decode tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    lines += common.machine_lines(common.args_line(__file__, argv))
+    lines += ["", *common.table_head(["model", "params", "target", "export s", "size MiB",
+                                      "peak RSS GiB", "first call s", "decode tokens/s"],
+                                     "l" * 8)]
     for name in args.models:
         for fmt, quantize in CASES:
             if args.cases and f"{fmt}:{quantize}" not in args.cases:
                 continue
-            r = result_line(run([__file__, "--worker", name, fmt, quantize or "none"],
-                                env={"KERAS_BACKEND": "tensorflow"}, timeout=1800))
+            r = common.result_line(common.run([__file__, "--worker", name, fmt,
+                                               quantize or "none"],
+                                              env={"KERAS_BACKEND": "tensorflow"}, timeout=1800))
             target = fmt + (f" {quantize}" if quantize else "")
             if fmt == "keras":
                 target = "GemmaCausalLM.generate (TF, XLA)"
-            row = (f"| {name} | {r['params'] / 1e6:.1f}M | {target} | "
-                   f"{r.get('export_s', float('nan')):.1f} | {r.get('mib', float('nan')):.1f} | "
-                   f"{r['peak_rss_gib']:.2f} | {r['first_s']:.2f} | {r['tokens_per_s']:.1f} |")
+            row = common.table_row([
+                name, f"{r['params'] / 1e6:.1f}M", target, f"{r.get('export_s', float('nan')):.1f}",
+                f"{r.get('mib', float('nan')):.1f}", f"{r['peak_rss_gib']:.2f}",
+                f"{r['first_s']:.2f}", f"{r['tokens_per_s']:.1f}"])
             print(row, flush=True)
             lines.append(row)
     print("\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

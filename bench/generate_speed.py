@@ -40,20 +40,18 @@ What it does:
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
+from _common import log  # noqa: E402
 
-DEFAULT_CACHE = REPO / "bench" / ".cache" / "generate_speed"
-DEFAULT_OUTPUT = REPO / "bench" / "results" / "generate_speed.md"
+DEFAULT_CACHE = common.CACHE / "generate_speed"
+DEFAULT_OUTPUT = common.RESULTS / "generate_speed.md"
 
 # Hugging Face GemmaConfig: ~152M parameters, ~608 MB in float32. Gemma 1 style (no soft caps,
 # no sliding window); intermediate_size is one GeGLU branch (keras-hub's intermediate_dim / 2).
@@ -140,7 +138,7 @@ def _setup(library: str, dirs: dict, prompt_len: int, new_tokens: int):
 
     import keras
 
-    keras.ops.convert_to_numpy(keras.ops.zeros((1,)) + 1)  # start the backend's runtime
+    common.start_backend()
     if library == "keras_hub":
         import keras_hub
 
@@ -180,12 +178,7 @@ def _setup(library: str, dirs: dict, prompt_len: int, new_tokens: int):
 
 
 def _timed(fn, *args):
-    import gc
-
-    gc.collect()
-    start = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - start, out
+    return common.timed(fn, *args, collect=True)
 
 
 def serve_worker(library: str, dirs: dict, prompt_len, new_tokens, warmups):
@@ -230,115 +223,66 @@ def _choices(library) -> dict:
             else "oneDNN" if product is not None else "none"}
 
 
-def measure(cases, dirs, args, log, after_round=None) -> list:
+def measure(cases, dirs, args, after_round=None) -> list:
     """Every case's worker is started (one loading at a time), then each batch size gets its
     first calls one worker at a time and `--runs` rounds in which every worker times one
-    generate + prefill in turn, the order rotating each round. Only one worker computes at a
-    time; the others wait on their stdin. `after_round(batch, round)` runs after each round (the
-    bandwidth probe, so the bound is measured through the same minutes as the decoding)."""
+    generate + prefill in turn, the order rotating each round (`common.Workers`).
+    `after_round(batch, round)` runs after each round (the bandwidth probe, so the bound is
+    measured through the same minutes as the decoding)."""
     worker_args = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                    "--warmups", str(args.warmups)]
-    rows, workers = [], {}
+    rows = {}
+
+    def failed(case, error):
+        log(f"  {case} FAILED: {str(error)[-2000:]}")
+        rows[case].pop("batches", None)
+        rows[case]["error"] = common.error_line(str(error))
+
+    workers = common.Workers(on_error=failed)
     for case, library, backend, label in cases:
         shown = backend or "torch"
-        row = {"case": case, "label": label, "backend": shown}
-        rows.append(row)
+        rows[case] = {"case": case, "label": label, "backend": shown}
         log(f"{case}: {label} [{shown}] loading ...")
-        env = {"KERAS_BACKEND": backend} if backend else {}
-        worker = common.Worker([__file__, "--worker", library, "--dir", json.dumps(dirs),
-                                *worker_args], env=env)
-        try:
-            row.update(worker.ask({"cmd": "load"}), batches={})
-            workers[case] = worker
-        except RuntimeError as e:
-            _failed(row, e, log)
-
-    def ask(row, request):
-        try:
-            return workers[row["case"]].ask(request)
-        except RuntimeError as e:
-            del workers[row["case"]]
-            _failed(row, e, log)
-            return None
-
+        loaded = workers.start(case, [__file__, "--worker", library, "--dir", json.dumps(dirs),
+                                      *worker_args],
+                               {"KERAS_BACKEND": backend} if backend else {}, {"cmd": "load"})
+        if loaded:
+            rows[case].update(loaded, batches={})
     for batch in args.batch_sizes:
-        for row in rows:
-            if row["case"] in workers:
-                log(f"{row['case']}: B={batch} first call ...")
-                first = ask(row, {"cmd": "first", "batch": batch})
+        for case, row in rows.items():
+            if case in workers.live:
+                log(f"{case}: B={batch} first call ...")
+                first = workers.ask(case, {"cmd": "first", "batch": batch})
                 if first:
                     if "one_row_product" in first:
                         log(f"  one-row product: {first['one_row_product']}")
                     row["batches"][str(batch)] = {**first, "generate_s": [], "prefill_s": [],
                                                   "deterministic": True}
-        for round_ in range(args.runs):
-            live = [r for r in rows if r["case"] in workers]
-            shift = round_ % max(len(live), 1)
-            order = live[shift:] + live[:shift]
-            log(f"B={batch} round {round_ + 1}/{args.runs}: "
-                + ", ".join(r["case"] for r in order))
-            for row in order:
-                time.sleep(0.3)  # let the previous worker's threads go idle
-                got = ask(row, {"cmd": "round", "batch": batch})
+        for round_, order in workers.rounds(list(rows), args.runs):
+            log(f"B={batch} round {round_ + 1}/{args.runs}: " + ", ".join(order))
+            for case in order:
+                got = workers.ask(case, {"cmd": "round", "batch": batch}, settle_s=0.3)
                 if got:
-                    b = row["batches"][str(batch)]
+                    b = rows[case]["batches"][str(batch)]
                     b["generate_s"].append(got["generate_s"])
                     b["prefill_s"].append(got["prefill_s"])
                     b["deterministic"] &= got["same"]
             if after_round:
                 after_round(batch, round_)
-    for worker in workers.values():
-        worker.close()
-    for row in rows:
+    workers.close()
+    for row in rows.values():
         for batch in args.batch_sizes:
             m = metrics(row, batch, args.prompt_len) if "batches" in row else {}
             if m:
                 log(f"{row['case']} B={batch}: decode {m['decode_best']:.1f} tok/s (median "
                     f"{m['decode_median']:.1f}), prefill {m['prefill_best']:.0f} tok/s, first "
                     f"call {m['first_s']:.1f} s")
-    return rows
+    return list(rows.values())
 
 
-def _failed(row, error, log):
-    log(f"  {row['case']} FAILED: {str(error)[-2000:]}")
-    row.pop("batches", None)
-    row["error"] = str(error).strip().splitlines()[-1][:120]
-
-
-BANDWIDTH_KEYS = ("one_thread", "two_threads", "two_threads_max")
-
-
-def bandwidth_worker(gigabytes: float = 1.5, repeats: int = 7) -> dict:
-    """Memory read bandwidth (bytes/s): NumPy float32 sums streaming a `gigabytes` array."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-
-    array = np.ones(int(gigabytes * 1e9) // 4, np.float32)
-    halves = np.array_split(array, 2)
-    pool = ThreadPoolExecutor(2)
-
-    def best(fn):
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return array.nbytes / min(times)
-
-    one = best(lambda: array.sum())
-    two = best(lambda: list(pool.map(np.sum, halves)))  # np.sum releases the GIL
-    # A float32 sum is compute-bound on some CPUs (2026-12-01: 15.3 GB/s where decoding read
-    # the weights at 25); a max is one SIMD compare per element, so it streams at the
-    # memory's pace (26.4 GB/s there). The bound is the fastest read measured.
-    two_max = best(lambda: list(pool.map(np.max, halves)))
-    return {"one_thread": one, "two_threads": two, "two_threads_max": two_max,
-            "bytes": array.nbytes}
-
-
-def ensure_checkpoints(cache: pathlib.Path, log) -> dict:
+def ensure_checkpoints(cache: pathlib.Path) -> dict:
     key = json.dumps({**MODEL, "seed": SEED, "embedding_std": EMBEDDING_STD}, sort_keys=True)
-    return common.ensure_checkpoints(cache, key, __file__, [], log)
+    return common.ensure_checkpoints(cache, key, __file__, [])
 
 
 # ---- metrics and the report --------------------------------------------------------------
@@ -394,17 +338,13 @@ def check_tokens(rows, log) -> dict:
     return verdict
 
 
-def _fmt(x, digits=1):
-    return "-" if x is None or x != x else f"{x:,.{digits}f}"
-
-
 def render(rows, bandwidth, args, args_line) -> str:
 
     P, N = args.prompt_len, args.new_tokens
     batches = args.batch_sizes
     params = next((r["params"] for r in rows if "params" in r), None)
     weight_bytes = params * 4 if params else None
-    bw = max(bandwidth[k] for k in BANDWIDTH_KEYS if k in bandwidth) if bandwidth else None
+    bw = common.fastest(bandwidth) if bandwidth else None
     bound = bw / weight_bytes if bw and weight_bytes else None
     agree = check_tokens(rows, lambda m: None)
     big = max(batches)
@@ -442,33 +382,32 @@ def render(rows, bandwidth, args, args_line) -> str:
         "the compilation / tracing cost.",
         "",
     ]
-    header = ("| implementation | backend | B=1 decode tok/s | ms/token | % bound | "
-              "B=1 prefill tok/s | first call (s) | first - steady call (s) |")
-    sep = "|---|---|--:|--:|--:|--:|--:|--:|"
+    columns = ["implementation", "backend", "B=1 decode tok/s", "ms/token", "% bound",
+               "B=1 prefill tok/s", "first call (s)", "first - steady call (s)"]
     if big != 1:
-        header += f" B={big} decode tok/s | B={big} prefill tok/s |"
-        sep += "--:|--:|"
-    header += " same greedy tokens |"
-    sep += "---|"
-    lines += [header, sep]
+        columns += [f"B={big} decode tok/s", f"B={big} prefill tok/s"]
+    columns.append("same greedy tokens")
+    lines += common.table_head(columns, "ll" + "r" * (len(columns) - 3) + "l")
+    fmt = common.fmt
+
+    def speeds(m, key):  # best (median)
+        digits = 0 if key == "prefill" else 1
+        best = fmt(m.get(f"{key}_best"), digits)
+        return (f"**{best}**" if key == "decode" else best) \
+            + f" ({fmt(m.get(f'{key}_median'), digits)})"
     for r in rows:
-        name = f"{r['label']}"
         if "error" in r:
-            lines.append(f"| {name} | {r['backend']} | failed: {r['error']} |" + " |" * 7)
+            lines.append(common.failed_row([r["label"], r["backend"]], r["error"], len(columns)))
             continue
         m1 = metrics(r, 1, P) if 1 in batches else {}
-        mb = metrics(r, big, P) if big != 1 else {}
-        row = (f"| {name} | {r['backend']} | "
-               f"**{_fmt(m1.get('decode_best'))}** ({_fmt(m1.get('decode_median'))}) | "
-               f"{_fmt(m1.get('ms_per_step'))} | "
-               f"{_fmt(100 * m1['decode_best'] / bound, 0) + '%' if bound and m1 else '-'} | "
-               f"{_fmt(m1.get('prefill_best'), 0)} ({_fmt(m1.get('prefill_median'), 0)}) | "
-               f"{_fmt(m1.get('first_s'))} | {_fmt(m1.get('first_overhead_s'))} |")
+        cells = [r["label"], r["backend"], speeds(m1, "decode"), fmt(m1.get("ms_per_step")),
+                 fmt(100 * m1["decode_best"] / bound, 0) + "%" if bound and m1 else "-",
+                 speeds(m1, "prefill"), fmt(m1.get("first_s")),
+                 fmt(m1.get("first_overhead_s"))]
         if big != 1:
-            row += (f" **{_fmt(mb.get('decode_best'))}** ({_fmt(mb.get('decode_median'))}) | "
-                    f"{_fmt(mb.get('prefill_best'), 0)} ({_fmt(mb.get('prefill_median'), 0)}) |")
-        row += f" {agree.get(r['case'], '-')} |"
-        lines.append(row)
+            mb = metrics(r, big, P)
+            cells += [speeds(mb, "decode"), speeds(mb, "prefill")]
+        lines.append(common.table_row(cells + [agree.get(r["case"], "-")]))
 
     # Ratios: gemma_keras on each backend against each peer.
     by_case = {r["case"]: r for r in rows if "batches" in r}
@@ -483,8 +422,8 @@ def render(rows, bandwidth, args, args_line) -> str:
         if big != 1:
             cols.insert(1, (f"B={big} decode", big, "decode_best"))
         cols.append(("first call", 1, "first_s"))
-        lines += ["| gemma_keras | vs | " + " | ".join(c[0] for c in cols) + " | target |",
-                  "|---|---|" + "--:|" * len(cols) + "---|"]
+        lines += common.table_head(["gemma_keras", "vs", *(c[0] for c in cols), "target"],
+                                   "ll" + "r" * len(cols) + "l")
         targets = {"kh-jax": 1.25, "kh-tensorflow": 1.5, "kh-torch": 2.5, "hf-eager": 1.15}
         for g in gk_cases:
             backend = g.split("-", 1)[1]
@@ -495,12 +434,8 @@ def render(rows, bandwidth, args, args_line) -> str:
                 for _, batch, key in cols:
                     mine, theirs = (metrics(by_case[g], batch, P).get(key),
                                     metrics(by_case[peer], batch, P).get(key))
-                    if not mine or not theirs:
-                        cells.append("-")
-                    elif key == "first_s":
-                        cells.append(f"{theirs / mine:.2f}x")
-                    else:
-                        cells.append(f"{mine / theirs:.2f}x")
+                    cells.append(common.ratio(theirs, mine) if key == "first_s"
+                                 else common.ratio(mine, theirs))
                 target = targets.get(peer)
                 verdict = ""
                 if target:
@@ -509,8 +444,7 @@ def render(rows, bandwidth, args, args_line) -> str:
                     met = d[0] and d[1] and d[0] / d[1] >= target
                     verdict = f">= {target}x: " + ("met" if met else "**not met**")
                 peer_name = f"{by_case[peer]['label']} ({by_case[peer]['backend']})"
-                lines.append(f"| {backend} | {peer_name} | " + " | ".join(cells)
-                             + f" | {verdict} |")
+                lines.append(common.table_row([backend, peer_name, *cells, verdict]))
         paired_lines = []
         for g in gk_cases:
             for peer in (f"kh-{g.split('-', 1)[1]}", "hf-eager"):
@@ -555,18 +489,14 @@ def render(rows, bandwidth, args, args_line) -> str:
 def select_cases(only):
     if not only:
         return [c for c in CASES if c[0] not in DEFAULT_OFF]
-    patterns = [p.strip() for p in only.split(",") if p.strip()]
-    chosen = [c for c in CASES
-              if any(fnmatch.fnmatch(c[0], p) or c[0].startswith(p) for p in patterns)]
-    if not chosen:
-        raise SystemExit(f"--only {only!r} matches none of {[c[0] for c in CASES]}")
-    return chosen
+    chosen = common.pick([c[0] for c in CASES], only, prefixes=True)
+    return [c for c in CASES if c[0] in chosen]
 
 
 def _round_bandwidths(probes) -> list:
     """Read bandwidth around each batch-1 round: the faster of the probes just before and
     just after it (bytes/s), so each round's decode can be set against its own minutes."""
-    fastest = [max(p[k] for k in BANDWIDTH_KEYS) for p in probes]
+    fastest = [common.fastest(p) for p in probes]
     after = [i for i, p in enumerate(probes) if p["after"] and p["after"][0] == 1]
     return [max(fastest[i - 1], fastest[i]) for i in after]
 
@@ -587,8 +517,7 @@ def _paired_fractions(row, weight_bytes, round_bandwidths) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser(__doc__)
     p.add_argument("--only", help="Comma-separated case ids or globs/prefixes: "
                    + ", ".join(c[0] for c in CASES) + " (e.g. 'gk', 'kh-jax,hf-eager'). "
                    "Default: all but " + ", ".join(DEFAULT_OFF) + ".")
@@ -604,86 +533,56 @@ def main(argv=None):
     p.add_argument("--no-bandwidth", action="store_true", help="Skip the bandwidth probe.")
     p.add_argument("--cache-dir", type=pathlib.Path, default=DEFAULT_CACHE,
                    help="Where the random checkpoint is built once (git-ignored).")
-    p.add_argument("--output", type=pathlib.Path, default=None,
-                   help="Markdown file (default bench/results/generate_speed.md; "
-                        "generate_speed_quick.md with --quick).")
-    p.add_argument("--json", type=pathlib.Path, default=None,
-                   help="Also save the raw per-run timings as JSON here.")
-    p.add_argument("--from-json", type=pathlib.Path, default=None,
-                   help="Re-render the table from a --json file of an earlier run (no "
-                        "measuring; pass the same --quick / --new-tokens / --batch-sizes).")
-    # Internal.
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--bandwidth", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--make", choices=("hf", "keras_hub"), help=argparse.SUPPRESS)
-    p.add_argument("--dir", help=argparse.SUPPRESS)
-    p.add_argument("--source", help=argparse.SUPPRESS)
+    common.add_report_args(
+        p, "Markdown file (default bench/results/generate_speed.md; generate_speed_quick.md "
+        "with --quick).", json_help="Also save the raw per-run timings as JSON here.",
+        from_json_help="Re-render the table from a --json file of an earlier run (no "
+        "measuring; pass the same --quick / --new-tokens / --batch-sizes).")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal
+    common.add_checkpoint_args(p)
     args = p.parse_args(argv)
     if args.new_tokens is None:
         args.new_tokens = 32 if args.quick else 128
     args.batch_sizes = [int(b) for b in
                         (args.batch_sizes or ("1" if args.quick else "1,8")).split(",")]
 
-    if args.make == "hf":
-        common.make_hf(pathlib.Path(args.dir), MODEL, embedding_std=EMBEDDING_STD)
-        return 0
-    if args.make == "keras_hub":
-        common.make_keras_hub(pathlib.Path(args.source), pathlib.Path(args.dir))
-        return 0
-    if args.bandwidth:
-        print("RESULT " + json.dumps(bandwidth_worker()), flush=True)
+    if common.make_checkpoint(args, MODEL, embedding_std=EMBEDDING_STD):
         return 0
     if args.worker:
-        dirs = json.loads(args.dir)
-        serve_worker(args.worker, dirs, args.prompt_len, args.new_tokens, args.warmups)
+        serve_worker(args.worker, json.loads(args.dir), args.prompt_len, args.new_tokens,
+                     args.warmups)
         return 0
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
+    def measure_all():
+        cases = select_cases(args.only)
+        dirs = ensure_checkpoints(args.cache_dir)
+        probes = []
 
-    total = time.perf_counter()
-    if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        table = render(saved["rows"], saved["bandwidth"], args, saved["args_line"])
-        print(table)
-        output = args.output or (DEFAULT_OUTPUT if not args.quick
-                                 else DEFAULT_OUTPUT.with_name("generate_speed_quick.md"))
-        output.write_text(table)
-        log(f"wrote {output}")
-        return 0
-    cases = select_cases(args.only)
-    dirs = ensure_checkpoints(args.cache_dir, log)
-    probes = []
+        def probe_bandwidth(batch=None, round_=None):
+            if not args.no_bandwidth:
+                log("memory bandwidth ...")
+                probe = common.probe_bandwidth()
+                probes.append({**probe, "after": None if batch is None else [batch, round_]})
+                log(f"  {common.fastest(probe) / 1e9:.1f} GB/s")
 
-    def probe_bandwidth(batch=None, round_=None):
-        if not args.no_bandwidth:
-            log("memory bandwidth ...")
-            probe = common.result_line(common.run([__file__, "--bandwidth"]))
-            probes.append({**probe, "after": None if batch is None else [batch, round_]})
-            log(f"  {max(probe[k] for k in BANDWIDTH_KEYS) / 1e9:.1f} GB/s")
+        probe_bandwidth()
+        rows = measure(cases, dirs, args, after_round=probe_bandwidth)
+        probe_bandwidth()  # the machine is shared: the bound takes the best of all probes
+        bandwidth = None
+        if probes:
+            bandwidth = {k: max(b[k] for b in probes) for k in common.BANDWIDTH_KEYS}
+            bandwidth.update(bytes=probes[0]["bytes"], probes=len(probes),
+                             batch1_rounds=_round_bandwidths(probes))
+        check_tokens(rows, log)
+        return {"bandwidth": bandwidth, "rows": rows,
+                "args_line": common.args_line(__file__, argv)}
 
-    probe_bandwidth()
-    rows = measure(cases, dirs, args, log, after_round=probe_bandwidth)
-    probe_bandwidth()  # the machine is shared: the bound takes the best of all probes
-    bandwidth = None
-    if probes:
-        bandwidth = {k: max(b[k] for b in probes) for k in BANDWIDTH_KEYS}
-        bandwidth.update(bytes=probes[0]["bytes"], probes=len(probes),
-                         batch1_rounds=_round_bandwidths(probes))
-    check_tokens(rows, log)
-    args_line = "python bench/generate_speed.py" + "".join(
-        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    table = render(rows, bandwidth, args, args_line)
-    print(table)
     output = args.output or (DEFAULT_OUTPUT if not args.quick
                              else DEFAULT_OUTPUT.with_name("generate_speed_quick.md"))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(table)
-    if args.json:
-        args.json.write_text(json.dumps({"bandwidth": bandwidth, "rows": rows,
-                                         "args_line": args_line}, indent=1))
-    log(f"wrote {output} ({time.perf_counter() - total:.0f} s in all)")
-    return 1 if any("error" in r for r in rows) else 0
+    return common.report(output, measure_all,
+                         lambda raw: render(raw["rows"], raw["bandwidth"], args,
+                                            raw["args_line"]),
+                         json_path=args.json, from_json=args.from_json)
 
 
 if __name__ == "__main__":

@@ -25,19 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import subprocess
 import sys
 import threading
 import time
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
+from _common import log, mib as _mib  # noqa: E402
 
-DEFAULT_CACHE = REPO / "bench" / ".cache" / "load_memory"
-DEFAULT_OUTPUT = REPO / "bench" / "results" / "load_memory.md"
-BACKENDS = ("jax", "tensorflow", "torch")
-MIB = 1024 ** 2
+DEFAULT_CACHE = common.CACHE / "load_memory"
+DEFAULT_OUTPUT = common.RESULTS / "load_memory.md"
 
 # Hugging Face GemmaConfig fields. "default" is ~153M parameters (~610 MB in float32).
 SIZES = {
@@ -133,9 +130,7 @@ def _import(case: str):
                                      .float().numpy())]
         return load, describe
 
-    import keras
-
-    keras.ops.convert_to_numpy(keras.ops.zeros((1,)) + 1)  # the backend's runtime starts here
+    common.start_backend()
     if case.startswith("kh_"):
         import keras_hub
 
@@ -208,23 +203,19 @@ def worker(case: str, directory: str, dtype: str, trace: str = None) -> dict:
     return result
 
 
-def ensure_checkpoints(cache: pathlib.Path, size: str, log) -> dict:
+def ensure_checkpoints(cache: pathlib.Path, size: str) -> dict:
     """{'hf': dir, 'keras_hub': dir}, built on the first run and reused afterwards."""
     return common.ensure_checkpoints(cache / size, json.dumps(SIZES[size], sort_keys=True),
-                                     __file__, ["--size", size], log)
+                                     __file__, ["--size", size])
 
 
 # ---- the driver -------------------------------------------------------------------------
 def measure(case, backend, directory, dtype, trace_dir=None) -> dict:
+    """The case's results, or {"error": ...} (`common.run_case`)."""
     argv = [__file__, "--worker", case, "--dir", str(directory or ""), "--dtype", dtype or ""]
     if trace_dir:
         argv += ["--trace-file", str(trace_dir / f"{case}_{backend or 'torch'}.json")]
-    env = {"KERAS_BACKEND": backend} if backend else {}
-    return common.result_line(common.run(argv, env=env))
-
-
-def _mib(n):
-    return f"{n / MIB:,.0f}"
+    return common.run_case(argv, env={"KERAS_BACKEND": backend} if backend else {})
 
 
 def render(rows, size, args_line) -> str:
@@ -250,17 +241,19 @@ def render(rows, size, args_line) -> str:
         "same after reading every weight once (a lazily mmap'd checkpoint becomes resident "
         "then). MiB = 2^20 bytes.",
         "",
-        "| loader | backend | dtype | model (MiB) | baseline RSS (MiB) | peak cost (MiB) | "
-        "peak cost / model | anon / model | kept (MiB) | in use (MiB) | load time (s) |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+    columns = ["loader", "backend", "dtype", "model (MiB)", "baseline RSS (MiB)",
+               "peak cost (MiB)", "peak cost / model", "anon / model", "kept (MiB)",
+               "in use (MiB)", "load time (s)"]
+    lines += common.table_head(columns, "lll" + "r" * 8)
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['label']} | {r['backend']} | {r['dtype'] or ''} | "
-                         f"failed: {r['error']} | | | | | | | |")
+            lines.append(common.failed_row([r["label"], r["backend"], r["dtype"] or ""],
+                                           r["error"], len(columns)))
         elif r["case"] == "baseline":
-            lines.append(f"| {r['label']} | {r['backend']} | | | {_mib(r['baseline'])} "
-                         f"(import peak {_mib(r['import_peak'])}) | | | | | | |")
+            lines.append(common.table_row(
+                [r["label"], r["backend"], "", "", f"{_mib(r['baseline'])} (import peak "
+                 f"{_mib(r['import_peak'])})"] + [""] * 6))
         else:
             cost = r["peak"] - r["baseline"]
             anon = r["peak_anon_sampled"] - r["baseline_anon"]
@@ -291,80 +284,60 @@ def check_weights(rows, log):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=BACKENDS + ("all",), default="all",
-                   help="Keras backend(s) to measure (default: all, each in subprocesses).")
+    p = common.parser(__doc__)
+    common.add_backend_arg(p)
     p.add_argument("--size", choices=sorted(SIZES), default="default",
                    help="'default' ~153M params (~610 MB f32); 'small' ~12M for a smoke run.")
     p.add_argument("--cache-dir", type=pathlib.Path, default=DEFAULT_CACHE,
                    help="Where the random checkpoints are built once (git-ignored).")
-    p.add_argument("--output", type=pathlib.Path, default=None,
-                   help="Markdown file for the table (default: bench/results/load_memory.md "
-                        "for the default size, load_memory_small.md for --size small).")
+    common.add_report_args(
+        p, "Markdown file for the table (default: bench/results/load_memory.md for the "
+        "default size, load_memory_small.md for --size small).")
     p.add_argument("--no-hf", action="store_true", help="Skip the transformers row.")
     p.add_argument("--trace", action="store_true",
                    help="Also save each load's RSS timeline (JSON) next to the checkpoints.")
     # Internal: one measurement / one checkpoint build in this process.
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--make", choices=("hf", "keras_hub"), help=argparse.SUPPRESS)
-    p.add_argument("--dir", help=argparse.SUPPRESS)
-    p.add_argument("--source", help=argparse.SUPPRESS)
+    common.add_checkpoint_args(p)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--trace-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.dir, args.dtype, args.trace_file)),
-              flush=True)
+        common.reply(worker(args.worker, args.dir, args.dtype, args.trace_file))
         return 0
-    if args.make == "hf":
-        common.make_hf(pathlib.Path(args.dir), SIZES[args.size], max_shard_size="200MB")
-        return 0
-    if args.make == "keras_hub":
-        common.make_keras_hub(pathlib.Path(args.source), pathlib.Path(args.dir))
+    if common.make_checkpoint(args, SIZES[args.size], max_shard_size="200MB"):
         return 0
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
-    total = time.perf_counter()
-    dirs = ensure_checkpoints(args.cache_dir, args.size, log)
-    trace_dir = args.cache_dir / args.size / "traces" if args.trace else None
-    if trace_dir:
-        trace_dir.mkdir(parents=True, exist_ok=True)
-    backends = BACKENDS if args.backend == "all" else (args.backend,)
-    plan = [(case, label, b, ckpt, dtype)
-            for b in backends for case, label, keras_case, ckpt, dtype in CASES if keras_case]
-    if not args.no_hf:
-        plan += [(case, label, None, ckpt, dtype)
-                 for case, label, keras_case, ckpt, dtype in CASES if not keras_case]
-    rows = []
-    for case, label, backend, ckpt, dtype in plan:
-        shown = backend or "torch (HF)"
-        log(f"{label} [{shown}{', ' + dtype if dtype else ''}] ...")
-        try:
+    def measure_all():
+        dirs = ensure_checkpoints(args.cache_dir, args.size)
+        trace_dir = args.cache_dir / args.size / "traces" if args.trace else None
+        if trace_dir:
+            trace_dir.mkdir(parents=True, exist_ok=True)
+        backends = common.backends(args)
+        plan = [(case, label, b, ckpt, dtype)
+                for b in backends for case, label, keras_case, ckpt, dtype in CASES if keras_case]
+        if not args.no_hf:
+            plan += [(case, label, None, ckpt, dtype)
+                     for case, label, keras_case, ckpt, dtype in CASES if not keras_case]
+        rows = []
+        for case, label, backend, ckpt, dtype in plan:
+            shown = backend or "torch (HF)"
+            log(f"{label} [{shown}{', ' + dtype if dtype else ''}] ...")
             r = measure(case, backend, dirs.get(ckpt), dtype, trace_dir)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            log(f"  FAILED: {str(e)[-2000:]}")
-            r = {"case": case, "error": str(e).strip().splitlines()[-1][:120]}
-        r.update(label=label, backend=shown, dtype=dtype)
-        rows.append(r)
-        if "peak" in r:
-            log(f"  cost {_mib(r['peak'] - r['baseline'])} MiB = "
-                f"{(r['peak'] - r['baseline']) / r['model_bytes']:.2f}x model, "
-                f"{r['seconds']:.1f} s")
-    check_weights(rows, log)
-    args_line = "python bench/load_memory.py" + "".join(
-        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    table = render(rows, args.size, args_line)
-    print(table)
+            r.update(case=case, label=label, backend=shown, dtype=dtype)
+            rows.append(r)
+            if "peak" in r:
+                log(f"  cost {_mib(r['peak'] - r['baseline'])} MiB = "
+                    f"{(r['peak'] - r['baseline']) / r['model_bytes']:.2f}x model, "
+                    f"{r['seconds']:.1f} s")
+        check_weights(rows, log)
+        return {"rows": rows, "args_line": common.args_line(__file__, argv)}
+
     output = args.output or (DEFAULT_OUTPUT if args.size == "default"
                              else DEFAULT_OUTPUT.with_name(f"load_memory_{args.size}.md"))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(table)
-    log(f"wrote {output} ({time.perf_counter() - total:.0f} s in all)")
-    return 1 if any(r.get("error") for r in rows) else 0
+    return common.report(output, measure_all,
+                         lambda raw: render(raw["rows"], args.size, raw["args_line"]))
 
 
 if __name__ == "__main__":

@@ -55,22 +55,17 @@ single-threaded for the default config), XLA's less so.
 from __future__ import annotations
 
 import argparse
-import fnmatch
-import json
 import pathlib
-import re
 import statistics
-import subprocess
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
+from _common import log, mib as _mib  # noqa: E402
 
-DEFAULT_OUTPUT = REPO / "bench" / "results" / "lora_train.md"
-BACKENDS = ("jax", "tensorflow", "torch")
-MIB = 1024 ** 2
+DEFAULT_OUTPUT = common.RESULTS / "lora_train.md"
+BACKENDS = common.BACKENDS
 
 # keras-hub GemmaBackbone arguments (gemma_keras' GemmaConfig uses the same names and
 # meanings: intermediate_dim counts both GeGLU branches).
@@ -116,9 +111,7 @@ CONFIG_VARIANTS = {"small": [v[0] for v in VARIANTS], "default": [v[0] for v in 
 PEERS = {"gk": "kh", "gk-int8": "kh-int8", "gk-int8dec": "kh-int8dec", "gk-remat": "kh"}
 
 
-# ---- memory probes (inside the workers) ---------------------------------------------------
-
-
+# ---- the worker: one case in a fresh process ----------------------------------------------
 def cpu_counters() -> dict:
     """This process's CPU seconds, faults and involuntary switches, and the whole machine's
     busy and steal seconds (steal: time the hypervisor gave our virtual CPUs to someone
@@ -137,7 +130,6 @@ def cpu_counters() -> dict:
             "steal_s": fields[7] / tick, "wall_s": time.perf_counter()}
 
 
-# ---- the worker: one case in a fresh process ----------------------------------------------
 def make_data(config: dict, batch: int, seq: int, steps: int):
     """(x, y, sample_weight) for `steps` batches: one random batch repeated, so every step
     sees the same tokens and a working gradient shows as a falling loss."""
@@ -200,7 +192,7 @@ def worker(library: str, config_name: str, int8: str | None, remat: bool) -> dic
 
     run = RUNS[config_name]
     config = CONFIGS[config_name]
-    keras.ops.convert_to_numpy(keras.ops.zeros((1,)) + 1)  # start the backend's runtime
+    common.start_backend()
     if library == "keras_hub":
         import keras_hub  # noqa: F401  (imported before the clock starts, like gemma_keras)
     else:
@@ -283,33 +275,19 @@ def plan_cases(size: str, backends, skip_2b: bool, only):
     cases = [(f"{c}:{v}-{b}", c, v, b) for c in configs for b in backends
              for v in CONFIG_VARIANTS[c]]
     if only:
-        patterns = [p.strip() for p in only.split(",") if p.strip()]
-        cases = [case for case in cases if any(fnmatch.fnmatch(case[0], p) for p in patterns)]
-        if not cases:
-            raise SystemExit(f"--only {only!r} matches no case")
+        chosen = common.pick([case[0] for case in cases], only)
+        cases = [case for case in cases if case[0] in chosen]
     return cases
 
 
-def error_line(text: str) -> str:
-    """The exception line of a failed worker's output (else its last line), shortened."""
-    lines = [s.strip() for s in text.strip().splitlines() if s.strip()]
-    killed = re.search(r"failed \((-\d+)\)", lines[0] if lines else "")
-    if killed:  # no traceback: the kernel's OOM killer sends signal 9
-        signal = -int(killed.group(1))
-        return f"killed by signal {signal}" + (" (out of memory?)" if signal == 9 else "")
-    for line in reversed(lines):
-        if re.match(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b.*", line):
-            return line[:240].replace("|", "\\|")
-    return (lines[-1] if lines else "unknown error")[:240].replace("|", "\\|")
-
-
 def measure(config_name, variant, backend) -> dict:
+    """The case's results, or {"error": ...} (`common.run_case`)."""
     _, library, int8, remat, _ = next(v for v in VARIANTS if v[0] == variant)
     argv = [__file__, "--worker", library, "--config", config_name]
     argv += ["--int8", int8] if int8 else []
     argv += ["--remat"] if remat else []
-    return common.result_line(common.run(argv, env={"KERAS_BACKEND": backend},
-                                         timeout=RUNS[config_name]["timeout"]))
+    return common.run_case(argv, env={"KERAS_BACKEND": backend},
+                           timeout=RUNS[config_name]["timeout"])
 
 
 def metrics(r: dict, config_name: str) -> dict:
@@ -333,14 +311,6 @@ def other_load(r: dict) -> float:
     if "machine_busy_s" not in c:
         return float("nan")  # not recorded
     return max(0.0, (c["machine_busy_s"] - c["cpu_s"]) / c["wall_s"])
-
-
-def _load(cores: float) -> str:
-    return "-" if cores != cores else f"{cores:.2f}"  # NaN: not recorded
-
-
-def _mib(n):
-    return f"{n / MIB:,.0f}"
 
 
 def _describe(config_name: str) -> str:
@@ -386,16 +356,14 @@ def render(rows, args_line) -> str:
         if params:
             weights = next(r["weight_bytes"] for r in ok if r["variant"] == "gk")
             lines += [f"{params:,} parameters, {_mib(weights)} MiB of weights.", ""]
-        lines += [
-            "| case | backend | trainable params | tokens/s | step (s) | first step (s) | "
-            "step memory: first / steady (MiB) | RSS before fit (MiB) | process peak (MiB) | "
-            "loss first -> last | other load |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|---|--:|",
-        ]
+        columns = ["case", "backend", "trainable params", "tokens/s", "step (s)",
+                   "first step (s)", "step memory: first / steady (MiB)", "RSS before fit (MiB)",
+                   "process peak (MiB)", "loss first -> last", "other load"]
+        lines += common.table_head(columns, "llrrrrrrrlr")
         for r in [r for r in rows if r["config"] == config_name]:
             if "error" in r:
-                lines.append(f"| {r['label']} | {r['backend']} | failed: {r['error']} |"
-                             + " |" * 8)
+                lines.append(common.failed_row([r["label"], r["backend"]], r["error"],
+                                               len(columns)))
                 continue
             m = metrics(r, config_name)
             trainable = f"{r['trainable']:,}"
@@ -412,7 +380,7 @@ def render(rows, args_line) -> str:
                 f"| {r['label']} | {r['backend']} | {trainable} | **{m['tokens_s']:,.0f}** | "
                 f"{m['step_s']:.2f} | {m['first_s']:.1f} | {_mib(m['mem_first'])} / "
                 f"**{_mib(m['mem_steady'])}** | {_mib(r['rss_before_fit'])} | "
-                f"{_mib(m['process_peak'])} | {loss} | {_load(other_load(r))} |")
+                f"{_mib(m['process_peak'])} | {loss} | {common.fmt(other_load(r), 2)} |")
         lines.append("")
         lines += ratio_lines(rows, config_name)
         lines += notes(ok, config_name)
@@ -521,25 +489,21 @@ def ratio_lines(rows, config_name) -> list:
             if not (a and b):
                 continue
             ma, mb = metrics(a, config_name), metrics(b, config_name)
-            out.append(f"| {name} | {backend} | {ma['tokens_s'] / mb['tokens_s']:.2f}x | "
-                       f"{ma['first_s'] / mb['first_s']:.2f}x | "
-                       f"{ma['mem_steady'] / mb['mem_steady']:.2f}x | "
-                       f"{ma['mem_first'] / mb['mem_first']:.2f}x | "
-                       f"{ma['process_peak'] / mb['process_peak']:.2f}x |")
+            out.append(common.table_row([name, backend, *(
+                common.ratio(ma[k], mb[k])
+                for k in ("tokens_s", "first_s", "mem_steady", "mem_first", "process_peak"))]))
     if not out:
         return []
     return ["Ratios, gemma_keras / keras-hub unless said (tokens/s: higher is better; the "
             "others: lower is better):", "",
-            "| comparison | backend | tokens/s | first step time | steady step memory | "
-            "first step memory | process peak |",
-            "|---|---|--:|--:|--:|--:|--:|", *out, ""]
+            *common.table_head(["comparison", "backend", "tokens/s", "first step time",
+                                "steady step memory", "first step memory", "process peak"],
+                               "llrrrrr"), *out, ""]
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=BACKENDS + ("all",), default="all",
-                   help="Keras backend(s) to measure (default: all, each in subprocesses).")
+    p = common.parser(__doc__)
+    common.add_backend_arg(p)
     p.add_argument("--size", choices=("default", "2b", "small"), default="default",
                    help="'default': the ~152M config, then the 2B shape (unless --skip-2b); "
                         "'2b': only the 2B shape; 'small': a tiny config for a smoke run.")
@@ -547,13 +511,11 @@ def main(argv=None):
     p.add_argument("--only", help="Comma-separated case ids or globs, 'config:variant-backend' "
                    "with config in " + ", ".join(CONFIGS) + " and variant in "
                    + ", ".join(v[0] for v in VARIANTS) + " (e.g. 'default:gk-jax', '*:kh-*').")
-    p.add_argument("--output", type=pathlib.Path, default=None,
-                   help="Markdown file (default bench/results/lora_train.md; "
-                        "lora_train_<size>.md for --size small / 2b).")
-    p.add_argument("--json", type=pathlib.Path, default=None,
-                   help="Also save the raw results (per-step times, losses, peaks) here.")
-    p.add_argument("--from-json", type=pathlib.Path, default=None,
-                   help="Re-render the table from a --json file of an earlier run.")
+    common.add_report_args(
+        p, "Markdown file (default bench/results/lora_train.md; lora_train_<size>.md for "
+        "--size small / 2b).",
+        json_help="Also save the raw results (per-step times, losses, peaks) here.",
+        from_json_help="Re-render the table from a --json file of an earlier run.")
     # Internal: one case in this process.
     p.add_argument("--worker", choices=("gemma_keras", "keras_hub"), help=argparse.SUPPRESS)
     p.add_argument("--config", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
@@ -562,63 +524,43 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, args.config, args.int8, args.remat)),
-              flush=True)
+        common.reply(worker(args.worker, args.config, args.int8, args.remat))
         return 0
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
+    def measure_all():
+        backends = common.backends(args)
+        rows = []
+        for case, config_name, variant, backend in plan_cases(args.size, backends,
+                                                              args.skip_2b, args.only):
+            label = next(v[4] for v in VARIANTS if v[0] == variant)
+            log(f"{case}: {label} [{backend}] ...")
+            t = time.perf_counter()
+            r = measure(config_name, variant, backend)
+            r.update(case=case, config=config_name, variant=variant, backend=backend,
+                     label=label)
+            rows.append(r)
+            if "step_s" in r:
+                _log_case(r, config_name)
+            log(f"  ({time.perf_counter() - t:.0f} s)")
+        return {"rows": rows, "args_line": common.args_line(__file__, argv)}
 
     output = args.output or (DEFAULT_OUTPUT if args.size == "default"
                              else DEFAULT_OUTPUT.with_name(f"lora_train_{args.size}.md"))
-    if args.from_json:
-        saved = json.loads(args.from_json.read_text())
-        table = render(saved["rows"], saved["args_line"])
-        print(table)
-        output.write_text(table)
-        log(f"wrote {output}")
-        return 0
+    return common.report(output, measure_all, lambda raw: render(raw["rows"], raw["args_line"]),
+                         json_path=args.json, from_json=args.from_json)
 
-    total = time.perf_counter()
-    backends = BACKENDS if args.backend == "all" else (args.backend,)
-    rows = []
-    for case, config_name, variant, backend in plan_cases(args.size, backends, args.skip_2b,
-                                                          args.only):
-        label = next(v[4] for v in VARIANTS if v[0] == variant)
-        log(f"{case}: {label} [{backend}] ...")
-        t = time.perf_counter()
-        try:
-            r = measure(config_name, variant, backend)
-        except RuntimeError as e:
-            log(f"  FAILED: {str(e)[-3000:]}")
-            r = {"error": error_line(str(e))}
-        except subprocess.TimeoutExpired as e:
-            log(f"  TIMED OUT after {e.timeout:.0f} s")
-            r = {"error": f"timed out after {e.timeout:.0f} s"}
-        r.update(case=case, config=config_name, variant=variant, backend=backend, label=label)
-        rows.append(r)
-        if "step_s" in r:
-            m = metrics(r, config_name)
-            log(f"  {m['tokens_s']:,.0f} tokens/s (step {m['step_s']:.2f} s, first "
-                f"{m['first_s']:.1f} s), step memory {_mib(m['mem_first'])} / "
-                f"{_mib(m['mem_steady'])} MiB, peak {_mib(m['process_peak'])} MiB, loss "
-                f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}, {r['trainable']:,} trainable")
-            c = r["fit_counters"]
-            log(f"  fit: {c['wall_s']:.1f} s wall, this process {c['cpu_s'] / c['wall_s']:.2f} "
-                f"cores, other processes {other_load(r):.2f} cores, host steal "
-                f"{c['steal_s']:.1f} s, {c['major_faults']} major faults, "
-                f"{c['involuntary_switches']} involuntary context switches")
-        log(f"  ({time.perf_counter() - t:.0f} s)")
-    args_line = "python bench/lora_train.py" + "".join(
-        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
-    table = render(rows, args_line)
-    print(table)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(table)
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "args_line": args_line}, indent=1))
-    log(f"wrote {output} ({time.perf_counter() - total:.0f} s in all)")
-    return 1 if any("error" in r for r in rows) else 0
+
+def _log_case(r, config_name):
+    m = metrics(r, config_name)
+    log(f"  {m['tokens_s']:,.0f} tokens/s (step {m['step_s']:.2f} s, first "
+        f"{m['first_s']:.1f} s), step memory {_mib(m['mem_first'])} / "
+        f"{_mib(m['mem_steady'])} MiB, peak {_mib(m['process_peak'])} MiB, loss "
+        f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}, {r['trainable']:,} trainable")
+    c = r["fit_counters"]
+    log(f"  fit: {c['wall_s']:.1f} s wall, this process {c['cpu_s'] / c['wall_s']:.2f} "
+        f"cores, other processes {other_load(r):.2f} cores, host steal "
+        f"{c['steal_s']:.1f} s, {c['major_faults']} major faults, "
+        f"{c['involuntary_switches']} involuntary context switches")
 
 
 if __name__ == "__main__":
