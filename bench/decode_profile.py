@@ -91,8 +91,9 @@ def worker(backend: str, hf_dir: str, batch: int, steps: int, use_py_spy: bool) 
     import numpy as np
 
     import gemma_keras as gk
-    from gemma_keras.generation.generate import GenerationSession
+    from gemma_keras.generation.cache import Mode
     from gemma_keras.generation.samplers import GreedySampler
+    from gemma_keras.generation.session import GenerationSession
 
     P, N = 32, 128
     lm = gk.GemmaCausalLM.from_preset(hf_dir, dtype="float32")
@@ -137,7 +138,8 @@ def worker(backend: str, hf_dir: str, batch: int, steps: int, use_py_spy: bool) 
             return x
 
     def call_compiled():
-        logits, state["cache"] = compiled("decode", step_ids, positions, state["cache"], start)
+        logits, state["cache"] = compiled(Mode.DECODE, step_ids, positions, state["cache"],
+                                          start)
         state["logits"] = wait(logits)
     out["compiled"] = _per_call(call_compiled, steps)
     logits = state["logits"]
@@ -165,7 +167,11 @@ def _jax_extras(lm, compiled, ids, positions, state, start, steps):
 
     variables = list(lm.variables)
     values = [v.value for v in variables]
-    fn = compiled._step_fn("decode")
+    from gemma_keras.generation.cache import Mode
+    from gemma_keras.generation.steps import model_step
+
+    def fn(token_ids, positions, cache, start):
+        return model_step(lm.backbone, token_ids, positions, cache, start, Mode.DECODE)
 
     def pure(values, *args):
         with keras_stateless(variables, values):
@@ -216,7 +222,9 @@ def keras_stateless(variables, values):
 def _tf_extras(compiled, ids, positions, state, start, steps):
     import tensorflow as tf
 
-    fn = compiled._steps["decode"]
+    from gemma_keras.generation.cache import Mode
+
+    fn = compiled._steps[Mode.DECODE]
     res = {"tracing_count": int(fn.experimental_get_tracing_count())}
     cache = state["cache"]
     t_ids, t_pos, t_start = (tf.constant(x) for x in (ids, positions, start))
@@ -370,7 +378,7 @@ def _floors(backend, lm, batch):
         dxw, dwx = [torch.from_numpy(m) for m in xw], [torch.from_numpy(m) for m in wx]
         with torch.inference_mode():
             res["xW"] = _per_call(lambda: [x @ m for m in dxw], 10)
-            from gemma_keras.backend_ops import linear  # oneDNN, as the model runs it
+            from gemma_keras.backends.torch import linear  # oneDNN, as the model runs it
 
             res["Wx"] = _per_call(lambda: [linear(x, m) for m in dwx], 10)
             res["Wx_F_linear"] = _per_call(

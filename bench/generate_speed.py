@@ -161,7 +161,7 @@ def _setup(library: str, dirs: dict, prompt_len: int, new_tokens: int):
             backbone.count_params()
 
     import gemma_keras as gk
-    from gemma_keras.generation.generate import GenerationSession
+    from gemma_keras.generation.session import GenerationSession
 
     lm = gk.GemmaCausalLM.from_preset(str(dirs["hf"]), dtype="float32")
 
@@ -214,11 +214,11 @@ def _choices(library) -> dict:
     """What gemma_keras picked by timing at first use (torch: the one-row product)."""
     if library != "gemma_keras" or "torch" not in sys.modules:
         return {}
-    from gemma_keras import backend_ops
+    from gemma_keras.backends import torch as backend
 
-    if backend_ops._one_row_linear.cache_info().currsize == 0:
+    if backend._one_row_linear.cache_info().currsize == 0:
         return {}
-    product = backend_ops._one_row_linear()
+    product = backend._one_row_linear()
     return {"one_row_product": "F.linear" if product is sys.modules["torch"].nn.functional.linear
             else "oneDNN" if product is not None else "none"}
 

@@ -44,8 +44,8 @@ __all__ = sorted([*_EXPORTS, *_MODULES])
 def _settle_backend(module):
     if module not in _KERAS_FREE:
         # Before Keras is imported: a missing backend is one clear line (BackendError), and
-        # with none chosen an installed one is picked (gemma_keras/backend_choice.py).
-        from gemma_keras.backend_choice import ensure_backend
+        # with none chosen an installed one is picked (gemma_keras/backends/choice.py).
+        from gemma_keras.backends.choice import ensure_backend
 
         ensure_backend()
 

@@ -3,10 +3,9 @@
 import keras
 from keras import ops
 
-from gemma_keras import backend_ops
+from gemma_keras import backends
 from gemma_keras.config import GemmaConfig
-from gemma_keras.distribution import shard_cache
-from gemma_keras.generation.cache import layer_kind, write
+from gemma_keras.generation.cache import CacheUpdate
 from gemma_keras.layers.attention import attention_mask
 from gemma_keras.layers.decoder_block import GemmaDecoderBlock
 from gemma_keras.layers.rms_norm import GemmaRMSNorm
@@ -89,10 +88,6 @@ class GemmaBackbone(keras.Model):
 
         lora.merge_lora(self)
 
-    @property
-    def hidden_dim(self):
-        return self.config.hidden_dim
-
     def embed(self, token_ids):
         x = self.token_embedding(token_ids)  # [batch, seq, hidden]
         # The normaliser is cast to the compute dtype *before* multiplying: in bfloat16
@@ -106,7 +101,7 @@ class GemmaBackbone(keras.Model):
         # projections, which reads it row by row when decoding (no transposed copy).
         embedding = self.token_embedding
         if embedding.quantization_mode is None:
-            logits = backend_ops.linear(hidden, embedding.embeddings)
+            logits = backends.get().linear(hidden, embedding.embeddings)
         elif embedding.quantization_mode == "int8" and embedding.inputs_quantizer:
             logits = int8_head(embedding, hidden)
         else:  # int4 tables hold packed integers: Keras' own reverse path dequantizes
@@ -124,51 +119,39 @@ class GemmaBackbone(keras.Model):
 
         Without `cache` returns hidden states [batch, len, hidden]. With a cache from
         `gemma_keras.generation.cache.init_cache`, the tokens are columns start.. of the stream
-        and `mode` is "prefill" (empty cache), "decode" (one token) or "extend" (a chunk after
-        earlier tokens); returns (hidden, updated cache). Training, prefill and decode all run
-        through this one path.
+        and `mode` (a `generation.cache.Mode`) says how they use it; returns (hidden, updated
+        cache). Training, prefill, decode and chunked prefill all run through this one path.
         """
         token_ids = inputs["token_ids"]  # [batch, len]
         positions = inputs.get("positions")
         if positions is None:
             positions = positions_from_mask(inputs.get("padding_mask"), token_ids)
-        key_positions, new_cache = {}, None
+        config = self.config
+        update = None
         if cache is None:
-            key_positions = {"global": positions, "local": positions}
+            key_positions = {kind: positions for kind in config.attention_kinds}
         else:
-            new_cache = {}
-            for kind, part in cache.items():
-                updated = write(part["positions"], positions, start)
-                new_cache[kind] = {"positions": updated, "kv": []}
-                key_positions[kind] = {
-                    "decode": updated, "prefill": positions,
-                    "extend": ops.concatenate([part["positions"], positions], axis=1)}[mode]
-        global_mask = attention_mask(positions, key_positions["global"])
-        local_mask = (attention_mask(positions, key_positions.get("local", key_positions["global"]),
-                                     self.config.sliding_window_size)
-                      if self.config.use_sliding_window_attention else global_mask)
-        rope = rope_tables(positions, self.config.head_dim, self.config.rope_max_wavelength)
+            update = CacheUpdate(config, cache, positions, start, mode)
+            key_positions = update.key_positions
+        # [batch, len, keys] bool per attention kind
+        masks = {kind: attention_mask(positions, keys, config.attention_window(kind))
+                 for kind, keys in key_positions.items()}
+        rope = rope_tables(positions, config.head_dim, config.rope_max_wavelength)
         x = self.embed(token_ids)
         for i, block in enumerate(self.transformer_layers):
-            layer_cache = None
-            if cache is not None:
-                kind = layer_kind(self.config, i)
-                layer_cache = cache[kind]["kv"][len(new_cache[kind]["kv"])]
-            if training and self.gradient_checkpointing and cache is None:
-                x = backend_ops.remat(lambda h, block=block: block(
-                    h, rope, global_mask, local_mask, training=training)[0])(x)
+            mask = masks[config.attention_kind(i)]
+            if update is not None:
+                x, written = block(x, rope, mask, cache=update.layer(i), training=training)
+                update.store(i, written)
+            elif training and self.gradient_checkpointing:
+                x = backends.get().remat(
+                    lambda h, block=block, mask=mask: block(h, rope, mask, training=training)[0])(x)
             else:
-                x, layer_cache = block(x, rope, global_mask, local_mask, cache=layer_cache,
-                                       start=start, mode=mode, training=training)
-            if cache is not None:
-                new_cache[kind]["kv"].append(layer_cache)
+                x, _ = block(x, rope, mask, training=training)
         x = self.final_normalization(x)  # [batch, len, hidden]
-        if cache is None:
+        if update is None:
             return x
-        # Under a keras.distribution (JAX) the cache leaves split by batch and kv heads, as it
-        # came in: the next compiled step then sees the same layout (no recompilation, no
-        # resharding). Without one this returns the cache unchanged.
-        return x, shard_cache(new_cache)
+        return x, update.result()
 
     def get_config(self):
         return {"config": self.config.to_dict(), "name": self.name,

@@ -116,17 +116,6 @@ class GemmaCausalLM(keras.Model):
 
         return ChatSession(self, system=system)
 
-    def _compiled_steps(self):
-        from gemma_keras.generation.generate import CompiledSteps
-
-        # Compiled steps take the variables as inputs; quantize() or enable_lora() replace
-        # or add variables, and then the steps must be built again.
-        signature = tuple(id(v) for v in self.variables)
-        if self._steps is None or getattr(self, "_steps_signature", None) != signature:
-            self._steps = CompiledSteps(self)
-            self._steps_signature = signature
-        return self._steps
-
     def generate(self, inputs, max_length=None, max_new_tokens=None, sampler=None,
                  stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
                  temperature=None, top_k=None, top_p=None, min_new_tokens=0,

@@ -277,12 +277,12 @@ def _quiet_backend_logs():
 
 
 def _settle_backend(args):
-    """Chooses the backend (gemma_keras/backend_choice.py) and imports Keras with it, with
+    """Chooses the backend (gemma_keras/backends/choice.py) and imports Keras with it, with
     the C++ logs printed during the import kept off the terminal (TensorFlow writes them to
     file descriptor 2 before any log setting applies). If the import fails they are shown."""
     import tempfile
 
-    from gemma_keras.backend_choice import ensure_backend
+    from gemma_keras.backends.choice import ensure_backend
 
     if args.backend:
         ensure_backend(args.backend, "--backend")

@@ -74,8 +74,21 @@ class GemmaConfig:
     def ffn_branch_dim(self) -> int:
         return self.intermediate_dim // 2
 
-    def is_sliding_layer(self, layer_index: int) -> bool:
-        return self.use_sliding_window_attention and layer_index % 2 == 0
+    def attention_kind(self, layer_index: int) -> str:
+        """"local" for a sliding-window layer (Gemma 2: every other layer, from layer 0),
+        "global" for full causal attention. Masks and the KV cache are built per kind."""
+        if self.use_sliding_window_attention and layer_index % 2 == 0:
+            return "local"
+        return "global"
+
+    @property
+    def attention_kinds(self) -> tuple:
+        """The kinds this config's layers use, in a fixed order."""
+        return ("global", "local") if self.use_sliding_window_attention else ("global",)
+
+    def attention_window(self, kind: str):
+        """How many positions back a query of this kind sees (itself included); None: all."""
+        return self.sliding_window_size if kind == "local" else None
 
     def parameter_count(self) -> int:
         """Exact count of the weights the backbone allocates, without allocating them."""

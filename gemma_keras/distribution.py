@@ -25,7 +25,7 @@ kernel layout (layers/linear.py):
 - norm scales, and anything not named here, are replicated.
 
 Weights are replicated over "batch"; batches are split over it (Keras' trainer does that for
-`fit`, `shard_cache` for the KV cache).
+`fit`, the KV cache's own sharding hook for the cache, by `cache_layout`).
 
 Heads that do not divide the model axis: a kernel is split by rows whenever its axis divides
 the mesh axis, even when that splits a head (Gemma 2B's single kv head, 256 rows, is cut into
@@ -53,10 +53,6 @@ MODEL_AXIS = {
     rf".*/{_ROW}/lora_kernel_a": None,                   # [out, rank]: replicated
     rf".*/{_ROW}/lora_kernel_b": 1,                      # [rank, in]: in
 }
-# Names of the weights that must be split in a model-parallel run (the tests assert it).
-LARGE_WEIGHTS = ("token_embedding/embeddings", "query/kernel", "key/kernel", "value/kernel",
-                 "attention_output/kernel", "ffw_gating/kernel", "ffw_gating_2/kernel",
-                 "ffw_linear/kernel")
 
 
 def _require_jax(what):
@@ -175,14 +171,3 @@ def _model_dim(distribution):
             if axis is not None:
                 return axis
     return None
-
-
-def shard_cache(cache):
-    """Places every buffer of a KV cache (generation/cache.py) by `cache_layout`; the cache
-    unchanged when no distribution is active. Works eagerly (moves the buffers into shards)
-    and inside a compiled step (a sharding constraint, so the cache a step returns keeps the
-    layout it came in with and the next step is not compiled again)."""
-    if keras.backend.backend() != "jax" or keras.distribution.distribution() is None:
-        return cache
-    return keras.tree.map_structure(
-        lambda x: keras.distribution.distribute_tensor(x, cache_layout(x.shape)), cache)

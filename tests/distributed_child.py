@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import gemma_keras as gk  # noqa: E402
 from gemma_keras import distribution as dist  # noqa: E402
 from gemma_keras.config import GemmaConfig  # noqa: E402
-from gemma_keras.generation.generate import GenerationSession  # noqa: E402
+from gemma_keras.generation.session import GenerationSession  # noqa: E402
 from gemma_keras.lora import ALL_TARGETS  # noqa: E402
 
 COMMON = dict(vocabulary_size=256, num_layers=2, hidden_dim=64, intermediate_dim=192)

@@ -6,8 +6,8 @@ import pytest
 
 import gemma_keras as gk
 from conftest import padded_logits
-from gemma_keras.generation.compile import loops_compile
-from gemma_keras.generation.generate import GenerationSession
+from gemma_keras import backends
+from gemma_keras.generation.session import GenerationSession
 from gemma_keras.generation.samplers import Sampler
 
 NEW = 24  # longer than the sliding window (5) of the Gemma 2 case, so the ring buffer wraps
@@ -32,7 +32,7 @@ def _wandering_models(pristine_hf):
 def wandering(_wandering_models):
     """case -> (GemmaCausalLM, HF model) with weights whose greedy decoding varies. Tests may
     flip `lm.instruct` or swap `lm._steps`; both are put back after the test."""
-    from gemma_keras.generation.generate import CompiledSteps
+    from gemma_keras.generation.steps import CompiledSteps
 
     used = []
 
@@ -141,7 +141,7 @@ class HostGreedy(Sampler):
         return np.argmax(logits, axis=-1)
 
 
-@pytest.mark.skipif(not loops_compile(), reason="this backend decodes greedy on the host "
+@pytest.mark.skipif(not backends.get().loops_compile, reason="this backend decodes greedy on the host "
                     "loop too (no compiled loop to compare)")
 @pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
 def test_compiled_greedy_loop_equals_the_host_loop(case, wandering):
@@ -268,18 +268,21 @@ def test_chat_reuses_the_cache_and_equals_a_fresh_generation(case, wandering):
     lm.instruct = True
     chat = lm.chat(system="Be brief.")
     prefills = []
-    steps = lm._compiled_steps()
+    from gemma_keras.generation.cache import Mode
+    from gemma_keras.generation.steps import CompiledSteps
+
+    steps = CompiledSteps.of(lm)
     original = steps.__call__
 
     class Spy:
         def __call__(self, mode, *args):
-            prefills.append(mode) if mode == "prefill" else None
+            prefills.append(mode) if mode is Mode.PREFILL else None
             return original(mode, *args)
     lm._steps = Spy()
     chat.send("The quick brown fox", max_new_tokens=10)
     chat.send("jumps over the lazy dog", max_new_tokens=10)
     third = "".join(chat.send("Gemma models", max_new_tokens=10, stream=True))
-    assert prefills == ["prefill"]  # later turns extend the cache
+    assert prefills == [Mode.PREFILL]  # later turns extend the cache
     assert [r for r, _ in chat.history] == ["user", "model"] * 3
     assert chat.history[-1] == ("model", third)
 
@@ -305,3 +308,40 @@ def test_chat_grows_past_its_first_cache(wandering):
         chat.send("fox " * 60, max_new_tokens=40)
     assert len(chat.history) == 6
     assert chat._session.capacity >= len(chat._tokens)
+
+
+def test_stream_holds_back_a_stop_string_until_it_is_decided(wandering):
+    # "jumps ov" spans two pieces; a stream must not yield the first ("jumps") and then
+    # stop: the pieces join to exactly the non-streamed completion.
+    lm, _ = wandering("gemma_mqa")
+    fox = lm.tokenizer.tokenize(" fox jumps over")
+    assert len(fox) >= 3
+    kw = dict(max_new_tokens=8, stop_strings=["jumps ov"], stop_token_ids=None)
+    whole = lm.generate("The", sampler=Scripted([fox]), **kw)
+    pieces = list(lm.generate("The", sampler=Scripted([fox]), stream=True, **kw))
+    assert "The" + "".join(pieces) == whole == "The fox "
+
+
+@pytest.mark.once("torch")
+def test_incremental_text_equals_the_whole_decode_and_reads_each_id_a_few_times(spm_path):
+    from gemma_keras.generation.stopping import IncrementalText
+    from gemma_keras.tokenizer import GemmaTokenizer
+
+    tokenizer = GemmaTokenizer(spm_path)
+    read = []
+
+    def detokenize(ids):
+        read.append(len(ids))
+        return tokenizer.detokenize(ids)
+    ids = tokenizer.tokenize("🦊 é🦊 The quick brown fox 42 jumps<end_of_turn>\n over 7 dogs. ")
+    ids += [int(i) for i in np.random.RandomState(0).randint(0, tokenizer.vocabulary_size, 200)]
+    ids += tokenizer.tokenize(" the end")  # whole characters last
+    text = IncrementalText(detokenize)
+    for i, token in enumerate(ids):
+        text.add([token])
+        so_far = tokenizer.detokenize(ids[: i + 1])
+        assert so_far.startswith(text.text) and "\ufffd" not in text.text[-1:]
+    assert text.text == tokenizer.detokenize(ids)
+    # Each call decodes the ids since the last clean boundary: linear in the length, where
+    # decoding the whole text after every id would read len(ids)**2 / 2.
+    assert sum(read) < 10 * len(ids)

@@ -238,11 +238,12 @@ def test_qlora_fit_trains_adapters_on_frozen_quantized_weights(tiny_lm, mode):
 
 
 def test_gradient_checkpointing_gives_the_same_training_step(tiny_lm, monkeypatch):
-    from gemma_keras import backend_ops
+    from gemma_keras import backends
 
     wrapped = []
-    real_remat = backend_ops.remat
-    monkeypatch.setattr(backend_ops, "remat", lambda f: wrapped.append(f) or real_remat(f))
+    backend = backends.get()
+    real_remat = backend.remat
+    monkeypatch.setattr(backend, "remat", lambda f: wrapped.append(f) or real_remat(f))
     results = []
     for remat in (False, True):
         wrapped.clear()

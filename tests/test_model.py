@@ -68,7 +68,7 @@ def test_rope_positions_stay_exact_in_bfloat16():
 
 
 def test_linear_is_x_times_kernel_transposed_and_keeps_keras_lora_and_int8():
-    # Linear stores [out, in] and computes through backend_ops.linear; with LoRA or int8 it
+    # Linear stores [out, in] and computes through the backend's linear; with LoRA or int8 it
     # defers to EinsumDense, whose kernel bookkeeping must agree with that layout.
     from gemma_keras.layers.linear import Linear
 
@@ -105,17 +105,17 @@ def test_tensorflow_linear_takes_the_2d_form_under_xla_and_both_forms_are_exact(
     # faster. Both must give x @ W^T, and the compiled generation steps must get the 2-D one.
     import tensorflow as tf
 
-    from gemma_keras import backend_ops
+    from gemma_keras.backends import tensorflow as backend
 
     rng = np.random.RandomState(1)
     x = rng.normal(size=(2, 5, 16)).astype("float32")
     kernel = rng.normal(size=(8, 16)).astype("float32")
     seen = []
-    real = backend_ops._in_xla_graph
-    monkeypatch.setattr(backend_ops, "_in_xla_graph", lambda: seen.append(real()) or seen[-1])
-    eager = backend_ops.linear(tf.constant(x), tf.constant(kernel))
-    graph = tf.function(backend_ops.linear)(tf.constant(x), tf.constant(kernel))
-    xla = tf.function(backend_ops.linear, jit_compile=True)(tf.constant(x), tf.constant(kernel))
+    real = backend._in_xla_graph
+    monkeypatch.setattr(backend, "_in_xla_graph", lambda: seen.append(real()) or seen[-1])
+    eager = backend.linear(tf.constant(x), tf.constant(kernel))
+    graph = tf.function(backend.linear)(tf.constant(x), tf.constant(kernel))
+    xla = tf.function(backend.linear, jit_compile=True)(tf.constant(x), tf.constant(kernel))
     assert seen == [False, False, True]
     for out in (eager, graph, xla):
         np.testing.assert_allclose(out.numpy(), x @ kernel.T, atol=1e-5)
@@ -137,7 +137,7 @@ def test_int8_quantized_model_generates_from_its_quantized_weights(vocab_size):
     assert 0 < np.abs(after - before).max() < 0.05 * np.abs(before).max()
     # The compiled (cached) steps run the quantized weights, not the float ones they were
     # first built with.
-    from gemma_keras.generation.generate import GenerationSession
+    from gemma_keras.generation.session import GenerationSession
 
     session = GenerationSession(lm, [ids[0].tolist()], ids.shape[1] + 4)
     np.testing.assert_allclose(session.logits[0], after[0, -1], atol=1e-4)
@@ -178,3 +178,14 @@ def test_quantize_and_merge_drop_variables_without_a_collection_each(vocab_size,
     ids = np.array([[2, 17, 40]], "int32")
     out = lm({"token_ids": ids, "padding_mask": np.ones_like(ids)})
     assert np.isfinite(keras.ops.convert_to_numpy(out)).all()
+
+
+def test_decoder_block_config_round_trips(vocab_size):
+    from gemma_keras.layers.decoder_block import GemmaDecoderBlock
+
+    from gemma_keras.config import GemmaConfig
+
+    config = GemmaConfig(**keras_hub_kwargs("gemma2_gqa", vocab_size))
+    block = GemmaDecoderBlock(config, 2, name="decoder_block_2")
+    copy = GemmaDecoderBlock.from_config(block.get_config())
+    assert copy.config == config and copy.layer_index == 2 and copy.name == block.name

@@ -98,7 +98,7 @@ class _FromCheckpoint(keras.initializers.Initializer):
     # large weight's initializer under jax.jit to shard it, embedding the tensor read from
     # the file in the compiled program as a constant.
     def __call__(self, shape, dtype=None, layout=None):
-        from gemma_keras.backend_ops import host_array_to_tensor
+        from gemma_keras.backends import get as backend
 
         # Shapes are reported in the file's own layout, which is what its owner knows.
         found = tuple(getattr(self.entry, "file_shape", self.entry.shape))
@@ -109,7 +109,7 @@ class _FromCheckpoint(keras.initializers.Initializer):
                 f"the config calls for {wanted}. The config and the weights do not match.")
         array = self.entry.read(numpy_dtype(keras.backend.standardize_dtype(dtype)))
         progress.step()
-        return host_array_to_tensor(array, layout)
+        return backend().host_array_to_tensor(array, layout)
 
 
 def install_checkpoint(backbone, reader: Reader, source: str) -> None:

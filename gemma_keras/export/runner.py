@@ -25,6 +25,9 @@ from typing import List, Optional
 
 import numpy as np
 
+# Keras-free: the stop rules GemmaCausalLM.generate follows.
+from gemma_keras.generation.stopping import completion_ids
+
 
 def _interpreter(model_path, num_threads):
     try:
@@ -109,10 +112,10 @@ class LiteRTGenerator:
         for _ in range(max_new_tokens):
             logits, cache = self.decode(token, position, cache)
             token, position = int(np.argmax(logits)), position + 1
+            generated.append(token)
             if token in self.stop_token_ids:
                 break
-            generated.append(token)
-        return generated
+        return completion_ids(generated, self.stop_token_ids)
 
     def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
         """The prompt's greedy completion text."""

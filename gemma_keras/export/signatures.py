@@ -17,33 +17,14 @@ from __future__ import annotations
 import tensorflow as tf
 from keras import ops
 
-from gemma_keras import backend_ops
-from gemma_keras.generation.cache import init_cache, layer_kind
-from gemma_keras.generation.generate import greedy_loop_fn
+from gemma_keras.backends.tensorflow import exporting
+from gemma_keras.generation.cache import Mode, from_per_layer, init_cache, per_layer
+from gemma_keras.generation.steps import greedy_loop, hits_stop, model_step
 
 
 def cache_names(config):
     """The LiteRT cache tensors' names, in layer order: k_0, v_0, k_1, v_1, ..."""
     return [f"kv_cache_{part}_{i}" for i in range(config.num_layers) for part in ("k", "v")]
-
-
-def _as_cache(config, tensors, slot_positions):
-    """Named per-layer tensors -> the backbone's cache structure (see generation/cache.py)."""
-    cache = {}
-    for i in range(config.num_layers):
-        part = cache.setdefault(layer_kind(config, i), {"positions": slot_positions, "kv": []})
-        part["kv"].append((tensors[f"kv_cache_k_{i}"], tensors[f"kv_cache_v_{i}"]))
-    return cache
-
-
-def _as_tensors(config, cache):
-    tensors, taken = {}, {kind: 0 for kind in cache}
-    for i in range(config.num_layers):
-        kind = layer_kind(config, i)
-        key, value = cache[kind]["kv"][taken[kind]]
-        taken[kind] += 1
-        tensors[f"kv_cache_k_{i}"], tensors[f"kv_cache_v_{i}"] = key, value
-    return tensors
 
 
 def litert_step(backbone, max_length, with_logits):
@@ -64,15 +45,18 @@ def litert_step(backbone, max_length, with_logits):
 
     def step(tokens, input_pos, caches):
         slot_positions = ops.arange(max_length, dtype="int32")[None, :]  # [1, max_length]
-        cache = _as_cache(config, caches, slot_positions)
-        with backend_ops.export_form():
-            hidden, cache = backbone({"token_ids": tokens, "positions": input_pos[None, :]},
-                                     cache=cache, start=input_pos[0], mode="decode")
-            outputs = _as_tensors(config, cache)
-            if with_logits:
-                # [1, vocab]: the last token's logits only; an on-device sampler reads them.
-                outputs["logits"] = ops.cast(
-                    backbone.logits(hidden[:, -1:, :])[:, 0, :], "float32")
+        names = cache_names(config)
+        cache = from_per_layer(config, [(caches[k], caches[v])
+                                        for k, v in zip(names[::2], names[1::2])],
+                               slot_positions)
+        with exporting():
+            # logits: [1, vocab], the last token's only; an on-device sampler reads them.
+            logits, cache = model_step(backbone, tokens, input_pos[None, :], cache,
+                                       input_pos[0], Mode.DECODE, with_logits)
+        outputs = dict(zip(names, [t for key_value in per_layer(config, cache)
+                                   for t in key_value]))
+        if with_logits:
+            outputs["logits"] = logits
         return outputs
     return step
 
@@ -114,13 +98,11 @@ def generate_fns(backbone, tokenizer, max_length, stop_ids):
         # ids, positions: [batch, prompt] (left-padded, -1 positions on padding).
         batch, width = ops.shape(ids)[0], ops.shape(ids)[1]
         cache = init_cache(config, batch, max_length, dtype)
-        hidden, cache = backbone({"token_ids": ids, "positions": positions}, cache=cache,
-                                 start=0, mode="prefill")
-        logits = ops.cast(backbone.logits(hidden[:, -1:, :])[:, 0, :], "float32")
+        logits, cache = model_step(backbone, ids, positions, cache, 0, Mode.PREFILL)
         first = ops.cast(ops.argmax(logits, axis=-1), "int32")  # [batch]
-        done = ops.any(first[:, None] == stops[None, :], axis=-1)
+        done = hits_stop(first, stops)
         next_positions = ops.max(positions, axis=1) + 1
-        out, count, _, _ = greedy_loop_fn(backbone, pad)(
+        out, count, _, _ = greedy_loop(backbone, pad)(
             first, next_positions, done, cache, width, steps - 1, stops)
         return ops.concatenate([first[:, None], out], axis=1), count + 1  # [batch, 1 + slots]
 
@@ -152,7 +134,7 @@ def generate_fns(backbone, tokenizer, max_length, stop_ids):
         tokens, count = decode(ids, positions, max_new_tokens)
         tokens = tokens[:, :count]  # [batch, count]
         # A row's completion ends before its first stop id.
-        is_stop = tf.reduce_any(tokens[:, :, None] == stops[None, None, :], axis=-1)
+        is_stop = hits_stop(tokens, stops)  # [batch, count]
         keep = tf.logical_not(tf.cast(tf.cumsum(tf.cast(is_stop, tf.int32), axis=1), tf.bool))
         kept = tf.ragged.boolean_mask(tokens, keep)
         # As GemmaTokenizer.detokenize: ids past the SentencePiece vocabulary (checkpoints pad

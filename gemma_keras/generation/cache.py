@@ -1,6 +1,8 @@
-"""The key/value cache: explicit data passed into the model and returned updated.
+"""The key/value cache: explicit data passed into the model and returned updated. Everything
+about it is here: layout, initialisation, the one write function, what each attention layer
+attends over, sharding, and the per-layer form exports use.
 
-Layout: a dict with one entry per attention kind that the config uses,
+Layout: a dict with one entry per attention kind the config uses (`config.attention_kinds`),
     {"global": {"positions": [batch, slots], "kv": [(key, value), ...]},
      "local":  {...}}
 with key/value [batch, slots, kv_heads, head_dim] for each layer of that kind, in layer order.
@@ -13,14 +15,28 @@ model, the same for every row of the batch. Column c lives in slot c % slots. Gl
 as many slots as columns, so nothing is overwritten; sliding-window layers of Gemma 2 keep
 only `sliding_window_size` slots (a ring buffer): a key that old is outside every later query's
 window anyway.
+
+A forward pass with a cache is one `Mode` (see there). The backbone opens a `CacheUpdate` for
+the pass, hands each attention layer its `LayerCache` view, and returns the updated cache;
+layers never see the layout.
 """
 
 from __future__ import annotations
 
+import enum
+
 from keras import ops
 
-from gemma_keras.backend_ops import write_slot
-from gemma_keras.distribution import shard_cache
+from gemma_keras import backends
+from gemma_keras.errors import InvalidArgumentError
+
+
+class Mode(enum.Enum):
+    """How a chunk of new tokens uses the cache."""
+    PREFILL = "prefill"  # the cache is empty: the chunk attends over itself
+    DECODE = "decode"    # the chunk is written first, then attends over the whole cache (one
+    #                      new token; also an export's chunks, whose cache has no ring)
+    EXTEND = "extend"    # a chunk after earlier tokens: attends over the old cache + itself
 
 
 def cache_slots(config, total_columns: int, ring: bool = True) -> dict:
@@ -31,29 +47,41 @@ def cache_slots(config, total_columns: int, ring: bool = True) -> dict:
     prefill and decode, with shapes fixed at export), which a ring would corrupt when the
     chunk overwrites keys its own earlier queries still see.
     """
-    kinds = {"global": total_columns}
-    if config.use_sliding_window_attention:
-        kinds["local"] = min(total_columns, config.sliding_window_size) if ring else total_columns
-    return kinds
+    window = config.attention_window("local")
+    return {kind: min(total_columns, window) if kind == "local" and ring else total_columns
+            for kind in config.attention_kinds}
 
 
-def layer_kind(config, layer_index: int) -> str:
-    return "local" if config.is_sliding_layer(layer_index) else "global"
+def _layer_places(config):
+    """[(kind, index among that kind's layers)] in layer order."""
+    places, counts = [], {}
+    for i in range(config.num_layers):
+        kind = config.attention_kind(i)
+        places.append((kind, counts.get(kind, 0)))
+        counts[kind] = counts.get(kind, 0) + 1
+    return places
 
 
 def init_cache(config, batch: int, total_columns: int, dtype, ring: bool = True) -> dict:
     """An empty cache (every slot at position -1) for `total_columns` columns."""
+    kinds = [kind for kind, _ in _layer_places(config)]
     cache = {}
     for kind, slots in cache_slots(config, total_columns, ring).items():
-        n_layers = sum(layer_kind(config, i) == kind for i in range(config.num_layers))
         shape = (batch, slots, config.num_key_value_heads, config.head_dim)
         cache[kind] = {
             "positions": ops.full((batch, slots), -1, dtype="int32"),
-            "kv": [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in range(n_layers)],
+            "kv": [(ops.zeros(shape, dtype), ops.zeros(shape, dtype))
+                   for _ in range(kinds.count(kind))],
         }
     # Under a keras.distribution (JAX) the cache is born split by batch / kv heads, so no
     # device ever holds it whole and the first prefill compiles for the split layout.
-    return shard_cache(cache)
+    return backends.get().shard_cache(cache)
+
+
+def capacity(cache):
+    """Columns the cache holds (the global layers' slots): a static int where known."""
+    positions = cache["global"]["positions"]
+    return positions.shape[1] or ops.shape(positions)[1]
 
 
 def write(buffer, update, start):
@@ -70,7 +98,7 @@ def write(buffer, update, start):
     length = update.shape[1] or ops.shape(update)[1]
     start = ops.cast(start, "int32")
     if update.shape[1] == 1:
-        return write_slot(buffer, update, start % slots)
+        return backends.get().write_slot(buffer, update, start % slots)
     slot = ops.arange(slots, dtype="int32")
     last = start + length - 1
     # The latest column of this chunk that lands in each slot, and whether there is one.
@@ -80,3 +108,78 @@ def write(buffer, update, start):
     gathered = ops.take(update, source, axis=1)  # [batch, slots, ...]
     shape = [1, slots] + [1] * (len(buffer.shape) - 2)
     return ops.where(ops.reshape(written, shape), ops.cast(gathered, buffer.dtype), buffer)
+
+
+class LayerCache:
+    """One attention layer's view of the cache for one forward pass."""
+
+    def __init__(self, key, value, start, mode: Mode):
+        self.key, self.value, self.start, self.mode = key, value, start, mode
+
+    def update(self, key, value):
+        """key, value: this pass's [batch, len, kv_heads, head_dim]. Returns ((keys, values)
+        to attend over, the layer's updated (key, value) buffers)."""
+        written = (write(self.key, key, self.start), write(self.value, value, self.start))
+        if self.mode is Mode.DECODE:
+            return written, written
+        if self.mode is Mode.EXTEND:
+            # [batch, slots + len, kv_heads, head_dim]
+            return ((ops.concatenate([self.key, ops.cast(key, self.key.dtype)], axis=1),
+                     ops.concatenate([self.value, ops.cast(value, self.value.dtype)], axis=1)),
+                    written)
+        return (key, value), written
+
+
+class CacheUpdate:
+    """One forward pass over `cache` with new tokens at `positions` ([batch, len]) written at
+    columns start..: the key positions each attention kind sees, each layer's view, and the
+    updated cache once every layer has stored its buffers."""
+
+    def __init__(self, config, cache, positions, start, mode):
+        try:
+            self.mode = Mode(mode)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"mode={mode!r}: a forward pass with a cache is one of "
+                f"{[m.value for m in Mode]} (gemma_keras.generation.cache.Mode).") from None
+        self.start, self._places = start, _layer_places(config)
+        self._cache = cache
+        self._new = {}
+        self.key_positions = {}  # kind -> [batch, keys]
+        for kind, part in cache.items():
+            updated = write(part["positions"], positions, start)
+            self._new[kind] = {"positions": updated, "kv": [None] * len(part["kv"])}
+            if self.mode is Mode.DECODE:
+                self.key_positions[kind] = updated
+            elif self.mode is Mode.EXTEND:
+                self.key_positions[kind] = ops.concatenate([part["positions"], positions], 1)
+            else:
+                self.key_positions[kind] = positions
+
+    def layer(self, layer_index) -> LayerCache:
+        kind, j = self._places[layer_index]
+        return LayerCache(*self._cache[kind]["kv"][j], self.start, self.mode)
+
+    def store(self, layer_index, key_value):
+        kind, j = self._places[layer_index]
+        self._new[kind]["kv"][j] = key_value
+
+    def result(self):
+        """The updated cache. Under a keras.distribution (JAX) it leaves split by batch and kv
+        heads, as it came in: the next compiled step then sees the same layout (no
+        recompilation, no resharding)."""
+        return backends.get().shard_cache(self._new)
+
+
+def per_layer(config, cache):
+    """The (key, value) buffers in layer order: the form an export names its tensors in."""
+    return [cache[kind]["kv"][j] for kind, j in _layer_places(config)]
+
+
+def from_per_layer(config, key_values, positions):
+    """`per_layer`'s inverse: a cache from (key, value) per layer and the slots' positions
+    (shared by every kind: exports keep no ring)."""
+    cache = {kind: {"positions": positions, "kv": []} for kind in config.attention_kinds}
+    for (kind, _), key_value in zip(_layer_places(config), key_values):
+        cache[kind]["kv"].append(key_value)
+    return cache

@@ -15,10 +15,10 @@ import numpy as np
 
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation import options
-from gemma_keras.generation.generate import (GenerationSession, cache_bucket,
-                                             resolve_stop_ids)
+from gemma_keras.generation.generate import resolve_stop_ids
 from gemma_keras.generation.options import Decoding
 from gemma_keras.generation.samplers import build_sampler, check_repetition_penalty
+from gemma_keras.generation.session import GenerationSession, Stopping, cache_bucket
 # The format's one owner is the tokenizer module; imported here for `chat.format_chat` users.
 from gemma_keras.tokenizer import format_chat, format_turn  # noqa: F401
 
@@ -107,11 +107,10 @@ class ChatSession:
         return "".join(pieces)
 
     def _decode(self, max_new_tokens, decoding, rng):
-        from gemma_keras.generation.generate import stream_session
-
         session = self._session
         reply = []
-        for piece in stream_session(self.lm, session, max_new_tokens, decoding, rng, None):
+        for piece in session.stream(max_new_tokens, decoding, rng,
+                                    Stopping(frozenset(decoding.stop_ids))):
             reply.append(piece)
             yield piece
         generated = session.rows[0].generated

@@ -4,7 +4,6 @@ global or sliding-window masking chosen by the caller."""
 import keras
 from keras import ops
 
-from gemma_keras.generation.cache import write
 from gemma_keras.layers.linear import Linear
 from gemma_keras.layers.rotary import apply_rotary_embedding
 
@@ -62,16 +61,14 @@ class GemmaAttention(keras.layers.Layer):
         self.attention_output.build((None, None, self.num_query_heads * self.head_dim))
         self.built = True
 
-    def call(self, x, rope, mask, cache=None, start=None, mode=None, training=False):
+    def call(self, x, rope, mask, cache=None, training=False):
         """x: [batch, len, hidden]; rope: (sin, cos) of the tokens' positions from
         `rope_tables`; mask: [batch, len, keys] bool.
 
-        Without a cache the keys are this call's tokens. With one (a (key, value) pair of
-        [batch, slots, kv_heads, head_dim]) the new keys are written at column `start`, and
-        the keys attended to depend on `mode`, which the backbone built `mask` for:
-        "decode" (one token) attends over the updated cache, "prefill" (empty cache) over the
-        new tokens only, "extend" (a chunk after earlier tokens) over old cache + new tokens.
-        Returns (output [batch, len, hidden], updated cache or None).
+        Without a cache the keys are this call's tokens. With one (this layer's view,
+        `generation.cache.LayerCache`) the new keys and values go through `cache.update`,
+        which returns what to attend over (the backbone built `mask` for the same keys).
+        Returns (output [batch, len, hidden], updated (key, value) buffers or None).
         """
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         heads = (batch, length, self.num_query_heads, self.head_dim)
@@ -81,21 +78,14 @@ class GemmaAttention(keras.layers.Layer):
         value = ops.reshape(self.value(x), kv_heads)  # [batch, len, kv_heads, head_dim]
         query = apply_rotary_embedding(query, rope)
         key = apply_rotary_embedding(key, rope)
-        new_cache = None
+        written = None
         keys, values = key, value
         if cache is not None:
-            old_key, old_value = cache
-            new_cache = (write(old_key, key, start), write(old_value, value, start))
-            if mode == "decode":
-                keys, values = new_cache
-            elif mode == "extend":
-                # [batch, slots + len, kv_heads, head_dim]
-                keys = ops.concatenate([old_key, ops.cast(key, old_key.dtype)], axis=1)
-                values = ops.concatenate([old_value, ops.cast(value, old_value.dtype)], axis=1)
+            (keys, values), written = cache.update(key, value)
         output = self.attend(query, keys, values, mask, training=training)
         # [batch, len, heads * head_dim] -> [batch, len, hidden]
         output = ops.reshape(output, (batch, length, self.num_query_heads * self.head_dim))
-        return self.attention_output(output), new_cache
+        return self.attention_output(output), written
 
     def attend(self, query, key, value, mask, training=False):
         """Scaled dot-product attention over (possibly grouped) heads.

@@ -3,6 +3,7 @@
 
 import keras
 
+from gemma_keras.config import GemmaConfig
 from gemma_keras.layers.attention import GemmaAttention
 from gemma_keras.layers.feedforward import GemmaFeedForward
 from gemma_keras.layers.rms_norm import GemmaRMSNorm
@@ -17,7 +18,6 @@ class GemmaDecoderBlock(keras.layers.Layer):
         self._convert_input_args = False
         self.config = config
         self.layer_index = layer_index
-        self.uses_sliding_window = config.is_sliding_layer(layer_index)
         eps, policy = config.layer_norm_epsilon, self.dtype_policy
         self.pre_attention_norm = GemmaRMSNorm(eps, dtype=policy, name="pre_attention_norm")
         self.attention = GemmaAttention(
@@ -49,13 +49,12 @@ class GemmaDecoderBlock(keras.layers.Layer):
                 layer.build(input_shape)
         self.built = True
 
-    def call(self, x, rope, global_mask, local_mask, cache=None, start=None, mode=None,
-             training=False):
-        """x: [batch, len, hidden]. The block picks the mask its layer kind needs; `cache` is
-        this layer's (key, value) or None. Returns (x, updated cache or None)."""
-        mask = local_mask if self.uses_sliding_window else global_mask
+    def call(self, x, rope, mask, cache=None, training=False):
+        """x: [batch, len, hidden]; mask: [batch, len, keys] bool for this layer's attention
+        kind; `cache` this layer's view of the KV cache or None. Returns (x, this layer's
+        updated (key, value) buffers or None)."""
         h, cache = self.attention(self.pre_attention_norm(x), rope, mask, cache=cache,
-                                  start=start, mode=mode, training=training)
+                                  training=training)
         if self.post_attention_norm is not None:
             h = self.post_attention_norm(h)
         x = x + self.residual_dropout(h, training=training)
@@ -67,3 +66,8 @@ class GemmaDecoderBlock(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "layer_index": self.layer_index,
                 "config": self.config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        return cls(GemmaConfig.from_dict(config.pop("config")), **config)

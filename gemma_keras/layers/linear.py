@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from gemma_keras import backend_ops
+from gemma_keras import backends
 
 
 class Linear(keras.layers.EinsumDense):
@@ -28,7 +28,7 @@ class Linear(keras.layers.EinsumDense):
         self.units = units
 
     def call(self, inputs, training=None):
-        return self._with_adapter(inputs, backend_ops.linear(inputs, self._kernel))
+        return self._with_adapter(inputs, backends.get().linear(inputs, self._kernel))
 
     def quantized_call(self, inputs, training=None):
         # Keras' quantized calls add LoRA with `einsum(equation, x, A)`, which assumes the
@@ -47,7 +47,8 @@ class Linear(keras.layers.EinsumDense):
         # In float32, as the adapter weights: a bfloat16 low-rank path would round away
         # small updates. [batch, len, in] -> [batch, len, rank] -> [batch, len, out]
         x = ops.cast(inputs, "float32")
-        delta = backend_ops.linear(backend_ops.linear(x, self.lora_kernel_b), self.lora_kernel_a)
+        linear = backends.get().linear
+        delta = linear(linear(x, self.lora_kernel_b), self.lora_kernel_a)
         delta = delta * (self.lora_alpha / self.lora_rank)
         return ops.add(outputs, ops.cast(delta, outputs.dtype))
 

@@ -1,0 +1,57 @@
+"""JAX: steps compiled by `jax.jit` as pure functions of the variables' values; host arrays
+placed straight into their shards under a keras.distribution; the KV cache kept sharded."""
+
+from __future__ import annotations
+
+import jax
+import keras
+
+from gemma_keras.backends.common import linear, remat, write_slot  # noqa: F401  (XLA's own)
+
+# A data-dependent loop inside jax.jit stays an XLA while loop.
+loops_compile = True
+
+
+def host_array_to_tensor(array, layout=None):
+    """layout: a JAX sharding (under `keras.distribution`): the array then goes from the host
+    straight into its shards, each device receiving only its slice, instead of whole onto
+    one device first. Without one the array itself: Keras converts it once, when it becomes
+    a variable."""
+    if layout is None:
+        return array
+    # Keras hands initializers a sharding over an abstract mesh; the transfer needs the
+    # distribution's concrete devices, with the same partition spec.
+    mesh = keras.distribution.distribution().device_mesh.backend_mesh
+    return jax.device_put(array, jax.sharding.NamedSharding(mesh, layout.spec))
+
+
+def compile_step(model, fn, donate_argnums=()):
+    """fn(*args) run as `jax.jit` of a pure function of (variable values, *args); arguments in
+    `donate_argnums` (the cache) are donated on accelerators, where XLA then updates them in
+    place. The CPU backend cannot use donated buffers and would only warn."""
+    variables = list(model.variables)
+
+    def pure(values, *args):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            return fn(*args)
+
+    on_cpu = jax.devices()[0].platform == "cpu"
+    donate = () if on_cpu else tuple(i + 1 for i in donate_argnums)
+    jitted = jax.jit(pure, donate_argnums=donate)
+
+    def run(*args):
+        return jitted([v.value for v in variables], *args)
+    return run
+
+
+def shard_cache(cache):
+    """Under a keras.distribution every cache buffer is placed by
+    `distribution.cache_layout`: eagerly (moved into shards) and inside a compiled step (a
+    sharding constraint, so the cache a step returns keeps the layout it came in with and the
+    next step is not compiled again). Without one, the cache unchanged."""
+    if keras.distribution.distribution() is None:
+        return cache
+    from gemma_keras.distribution import cache_layout
+
+    return keras.tree.map_structure(
+        lambda x: keras.distribution.distribute_tensor(x, cache_layout(x.shape)), cache)

@@ -1,0 +1,209 @@
+"""PyTorch: steps compiled by `torch.jit.trace` per input shape, zero-copy host arrays, the
+float32 CPU product chosen by measurement, one-op cache writes, and a remat that frees."""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+
+import keras
+import numpy as np
+import torch
+
+from gemma_keras.backends.common import shard_cache  # noqa: F401  (no keras.distribution)
+
+# A trace records one pass through a Python loop: a data-dependent loop is run on the host.
+loops_compile = False
+
+
+def host_array_to_tensor(array, layout=None):
+    """A tensor sharing the array's memory: keras' generic conversion copies every array, and
+    widens bfloat16 to float32 first."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":  # torch cannot read ml_dtypes' bfloat16 directly
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def write_slot(buffer, update, slot):
+    """`buffer` [batch, slots, ...] with `update` [batch, 1, ...] written at `slot` on axis 1.
+
+    keras.ops.slice_update builds index grids on torch (an arange per axis, a meshgrid,
+    index_put_): ~25 ops per write, 17 writes per decode step of the benchmark model, over
+    40% of the traced graph's ops; `index_copy` is one. Inside a step whose cache is donated,
+    `compile_step` turns it into the in-place `index_copy_` (see `_write_donated_in_place`)."""
+    buffer, update, slot = (keras.ops.convert_to_tensor(t) for t in (buffer, update, slot))
+    index = torch.reshape(slot, (1,)).to(torch.int64)
+    return torch.index_copy(buffer, 1, index, update.to(buffer.dtype))
+
+
+def linear(x, kernel):
+    """x [..., in] times kernel [out, in] transposed: [..., out]."""
+    kernel = keras.ops.convert_to_tensor(kernel)
+    if (x.device.type == "cpu" and x.dtype == kernel.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad))):
+        rows = x.numel() // x.shape[-1]
+        fast = _one_row_linear() if rows == 1 else _onednn_linear()
+        if fast is not None:
+            return fast(x, kernel)
+    return torch.nn.functional.linear(x, kernel)
+
+
+def remat(fn):
+    """`fn` recomputed in the backward pass: torch's non-reentrant checkpoint, as keras.remat,
+    but with its early stop off.
+
+    The early stop ends the recomputation by raising an exception; the exception's traceback
+    keeps the recomputed activations alive until Python's cycle collector runs, and a LoRA fit
+    then grew by ~80 MiB per step (1.8 GiB after 20 steps of the benchmark model, vs ~0.3 GiB
+    with it off)."""
+    from torch.utils import checkpoint
+
+    def wrapped(*args):
+        with checkpoint.set_checkpoint_early_stop(False):  # read when the forward runs
+            return checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return wrapped
+
+
+def compile_step(model, fn, donate_argnums=()):
+    """fn(*args) run as a graph traced once per input signature (shapes and dtypes), under
+    inference mode. The traced graph runs without the Python and Keras dispatch that costs
+    about a third of an eager decode step.
+
+    Arguments in `donate_argnums` are given up by the caller (the cache): their one-slot
+    writes happen in place. A new 128 KiB-or-larger buffer per write is a fresh mmap whose
+    pages fault in on every step."""
+    variables = list(model.variables)
+    traced = {}  # input signature -> (traced graph, output structure)
+
+    def as_tensor(x):
+        return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+
+    def run(*args):
+        flat = [as_tensor(x) for x in keras.tree.flatten(args)]
+        key = tuple((tuple(x.shape), x.dtype) for x in flat)
+        values = [v.value for v in variables]
+        with torch.inference_mode():
+            if key not in traced:
+                structure = {}
+
+                def pure(*inputs):
+                    # Weights are inputs, not constants: the graph then sees in-place updates
+                    # (fit, assign) and needs no copy of them.
+                    mapping = list(zip(variables, inputs[: len(variables)]))
+                    with keras.StatelessScope(state_mapping=mapping):
+                        out = fn(*keras.tree.pack_sequence_as(args, list(inputs[len(variables):])))
+                    structure["out"] = out
+                    return tuple(keras.tree.flatten(out))
+
+                # The one-row product is chosen by timing: do that before tracing, so neither
+                # the tracer's bookkeeping nor the timed ops touch the measurement or the graph.
+                _one_row_linear()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # TracerWarnings about static shapes
+                    graph = torch.jit.trace(pure, (*values, *flat), check_trace=False)
+                _drop_noop_casts(graph.graph)
+                donated, position = [], len(variables)  # graph inputs of donated arguments
+                for i, arg in enumerate(args):
+                    count = len(keras.tree.flatten(arg))
+                    if i in donate_argnums:
+                        donated.extend(range(position, position + count))
+                    position += count
+                _write_donated_in_place(graph.graph, donated)
+                traced[key] = (graph, structure["out"])
+            graph, out_structure = traced[key]
+            return keras.tree.pack_sequence_as(out_structure, list(graph(*values, *flat)))
+    return run
+
+
+def _write_donated_in_place(graph, donated):
+    """Turns each `aten::index_copy` (a `write_slot`) of a donated graph input into the
+    in-place `aten::index_copy_`, where that write is the input's only use (nothing else
+    reads the old buffer, so writing into it changes no result)."""
+    inputs = list(graph.inputs())
+    donated = {inputs[i].unique() for i in donated}
+    for node in list(graph.nodes()):
+        if node.kind() != "aten::index_copy":
+            continue
+        buffer = node.inputsAt(0)
+        if buffer.unique() not in donated or len(buffer.uses()) != 1:
+            continue
+        in_place = graph.create("aten::index_copy_", list(node.inputs()))
+        in_place.insertBefore(node)
+        in_place.output().setType(node.output().type())
+        node.output().replaceAllUsesWith(in_place.output())
+        node.destroy()
+
+
+def _drop_noop_casts(graph):
+    """Removes `aten::to` nodes that return their input (same dtype and device, no copy) from a
+    traced graph. Keras' convert_to_tensor records two per variable read and one per cast: 537
+    in the benchmark model's decode step, each a dispatch the interpreter pays per call."""
+    for node in list(graph.nodes()):
+        if node.kind() != "aten::to":
+            continue
+        source, result = node.inputsAt(0), node.output()
+        a, b = source.type(), result.type()
+        if not (isinstance(a, torch._C.TensorType) and isinstance(b, torch._C.TensorType)):
+            continue
+        if a.scalarType() is None or a.scalarType() != b.scalarType() or a.device() != b.device():
+            continue
+        # Every aten::to overload has these two arguments.
+        if node.namedInput("copy").toIValue() is not False:
+            continue
+        if node.namedInput("memory_format").toIValue() is not None:
+            continue
+        result.replaceAllUsesWith(source)
+        node.destroy()
+    torch._C._jit_pass_dce(graph)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_row_linear():
+    """The faster float32 CPU product for one row (a batch-1 decode step), measured once per
+    process: torch's `F.linear` (MKL's gemv) or oneDNN's inner product.
+
+    Which wins depends on the CPU: on one host of this project's 2-core machines MKL's gemv
+    ran on one core (the benchmark model's weights in 31-35 ms vs oneDNN's 21); on another it
+    used both and beat oneDNN by ~10%. Timed on 128 MiB of weights (more than any cache), each
+    candidate the best of 5 interleaved passes: ~0.15 s, once."""
+    fast = _onednn_linear()
+    if fast is None:
+        return None
+    weights = [torch.ones(4096, 1024) for _ in range(8)]
+    x = torch.ones(1, 1024)
+    best = {product: float("inf") for product in (torch.nn.functional.linear, fast)}
+    with torch.inference_mode():
+        for _ in range(5):
+            for candidate in best:
+                begin = time.perf_counter()
+                for w in weights:
+                    candidate(x, w)
+                best[candidate] = min(best[candidate], time.perf_counter() - begin)
+    return min(best, key=best.get)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_linear():
+    """oneDNN's inner product for float32 CPU inference, or None where torch lacks it.
+
+    torch's own `F.linear` reaches MKL's single-threaded gemv for a one-token step; oneDNN's
+    uses both cores (the benchmark model's weights read in 21 ms instead of 31-35). The op
+    has no autograd formula, hence inference only. Scripted rather than called directly: the
+    tracer cannot record its `Scalar?[]` argument, TorchScript can, and traced generation
+    steps then run it without Python.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.jit.CompilationUnit(_ONEDNN_SOURCE).linear
+    except Exception:  # a torch without the op: F.linear is exact too
+        return None
+
+
+_ONEDNN_SOURCE = """
+def linear(x: Tensor, kernel: Tensor) -> Tensor:
+    scalars: List[Optional[Union[int, float, complex]]] = []
+    return torch.ops.mkldnn._linear_pointwise(x, kernel, None, "none", scalars, "")
+"""

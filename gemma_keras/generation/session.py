@@ -1,0 +1,199 @@
+"""The host side of decoding: a batch's cache and rows, fed through the compiled steps.
+
+What compiles when: one prefill function per (batch, prompt bucket, cache bucket) and one
+decode step per (batch, cache bucket). Prompts are left-padded to a power-of-two bucket (at
+least 16) and the cache to a multiple of 128 columns, so a new prompt length reuses an
+existing compilation unless it crosses a bucket boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, List, Optional, Sequence
+
+import keras
+import numpy as np
+
+from gemma_keras import backends
+from gemma_keras.errors import InvalidArgumentError
+from gemma_keras.generation.cache import Mode, init_cache
+from gemma_keras.generation.options import Decoding
+from gemma_keras.generation.samplers import Sampler
+from gemma_keras.generation.steps import CompiledSteps, pad_id
+from gemma_keras.generation.stopping import RowText, completion_ids, cut_at_stop_strings, growth
+
+MIN_PROMPT_BUCKET = 16
+CACHE_BUCKET = 128
+
+
+def prompt_bucket(length: int, limit: int) -> int:
+    bucket = MIN_PROMPT_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return min(bucket, max(limit, length))
+
+
+def cache_bucket(columns: int, limit: int) -> int:
+    return min(-(-columns // CACHE_BUCKET) * CACHE_BUCKET, max(limit, columns))
+
+
+@dataclasses.dataclass
+class _Row:
+    prompt: List[int]  # everything the row's context held before this decoding
+    generated: List[int] = dataclasses.field(default_factory=list)
+    done: bool = False
+    text: Optional[RowText] = None  # kept while decoding when stop strings or a stream read it
+
+
+@dataclasses.dataclass
+class Stopping:
+    """What ends a row and what its text is: stop ids, stop strings, special pieces."""
+    stop_ids: frozenset = frozenset()
+    stop_strings: Optional[List[str]] = None
+    skip_special: bool = True
+
+
+class GenerationSession:
+    """A batch being decoded: the cache, the next column, and each row's tokens.
+
+    `GemmaCausalLM.generate` runs one to completion; a chat keeps one alive across turns and
+    extends it with each new message instead of re-reading the conversation.
+    """
+
+    def __init__(self, lm, prompts: Sequence[Sequence[int]], total_columns: int):
+        self.lm = lm
+        self.steps = CompiledSteps.of(lm)
+        config = lm.backbone.config
+        self.rows = [_Row(list(p)) for p in prompts]
+        width = prompt_bucket(max(len(p) for p in prompts), config.max_sequence_length)
+        # Columns: the padded prompt, then one per new token.
+        self.capacity = cache_bucket(width + total_columns - max(len(p) for p in prompts),
+                                     config.max_sequence_length)
+        self.cache = init_cache(config, len(prompts), self.capacity,
+                                lm.backbone.dtype_policy.compute_dtype)
+        self.column = 0  # next free column
+        self.next_position = np.zeros(len(prompts), "int32")
+        self.logits = self._feed([list(p) for p in prompts], Mode.PREFILL)
+
+    def _feed(self, chunks, mode: Mode):
+        """Feeds one chunk per row, left-padded to a common bucketed width; returns the logits
+        [batch, vocab] after each row's last token."""
+        width = (1 if mode is Mode.DECODE
+                 else prompt_bucket(max(len(c) for c in chunks), self.capacity))
+        if self.column + width > self.capacity:
+            raise InvalidArgumentError(
+                f"The conversation needs {self.column + width} cache columns but this session "
+                f"holds {self.capacity}; start a new one with a larger max_length.")
+        ids = np.full((len(chunks), width), pad_id(self.lm), "int32")
+        positions = np.full((len(chunks), width), -1, "int32")
+        for r, chunk in enumerate(chunks):
+            if chunk:
+                ids[r, width - len(chunk):] = chunk
+                positions[r, width - len(chunk):] = self.next_position[r] + np.arange(len(chunk))
+                self.next_position[r] += len(chunk)
+        logits, self.cache = self.steps(mode, ids, positions, self.cache,
+                                        np.asarray(self.column, "int32"))
+        self.column += width
+        return np.asarray(keras.ops.convert_to_numpy(logits), "float32")
+
+    def extend(self, chunks):
+        """Appends tokens (one list per row) after what the cache holds."""
+        self.logits = self._feed(chunks, Mode.EXTEND)
+
+    def step(self, tokens):
+        """Feeds one sampled token per row (finished rows get a padding slot)."""
+        chunks = [[t] if not row.done else [] for row, t in zip(self.rows, tokens)]
+        self.logits = self._feed(chunks, Mode.DECODE)
+
+    def decode(self, max_new_tokens, decoding, rng, stopping: Optional[Stopping] = None):
+        """Chooses up to max_new_tokens per row with `decoding` (a `Decoding`, or a bare
+        Sampler with no stop ids), stopping rows as `stopping` says (the stop id is kept in
+        `generated`)."""
+        for _ in self.decoding_steps(max_new_tokens, decoding, rng, stopping):
+            pass
+
+    def decoding_steps(self, max_new_tokens, decoding, rng, stopping=None,
+                       on_host=False) -> Iterator[None]:
+        """`decode` as a generator that yields after each token chosen on the host (the
+        decoding runs as far as it is iterated). Greedy decoding with nothing left to do per
+        token on the host finishes in one compiled loop where the backend compiles loops,
+        unless `on_host` (a stream reads every token)."""
+        if isinstance(decoding, Sampler):
+            decoding = Decoding(decoding, set())
+        stopping = stopping or Stopping(frozenset(decoding.stop_ids))
+        if stopping.stop_strings:
+            for row in self.rows:
+                row.text = self._row_text(stopping)
+        on_device = not on_host and not stopping.stop_strings and backends.get().loops_compile
+        for i in range(max_new_tokens):
+            tokens = decoding.select(self.logits, self.rows, rng)
+            self._record(tokens, stopping)
+            yield
+            if all(row.done for row in self.rows) or i == max_new_tokens - 1:
+                return
+            # The rest in one compiled loop, once no host-side rule is left to apply
+            # (min_new_tokens reached, no repetition penalty).
+            if on_device and decoding.compiled_loop_can_finish(self.rows):
+                return self._greedy_on_device(tokens, max_new_tokens - 1 - i, stopping)
+            self.step(tokens)
+
+    def _row_text(self, stopping):
+        return RowText(self.lm.tokenizer, stopping.stop_ids, stopping.stop_strings,
+                       stopping.skip_special)
+
+    def _record(self, tokens, stopping):
+        for row, token in zip(self.rows, tokens):
+            if row.done:
+                continue
+            token = int(token)
+            row.generated.append(token)
+            row.done = token in stopping.stop_ids
+            if row.text is not None and row.text.add(token):
+                row.done = True  # a stop string appeared
+
+    def _greedy_on_device(self, tokens, steps, stopping):
+        """The rest of a greedy `decode` as one compiled loop: feeds `tokens` and decodes up
+        to `steps` more tokens per row."""
+        if self.column + steps > self.capacity:
+            raise InvalidArgumentError(
+                f"Decoding {steps} more tokens needs {self.column + steps} cache columns but "
+                f"this session holds {self.capacity}.")
+        stops = np.full(-(-max(len(stopping.stop_ids), 1) // 8) * 8, -1, "int32")  # fixed shape
+        stops[: len(stopping.stop_ids)] = sorted(stopping.stop_ids)
+        done = np.array([row.done for row in self.rows])
+        out, count, self.cache, positions = self.steps.greedy_loop(
+            np.asarray(tokens, "int32"), self.next_position.copy(), done, self.cache,
+            np.asarray(self.column, "int32"), np.asarray(steps, "int32"), stops)
+        count = int(keras.ops.convert_to_numpy(count))
+        out = np.asarray(keras.ops.convert_to_numpy(out))
+        self.column += count
+        self.next_position = np.asarray(keras.ops.convert_to_numpy(positions), "int32")
+        self.logits = None  # the loop keeps its logits; only chat (host loop) needs them
+        for j in range(count):
+            self._record(out[:, j], stopping)
+
+    def completion_text(self, row, stopping: Stopping) -> str:
+        """A row's final text: without its stop id, cut before the first stop string."""
+        ids = completion_ids(row.generated, stopping.stop_ids)
+        text = self.lm.tokenizer.detokenize(ids, skip_special=stopping.skip_special) if ids else ""
+        return cut_at_stop_strings(text, stopping.stop_strings)
+
+    def stream(self, max_new_tokens, decoding, rng, stopping: Stopping) -> Iterator[str]:
+        """Decodes row 0 of the session, yielding its completion text as it is decoded.
+
+        Never splits a multi-byte character (bytes of a character still to come wait for the
+        rest) and never yields the start of a stop string that may be completing; the pieces
+        join to exactly `completion_text`."""
+        row = self.rows[0]
+        row.text = self._row_text(stopping)
+        emitted = ""
+        for _ in self.decoding_steps(max_new_tokens, decoding, rng, stopping, on_host=True):
+            if row.done:
+                break
+            piece = growth(row.text.settled(), emitted)
+            if piece:
+                emitted += piece
+                yield piece
+        piece = growth(self.completion_text(row, stopping), emitted)
+        if piece:
+            yield piece

@@ -1,0 +1,103 @@
+"""The functions generation compiles: one model step, and the greedy loop built from it.
+
+`model_step` is the one decode step: the host loop, the compiled greedy loop, chat, the
+SavedModel's generate and the LiteRT signatures all run the model through it. `CompiledSteps`
+keeps each model's compiled steps, built on first use by the backend's `compile_step`.
+"""
+
+from __future__ import annotations
+
+from keras import ops
+
+from gemma_keras import backends
+from gemma_keras.generation.cache import Mode, capacity
+
+
+def pad_id(lm) -> int:
+    """The token fed to padding slots: the tokenizer's <pad>, 0 without a tokenizer."""
+    return lm.tokenizer.pad_token_id if lm.tokenizer is not None else 0
+
+
+def model_step(backbone, token_ids, positions, cache, start, mode, with_logits=True):
+    """token_ids, positions: [batch, len] (positions -1 on padding), written at columns
+    start.. of `cache`; returns (float32 logits after each row's last column [batch, vocab],
+    or None without `with_logits`; the updated cache)."""
+    hidden, cache = backbone({"token_ids": token_ids, "positions": positions},
+                             cache=cache, start=start, mode=mode)
+    if not with_logits:  # a chunk of a longer prompt: only the cache is needed
+        return None, cache
+    # Only the last column's logits are needed.
+    return ops.cast(backbone.logits(hidden[:, -1:, :])[:, 0, :], "float32"), cache
+
+
+def hits_stop(tokens, stop_ids):
+    """tokens [...] int32, stop_ids [n] (padded with -1): whether each token is a stop id."""
+    return ops.any(tokens[..., None] == stop_ids, axis=-1)
+
+
+def greedy_loop(backbone, pad):
+    """Greedy decoding as a loop inside the compiled function, so the host dispatches once
+    per `generate` instead of once per token (on CPU that dispatch, the logits copy and the
+    bookkeeping were 10-20% of a step). Same semantics as the host loop of
+    `GenerationSession.decode`: a finished row is fed a padding slot (position -1), and the
+    loop ends early once every row has hit a stop id. Exported SavedModels run it too."""
+
+    def loop(tokens, positions, done, cache, start, steps, stop_ids):
+        # tokens, positions, done: [batch], the next token to feed per row, its position
+        # and whether the row has finished; stop_ids: [n] (padded with -1).
+        # Returns (new tokens [batch, slots], steps run, cache, next positions).
+        out = ops.zeros((ops.shape(tokens)[0], capacity(cache)), "int32")
+
+        def cond(i, tokens, positions, done, out, cache):
+            return ops.logical_and(i < steps, ops.logical_not(ops.all(done)))
+
+        def body(i, tokens, positions, done, out, cache):
+            feed = ops.where(done, pad, tokens)[:, None]        # [batch, 1]
+            fed_at = ops.where(done, -1, positions)[:, None]   # [batch, 1]
+            logits, cache = model_step(backbone, feed, fed_at, cache, start + i, Mode.DECODE)
+            new = ops.cast(ops.argmax(logits, axis=-1), "int32")  # [batch]
+            out = ops.slice_update(out, [0, i], new[:, None])
+            positions = ops.where(done, positions, positions + 1)
+            done = ops.logical_or(done, hits_stop(new, stop_ids))
+            return i + 1, new, positions, done, out, cache
+
+        i, _, positions, _, out, cache = ops.while_loop(
+            cond, body, (ops.zeros((), "int32"), tokens, positions, done, out, cache))
+        return out, i, cache, positions
+    return loop
+
+
+class CompiledSteps:
+    """The compiled steps of one GemmaCausalLM: one per `Mode`, and the greedy loop."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self._steps = {}
+
+    @classmethod
+    def of(cls, lm):
+        """lm's compiled steps, built again when its variables changed: they take the
+        variables as inputs, and quantize() or enable_lora() replace or add variables."""
+        signature = tuple(id(v) for v in lm.variables)
+        steps = getattr(lm, "_steps", None)
+        if steps is None or getattr(lm, "_steps_signature", None) != signature:
+            lm._steps, lm._steps_signature = cls(lm), signature
+        return lm._steps
+
+    def __call__(self, mode: Mode, token_ids, positions, cache, start):
+        if mode not in self._steps:
+            backbone = self.lm.backbone
+
+            def step(token_ids, positions, cache, start):
+                return model_step(backbone, token_ids, positions, cache, start, mode)
+            # The cache (argument 2) is donated: the caller only uses the one returned.
+            self._steps[mode] = backends.get().compile_step(self.lm, step, donate_argnums=(2,))
+        return self._steps[mode](token_ids, positions, cache, start)
+
+    def greedy_loop(self, tokens, positions, done, cache, start, steps, stop_ids):
+        """Up to `steps` greedy decode steps in one compiled call (see `greedy_loop`)."""
+        if "greedy_loop" not in self._steps:
+            self._steps["greedy_loop"] = backends.get().compile_step(
+                self.lm, greedy_loop(self.lm.backbone, pad_id(self.lm)), donate_argnums=(3,))
+        return self._steps["greedy_loop"](tokens, positions, done, cache, start, steps,
+                                          stop_ids)
