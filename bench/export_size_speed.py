@@ -75,7 +75,7 @@ def worker(name, fmt, quantize):
             result["mib"] = sum(f.stat().st_size for f in files) / 2 ** 20
             del lm
             if fmt == "litert":
-                from gemma_keras.export.runner import LiteRTGenerator
+                from gemma_keras.exporting.runner import LiteRTGenerator
 
                 runner = LiteRTGenerator(path, num_threads=2)
                 runner.stop_token_ids = set()  # always NEW_TOKENS tokens

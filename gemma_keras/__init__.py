@@ -30,14 +30,13 @@ _EXPORTS = {
     "ArgumentTypeError": "gemma_keras.errors",
     "BackendError": "gemma_keras.errors",
     "TargetExistsError": "gemma_keras.errors",
+    "export": "gemma_keras.exporting",  # the function; the package is gemma_keras.exporting
 }
 # Modules that import no Keras: names from them resolve without settling a backend, so that
 # `gk.GemmaError` or `gk.list_presets()` work whatever KERAS_BACKEND says.
 _KERAS_FREE = {"gemma_keras.errors", "gemma_keras.presets", "gemma_keras.config"}
 # Public submodules: gk.samplers.TopPSampler(...).
-# gk.export is the export package, callable as gk.export(lm, path, format=...).
-_MODULES = {"samplers": "gemma_keras.generation.samplers", "lora": "gemma_keras.lora",
-            "export": "gemma_keras.export"}
+_MODULES = {"samplers": "gemma_keras.generation.samplers", "lora": "gemma_keras.lora"}
 __all__ = sorted([*_EXPORTS, *_MODULES])
 
 

@@ -167,7 +167,7 @@ def _convert(args):
 
 
 def _export(args):
-    from gemma_keras.export import export
+    from gemma_keras.exporting import export
 
     start = time.perf_counter()
     print(f"reading {args.preset} ...", flush=True)
@@ -180,7 +180,7 @@ def _export(args):
            max_length=args.max_length, prefill_length=args.prefill_length,
            allow_large_file=args.allow_large_file, overwrite=args.overwrite)
     if args.format == "litert":
-        from gemma_keras.export.build import litert_paths
+        from gemma_keras.exporting.build import litert_paths
 
         files = litert_paths(args.output)
     else:
@@ -190,7 +190,7 @@ def _export(args):
           f"{time.perf_counter() - start:.1f} s")
     if args.format == "litert":
         print(f"run it (the runner needs the LiteRT interpreter: pip install "
-              f"\"gemma-keras[litert]\"): python -m gemma_keras.export.runner {args.output} "
+              f"\"gemma-keras[litert]\"): python -m gemma_keras.exporting.runner {args.output} "
               f"\"Your prompt\"")
 
 
@@ -259,7 +259,7 @@ def _prepare(args):
         if args.output:
             check_target(args.output, args.overwrite, directory=True)
     if args.run is _export:
-        from gemma_keras.export import check_export_target
+        from gemma_keras.exporting import check_export_target
 
         check_export_target(args.output, args.format, overwrite=args.overwrite)
 

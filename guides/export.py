@@ -9,7 +9,7 @@
    gemma_keras.
 2. `gk.export(lm, "x.tflite", format="litert", quantize="int8")`: `prefill` and `decode`
    signatures with the KV cache as explicit inputs and outputs, tokenizer.model and a JSON
-   description beside the file. `gemma_keras.export.runner.LiteRTGenerator` drives them
+   description beside the file. `gemma_keras.exporting.runner.LiteRTGenerator` drives them
    with the LiteRT interpreter the way an on-device runtime would.
 
 Any backend works: on JAX or PyTorch the model is handed to a TensorFlow child process. A
@@ -26,7 +26,7 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import gemma_keras as gk  # noqa: E402
-from gemma_keras.export.runner import LiteRTGenerator  # noqa: E402
+from gemma_keras.exporting.runner import LiteRTGenerator  # noqa: E402
 
 PROMPT = "json.dumps("
 

@@ -217,7 +217,7 @@ def test_cli_export_litert_and_run_it(repo_root, tmp_path):
     assert "wrote" in result.stdout and target.is_file()
     assert 'pip install "gemma-keras[litert]"' in result.stdout  # what running it needs
     assert (tmp_path / "tokenizer.model").is_file()
-    ran = _run(["-m", "gemma_keras.export.runner", str(target), "json.dumps(",
+    ran = _run(["-m", "gemma_keras.exporting.runner", str(target), "json.dumps(",
                 "--max-new-tokens", "6"], repo_root)
     assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]
     again = _cli(["export", "--format", "litert", str(target)], repo_root)

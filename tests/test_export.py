@@ -12,7 +12,7 @@ import pytest
 
 import gemma_keras as gk
 from conftest import logits_of, padded_logits
-from gemma_keras.export.runner import LiteRTGenerator
+from gemma_keras.exporting.runner import LiteRTGenerator
 
 NEW = 12  # past the Gemma 2 case's sliding window of 5
 WANDERING = dict(std=0.3, embedding_std=0.01)  # greedy output that does not repeat one token
@@ -237,7 +237,7 @@ def test_litert_large_file_layout_runs(lm_of, tmp_path):
 
 def test_flatbuffer_limit_names_the_limit_and_the_fix():
     from gemma_keras.config import GemmaConfig
-    from gemma_keras.export import check_flatbuffer_size
+    from gemma_keras.exporting import check_flatbuffer_size
 
     gemma_2b = GemmaConfig(vocabulary_size=256000, num_layers=18, num_query_heads=8,
                            num_key_value_heads=1, hidden_dim=2048, intermediate_dim=32768,
@@ -316,3 +316,11 @@ def test_export_metadata_describes_the_cache(lm_of, tmp_path):
     assert meta["bos_token_id"] == lm.tokenizer.bos_token_id
     assert lm.tokenizer.eos_token_id in meta["stop_token_ids"]
     assert meta["file_bytes"] == (tmp_path / "m.tflite").stat().st_size
+
+
+def test_gk_export_is_a_plain_function_whatever_is_imported():
+    import inspect
+
+    import gemma_keras.exporting.runner  # noqa: F401  (binds gemma_keras.exporting)
+
+    assert inspect.isfunction(gk.export) and gk.export.__module__ == "gemma_keras.exporting"

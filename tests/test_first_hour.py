@@ -230,7 +230,7 @@ def test_cli_inspect_reads_the_card_offline_and_defaults_to_the_demo():
 # ---- defect 8: the LiteRT runner ---------------------------------------------------------------
 @pytest.mark.once("jax")
 def test_runner_wrong_paths_are_one_line(tmp_path):
-    runner = ["-m", "gemma_keras.export.runner"]
+    runner = ["-m", "gemma_keras.exporting.runner"]
     _one_line_error(_run([*runner, str(tmp_path / "no.tflite"), "x"]), "no such file")
     _one_line_error(_run([*runner, str(REPO / "README.md"), "x"]), "not a .tflite file")
     _one_line_error(_run([*runner, str(tmp_path), "x"]), "without model.tflite")

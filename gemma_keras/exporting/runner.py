@@ -5,7 +5,7 @@ Needs only numpy, sentencepiece and the interpreter (`pip install ai-edge-litert
 `tf.lite.Interpreter` is used when that is missing). It does not import Keras or TensorFlow
 otherwise, so it is also a template for a runtime elsewhere:
 
-    python -m gemma_keras.export.runner out/gemma.tflite "What is Keras?" --max-new-tokens 32
+    python -m gemma_keras.exporting.runner out/gemma.tflite "What is Keras?" --max-new-tokens 32
 
 The protocol (see signatures.py):
 1. Tokens are <bos> + the prompt's pieces. Every cache tensor starts as zeros.
@@ -46,7 +46,7 @@ class LiteRTGenerator:
     """Greedy generation from a LiteRT export written by `gk.export(..., format="litert")`."""
 
     def __init__(self, path, num_threads: Optional[int] = None):
-        from gemma_keras.export.build import litert_paths  # no TensorFlow import
+        from gemma_keras.exporting.build import litert_paths  # no TensorFlow import
 
         model_path, tokenizer_path, metadata_path = litert_paths(path)
         for required in (model_path, metadata_path, tokenizer_path):
@@ -155,7 +155,7 @@ def main(argv=None):
         problem = str(e)
     except ValueError as e:  # the interpreter's "not a model" or our too-long prompt
         problem = f"{path}: {str(e).strip().splitlines()[0]}"
-    print(f"gemma_keras.export.runner: error: {problem}", file=sys.stderr)
+    print(f"gemma_keras.exporting.runner: error: {problem}", file=sys.stderr)
     return 2
 
 

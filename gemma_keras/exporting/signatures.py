@@ -1,7 +1,7 @@
 """The functions an exported Gemma runs, traced in TensorFlow through the model's one forward
 path (`GemmaBackbone.call` with an explicit cache) and the library's greedy loop.
 
-Only imported under the TensorFlow backend (see `gemma_keras.export.build`).
+Only imported under the TensorFlow backend (see `gemma_keras.exporting.build`).
 
 Two families:
 - SavedModel: `logits` (token ids -> logits) and `generate` (strings -> strings, the

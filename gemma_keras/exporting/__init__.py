@@ -9,8 +9,8 @@ backend (a Keras process has one backend), so export works whichever backend bui
 model, as long as TensorFlow is installed. LoRA adapters are merged into the exported
 weights; the model itself is left as it was.
 
-What each format holds is in `gemma_keras/export/build.py`; the LiteRT reference runner
-is `gemma_keras.export.runner.LiteRTGenerator`.
+What each format holds is in `gemma_keras/exporting/build.py`; the LiteRT reference runner
+is `gemma_keras.exporting.runner.LiteRTGenerator`.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def export(lm, path, format="saved_model", quantize=None, max_length=None,
     import keras
 
     if keras.backend.backend() == "tensorflow":
-        from gemma_keras.export import build
+        from gemma_keras.exporting import build
 
         build.export_model(lm, spec)
     else:
@@ -137,7 +137,7 @@ def check_export_target(target, format, tokenizer_proto=None, overwrite=False):
 
     if format != "litert":
         return check_target(target, overwrite, directory=True)
-    from gemma_keras.export.build import litert_paths
+    from gemma_keras.exporting.build import litert_paths
 
     model_path, tokenizer_path, metadata_path = litert_paths(target)
     check_target(model_path, overwrite)
@@ -188,14 +188,14 @@ def _export_in_tensorflow_process(lm, spec):
     except ImportError:
         raise ExportError("Export traces the model in TensorFlow, which is not installed: "
                           "pip install \"gemma-keras[tensorflow]\" (and \"gemma-keras[litert]\" "
-                          "to run a .tflite with gemma_keras.export.runner).") from None
+                          "to run a .tflite with gemma_keras.exporting.runner).") from None
     with tempfile.TemporaryDirectory(prefix="gemma_export_") as tmp:
         preset = pathlib.Path(tmp) / "preset"
         write_preset(lm.backbone, lm.tokenizer, preset,
                      sequence_length=lm.backbone.config.max_sequence_length)
         env = dict(os.environ, KERAS_BACKEND="tensorflow")
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        command = [sys.executable, "-m", "gemma_keras.export.build", str(preset),
+        command = [sys.executable, "-m", "gemma_keras.exporting.build", str(preset),
                    spec.to_json(), json.dumps(lm.instruct)]
         result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -204,14 +204,3 @@ def _export_in_tensorflow_process(lm, spec):
                           f"{result.returncode}); nothing was written to {spec.path}. Its "
                           f"error:\n{tail}")
 
-
-class _CallableModule(type(sys)):
-    """`gk.export(lm, ...)` calls `export`: importing the submodules of this package (the
-    runner, say) sets the package itself as `gemma_keras.export`, so the package must be
-    the function too."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -1,5 +1,5 @@
 """Writing exports, under Keras' TensorFlow backend (in the user's process when that is the
-backend, else in a child process: `python -m gemma_keras.export.build PRESET SPEC INSTRUCT`).
+backend, else in a child process: `python -m gemma_keras.exporting.build PRESET SPEC INSTRUCT`).
 
 SavedModel directory:
     saved_model.pb, variables/      signatures `generate` and `logits`
@@ -21,7 +21,7 @@ import numpy as np
 
 from gemma_keras.checkpoints.atomic import atomic_directory, atomic_file
 from gemma_keras.errors import ExportError
-from gemma_keras.export import FLATBUFFER_LIMIT, METADATA_FILE, ExportSpec
+from gemma_keras.exporting import FLATBUFFER_LIMIT, METADATA_FILE, ExportSpec
 
 
 def export_model(lm, spec: ExportSpec):
@@ -70,7 +70,7 @@ def _metadata(lm, spec, stop_ids):
     import keras
 
     import gemma_keras
-    from gemma_keras.export.signatures import cache_names
+    from gemma_keras.exporting.signatures import cache_names
 
     config, tokenizer = lm.backbone.config, lm.tokenizer
     return {
@@ -97,7 +97,7 @@ def write_saved_model(lm, spec, stop_ids, metadata):
     import keras
     import tensorflow as tf
 
-    from gemma_keras.export.signatures import generate_fns, logits_fn
+    from gemma_keras.exporting.signatures import generate_fns, logits_fn
 
     backbone = lm.backbone
     # Not archive.track(backbone): the endpoints' variables are saved anyway, and tracking
@@ -130,7 +130,7 @@ def write_litert(lm, spec, metadata):
     import keras
     import tensorflow as tf
 
-    from gemma_keras.export.signatures import litert_signature, litert_step
+    from gemma_keras.exporting.signatures import litert_signature, litert_step
 
     backbone, config = lm.backbone, lm.backbone.config
     archive = keras.export.ExportArchive()
