@@ -189,3 +189,14 @@ def test_decoder_block_config_round_trips(vocab_size):
     block = GemmaDecoderBlock(config, 2, name="decoder_block_2")
     copy = GemmaDecoderBlock.from_config(block.get_config())
     assert copy.config == config and copy.layer_index == 2 and copy.name == block.name
+
+
+def test_a_cached_forward_names_a_wrong_mode(vocab_size):
+    from gemma_keras.config import GemmaConfig
+    from gemma_keras.generation.cache import init_cache
+
+    backbone = gk.GemmaBackbone(GemmaConfig(**keras_hub_kwargs("gemma_mqa", vocab_size)))
+    cache = init_cache(backbone.config, 1, 8, "float32")
+    ids = {"token_ids": np.array([[2, 5]], "int32"), "padding_mask": np.ones((1, 2), "int32")}
+    with pytest.raises(gk.InvalidArgumentError, match="mode='prefil'"):
+        backbone(ids, cache=cache, start=0, mode="prefil")
