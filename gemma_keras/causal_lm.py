@@ -109,6 +109,14 @@ class GemmaCausalLM(keras.Model):
         almost always a forgotten enable_lora / load_lora_weights)."""
         self.backbone.merge_lora()
 
+    def disable_lora(self):
+        """Drops the LoRA adapters unmerged: the base model's weights and logits again, every
+        weight trainable, and `backbone.enable_lora` free to start a new adapter. Does nothing
+        when no adapters are enabled."""
+        from gemma_keras import lora
+
+        lora.disable_lora(self.backbone)
+
     def chat(self, system=None):
         """A multi-turn chat session in Gemma's turn format that keeps the KV cache between
         turns: `chat = lm.chat(); chat.send("Hi")`; `chat.send(..., stream=True)` streams."""

@@ -63,7 +63,8 @@ def enable_lora(backbone, rank, alpha=None, target_names=DEFAULT_TARGETS):
     if state is not None:
         raise ConfigError(
             f"LoRA is already enabled (rank {state['rank']}, targets {state['target_names']}). "
-            "Call merge_lora() or disable_lora() first to start a new adapter.")
+            "To start a new adapter, first fold this one in with lm.merge_lora() or drop it "
+            "with lm.disable_lora().")
     for layer in backbone._flatten_layers(include_self=False):
         layer.trainable = False
     for layer in projections(backbone).values():

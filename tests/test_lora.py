@@ -176,6 +176,33 @@ def test_adapter_files_round_trip_exactly_and_merge_keeps_the_logits(tiny_lm, tm
     assert len(fresh.backbone.trainable_variables) == len(fresh.backbone.weights)
 
 
+@pytest.mark.once("torch")  # Linear.disable_lora runs on every backend inside merge_lora
+def test_disable_lora_drops_the_adapters_unmerged(tiny_lm, vocab_size):
+    from conftest import token_batch
+
+    ids, mask = token_batch(vocab_size)
+    lm = tiny_lm("gemma_mqa")
+    base, weights = logits_of(lm, ids, mask), _base_weights(lm)
+    lm.backbone.enable_lora(rank=2, target_names=lora.ALL_TARGETS)
+    _randomize_adapters(lm.backbone)
+    assert np.abs(logits_of(lm, ids, mask) - base).max() > 1e-2
+    with pytest.raises(gk.ConfigError, match=r"lm\.disable_lora\(\)"):
+        lm.backbone.enable_lora(rank=2)
+
+    lm.disable_lora()
+    assert lora.lora_state(lm.backbone) is None
+    assert not any("lora" in v.path for v in lm.backbone.weights)
+    np.testing.assert_array_equal(logits_of(lm, ids, mask), base)  # nothing was folded in
+    for path, value in _values(lm.backbone.weights).items():
+        np.testing.assert_array_equal(value, weights[path])
+    assert len(lm.backbone.trainable_variables) == len(lm.backbone.weights)
+    lm.disable_lora()  # nothing left to drop: a no-op
+
+    lm.backbone.enable_lora(rank=3)  # a new adapter, as after merge_lora
+    assert lora.lora_state(lm.backbone)["rank"] == 3
+    assert all("lora_kernel" in v.path for v in lm.backbone.trainable_variables)
+
+
 def test_adapter_files_refuse_another_model_or_rank(tiny_lm, tmp_path):
     lm = tiny_lm("gemma_mqa")
     lm.backbone.enable_lora(rank=2)
