@@ -43,8 +43,11 @@ class GemmaCausalLM(keras.Model):
         preset / Hugging Face checkpoint directory.
 
         dtype: "float32", "bfloat16" or "float16"; None keeps the checkpoint's dtype.
+        `instruct` comes from the card of an official preset (by name, Kaggle handle or Google
+        HF repo), else from what the checkpoint records (`save_to_preset` writes it), else
+        None.
         """
-        from gemma_keras.checkpoints.loading import load_backbone
+        from gemma_keras.checkpoints.loading import load_backbone, read_instruct
 
         backbone, directory = load_backbone(preset, dtype=dtype)
         tokenizer = None
@@ -53,7 +56,7 @@ class GemmaCausalLM(keras.Model):
                 if (directory / name).is_file():
                     tokenizer = GemmaTokenizer(directory / name)
                     break
-        return cls(backbone, tokenizer, instruct=_is_instruct(preset))
+        return cls(backbone, tokenizer, instruct=read_instruct(preset, directory))
 
     # ---- training -----------------------------------------------------------------------
     def compile(self, optimizer="auto", loss="auto", weighted_metrics="auto", **kwargs):
@@ -183,13 +186,16 @@ class GemmaCausalLM(keras.Model):
 
         Written under a temporary name and renamed, so an interrupted save leaves no
         half-written preset. `max_shard_size` (GB) splits the weights into shards. An existing
-        `preset_dir` is refused (TargetExistsError) unless `overwrite=True`.
+        `preset_dir` is refused (TargetExistsError) unless `overwrite=True`. `self.instruct`
+        is recorded (keras-hub: metadata.json; HF: a "gemma_keras" key in config.json, which
+        transformers ignores), so `from_preset` on the directory gives it back.
         """
         if format == "hf":
             from gemma_keras.checkpoints.hf_writer import write_checkpoint
 
             write_checkpoint(self.backbone, self.tokenizer, preset_dir,
-                             max_shard_size=max_shard_size, overwrite=overwrite)
+                             max_shard_size=max_shard_size, overwrite=overwrite,
+                             instruct=self.instruct)
             return
         if format != "keras_hub":
             from gemma_keras.errors import ConfigError
@@ -198,20 +204,5 @@ class GemmaCausalLM(keras.Model):
         from gemma_keras.checkpoints.keras_hub_format import write_preset
 
         write_preset(self.backbone, self.tokenizer, preset_dir, max_shard_size=max_shard_size,
-                     sequence_length=self.config.max_sequence_length, overwrite=overwrite)
-
-
-def _is_instruct(preset):
-    """Whether a preset handle names an instruction-tuned model; None when it cannot tell."""
-    from gemma_keras.checkpoints.resolve import DEMO_PRESET
-    from gemma_keras.presets import get_preset_card, list_presets
-
-    handle = str(preset)
-    if handle == DEMO_PRESET:  # trained on documents and chat turns: a turn ends a reply
-        return True
-    if handle in list_presets():
-        return get_preset_card(handle).instruct
-    if handle.startswith(("kaggle://", "hf://")):
-        name = handle.split("://", 1)[1].split("@")[0].lower()
-        return "instruct" in name or name.endswith("-it") or "-it/" in name
-    return None
+                     sequence_length=self.config.max_sequence_length, overwrite=overwrite,
+                     instruct=self.instruct)

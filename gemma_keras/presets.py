@@ -21,6 +21,8 @@ from gemma_keras.errors import ConfigError, UnknownPresetError
 
 _CARDS_PACKAGE = "gemma_keras.preset_cards"
 _FAMILIES = ("gemma", "codegemma", "gemma2")
+KAGGLE_SCHEME = "kaggle://"
+HF_SCHEME = "hf://"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,3 +81,29 @@ def get_preset_card(name: str) -> PresetCard:
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownPresetError(
         f"{name!r} is not a built-in Gemma preset.{hint} {errors.hint('list_presets')}.")
+
+
+def card_for_handle(handle) -> Optional[PresetCard]:
+    """The card of the official preset that `handle` names: a built-in preset name, its
+    `kaggle://` handle (any version) or its `hf://` Hugging Face repo (any revision). None for
+    anything else (a local directory, another repository)."""
+    if not isinstance(handle, str):
+        return None
+    cards = _cards()
+    if handle in cards:
+        return cards[handle]
+    if handle.startswith(KAGGLE_SCHEME):
+        # owner/model/framework/variation: every version of a variation is the same model.
+        wanted = _kaggle_model(handle)
+        return next((card for card in cards.values()
+                     if _kaggle_model(card.kaggle_handle) == wanted), None)
+    if handle.startswith(HF_SCHEME):
+        # Hugging Face repo ids are case-insensitive; the revision does not change the model.
+        wanted = handle[len(HF_SCHEME):].partition("@")[0].lower()
+        return next((card for card in cards.values()
+                     if card.hf_repo is not None and card.hf_repo.lower() == wanted), None)
+    return None
+
+
+def _kaggle_model(handle: str) -> str:
+    return "/".join(handle[len(KAGGLE_SCHEME):].lower().split("/")[:4])

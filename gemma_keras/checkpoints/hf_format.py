@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import pathlib
 import struct
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
 
-from gemma_keras.checkpoints.reading import read_json
+from gemma_keras.checkpoints.reading import read_json, recorded_instruct
 from gemma_keras.checkpoints.weights import Reader, read_chunked
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
@@ -92,6 +92,15 @@ def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, str]:
                               "of sliding and full attention starting with sliding.")
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     return GemmaConfig.from_dict(values, source=str(path)), str(dtype)
+
+
+def read_instruct(directory: pathlib.Path) -> Optional[bool]:
+    """Whether the checkpoint says it is instruction-tuned: config.json's "gemma_keras" entry,
+    which our writer fills in (transformers keeps an unknown config key as an attribute and
+    writes it back, and does nothing else with it). None when it does not say, as in Google's
+    own repositories (their cards say instead)."""
+    path = directory / "config.json"
+    return recorded_instruct(read_json(path), path)
 
 
 # ---- safetensors --------------------------------------------------------------------------

@@ -44,7 +44,11 @@ def hf_model_type(config: GemmaConfig) -> str:
         "so it cannot be written as a Hugging Face checkpoint. Save it as a keras-hub preset.")
 
 
-def hf_config(config: GemmaConfig, dtype_name: str, tokenizer=None) -> dict:
+def hf_config(config: GemmaConfig, dtype_name: str, tokenizer=None,
+              instruct: Optional[bool] = None) -> dict:
+    """transformers' config.json; `instruct` (None: unknown, not written) is recorded under a
+    "gemma_keras" key for `hf_format.read_instruct` (transformers keeps it as an attribute and
+    otherwise ignores it)."""
     model_type = hf_model_type(config)
     out = {
         "architectures": ["Gemma2ForCausalLM" if model_type == "gemma2" else "GemmaForCausalLM"],
@@ -80,6 +84,8 @@ def hf_config(config: GemmaConfig, dtype_name: str, tokenizer=None) -> dict:
     if tokenizer is not None:
         out.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                    bos_token_id=tokenizer.bos_token_id)
+    if instruct is not None:
+        out["gemma_keras"] = {"instruct": bool(instruct)}
     return out
 
 
@@ -96,14 +102,15 @@ def hf_tensor_names(config: GemmaConfig) -> dict:
 
 
 def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[float] = None,
-                     overwrite: bool = False):
+                     overwrite: bool = False, instruct: Optional[bool] = None):
     """Writes `backbone` (LoRA adapters merged; quantized models refused) as an HF checkpoint
     directory. `max_shard_size` in GB splits the weights into model-0000N-of-0000M files. An
-    existing `directory` is refused unless `overwrite` (then replaced atomically)."""
+    existing `directory` is refused unless `overwrite` (then replaced atomically). `instruct`:
+    see `hf_config`."""
     check_target(directory, overwrite, directory=True)  # before any work
     config: GemmaConfig = backbone.config
     dtype_name = backbone.dtype_policy.variable_dtype
-    config_json = hf_config(config, dtype_name, tokenizer)  # refuses hybrids before writing
+    config_json = hf_config(config, dtype_name, tokenizer, instruct)  # refuses hybrids first
     names = hf_tensor_names(config)
     tensors = [(names[name], value) for name, value in weight_table(backbone)]
     shards = _plan_shards(tensors, None if max_shard_size is None

@@ -23,7 +23,7 @@ import numpy as np
 
 from gemma_keras.checkpoints import progress
 from gemma_keras.checkpoints.atomic import atomic_directory, check_target
-from gemma_keras.checkpoints.reading import read_json
+from gemma_keras.checkpoints.reading import read_json, recorded_instruct
 from gemma_keras.checkpoints.weights import (BLOCK_WEIGHTS, Reader, Transformed, layer_table,
                                              read_chunked, weight_table)
 from gemma_keras.config import GemmaConfig
@@ -91,6 +91,13 @@ def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[str]]:
 def _read_metadata(directory):
     path = directory / "metadata.json"
     return read_json(path) if path.is_file() else {}
+
+
+def read_instruct(directory: pathlib.Path) -> Optional[bool]:
+    """Whether the preset says it is instruction-tuned: metadata.json's "gemma_keras" entry,
+    which `write_preset` fills in (keras-hub writes metadata.json and never reads it back).
+    None when it does not say, as in keras-hub's own presets."""
+    return recorded_instruct(_read_metadata(directory), directory / "metadata.json")
 
 
 # ---- weights: reading ---------------------------------------------------------------------
@@ -285,21 +292,26 @@ def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[
 
 
 def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
-                 max_shard_size: Optional[float] = None, overwrite: bool = False):
+                 max_shard_size: Optional[float] = None, overwrite: bool = False,
+                 instruct: Optional[bool] = None):
     """Writes a keras-hub GemmaCausalLM preset. `max_shard_size` in GB, as keras-hub. An
-    existing `directory` is refused unless `overwrite` (then replaced atomically)."""
+    existing `directory` is refused unless `overwrite` (then replaced atomically). `instruct`
+    (True / False; None: unknown, not written) goes into metadata.json for `read_instruct`."""
     check_target(directory, overwrite, directory=True)  # before any work
     config: GemmaConfig = backbone.config
     dtype_name = backbone.dtype_policy.name
     shard_bytes = None if max_shard_size is None else int(max_shard_size * 1024 ** 3)
     backbone_json, tokenizer_json, preprocessor_json, task_json = _configs(
         config, dtype_name, sequence_length)
+    ours = {"config": {k: getattr(config, k) for k in config.GEMMA_KERAS_ONLY}}
+    if instruct is not None:
+        ours["instruct"] = bool(instruct)
     metadata = {
         "keras_version": keras.__version__,
         "parameter_count": config.parameter_count(),
         "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
         "tasks": ["CausalLM"],
-        "gemma_keras": {"config": {k: getattr(config, k) for k in config.GEMMA_KERAS_ONLY}},
+        "gemma_keras": ours,
     }
     with atomic_directory(directory, overwrite) as tmp:
         for name, content in (("config.json", backbone_json), ("tokenizer.json", tokenizer_json),

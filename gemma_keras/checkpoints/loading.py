@@ -7,9 +7,10 @@ from typing import Optional, Tuple
 
 from gemma_keras.checkpoints import hf_format, keras_hub_format
 from gemma_keras.checkpoints.reading import read_json
-from gemma_keras.checkpoints.resolve import resolve_preset
+from gemma_keras.checkpoints.resolve import is_local, resolve_preset
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
+from gemma_keras.presets import card_for_handle
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -19,8 +20,8 @@ def _check_dtype(dtype):
         raise ConfigError(f"dtype={dtype!r} is not supported; choose one of {DTYPES}.")
 
 
-def read_preset_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[str], str]:
-    """(config, saved dtype, format) where format is 'keras_hub' or 'hf'."""
+def checkpoint_format(directory: pathlib.Path) -> str:
+    """'keras_hub' or 'hf', from what config.json holds."""
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(
@@ -28,13 +29,31 @@ def read_preset_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[s
             "checkpoint directory.")
     data = read_json(config_path)
     if "registered_name" in data:
-        config, dtype = keras_hub_format.read_config(directory)
-        return config, dtype, "keras_hub"
+        return "keras_hub"
     if "model_type" in data:
-        config, dtype = hf_format.read_config(directory)
-        return config, dtype, "hf"
+        return "hf"
     raise ConfigError(f"{config_path} is neither a keras-hub nor a Hugging Face config "
                       "(no 'registered_name' or 'model_type').")
+
+
+def read_preset_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[str], str]:
+    """(config, saved dtype, format) where format is 'keras_hub' or 'hf'."""
+    fmt = checkpoint_format(directory)
+    module = keras_hub_format if fmt == "keras_hub" else hf_format
+    config, dtype = module.read_config(directory)
+    return config, dtype, fmt
+
+
+def read_instruct(preset, directory: pathlib.Path) -> Optional[bool]:
+    """Whether `preset` (resolved to `directory`) is instruction-tuned: the card says for an
+    official preset (a built-in name, or the kaggle:// or hf:// handle of one); otherwise the
+    checkpoint says what `save_to_preset` recorded in it (the bundled demo too). None when
+    nothing says."""
+    card = None if is_local(preset) else card_for_handle(preset)
+    if card is not None:
+        return card.instruct
+    module = keras_hub_format if checkpoint_format(directory) == "keras_hub" else hf_format
+    return module.read_instruct(directory)
 
 
 def load_backbone(preset, dtype: Optional[str] = None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Optional
 
 from gemma_keras.errors import CheckpointError
 
@@ -25,4 +26,19 @@ def read_json(path) -> dict:
                               "corrupt.") from e
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} should hold a JSON object, found {type(value).__name__}.")
+    return value
+
+
+def recorded_instruct(data: dict, path) -> Optional[bool]:
+    """`data["gemma_keras"]["instruct"]`: whether the checkpoint whose JSON file `path` holds
+    `data` is instruction-tuned, as gemma_keras's writers record it (keras-hub presets in
+    metadata.json, Hugging Face checkpoints in config.json). None when it does not say."""
+    ours = data.get("gemma_keras", {})
+    if not isinstance(ours, dict):
+        raise CheckpointError(f"{path}: 'gemma_keras' should hold a JSON object, found "
+                              f"{ours!r}.")
+    value = ours.get("instruct")
+    if value is not None and not isinstance(value, bool):
+        raise CheckpointError(f"{path}: gemma_keras.instruct is {value!r}; it must be true, "
+                              "false or absent.")
     return value

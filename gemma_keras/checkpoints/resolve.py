@@ -16,10 +16,7 @@ from typing import Optional, Union
 
 from gemma_keras import errors
 from gemma_keras.errors import CheckpointError, PresetAccessError, UnknownPresetError
-from gemma_keras.presets import get_preset_card, list_presets
-
-KAGGLE_SCHEME = "kaggle://"
-HF_SCHEME = "hf://"
+from gemma_keras.presets import HF_SCHEME, KAGGLE_SCHEME, get_preset_card, list_presets
 
 # What the Hugging Face reader needs; skips the large duplicate formats some repos also hold
 # (*.gguf, original PyTorch *.bin, Flax weights).
@@ -64,6 +61,12 @@ def resolve_preset(handle: Union[str, os.PathLike]) -> pathlib.Path:
     if kind == "kaggle":
         return _download_kaggle(value)
     return _download_hf(value)
+
+
+def is_local(handle: Union[str, os.PathLike]) -> bool:
+    """Whether `resolve_preset` takes `handle` as a local directory (a path, or a name that
+    an existing directory has), not as a preset name or a hub handle."""
+    return _locate(handle)[0] == "local"
 
 
 def check_preset(handle: Union[str, os.PathLike]) -> None:
