@@ -3,6 +3,7 @@ LiteRT interpreter, must generate what the Keras model generates. Runs on every 
 and PyTorch models are exported through a TensorFlow child process)."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -324,3 +325,25 @@ def test_gk_export_is_a_plain_function_whatever_is_imported():
     import gemma_keras.exporting.runner  # noqa: F401  (binds gemma_keras.exporting)
 
     assert inspect.isfunction(gk.export) and gk.export.__module__ == "gemma_keras.exporting"
+
+
+@pytest.mark.once("torch")
+@pytest.mark.parametrize("instruct", [True, False, None])
+def test_the_tensorflow_child_gets_the_instruct_flag_with_the_weights(instruct, lm_of,
+                                                                      tmp_path, monkeypatch):
+    # From JAX / PyTorch the export runs in a TensorFlow process that loads a preset: the
+    # flag (which decides the stop ids) must travel in that preset.
+    import gemma_keras.exporting as exporting
+    from gemma_keras.checkpoints.loading import read_instruct
+
+    seen = []
+
+    def run(command, **kwargs):
+        preset = pathlib.Path(command[command.index("gemma_keras.exporting.build") + 1])
+        seen.append(read_instruct(str(preset), preset))
+        return subprocess.CompletedProcess(command, 0, "", "")
+    monkeypatch.setattr(exporting.subprocess, "run", run)
+    lm = lm_of("gemma_mqa")
+    lm.instruct = instruct
+    gk.export(lm, tmp_path / "out.tflite", format="litert")
+    assert seen == [instruct]

@@ -191,12 +191,14 @@ def _export_in_tensorflow_process(lm, spec):
                           "to run a .tflite with gemma_keras.exporting.runner).") from None
     with tempfile.TemporaryDirectory(prefix="gemma_export_") as tmp:
         preset = pathlib.Path(tmp) / "preset"
+        # The preset records lm.instruct, which the child's from_preset reads back.
         write_preset(lm.backbone, lm.tokenizer, preset,
-                     sequence_length=lm.backbone.config.max_sequence_length)
+                     sequence_length=lm.backbone.config.max_sequence_length,
+                     instruct=lm.instruct)
         env = dict(os.environ, KERAS_BACKEND="tensorflow")
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         command = [sys.executable, "-m", "gemma_keras.exporting.build", str(preset),
-                   spec.to_json(), json.dumps(lm.instruct)]
+                   spec.to_json()]
         result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         tail = "\n".join(result.stderr.strip().splitlines()[-15:])

@@ -1,5 +1,5 @@
 """Writing exports, under Keras' TensorFlow backend (in the user's process when that is the
-backend, else in a child process: `python -m gemma_keras.exporting.build PRESET SPEC INSTRUCT`).
+backend, else in a child process: `python -m gemma_keras.exporting.build PRESET SPEC`).
 
 SavedModel directory:
     saved_model.pb, variables/      signatures `generate` and `logits`
@@ -175,16 +175,15 @@ def write_litert(lm, spec, metadata):
 
 
 def _main(argv):
-    """The child process: argv = [preset directory, spec JSON, instruct JSON]."""
+    """The child process: argv = [preset directory, spec JSON]."""
     from gemma_keras.causal_lm import GemmaCausalLM
     from gemma_keras.errors import GemmaError
 
-    preset, spec, instruct = argv
+    preset, spec = argv
     spec = ExportSpec(**json.loads(spec))
     try:
         lm = GemmaCausalLM.from_preset(preset, dtype="float32" if spec.format == "litert"
                                        else None)
-        lm.instruct = json.loads(instruct)
         export_model(lm, spec)
     except GemmaError as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
