@@ -32,11 +32,13 @@ def test_write_slot_in_place_only_into_a_donated_buffer_nothing_else_reads():
     class Weightless:
         variables = []
 
+    from gemma_keras.generation.cache import write as cache_write  # reads .shape too
+
     def write(buffer, update, slot):
-        return backend.write_slot(buffer, update, slot) * 1.0
+        return cache_write(buffer, update, slot) * 1.0
 
     def write_and_read_old(buffer, update, slot):  # the old buffer is read after the write
-        return backend.write_slot(buffer, update, slot) + buffer
+        return cache_write(buffer, update, slot) + buffer
 
     for fn, donate, in_place in ((write, (0,), True), (write, (), False),
                                  (write_and_read_old, (0,), False)):

@@ -119,21 +119,27 @@ def compile_step(model, fn, donate_argnums=()):
 
 def _write_donated_in_place(graph, donated):
     """Turns each `aten::index_copy` (a `write_slot`) of a donated graph input into the
-    in-place `aten::index_copy_`, where that write is the input's only use (nothing else
-    reads the old buffer, so writing into it changes no result)."""
+    in-place `aten::index_copy_`, where that write is the only use of the input's contents
+    (nothing else reads the old buffer, so writing into it changes no result)."""
     inputs = list(graph.inputs())
     donated = {inputs[i].unique() for i in donated}
     for node in list(graph.nodes()):
         if node.kind() != "aten::index_copy":
             continue
         buffer = node.inputsAt(0)
-        if buffer.unique() not in donated or len(buffer.uses()) != 1:
+        # Reading the buffer's shape (the tracer records `.shape` as aten::size) is not
+        # reading its contents.
+        readers = [use for use in buffer.uses() if use.user.kind() not in _SHAPE_OPS]
+        if buffer.unique() not in donated or len(readers) != 1:
             continue
         in_place = graph.create("aten::index_copy_", list(node.inputs()))
         in_place.insertBefore(node)
         in_place.output().setType(node.output().type())
         node.output().replaceAllUsesWith(in_place.output())
         node.destroy()
+
+
+_SHAPE_OPS = ("aten::size", "aten::dim", "aten::numel", "prim::shape")
 
 
 def _drop_noop_casts(graph):
