@@ -121,9 +121,10 @@ class GenerationSession:
         if isinstance(decoding, Sampler):
             decoding = Decoding(decoding, set())
         stopping = stopping or Stopping(frozenset(decoding.stop_ids))
-        if stopping.stop_strings:
+        if stopping.stop_strings or on_host:  # the text is read while decoding
             for row in self.rows:
-                row.text = self._row_text(stopping)
+                row.text = RowText(self.lm.tokenizer, stopping.stop_ids,
+                                   stopping.stop_strings, stopping.skip_special)
         on_device = not on_host and not stopping.stop_strings and backends.get().loops_compile
         for i in range(max_new_tokens):
             tokens = decoding.select(self.logits, self.rows, rng)
@@ -136,10 +137,6 @@ class GenerationSession:
             if on_device and decoding.compiled_loop_can_finish(self.rows):
                 return self._greedy_on_device(tokens, max_new_tokens - 1 - i, stopping)
             self.step(tokens)
-
-    def _row_text(self, stopping):
-        return RowText(self.lm.tokenizer, stopping.stop_ids, stopping.stop_strings,
-                       stopping.skip_special)
 
     def _record(self, tokens, stopping):
         for row, token in zip(self.rows, tokens):
@@ -185,7 +182,6 @@ class GenerationSession:
         rest) and never yields the start of a stop string that may be completing; the pieces
         join to exactly `completion_text`."""
         row = self.rows[0]
-        row.text = self._row_text(stopping)
         emitted = ""
         for _ in self.decoding_steps(max_new_tokens, decoding, rng, stopping, on_host=True):
             if row.done:

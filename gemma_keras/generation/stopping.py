@@ -61,6 +61,7 @@ class RowText:
 
     def __init__(self, tokenizer, stop_ids, stop_strings, skip_special):
         self.stop_ids, self.stop_strings = stop_ids, stop_strings or ()
+        self._longest = max(map(len, self.stop_strings), default=0)
         self.visible = IncrementalText(lambda ids: tokenizer.detokenize(ids, skip_special))
         # Stop strings are matched on the text with special pieces written out, as they are
         # generated (a stop string may be a special piece's text).
@@ -72,7 +73,7 @@ class RowText:
             self.visible.add([token])
         if self.raw is None:
             return False
-        searched = max(0, len(self.raw.text) - max(map(len, self.stop_strings)) + 1)
+        searched = max(0, len(self.raw.text) - self._longest + 1)
         self.raw.add([token])
         return any(s in self.raw.text[searched:] for s in self.stop_strings)
 
