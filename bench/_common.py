@@ -88,6 +88,17 @@ class Worker:
                 raise RuntimeError(f"{' '.join(map(str, self.argv))} {why}:\n"
                                    f"{self._log.read()[-5000:]}")
 
+    def rss(self) -> int:
+        """The process' resident memory now, bytes (0 once it has exited)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
     def close(self):
         if self.proc.poll() is None:
             try:
@@ -105,9 +116,10 @@ class Workers:
     alike instead of on whichever ran then. A worker that fails is closed, left out of later
     rounds, and reported to `on_error(case, error)`."""
 
-    def __init__(self, on_error):
+    def __init__(self, on_error, timeout=CASE_TIMEOUT_S):
         self.live = {}
         self.on_error = on_error
+        self.timeout = timeout  # seconds a worker may take to answer one request
 
     def start(self, case, argv, env, request: dict):
         """Starts `case`'s worker and returns its reply to `request` (None if it failed);
@@ -122,7 +134,7 @@ class Workers:
             return None
         time.sleep(settle_s)
         try:
-            return self.live[case].ask(request)
+            return self.live[case].ask(request, timeout=self.timeout)
         except RuntimeError as e:
             del self.live[case]
             self.on_error(case, e)
@@ -135,6 +147,10 @@ class Workers:
             live = [c for c in cases if c in self.live]
             shift = round_ % max(len(live), 1)
             yield round_, live[shift:] + live[:shift]
+
+    def rss(self) -> dict:
+        """{case: resident bytes} of the live workers, read now."""
+        return {case: worker.rss() for case, worker in self.live.items()}
 
     def close(self):
         for worker in self.live.values():
@@ -391,8 +407,9 @@ def report(output: pathlib.Path, measure, render, json_path=None, from_json=None
 
 
 # ---- the report ---------------------------------------------------------------------------
-def machine_lines(args_line: str) -> list:
-    """The report's closing lines: machine, library versions, date and command."""
+def machine_lines(args_line: str, extra_packages=()) -> list:
+    """The report's closing lines: machine, library versions (the usual ones and
+    `extra_packages`), date and command."""
     import datetime
     import importlib.metadata as md
     import platform
@@ -407,7 +424,8 @@ def machine_lines(args_line: str) -> list:
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024 ** 3:.0f} GiB RAM, "
         f"Linux {platform.release()}, Python {platform.python_version()}. "
         + ", ".join(f"{p} {version(p)}" for p in ("keras", "jax", "tensorflow", "torch",
-                                                  "keras-hub", "transformers", "numpy")) + ".",
+                                                  "keras-hub", "transformers", "numpy",
+                                                  *extra_packages)) + ".",
         f"Run {datetime.date.today().isoformat()}: `{args_line}`.",
         "",
     ]

@@ -1,27 +1,49 @@
-"""Generation speed: gemma_keras vs keras-hub vs Hugging Face transformers, on CPU.
+"""Generation speed by weight format: gemma_keras vs keras-hub vs transformers vs llama.cpp, CPU.
 
-    python bench/generate_speed.py                      # everything (~15 min on 2 cores)
+    python bench/generate_speed.py                      # everything, 4 formats (long: ~1 h)
+    python bench/generate_speed.py --formats float32    # the float32 comparison only
     python bench/generate_speed.py --quick              # 32 new tokens, batch 1 only
-    python bench/generate_speed.py --only gk-jax,hf-eager
+    python bench/generate_speed.py --quick --only 'gk-*' --formats int8
+    python bench/generate_speed.py --only gk-jax,hf-eager,llamacpp
     python bench/generate_speed.py --only 'gk-*' --batch-sizes 1
+
+Case ids compose library, backend and format: gk-<backend>-<format> (gemma_keras),
+kh-<backend>-float32 (keras-hub), hf-eager-<float32|bfloat16>, hf-static-float32,
+hf-compile-float32 (off unless asked for), llamacpp-<f32|bf16|q8_0|q4_0>. `--only` takes
+comma-separated globs or prefixes of them; `--formats` (default float32,bfloat16,int8,int4)
+picks the formats first.
+
+Weight formats:
+  float32   `from_preset(..., dtype="float32")`; transformers float32; llama.cpp F32
+  bfloat16  `from_preset(..., dtype="bfloat16")`; transformers `dtype=torch.bfloat16`;
+            llama.cpp BF16
+  int8      `lm.quantize("int8")` on the float32 model; llama.cpp Q8_0
+  int4      `lm.quantize("int4")` on the float32 model (the block size it picked is read from
+            the layers' dtype policies and shown); llama.cpp Q4_0
+llama.cpp runs through `llama-cpp-python` on the same weights written as GGUF (bench/
+_llama_cpp.py: an F32 file written with the `gguf` package, the others made from it by
+llama.cpp's own `llama_model_quantize`, every matrix in the named type). Both packages are
+optional, bench-only dependencies (`pip install -e .[bench]`); without them the llama.cpp
+cases are skipped with a note.
 
 What it does:
   1. Once, caches a Gemma-shaped checkpoint with random weights under bench/.cache/: a Hugging
-     Face `GemmaForCausalLM` (seed 0) saved as safetensors, and the same weights written as a
-     keras-hub preset by gemma_keras' `save_to_preset`. Every implementation loads these, so
-     all of them run the identical model.
+     Face `GemmaForCausalLM` (seed 0) saved as safetensors, the same weights written as a
+     keras-hub preset by gemma_keras' `save_to_preset`, and (when llama.cpp cases run) as
+     GGUF files. Every implementation loads these, so all of them run the identical model.
   2. Measures this machine's memory read bandwidth (NumPy sums and maxes over a 1.5 GB
      array, one and two threads, best of several) in a fresh process, at the start, after
-     every timed round and at the end; the bound takes the best. Decoding one token reads every weight
-     once (the embedding once, as the output head), so bandwidth / (parameters x 4 bytes) is
-     an upper bound on batch-1 decode tokens/s in float32.
-  3. Runs each implementation in its own subprocess, all of them alive together: each loads
-     (one at a time), makes its first `generate` call (timed: the first-call latency,
-     compilation included; also the warm-up; one worker at a time), then `--runs` rounds in
-     which every implementation in turn times one (full generate of N new tokens, prefill
+     every timed round and at the end; the bound takes the best. Decoding one token reads
+     every weight once (the embedding once, as the output head), so bandwidth / (bytes of
+     the weights a case stores) bounds its batch-1 decode tokens/s. The bytes are counted
+     from the real variables / tensors (scales and zero points included), not assumed.
+  3. Runs each case in its own subprocess, all of them alive together: each loads (one at a
+     time; quantizing included), makes its first `generate` call (timed: the first-call
+     latency, compilation included; also the warm-up; one worker at a time), then `--runs`
+     rounds in which every case in turn times one (full generate of N new tokens, prefill
      only), the order rotating each round. Interleaving matters on this shared machine:
      its speed drifts by 20-30% over minutes, which sequential runs turned into false
-     ratios. All greedy, no stop tokens, float32.
+     ratios. All greedy, no stop tokens.
        decode tokens/s  = batch x decode steps / (generate time - prefill time)
        prefill tokens/s = batch x prompt length / prefill time
      "best" uses the fastest run of each, "median" the medians. Prefill only is, per library:
@@ -30,24 +52,33 @@ What it does:
        keras-hub     `generate` with the padding mask covering all P + N columns (its
                      compiled generate_step then runs the cache-seeding forward pass over
                      P + N columns and zero loop iterations);
-       transformers  `generate(max_new_tokens=1)`.
-     Decode steps: N - 1 for gemma_keras and transformers (prefill yields the first token),
-     N for keras-hub (its loop re-feeds the last prompt token, then one step per token).
-  4. Checks that every implementation produced the same greedy tokens as transformers eager,
-     prints a markdown table and writes it to bench/results/generate_speed.md.
+       transformers  `generate(max_new_tokens=1)`;
+       llama.cpp     one `llama_decode` of all prompt tokens (a sequence per row) + argmax.
+     Decode steps: N - 1 for gemma_keras, transformers and llama.cpp (prefill yields the
+     first token), N for keras-hub (its loop re-feeds the last prompt token, then one step
+     per token).
+  4. Checks every case's greedy tokens against transformers eager in float32: float32 cases
+     must agree exactly (a warning otherwise); low-precision ones report the fraction that
+     agrees, since rounding legitimately changes greedy choices. Prints a markdown report
+     (table, ratios against our own float32 and against llama.cpp in the same format) and
+     writes it to bench/results/generate_speed.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import pathlib
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
+import _llama_cpp as llama  # noqa: E402
 from _common import log  # noqa: E402
 
 DEFAULT_CACHE = common.CACHE / "generate_speed"
@@ -65,26 +96,55 @@ SEED = 0
 # disagreements between implementations.
 EMBEDDING_STD = 0.002
 
-# (case id, library, keras backend or None, label)
-CASES = [
-    ("gk-jax", "gemma_keras", "jax", "gemma_keras"),
-    ("gk-tensorflow", "gemma_keras", "tensorflow", "gemma_keras"),
-    ("gk-torch", "gemma_keras", "torch", "gemma_keras"),
-    ("kh-jax", "keras_hub", "jax", "keras-hub"),
-    ("kh-tensorflow", "keras_hub", "tensorflow", "keras-hub"),
-    ("kh-torch", "keras_hub", "torch", "keras-hub"),
-    ("hf-eager", "hf_eager", None, "transformers eager (DynamicCache, sdpa)"),
-    ("hf-static", "hf_static", None, "transformers static cache (eager)"),
-    # Off unless asked for with --only hf-compile: see HF_COMPILE_NOTE.
-    ("hf-compile", "hf_compile", None, "transformers static cache + torch.compile"),
-]
-DEFAULT_OFF = ("hf-compile",)
+FORMATS = ("float32", "bfloat16", "int8", "int4")
+# Batch-1 decode targets (issue 17): each format against our own float32 on the same backend
+# (int4: on the best backend), and the best backend against llama.cpp in the same format.
+TARGET_VS_FLOAT32 = {"bfloat16": 1.8, "int8": 2.5, "int4": 4.0}
+TARGET_VS_LLAMA_CPP = 0.9
+# float32 batch-1 decode targets of gemma_keras against its float32 peers.
+PEER_TARGETS = {"kh-jax-float32": 1.25, "kh-tensorflow-float32": 1.5,
+                "kh-torch-float32": 2.5, "hf-eager-float32": 1.15}
+BEST_FRACTION_TARGET = 0.85  # of the bandwidth bound, best backend, float32
+
+
+class Case(NamedTuple):
+    id: str
+    library: str
+    backend: str | None  # the Keras backend, None for transformers / llama.cpp
+    label: str
+    format: str  # one of FORMATS
+
+
+_HF = {"hf_eager": ("hf-eager", "transformers eager (DynamicCache, sdpa)"),
+       "hf_static": ("hf-static", "transformers static cache (eager)"),
+       "hf_compile": ("hf-compile", "transformers static cache + torch.compile")}
+
+
+def all_cases(formats=FORMATS) -> list:
+    """Every case of `formats`, grouped by format."""
+    cases = []
+    for fmt in formats:
+        cases += [Case(f"gk-{b}-{fmt}", "gemma_keras", b, "gemma_keras", fmt)
+                  for b in common.BACKENDS]
+        if fmt == "float32":
+            cases += [Case(f"kh-{b}-{fmt}", "keras_hub", b, "keras-hub", fmt)
+                      for b in common.BACKENDS]
+        for library, (prefix, label) in _HF.items():
+            if fmt == "float32" or (fmt == "bfloat16" and library == "hf_eager"):
+                cases.append(Case(f"{prefix}-{fmt}", library, None, label, fmt))
+        cases.append(Case(f"llamacpp-{llama.TYPES[fmt].lower()}", "llama_cpp", None,
+                          "llama.cpp", fmt))
+    return cases
+
+
+# Off unless asked for with --only hf-compile: see HF_COMPILE_NOTE.
+DEFAULT_OFF = ("hf-compile-float32",)
 HF_COMPILE_NOTE = (
     "transformers with torch.compile (static cache, inductor, `compile_config` forced on "
     "CPU) is left out of the default run: on this 2-core CPU, when this benchmark was "
     "written, its first 128-token generate took 122 s and the next ones ~60 s each (eager: "
     "~13 s), so it does not pay off here; measure it with `--only hf-compile`.")
-REFERENCE = "hf-eager"
+REFERENCE = "hf-eager-float32"
 
 
 # ---- inside the worker subprocesses ------------------------------------------------------
@@ -98,18 +158,59 @@ def _prompts(batch: int, length: int, vocab: int):
     return ids[:batch]
 
 
-def _setup(library: str, dirs: dict, prompt_len: int, new_tokens: int):
-    """Loads the model; returns (generate(ids) -> new ids [batch, N], prefill(ids), decode
-    steps per generate, parameter count)."""
+_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+          "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+
+
+def _keras_weights(backbone) -> dict:
+    """The bytes a Keras backbone's variables hold (by dtype), and for quantized layers the
+    mode and the int4 block sizes their dtype policies carry."""
+    import keras
+
+    by_dtype, seen = {}, set()
+    for v in backbone.weights:
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        dtype = keras.backend.standardize_dtype(v.dtype)
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + math.prod(v.shape) * _BYTES[dtype]
+    modes, blocks = {}, {}
+    for layer in backbone._flatten_layers(include_self=False):
+        mode = getattr(layer, "quantization_mode", None)
+        if mode:
+            modes[mode] = modes.get(mode, 0) + 1
+        if mode == "int4":
+            block = str(getattr(layer.dtype_policy, "block_size", None))
+            blocks[block] = blocks.get(block, 0) + 1
+    embedding = getattr(backbone, "token_embedding", None)
+    return {"bytes": sum(by_dtype.values()), "by_dtype": by_dtype,
+            "quantized_layers": modes, "int4_blocks": blocks,
+            "embedding_quantized": getattr(embedding, "quantization_mode", None)}
+
+
+def _setup(library: str, fmt: str, dirs: dict, prompt_len: int, new_tokens: int):
+    """Loads the model in `fmt`; returns (generate(ids) -> new ids [batch, N], prefill(ids),
+    decode steps per generate, parameter count, facts about the stored weights)."""
     import numpy as np
 
     total = prompt_len + new_tokens
+    if library == "llama_cpp":
+        gguf_type = llama.TYPES[fmt]
+        path = dirs["gguf"][gguf_type]
+        runner = llama.Runner(path, threads=os.cpu_count(), total_len=total)
+        summary = llama.tensor_summary(path)
+        weights = {"bytes": summary["bytes"], "file_bytes": summary["file_bytes"],
+                   "tensor_types": summary["types"], "gguf_type": gguf_type}
+        return (lambda ids: runner.generate(ids, new_tokens)), \
+            (lambda ids: runner.generate(ids, 1)), new_tokens - 1, runner.params(), weights
+
     if library.startswith("hf_"):
         import torch
         import transformers
 
         torch.manual_seed(0)
-        model = transformers.GemmaForCausalLM.from_pretrained(dirs["hf"], dtype=torch.float32)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[fmt]
+        model = transformers.GemmaForCausalLM.from_pretrained(dirs["hf"], dtype=dtype)
         model.eval()
         gen_config = model.generation_config
         gen_config.eos_token_id = None  # never stop early: always N tokens
@@ -132,9 +233,13 @@ def _setup(library: str, dirs: dict, prompt_len: int, new_tokens: int):
                                      generation_config=gen_config, **extra)
             return out[:, ids.shape[1]:].numpy()
 
+        by_dtype = {}
+        for p in model.parameters():  # a tied weight is one parameter
+            name = str(p.dtype).replace("torch.", "")
+            by_dtype[name] = by_dtype.get(name, 0) + p.numel() * p.element_size()
         count = sum(p.numel() for p in model.parameters())
         return (lambda ids: run(ids, new_tokens)), (lambda ids: run(ids, 1)), \
-            new_tokens - 1, count
+            new_tokens - 1, count, {"bytes": sum(by_dtype.values()), "by_dtype": by_dtype}
 
     import keras
 
@@ -147,7 +252,7 @@ def _setup(library: str, dirs: dict, prompt_len: int, new_tokens: int):
         lm = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
         lm.compile(sampler="greedy")
 
-        def run(ids, prompt_only):
+        def run_kh(ids, prompt_only):
             batch = ids.shape[0]
             token_ids = np.zeros((batch, total), "int32")
             token_ids[:, :prompt_len] = ids
@@ -157,13 +262,18 @@ def _setup(library: str, dirs: dict, prompt_len: int, new_tokens: int):
                               stop_token_ids=None)
             return np.asarray(keras.ops.convert_to_numpy(out["token_ids"]))[:, prompt_len:]
 
-        return (lambda ids: run(ids, False)), (lambda ids: run(ids, True)), new_tokens, \
-            backbone.count_params()
+        return (lambda ids: run_kh(ids, False)), (lambda ids: run_kh(ids, True)), new_tokens, \
+            backbone.count_params(), _keras_weights(backbone)
 
     import gemma_keras as gk
     from gemma_keras.generation.session import GenerationSession
 
-    lm = gk.GemmaCausalLM.from_preset(str(dirs["hf"]), dtype="float32")
+    lm = gk.GemmaCausalLM.from_preset(str(dirs["hf"]),
+                                      dtype="bfloat16" if fmt == "bfloat16" else "float32")
+    params = lm.backbone.count_params()  # before quantizing: packed int4 counts differently
+    quantize_s = None
+    if fmt in ("int8", "int4"):
+        quantize_s, _ = common.timed(lm.quantize, fmt)
 
     def generate(ids):
         out = lm.generate({"token_ids": ids, "padding_mask": np.ones_like(ids)},
@@ -174,20 +284,27 @@ def _setup(library: str, dirs: dict, prompt_len: int, new_tokens: int):
         session = GenerationSession(lm, [list(row) for row in ids], total)
         return np.argmax(session.logits, axis=-1)
 
-    return generate, prefill, new_tokens - 1, lm.backbone.count_params()
+    return generate, prefill, new_tokens - 1, params, \
+        {**_keras_weights(lm.backbone), "quantize_s": quantize_s}
 
 
 def _timed(fn, *args):
     return common.timed(fn, *args, collect=True)
 
 
-def serve_worker(library: str, dirs: dict, prompt_len, new_tokens, warmups):
+def serve_worker(library: str, fmt: str, dirs: dict, prompt_len, new_tokens, warmups):
     """One implementation, loaded once, answering the coordinator's requests in turn:
     load (the model's size), first (the first generate of a batch size: compilation /
     tracing included; it is also the warm-up), round (one timed generate and prefill)."""
     start = time.perf_counter()
-    generate, prefill, steps, params = _setup(library, dirs, prompt_len, new_tokens)
-    loaded = {"load_s": time.perf_counter() - start, "params": int(params), "steps": steps}
+    generate, prefill, steps, params, weights = _setup(library, fmt, dirs, prompt_len,
+                                                       new_tokens)
+    import gc
+
+    gc.collect()  # quantizing dropped the float kernels: hand their memory back, since
+    common.release_free_memory()  # every case's process stays resident through the run
+    loaded = {"load_s": time.perf_counter() - start, "params": int(params), "steps": steps,
+              "weights": weights, "rss": common.proc_status().get("VmRSS")}
     first_tokens = {}
 
     def handle(request):
@@ -201,8 +318,10 @@ def serve_worker(library: str, dirs: dict, prompt_len, new_tokens, warmups):
             for _ in range(warmups):
                 _timed(generate, ids)
             first_tokens[batch] = tokens
+            status = common.proc_status()
             return {"first_s": first_s, "first_prefill_s": warm_prefill_s,
-                    "tokens": tokens.tolist(), **_choices(library)}
+                    "tokens": tokens.tolist(), "rss": status.get("VmRSS"),
+                    "rss_peak": status.get("VmHWM"), **_choices(library)}
         t, again = _timed(generate, ids)
         return {"generate_s": t, "prefill_s": _timed(prefill, ids)[0],
                 "same": bool((again == first_tokens[batch]).all())}
@@ -223,12 +342,13 @@ def _choices(library) -> dict:
             else "oneDNN" if product is not None else "none"}
 
 
-def measure(cases, dirs, args, after_round=None) -> list:
+def measure(cases, dirs, args, after_round=None) -> tuple:
     """Every case's worker is started (one loading at a time), then each batch size gets its
     first calls one worker at a time and `--runs` rounds in which every worker times one
     generate + prefill in turn, the order rotating each round (`common.Workers`).
     `after_round(batch, round)` runs after each round (the bandwidth probe, so the bound is
-    measured through the same minutes as the decoding)."""
+    measured through the same minutes as the decoding). Returns (rows, memory): memory is
+    the workers' resident bytes, read after all loaded and after all first calls."""
     worker_args = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                    "--warmups", str(args.warmups)]
     rows = {}
@@ -238,16 +358,30 @@ def measure(cases, dirs, args, after_round=None) -> list:
         rows[case].pop("batches", None)
         rows[case]["error"] = common.error_line(str(error))
 
-    workers = common.Workers(on_error=failed)
-    for case, library, backend, label in cases:
-        shown = backend or "torch"
-        rows[case] = {"case": case, "label": label, "backend": shown}
-        log(f"{case}: {label} [{shown}] loading ...")
-        loaded = workers.start(case, [__file__, "--worker", library, "--dir", json.dumps(dirs),
-                                      *worker_args],
-                               {"KERAS_BACKEND": backend} if backend else {}, {"cmd": "load"})
+    workers = common.Workers(on_error=failed, timeout=args.timeout)
+    memory = {}
+    for case in cases:
+        shown = case.backend or ("llama.cpp" if case.library == "llama_cpp" else "torch")
+        rows[case.id] = {"case": case.id, "library": case.library, "label": case.label,
+                         "backend": shown, "format": case.format}
+        log(f"{case.id}: {case.label} [{shown}, {case.format}] loading ...")
+        loaded = workers.start(case.id, [__file__, "--worker", case.library, "--format",
+                                         case.format, "--dir", json.dumps(dirs), *worker_args],
+                               {"KERAS_BACKEND": case.backend} if case.backend else {},
+                               {"cmd": "load"})
         if loaded:
-            rows[case].update(loaded, batches={})
+            rows[case.id].update(loaded, batches={})
+            w = loaded["weights"]
+            log(f"  loaded in {loaded['load_s']:.1f} s"
+                + (f" (quantizing {w['quantize_s']:.1f} s)" if w.get("quantize_s") else "")
+                + f"; weights {w['bytes'] / 1e6:,.0f} MB; RSS {common.mib(loaded['rss'])} MiB")
+
+    def note_memory(when):
+        rss = workers.rss()
+        memory[when] = {"total": sum(rss.values()), "by_case": rss}
+        log(f"workers' resident memory {when}: {sum(rss.values()) / 1024 ** 3:.1f} GiB "
+            f"({len(rss)} processes)")
+    note_memory("after loading")
     for batch in args.batch_sizes:
         for case, row in rows.items():
             if case in workers.live:
@@ -256,8 +390,10 @@ def measure(cases, dirs, args, after_round=None) -> list:
                 if first:
                     if "one_row_product" in first:
                         log(f"  one-row product: {first['one_row_product']}")
+                    log(f"  {first['first_s']:.1f} s")
                     row["batches"][str(batch)] = {**first, "generate_s": [], "prefill_s": [],
                                                   "deterministic": True}
+        note_memory(f"after the B={batch} first calls")
         for round_, order in workers.rounds(list(rows), args.runs):
             log(f"B={batch} round {round_ + 1}/{args.runs}: " + ", ".join(order))
             for case in order:
@@ -277,7 +413,7 @@ def measure(cases, dirs, args, after_round=None) -> list:
                 log(f"{row['case']} B={batch}: decode {m['decode_best']:.1f} tok/s (median "
                     f"{m['decode_median']:.1f}), prefill {m['prefill_best']:.0f} tok/s, first "
                     f"call {m['first_s']:.1f} s")
-    return list(rows.values())
+    return list(rows.values()), memory
 
 
 def ensure_checkpoints(cache: pathlib.Path) -> dict:
@@ -285,10 +421,21 @@ def ensure_checkpoints(cache: pathlib.Path) -> dict:
     return common.ensure_checkpoints(cache, key, __file__, [])
 
 
+def ensure_ggufs(cache: pathlib.Path, dirs: dict, formats) -> dict:
+    """{GGUF type: path} of the llama.cpp files of `formats`, built once under the cache
+    (which `ensure_checkpoints` wipes when the model changes), each in a fresh process."""
+    def make(gguf_type, path, f32_path):
+        log(f"writing the {gguf_type} GGUF (once) ...")
+        common.run([__file__, "--make-gguf", gguf_type, "--dir", path, "--source",
+                    dirs["hf"] if gguf_type == "F32" else f32_path])
+    return llama.ensure_ggufs(cache / "gguf", dirs["hf"], [llama.TYPES[f] for f in formats],
+                              make)
+
+
 # ---- metrics and the report --------------------------------------------------------------
 def metrics(r: dict, batch: int, prompt_len: int) -> dict:
-    b = r["batches"].get(str(batch))
-    if not b:
+    b = r.get("batches", {}).get(str(batch))
+    if not b or not b["generate_s"]:
         return {}
     gen, pre = b["generate_s"], b["prefill_s"]
     steps = r["steps"]
@@ -310,54 +457,129 @@ def metrics(r: dict, batch: int, prompt_len: int) -> dict:
     }
 
 
+def _reference(rows):
+    """The row whose tokens the others are checked against: transformers eager in float32,
+    else the first float32 row, else the first row (None if none ran)."""
+    ran = [r for r in rows if "batches" in r]
+    return (next((r for r in ran if r["case"] == REFERENCE), None)
+            or next((r for r in ran if r.get("format", "float32") == "float32"), None)
+            or next(iter(ran), None))
+
+
 def check_tokens(rows, log) -> dict:
-    """{case: description} of greedy-token agreement with the reference."""
-    ref = next((r for r in rows if r["case"] == REFERENCE and "batches" in r), None)
-    ref = ref or next((r for r in rows if "batches" in r), None)
+    """{case: description} of greedy-token agreement with the reference. Float32 rows (when
+    the reference is float32) must agree exactly: a difference is logged as a warning. For
+    the others the share of equal tokens is reported, since rounding changes greedy picks;
+    a row's tokens after its first difference follow a different prefix, so the first
+    difference is given too."""
+    ref = _reference(rows)
     verdict = {}
     for r in rows:
         if "batches" not in r:
             continue
+        exact = r.get("format", "float32") == ref.get("format", "float32") == "float32"
         parts = []
         for batch, b in r["batches"].items():
             want = ref["batches"].get(batch, {}).get("tokens")
             if want is None:
                 continue
             got = b["tokens"]
-            bad = [(i, next(j for j, (x, y) in enumerate(zip(g, w)) if x != y))
-                   for i, (g, w) in enumerate(zip(got, want)) if g != w]
+            firsts = [next((j for j, (x, y) in enumerate(zip(g, w)) if x != y), None)
+                      for g, w in zip(got, want)]
+            bad = [(i, j) for i, j in enumerate(firsts) if j is not None]
+            if exact:
+                if bad:
+                    parts.append(f"B={batch}: {len(bad)}/{len(got)} rows differ (first at "
+                                 + ", ".join(f"row {i} token {j}" for i, j in bad[:3]) + ")")
+                    log(f"WARNING: {r['case']} greedy tokens differ from {ref['case']}: "
+                        f"{parts[-1]}")
+                continue
+            equal = sum(x == y for g, w in zip(got, want) for x, y in zip(g, w))
+            count = sum(len(g) for g in got)
+            part = (f"B={batch}: {100 * equal / count:.0f}% of tokens, "
+                    f"{len(got) - len(bad)}/{len(got)} rows identical")
             if bad:
-                parts.append(f"B={batch}: {len(bad)}/{len(got)} rows differ (first at "
-                             + ", ".join(f"row {i} token {j}" for i, j in bad[:3]) + ")")
-                log(f"WARNING: {r['case']} greedy tokens differ from {ref['case']}: "
-                    f"{parts[-1]}")
+                part += f" (first difference at token {min(j for _, j in bad)})"
+            parts.append(part)
         if r is ref:
             verdict[r["case"]] = "reference"
-        else:
+        elif exact:
             verdict[r["case"]] = "; ".join(parts) if parts else "yes"
+        else:
+            verdict[r["case"]] = "; ".join(parts) if parts else "-"
     return verdict
 
 
-def render(rows, bandwidth, args, args_line) -> str:
+def _format_cell(r) -> str:
+    """The weight format as stored, with the block size where there is one."""
+    w = r.get("weights") or {}
+    if r.get("library") == "llama_cpp":
+        t = w.get("gguf_type", llama.TYPES.get(r.get("format"), "?"))
+        return t + (f" (block {llama.BLOCKS[t]})" if t in llama.BLOCKS else "")
+    fmt = r.get("format", "float32")
+    if fmt == "int4":  # the block sizes the quantized layers' dtype policies carry
+        blocks = sorted((w.get("int4_blocks") or {}), key=int)
+        if not blocks:
+            return "int4"
+        return "int4 (" + ", ".join("per channel" if b == "-1" else f"block {b}"
+                                    for b in blocks) + ")"
+    if fmt == "int8" and r.get("library") == "gemma_keras":
+        return "int8 (per channel)"
+    return fmt
 
+
+def _weights_note(r) -> str:
+    """What the stored bytes are made of (dtypes, tensor types, unquantized embedding)."""
+    w = r.get("weights") or {}
+    if "tensor_types" in w:
+        return ", ".join(f"{n} {t}" for t, n in sorted(w["tensor_types"].items())) + " tensors"
+    parts = [f"{dtype} {b / 1e6:,.1f} MB" for dtype, b in
+             sorted(w.get("by_dtype", {}).items(), key=lambda kv: -kv[1])]
+    if w.get("quantized_layers"):
+        parts.append(", ".join(f"{n} layers {m}" for m, n in w["quantized_layers"].items())
+                     + (" (the embedding too)" if w.get("embedding_quantized")
+                        else " (the embedding not)"))
+    return "; ".join(parts)
+
+
+def _model_params() -> int:
+    """The benchmark model's parameter count, from its shape."""
+    m = MODEL
+    h, d, inner = m["hidden_size"], m["head_dim"], m["intermediate_size"]
+    per_layer = (h * d * (2 * m["num_attention_heads"] + 2 * m["num_key_value_heads"])
+                 + 3 * h * inner + 2 * h)
+    return m["vocab_size"] * h + m["num_hidden_layers"] * per_layer + h
+
+
+def render(raw, args) -> str:
+    rows, bandwidth, args_line = raw["rows"], raw["bandwidth"], raw["args_line"]
     P, N = args.prompt_len, args.new_tokens
     batches = args.batch_sizes
-    params = next((r["params"] for r in rows if "params" in r), None)
-    weight_bytes = params * 4 if params else None
+    params = _model_params()
     bw = common.fastest(bandwidth) if bandwidth else None
-    bound = bw / weight_bytes if bw and weight_bytes else None
+    ref = _reference(rows)
     agree = check_tokens(rows, lambda m: None)
     big = max(batches)
+    fmt = common.fmt
+    formats = [f for f in FORMATS if any(r.get("format") == f for r in rows)]
+
+    def row_bytes(r):
+        return (r.get("weights") or {}).get("bytes")
+
+    def bound(r):
+        return bw / row_bytes(r) if bw and row_bytes(r) else None
+
     lines = [
-        "# Generation speed: gemma_keras vs keras-hub vs transformers (CPU, float32)",
+        "# Generation speed by weight format: gemma_keras vs keras-hub vs transformers vs "
+        "llama.cpp (CPU)",
         "",
-        (f"Model: Gemma-1-shaped, random weights (identical for every implementation), "
-         f"{params:,} parameters ({weight_bytes / 1e6:,.0f} MB in float32): vocab "
-         f"{MODEL['vocab_size']}, hidden {MODEL['hidden_size']}, "
-         f"{MODEL['num_hidden_layers']} layers, {MODEL['num_attention_heads']} query heads / "
-         f"{MODEL['num_key_value_heads']} kv head, head_dim {MODEL['head_dim']}, GeGLU "
-         f"branches {MODEL['intermediate_size']}. Greedy, no stop tokens, {P}-token prompts, "
-         f"{N} new tokens." if params else ""),
+        f"Model: Gemma-1-shaped, random weights (identical for every implementation), "
+        f"{params:,} parameters ({params * 4 / 1e6:,.0f} MB in float32): vocab "
+        f"{MODEL['vocab_size']}, hidden {MODEL['hidden_size']}, "
+        f"{MODEL['num_hidden_layers']} layers, {MODEL['num_attention_heads']} query heads / "
+        f"{MODEL['num_key_value_heads']} kv head, head_dim {MODEL['head_dim']}, GeGLU "
+        f"branches {MODEL['intermediate_size']}. Greedy, no stop tokens, {P}-token prompts, "
+        f"{N} new tokens. Formats: {', '.join(formats)}.",
         "",
         (f"Memory read bandwidth: {bw / 1e9:.1f} GB/s (NumPy reductions over "
          f"{bandwidth['bytes'] / 1e9:.1f} GB, best of 7 in each of "
@@ -366,29 +588,36 @@ def render(rows, bandwidth, args, args_line) -> str:
          f"{bandwidth['one_thread'] / 1e9:.1f}, two threads "
          f"{bandwidth['two_threads'] / 1e9:.1f}; NumPy max, two threads "
          f"{bandwidth.get('two_threads_max', float('nan')) / 1e9:.1f}; the bound takes the "
-         f"fastest). Decoding a token reads every weight once, so "
-         f"batch-1 decode is bounded by {bw / 1e9:.1f} GB/s / {weight_bytes / 1e6:.0f} MB = "
-         f"**{bound:.1f} tokens/s** ({1e3 / bound:.1f} ms/token)."
-         if bound else "Memory bandwidth: not measured."),
+         f"fastest). Decoding a token reads every stored weight once (the tied embedding "
+         f"once, as the head), so a case's batch-1 decode is bounded by {bw / 1e9:.1f} GB/s / "
+         f"the bytes of its weights (*bound*; float32: {bw / (params * 4):.1f} tokens/s). "
+         "*Weights* are the bytes the loaded model actually holds: its variables (quantized "
+         "values, scales and zero points, norms), transformers' parameters, the GGUF file's "
+         "tensors."
+         if bw else "Memory bandwidth: not measured."),
         "",
-        f"Each implementation runs in its own process, all alive together: load, first call "
-        f"(timed, compilation included; also the warm-up), then {args.runs} rounds in which "
-        f"each implementation in turn times (generate {N} tokens, prefill only), the order "
-        "rotating, so the machine's drift falls on all of them alike. *Decode* = batch x decode steps / (generate - prefill), steady state; "
-        "**best** of the rounds, median in parentheses. *Prefill* = batch x prompt tokens / "
-        "prefill time. *% bound* = batch-1 decode / the bandwidth bound. *First call* = the "
-        f"very first generate (batch 1, {N} tokens) in a fresh process, compilation "
-        "included; *first - steady* = that minus the median timed generate, i.e. roughly "
-        "the compilation / tracing cost.",
+        f"Each case runs in its own process, all alive together: load (quantizing included), "
+        f"first call (timed, compilation included; also the warm-up), then {args.runs} "
+        f"rounds in which each case in turn times (generate {N} tokens, prefill only), the "
+        "order rotating, so the machine's drift falls on all of them alike. *Decode* = batch "
+        "x decode steps / (generate - prefill), steady state; **best** of the rounds, median "
+        "in parentheses. *Prefill* = batch x prompt tokens / prefill time. *% bound* = "
+        "batch-1 decode / the case's bound. *First call* = the very first generate (batch 1, "
+        f"{N} tokens) in a fresh process, compilation included; *first - steady* = that "
+        "minus the median timed generate, i.e. roughly the compilation / tracing cost. "
+        f"*Greedy tokens* are checked against {ref['case'] if ref else '-'}: float32 cases "
+        "must agree exactly; for the others, the share of equal tokens.",
         "",
     ]
-    columns = ["implementation", "backend", "B=1 decode tok/s", "ms/token", "% bound",
-               "B=1 prefill tok/s", "first call (s)", "first - steady call (s)"]
+    if raw.get("notes"):
+        lines += [f"Note: {n}." for n in raw["notes"]] + [""]
+    columns = ["implementation", "format", "backend", "weights (MB)", "bound tok/s",
+               "B=1 decode tok/s", "ms/token", "% bound", "B=1 prefill tok/s",
+               "first call (s)", "first - steady call (s)"]
     if big != 1:
         columns += [f"B={big} decode tok/s", f"B={big} prefill tok/s"]
-    columns.append("same greedy tokens")
-    lines += common.table_head(columns, "ll" + "r" * (len(columns) - 3) + "l")
-    fmt = common.fmt
+    columns += ["peak RSS (MiB)", "greedy tokens"]
+    lines += common.table_head(columns, "lll" + "r" * (len(columns) - 4) + "l")
 
     def speeds(m, key):  # best (median)
         digits = 0 if key == "prefill" else 1
@@ -396,82 +625,37 @@ def render(rows, bandwidth, args, args_line) -> str:
         return (f"**{best}**" if key == "decode" else best) \
             + f" ({fmt(m.get(f'{key}_median'), digits)})"
     for r in rows:
+        head = [r["label"], _format_cell(r), r["backend"]]
         if "error" in r:
-            lines.append(common.failed_row([r["label"], r["backend"]], r["error"], len(columns)))
+            lines.append(common.failed_row(head, r["error"], len(columns)))
             continue
         m1 = metrics(r, 1, P) if 1 in batches else {}
-        cells = [r["label"], r["backend"], speeds(m1, "decode"), fmt(m1.get("ms_per_step")),
-                 fmt(100 * m1["decode_best"] / bound, 0) + "%" if bound and m1 else "-",
-                 speeds(m1, "prefill"), fmt(m1.get("first_s")),
-                 fmt(m1.get("first_overhead_s"))]
+        limit = bound(r)
+        cells = head + [fmt(row_bytes(r) / 1e6 if row_bytes(r) else None, 0), fmt(limit),
+                        speeds(m1, "decode"), fmt(m1.get("ms_per_step")),
+                        fmt(100 * m1["decode_best"] / limit, 0) + "%" if limit and m1 else "-",
+                        speeds(m1, "prefill"), fmt(m1.get("first_s")),
+                        fmt(m1.get("first_overhead_s"))]
         if big != 1:
             mb = metrics(r, big, P)
             cells += [speeds(mb, "decode"), speeds(mb, "prefill")]
-        lines.append(common.table_row(cells + [agree.get(r["case"], "-")]))
+        peak = max((x.get("rss_peak") or 0 for x in r["batches"].values()), default=0)
+        cells += [common.mib(peak) if peak else "-", agree.get(r["case"], "-")]
+        lines.append(common.table_row(cells))
+    notes = [f"- {r['case']}: {_weights_note(r)}" for r in rows
+             if "error" not in r and _weights_note(r)]
+    if notes:
+        lines += ["", "What the weights are made of:", ""] + notes
 
-    # Ratios: gemma_keras on each backend against each peer.
-    by_case = {r["case"]: r for r in rows if "batches" in r}
-    gk_cases = [c for c in ("gk-jax", "gk-tensorflow", "gk-torch") if c in by_case]
-    if gk_cases:
-        lines += ["", "Ratios, gemma_keras / peer (higher is better; first call: peer / "
-                  "gemma_keras, so higher is better there too). Targets: >= 1.25x keras-hub "
-                  "on JAX, >= 1.5x on TensorFlow, >= 2.5x on torch, >= 1.15x transformers "
-                  "eager (batch-1 decode), >= 85% of the bandwidth bound on the best backend.",
-                  ""]
-        cols = [("B=1 decode", 1, "decode_best"), ("B=1 prefill", 1, "prefill_best")]
-        if big != 1:
-            cols.insert(1, (f"B={big} decode", big, "decode_best"))
-        cols.append(("first call", 1, "first_s"))
-        lines += common.table_head(["gemma_keras", "vs", *(c[0] for c in cols), "target"],
-                                   "ll" + "r" * len(cols) + "l")
-        targets = {"kh-jax": 1.25, "kh-tensorflow": 1.5, "kh-torch": 2.5, "hf-eager": 1.15}
-        for g in gk_cases:
-            backend = g.split("-", 1)[1]
-            for peer in (f"kh-{backend}", "hf-eager", "hf-static", "hf-compile"):
-                if peer not in by_case:
-                    continue
-                cells = []
-                for _, batch, key in cols:
-                    mine, theirs = (metrics(by_case[g], batch, P).get(key),
-                                    metrics(by_case[peer], batch, P).get(key))
-                    cells.append(common.ratio(theirs, mine) if key == "first_s"
-                                 else common.ratio(mine, theirs))
-                target = targets.get(peer)
-                verdict = ""
-                if target:
-                    d = (metrics(by_case[g], 1, P).get("decode_best"),
-                         metrics(by_case[peer], 1, P).get("decode_best"))
-                    met = d[0] and d[1] and d[0] / d[1] >= target
-                    verdict = f">= {target}x: " + ("met" if met else "**not met**")
-                peer_name = f"{by_case[peer]['label']} ({by_case[peer]['backend']})"
-                lines.append(common.table_row([backend, peer_name, *cells, verdict]))
-        paired_lines = []
-        for g in gk_cases:
-            for peer in (f"kh-{g.split('-', 1)[1]}", "hf-eager"):
-                ratios = [a / b for a, b in zip(_round_decodes(by_case[g]),
-                                                _round_decodes(by_case.get(peer))) if b]
-                if ratios:
-                    paired_lines.append(
-                        f"- {g.split('-', 1)[1]} vs {by_case[peer]['label']}: "
-                        + ", ".join(f"{r:.2f}x" for r in ratios)
-                        + f" (median {statistics.median(ratios):.2f}x)")
-        if paired_lines:
-            lines += ["", "Batch-1 decode ratios round by round (both sides timed in the same "
-                      "round, minutes apart at most):", ""] + paired_lines
-        if bound:
-            best = max(gk_cases, key=lambda c: metrics(by_case[c], 1, P).get("decode_best", 0))
-            frac = metrics(by_case[best], 1, P)["decode_best"] / bound
-            lines += ["", f"Best gemma_keras backend at batch 1: {best.split('-', 1)[1]}, "
-                      f"{100 * frac:.0f}% of the bandwidth bound (target 85%: "
-                      f"{'met' if frac >= 0.85 else '**not met**'})."]
-            paired = _paired_fractions(by_case[best], weight_bytes,
-                                       bandwidth.get("batch1_rounds"))
-            if paired:
-                lines += ["", "The same, paired by round (each round's decode against the "
-                          "faster of the probes just before and after that round, instead of "
-                          f"the fastest of all {bandwidth.get('probes')} probes): "
-                          + ", ".join(f"{100 * f:.0f}%" for f in paired)
-                          + f"; median {100 * statistics.median(paired):.0f}%."]
+    by_case = {r["case"]: r for r in rows if metrics(r, 1, P) or metrics(r, big, P)}
+    lines += _format_ratios(by_case, formats, batches, P)
+    lines += _llama_ratios(by_case, formats, batches, P)
+    lines += _peer_ratios(by_case, batches, P)
+    lines += _bound_lines(by_case, formats, bw, bandwidth, P)
+    if raw.get("memory"):
+        lines += ["", "Workers' resident memory, all alive together: " + "; ".join(
+            f"{when} {m['total'] / 1024 ** 3:.1f} GiB ({len(m['by_case'])} processes)"
+            for when, m in raw["memory"].items()) + "."]
     notes = [
         "",
         "Notes: keras-hub's prefill is its cache-seeding forward pass over all prompt + new "
@@ -480,17 +664,160 @@ def render(rows, bandwidth, args, args_line) -> str:
         "ops on torch. transformers uses its default attention (sdpa) under "
         "`torch.inference_mode`; *static* means `cache_implementation=\"static\"` without "
         "compilation (transformers does not auto-compile on CPU). "
-        + (HF_COMPILE_NOTE if "hf-compile" not in by_case else ""),
+        + (HF_COMPILE_NOTE + " " if "hf-compile-float32" not in by_case else "")
+        + "llama.cpp (llama-cpp-python's C API: one `llama_decode` per step for all rows, a "
+        "sequence per row, separate KV cells per sequence, default flash-attention choice, "
+        f"{os.cpu_count()} threads; the GGUF files are F32 written by the `gguf` package and "
+        "BF16 / Q8_0 / Q4_0 made from it by `llama_model_quantize` with `pure`, so every "
+        "matrix, the tied embedding / head included, is in the named type and the norms stay "
+        "F32).",
         "",
-    ] + common.machine_lines(args_line)
+    ] + common.machine_lines(args_line, extra_packages=("llama-cpp-python", "gguf"))
     return "\n".join(lines + notes)
 
 
-def select_cases(only):
+def _ratio_cells(mine, theirs, batches, P) -> list:
+    """gemma_keras / other: B=1 decode, its round-by-round median, B=big decode, B=1 prefill,
+    first call (other / mine: higher is better there too)."""
+    big = max(batches)
+    cells = []
+    m1, t1 = metrics(mine, 1, P), metrics(theirs, 1, P)
+    cells.append(common.ratio(m1.get("decode_best"), t1.get("decode_best")))
+    paired = [a / b for a, b in zip(_round_decodes(mine), _round_decodes(theirs)) if a and b]
+    cells.append(f"{statistics.median(paired):.2f}x" if paired else "-")
+    if big != 1:
+        cells.append(common.ratio(metrics(mine, big, P).get("decode_best"),
+                                  metrics(theirs, big, P).get("decode_best")))
+    cells.append(common.ratio(m1.get("prefill_best"), t1.get("prefill_best")))
+    cells.append(common.ratio(t1.get("first_s"), m1.get("first_s")))
+    return cells
+
+
+def _ratio_head(first, batches) -> list:
+    big = max(batches)
+    cols = ["B=1 decode", "B=1 decode, paired rounds (median)"] \
+        + ([f"B={big} decode"] if big != 1 else []) + ["B=1 prefill", "first call"]
+    return common.table_head([*first, *cols, "target (B=1 decode)"],
+                             "ll" + ("r" if first[-1] == "bytes" else "l")
+                             + "r" * (len(cols) + 1))
+
+
+def _best_backend(by_case, fmt, P):
+    """The gemma_keras case of `fmt` with the fastest batch-1 decode (None if none ran)."""
+    cases = [by_case[f"gk-{b}-{fmt}"] for b in common.BACKENDS if f"gk-{b}-{fmt}" in by_case]
+    return max(cases, key=lambda r: metrics(r, 1, P).get("decode_best") or 0, default=None)
+
+
+def _format_ratios(by_case, formats, batches, P) -> list:
+    """Each gemma_keras format against gemma_keras float32 on the same backend."""
+    pairs = [(b, f) for f in formats if f != "float32" for b in common.BACKENDS
+             if f"gk-{b}-{f}" in by_case and f"gk-{b}-float32" in by_case]
+    if not pairs:
+        return []
+    lines = ["", "Weight formats against our own float32, same backend (format / float32; "
+             "higher is better; first call: float32 / format). *Bytes* = float32's weight "
+             "bytes / the format's, the speed-up a purely bandwidth-bound decode would get. "
+             "Targets (issue 17, batch-1 decode): bfloat16 >= 1.8x and int8 >= 2.5x on every "
+             "backend, int4 >= 4x on the best backend.", ""]
+    lines += _ratio_head(["backend", "format", "bytes"], batches)
+    for backend, f in pairs:
+        mine, base = by_case[f"gk-{backend}-{f}"], by_case[f"gk-{backend}-float32"]
+        best = _best_backend(by_case, f, P)
+        target = TARGET_VS_FLOAT32[f]
+        shown = (f">= {target}x" if f != "int4" else
+                 f">= {target}x (best backend)" if best is mine else "-")
+        lines.append(common.table_row(
+            [backend, _format_cell(mine),
+             common.ratio(base["weights"]["bytes"], mine["weights"]["bytes"]),
+             *_ratio_cells(mine, base, batches, P), shown]))
+    return lines
+
+
+def _llama_ratios(by_case, formats, batches, P) -> list:
+    """gemma_keras (each backend, the best marked) against llama.cpp in the same format."""
+    rows = []
+    for f in formats:
+        peer = by_case.get(f"llamacpp-{llama.TYPES[f].lower()}")
+        best = _best_backend(by_case, f, P)
+        if not peer or not best:
+            continue
+        for backend in common.BACKENDS:
+            mine = by_case.get(f"gk-{backend}-{f}")
+            if mine:
+                rows.append(common.table_row(
+                    [backend + (" (best)" if mine is best else ""), _format_cell(mine),
+                     _format_cell(peer), *_ratio_cells(mine, peer, batches, P),
+                     f">= {TARGET_VS_LLAMA_CPP}x" if mine is best else "-"]))
+    if not rows:
+        return []
+    return ["", "gemma_keras against llama.cpp on the same weights in the same format "
+            "(gemma_keras / llama.cpp; first call: llama.cpp / gemma_keras). Target (issue "
+            f"17): the best backend >= {TARGET_VS_LLAMA_CPP}x llama.cpp in each format, "
+            "batch-1 decode.", ""] \
+        + _ratio_head(["gemma_keras", "format", "llama.cpp"], batches) + rows
+
+
+def _peer_ratios(by_case, batches, P) -> list:
+    """gemma_keras against keras-hub and transformers in the same format (float32, and
+    bfloat16 against transformers)."""
+    rows = []
+    for f in ("float32", "bfloat16"):
+        for backend in common.BACKENDS:
+            mine = by_case.get(f"gk-{backend}-{f}")
+            if not mine:
+                continue
+            for peer_id in (f"kh-{backend}-{f}", f"hf-eager-{f}", f"hf-static-{f}",
+                            f"hf-compile-{f}"):
+                peer = by_case.get(peer_id)
+                if not peer:
+                    continue
+                target = PEER_TARGETS.get(peer_id)
+                rows.append(common.table_row(
+                    [backend, f, f"{peer['label']} ({peer['backend']})",
+                     *_ratio_cells(mine, peer, batches, P),
+                     f">= {target}x" if target else "-"]))
+    if not rows:
+        return []
+    return ["", "gemma_keras against keras-hub and transformers, same format (gemma_keras / "
+            "peer; first call: peer / gemma_keras).", ""] \
+        + _ratio_head(["gemma_keras", "format", "vs"], batches) + rows
+
+
+def _bound_lines(by_case, formats, bw, bandwidth, P) -> list:
+    """The best backend's share of the bandwidth bound per format, also paired by round."""
+    if not bw:
+        return []
+    lines = []
+    for f in formats:
+        best = _best_backend(by_case, f, P)
+        if not best or not metrics(best, 1, P):
+            continue
+        frac = metrics(best, 1, P)["decode_best"] * best["weights"]["bytes"] / bw
+        line = (f"- {f}: {best['backend']}, {100 * frac:.0f}% of its bound"
+                + (f" (target {100 * BEST_FRACTION_TARGET:.0f}%)" if f == "float32" else ""))
+        paired = _paired_fractions(best, best["weights"]["bytes"],
+                                   bandwidth.get("batch1_rounds"))
+        if paired:
+            line += ("; paired by round (each round against the faster of the probes just "
+                     "before and after it): " + ", ".join(f"{100 * x:.0f}%" for x in paired)
+                     + f", median {100 * statistics.median(paired):.0f}%")
+        peer = by_case.get(f"llamacpp-{llama.TYPES[f].lower()}")
+        if peer and metrics(peer, 1, P):
+            theirs = metrics(peer, 1, P)["decode_best"] * peer["weights"]["bytes"] / bw
+            line += f"; llama.cpp {llama.TYPES[f]}: {100 * theirs:.0f}%"
+        lines.append(line + ".")
+    if not lines:
+        return []
+    return ["", "Best gemma_keras backend at batch 1, per format, as a share of the bandwidth "
+            "bound of its own weight bytes:", ""] + lines
+
+
+def select_cases(only, formats) -> list:
+    cases = all_cases(formats)
     if not only:
-        return [c for c in CASES if c[0] not in DEFAULT_OFF]
-    chosen = common.pick([c[0] for c in CASES], only, prefixes=True)
-    return [c for c in CASES if c[0] in chosen]
+        return [c for c in cases if c.id not in DEFAULT_OFF]
+    chosen = common.pick([c.id for c in cases], only, prefixes=True)
+    return [c for c in cases if c.id in chosen]
 
 
 def _round_bandwidths(probes) -> list:
@@ -516,13 +843,24 @@ def _paired_fractions(row, weight_bytes, round_bandwidths) -> list:
             for decode, bw in zip(_round_decodes(row), round_bandwidths or []) if decode]
 
 
+def _formats(text) -> list:
+    chosen = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"formats are {', '.join(FORMATS)}; got {text!r}")
+    return [f for f in FORMATS if f in chosen]
+
+
 def main(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--only", help="Comma-separated case ids or globs/prefixes: "
-                   + ", ".join(c[0] for c in CASES) + " (e.g. 'gk', 'kh-jax,hf-eager'). "
-                   "Default: all but " + ", ".join(DEFAULT_OFF) + ".")
+    p.add_argument("--only", help="Comma-separated case ids or globs/prefixes, e.g. 'gk', "
+                   "'gk-jax', 'gk-*-int8', 'hf-eager,llamacpp-q8_0'; ids: "
+                   + ", ".join(c.id for c in all_cases()) + ". Default: all but "
+                   + ", ".join(DEFAULT_OFF) + ".")
+    p.add_argument("--formats", type=_formats, default=list(FORMATS),
+                   help="Comma-separated weight formats (default: " + ",".join(FORMATS) + ").")
     p.add_argument("--quick", action="store_true",
-                   help="32 new tokens, batch 1 only, 3 runs: a smoke run (~5 min).")
+                   help="32 new tokens, batch 1 only, 3 runs: a smoke run.")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=None, help="Default 128 (32 with --quick).")
     p.add_argument("--batch-sizes", default=None,
@@ -530,6 +868,9 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="Timed rounds per batch size.")
     p.add_argument("--warmups", type=int, default=0,
                    help="Untimed generate calls after the first one (which already warms up).")
+    p.add_argument("--timeout", type=float, default=common.CASE_TIMEOUT_S,
+                   help="Seconds a case may take to load or answer one request (default "
+                   f"{common.CASE_TIMEOUT_S}); a case that takes longer is reported as failed.")
     p.add_argument("--no-bandwidth", action="store_true", help="Skip the bandwidth probe.")
     p.add_argument("--cache-dir", type=pathlib.Path, default=DEFAULT_CACHE,
                    help="Where the random checkpoint is built once (git-ignored).")
@@ -539,6 +880,8 @@ def main(argv=None):
         from_json_help="Re-render the table from a --json file of an earlier run (no "
         "measuring; pass the same --quick / --new-tokens / --batch-sizes).")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal
+    p.add_argument("--format", help=argparse.SUPPRESS)  # internal: the worker's format
+    p.add_argument("--make-gguf", help=argparse.SUPPRESS)  # internal: write one GGUF file
     common.add_checkpoint_args(p)
     args = p.parse_args(argv)
     if args.new_tokens is None:
@@ -548,14 +891,32 @@ def main(argv=None):
 
     if common.make_checkpoint(args, MODEL, embedding_std=EMBEDDING_STD):
         return 0
+    if args.make_gguf:
+        if args.make_gguf == "F32":
+            llama.write_f32_gguf(args.source, args.dir)
+        else:
+            llama.quantize(args.source, args.dir, args.make_gguf, threads=os.cpu_count())
+        return 0
     if args.worker:
-        serve_worker(args.worker, json.loads(args.dir), args.prompt_len, args.new_tokens,
-                     args.warmups)
+        serve_worker(args.worker, args.format, json.loads(args.dir), args.prompt_len,
+                     args.new_tokens, args.warmups)
         return 0
 
     def measure_all():
-        cases = select_cases(args.only)
+        cases = select_cases(args.only, args.formats)
         dirs = ensure_checkpoints(args.cache_dir)
+        notes = []
+        if any(c.library == "llama_cpp" for c in cases):
+            why = llama.missing()
+            if why:
+                log(why)
+                notes.append(why)
+                cases = [c for c in cases if c.library != "llama_cpp"]
+            else:
+                dirs["gguf"] = ensure_ggufs(args.cache_dir, dirs, sorted(
+                    {c.format for c in cases if c.library == "llama_cpp"}))
+        if not cases:
+            raise SystemExit("no case left to run")
         probes = []
 
         def probe_bandwidth(batch=None, round_=None):
@@ -566,7 +927,7 @@ def main(argv=None):
                 log(f"  {common.fastest(probe) / 1e9:.1f} GB/s")
 
         probe_bandwidth()
-        rows = measure(cases, dirs, args, after_round=probe_bandwidth)
+        rows, memory = measure(cases, dirs, args, after_round=probe_bandwidth)
         probe_bandwidth()  # the machine is shared: the bound takes the best of all probes
         bandwidth = None
         if probes:
@@ -574,14 +935,12 @@ def main(argv=None):
             bandwidth.update(bytes=probes[0]["bytes"], probes=len(probes),
                              batch1_rounds=_round_bandwidths(probes))
         check_tokens(rows, log)
-        return {"bandwidth": bandwidth, "rows": rows,
+        return {"bandwidth": bandwidth, "rows": rows, "memory": memory, "notes": notes,
                 "args_line": common.args_line(__file__, argv)}
 
     output = args.output or (DEFAULT_OUTPUT if not args.quick
                              else DEFAULT_OUTPUT.with_name("generate_speed_quick.md"))
-    return common.report(output, measure_all,
-                         lambda raw: render(raw["rows"], raw["bandwidth"], args,
-                                            raw["args_line"]),
+    return common.report(output, measure_all, lambda raw: render(raw, args),
                          json_path=args.json, from_json=args.from_json)
 
 
