@@ -22,7 +22,7 @@ import numpy as np
 from gemma_keras.checkpoints import progress
 from gemma_keras.checkpoints.atomic import atomic_directory, check_target
 from gemma_keras.checkpoints.hf_format import SAFETENSORS_INDEX, block_names
-from gemma_keras.checkpoints.weights import numpy_dtype, weight_table
+from gemma_keras.checkpoints.weights import numpy_dtype, refuse_quantized, weight_table
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import ConfigError
 
@@ -107,6 +107,7 @@ def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[fl
     directory. `max_shard_size` in GB splits the weights into model-0000N-of-0000M files. An
     existing `directory` is refused unless `overwrite` (then replaced atomically). `instruct`:
     see `hf_config`."""
+    refuse_quantized(backbone, "format='hf' (a Hugging Face checkpoint)")
     check_target(directory, overwrite, directory=True)  # before any work
     config: GemmaConfig = backbone.config
     dtype_name = backbone.dtype_policy.variable_dtype

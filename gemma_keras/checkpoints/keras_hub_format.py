@@ -7,6 +7,19 @@ assets/tokenizer/vocabulary.spm, preprocessor.json, task.json, metadata.json.
 The h5 file is Keras 3's weights format: one group per layer, keyed by the attribute path
 keras-hub's objects have, each holding `vars/0`. We read and write it with h5py through one
 name table, so neither direction depends on our layers mirroring keras-hub's classes.
+
+Quantized models. keras-hub records each quantized layer's policy in config.json (a Keras
+`DTypePolicyMap` keyed by keras-hub's layer paths) and stores the layer's quantized variables
+in `vars/0..` in the order of Keras' `save_own_variables`. int8 (per output channel) is the
+same quantization in both libraries, so int8 presets are written in keras-hub's layout (the
+kernel's axes rearranged as for float kernels, the scale reshaped) and load in keras-hub and
+back here exactly; keras-hub's own int8 presets load here too. int4 cannot be written so:
+Keras' int4 flattens keras-hub's query/key/value kernels [heads, hidden, head_dim] to
+[hidden, heads * head_dim] by a reshape, so its groups and scales do not run along one output
+channel's inputs, and no rearrangement of our int4 weights gives them. int4 (and mixed)
+presets keep our layers' own variables, say so in metadata.json ("gemma_keras" ->
+"quantization"), and keep a float policy in config.json, so that keras-hub refuses the file
+(its float layers expect one variable each) instead of misreading it.
 """
 
 from __future__ import annotations
@@ -23,9 +36,11 @@ import numpy as np
 
 from gemma_keras.checkpoints import progress
 from gemma_keras.checkpoints.atomic import atomic_directory, check_target
+from gemma_keras.checkpoints.quantizing import check_policy_mode, layer_policy_mode
 from gemma_keras.checkpoints.reading import read_json, recorded_instruct
-from gemma_keras.checkpoints.weights import (BLOCK_WEIGHTS, Reader, Transformed, layer_table,
-                                             read_chunked, weight_table)
+from gemma_keras.checkpoints.weights import (BLOCK_WEIGHTS, QuantizedEntry, Reader, Transformed,
+                                             layer_table, own_variables, quantized_layers,
+                                             read_chunked)
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
 
@@ -81,11 +96,31 @@ def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[str]]:
             f"{path} describes '{name}', not a Gemma backbone ({' or '.join(BACKBONE_NAMES)}). "
             "gemma_keras loads Gemma 1, 1.1, CodeGemma and Gemma 2 presets only.")
     values = dict(data.get("config", {}))
-    dtype = values.pop("dtype", None)
-    if isinstance(dtype, dict):  # a serialised DTypePolicy
-        dtype = dtype.get("config", {}).get("name")
+    dtype = _float_dtype_name(values.pop("dtype", None))
     extras = _read_metadata(directory).get("gemma_keras", {}).get("config", {})
     return GemmaConfig.from_dict({**values, **extras}, source=str(path)), dtype
+
+
+def _float_dtype_name(dtype) -> Optional[str]:
+    """The float dtype name in a serialised policy: "bfloat16", a DTypePolicy, or a
+    DTypePolicyMap (quantized presets: its default policy, else its layers' source dtype)."""
+    if isinstance(dtype, str) or dtype is None:
+        return dtype
+    if not isinstance(dtype, dict):
+        return None
+    config = dtype.get("config")
+    if not isinstance(config, dict):
+        return None
+    if dtype.get("class_name") == "DTypePolicyMap":
+        found = _float_dtype_name(config.get("default_policy"))
+        policies = config.get("policy_map")
+        for policy in (policies.values() if isinstance(policies, dict) else ()):
+            if found is None and isinstance(policy, dict):
+                source = (policy.get("config") or {}).get("source_name")
+                found = source if isinstance(source, str) else None
+        return found
+    name = config.get("name")
+    return name if isinstance(name, str) else None
 
 
 def _read_metadata(directory):
@@ -180,8 +215,100 @@ class _H5Entry:
                                   "file is truncated or corrupt.") from e
 
 
+def _policy_paths(config: GemmaConfig) -> Dict[str, str]:
+    """keras-hub layer path (the keys of its DTypePolicyMap) -> our canonical name."""
+    paths = {"token_embedding": "token_embedding"}
+    for i in range(config.num_layers):
+        for suffix in _kernel_layouts(config):
+            inner = f"attention/{suffix}" if suffix in _ATTENTION else suffix
+            paths[f"decoder_block_{i}/{inner}"] = f"decoder_block_{i}/{suffix}"
+    return paths
+
+
+_ATTENTION = ("query", "key", "value", "attention_output")
+# keras-hub's serialised policy classes that can describe int8 / int4 layers.
+_POLICY_CLASSES = ("QuantizedDTypePolicy", "Int4DTypePolicy", "QuantizedInt8DTypePolicy")
+
+
+def read_quantization(directory: pathlib.Path, config: GemmaConfig) -> Tuple[str, Dict[str, str]]:
+    """(layout, {canonical name: "int8" / "int4/<block>"}) of a preset's quantized layers.
+    layout "keras_hub": keras-hub's own (config.json's DTypePolicyMap); "gemma_keras": our
+    layers' own variables (metadata.json says which layers). Empty for a float preset."""
+    ours = _read_metadata(directory).get("gemma_keras", {})
+    recorded = ours.get("quantization") if isinstance(ours, dict) else None
+    source = directory / "metadata.json"
+    names = set(_policy_paths(config).values())
+    if recorded is not None:
+        layers = recorded.get("layers") if isinstance(recorded, dict) else None
+        if (not isinstance(layers, dict) or recorded.get("layout") != "gemma_keras"
+                or not set(layers) <= names):
+            raise CheckpointError(f"{source}: gemma_keras.quantization is not what "
+                                  "save_to_preset writes; the file is damaged.")
+        return "gemma_keras", {name: check_policy_mode(mode, source)
+                               for name, mode in layers.items()}
+    path = directory / "config.json"
+    dtype = read_json(path).get("config", {}).get("dtype")
+    if not (isinstance(dtype, dict) and dtype.get("class_name") == "DTypePolicyMap"):
+        return "keras_hub", {}
+    policies = (dtype.get("config") or {}).get("policy_map")
+    if not isinstance(policies, dict):
+        raise CheckpointError(f"{path}: the DTypePolicyMap has no policy_map.")
+    paths, found = _policy_paths(config), {}
+    for key, policy in policies.items():
+        if not isinstance(policy, dict) or policy.get("class_name") not in _POLICY_CLASSES:
+            kind = policy.get("class_name") if isinstance(policy, dict) else policy
+            raise ConfigError(
+                f"{path}: layer '{key}' has dtype policy {kind!r}; gemma_keras loads int8 and "
+                "int4 quantized presets only. Load a float preset and pass quantize='int8' "
+                "or 'int4'.")
+        mode = check_policy_mode((policy.get("config") or {}).get("mode"), f"{path} ({key})")
+        if key not in paths:
+            raise CheckpointError(f"{path}: quantized layer '{key}' is not a layer of this "
+                                  "Gemma config.")
+        if mode != "int8":
+            raise ConfigError(
+                f"{path}: layer '{key}' is {mode}-quantized in keras-hub's layout, which "
+                "gemma_keras cannot take over exactly (Keras groups the int4 weights of "
+                "keras-hub's attention kernels across output channels). Load the float preset "
+                "with from_preset(..., quantize='int4'), or an int8 preset.")
+        found[paths[key]] = mode
+    return "keras_hub", found
+
+
+class _ReshapedScale:
+    """A keras-hub int8 scale ([1, 1, heads, head_dim] / [1, 1, out]): our layer keeps the
+    same per-output values with other unit axes."""
+
+    reshape_to_variable = True
+
+    def __init__(self, entry):
+        self.entry, self.shape = entry, entry.shape
+
+    def read(self, dtype):
+        return self.entry.read(dtype)
+
+
+def _quantized_entry(name, mode, layout, group, index, layouts, source):
+    variables, k = {}, 0
+    while f"{group}/vars/{k}" in index:
+        variables[str(k)] = index[f"{group}/vars/{k}"]
+        k += 1
+    if not variables:
+        return None
+    suffix = name.rsplit("/", 1)[-1]
+    if layout == "keras_hub" and suffix in layouts:  # int8 (read_quantization refuses int4)
+        if len(variables) != 2:
+            raise CheckpointError(f"{source}: int8 layer '{group}' should hold a kernel and "
+                                  f"a scale, found {len(variables)} variable(s).")
+        theirs, ours, to_ours, _ = layouts[suffix]
+        variables = {"0": Transformed(variables["0"], theirs, ours, to_ours),
+                     "1": _ReshapedScale(variables["1"])}
+    return QuantizedEntry(mode, variables)
+
+
 def reader(directory: pathlib.Path, config: GemmaConfig) -> Reader:
     index = _index_datasets(_weight_files(directory))
+    layout, quantized = read_quantization(directory, config)
     paths = {"token_embedding": "layers/reversible_embedding",
              "final_normalization": "layers/rms_normalization"}
     for i, prefix in enumerate(_block_prefixes(index, config.num_layers)):
@@ -190,6 +317,12 @@ def reader(directory: pathlib.Path, config: GemmaConfig) -> Reader:
     layouts = _kernel_layouts(config)
     out = {}
     for name, group in paths.items():
+        if name in quantized:
+            entry = _quantized_entry(name, quantized[name], layout, group, index, layouts,
+                                     directory)
+            if entry is not None:
+                out[name] = entry
+            continue
         entry = index.get(f"{group}/vars/0")
         if entry is None:
             continue
@@ -212,10 +345,25 @@ def _serialized(module, class_name, config):
             "config": config, "registered_name": f"keras_hub>{class_name}"}
 
 
-def _configs(config: GemmaConfig, dtype_name: str, sequence_length: int):
+def _policy_map(config: GemmaConfig, dtype_name: str, quantized: Dict[str, str]):
+    """keras-hub's serialised DTypePolicyMap for int8 layers (what its Backbone.get_config
+    writes for a quantized model), with our dtype as the float default and source (keras-hub
+    writes null there, and then loads in its global dtype)."""
+    names = {ours: path for path, ours in _policy_paths(config).items()}
+    policies = {names[name]: {"module": "keras.dtype_policies",
+                              "class_name": "QuantizedDTypePolicy",
+                              "config": {"mode": mode, "source_name": dtype_name},
+                              "registered_name": None}
+                for name, mode in quantized.items()}
+    return {"module": "keras.dtype_policies", "class_name": "DTypePolicyMap",
+            "config": {"default_policy": dtype_name, "policy_map": policies},
+            "registered_name": None}
+
+
+def _configs(config: GemmaConfig, dtype_name: str, sequence_length: int, dtype_policy=None):
     backbone = _serialized("gemma_backbone", "GemmaBackbone", {
-        "name": "gemma_backbone", "trainable": True, "dtype": _policy(dtype_name),
-        **config.to_keras_hub()})
+        "name": "gemma_backbone", "trainable": True,
+        "dtype": dtype_policy or _policy(dtype_name), **config.to_keras_hub()})
     tokenizer = _serialized("gemma_tokenizer", "GemmaTokenizer", {
         "name": "gemma_tokenizer", "trainable": True, "dtype": _policy("int32"),
         "config_file": "tokenizer.json", "proto": None, "sequence_length": None,
@@ -243,7 +391,31 @@ def _h5_groups(config: GemmaConfig):
     return groups
 
 
-def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[int]):
+def _layer_arrays(name, layer, attr, layout, layouts):
+    """The datasets `vars/0..` of one layer, in the preset's layout."""
+    suffix = name.rsplit("/", 1)[-1]
+    if layer_policy_mode(layer) is None:
+        if attr == "kernel" and getattr(layer, "lora_enabled", False):
+            value = layer.merged_kernel()
+        else:
+            value = getattr(layer, attr).value
+        array = np.asarray(keras.ops.convert_to_numpy(value))
+        if suffix in layouts:
+            array = np.ascontiguousarray(layouts[suffix][3](array))
+        return [array]
+    store = own_variables(layer)  # Keras' order; LoRA merged as Keras saves it
+    arrays = [np.asarray(keras.ops.convert_to_numpy(store[str(k)])) for k in range(len(store))]
+    if layout == "keras_hub" and suffix in layouts:  # int8: kernel [out, in] and its scale
+        theirs = layouts[suffix][0]
+        out_axes = {"query": theirs[::2], "key": theirs[::2], "value": theirs[::2]}.get(
+            suffix, theirs[-1:])
+        arrays = [np.ascontiguousarray(layouts[suffix][3](arrays[0])),
+                  arrays[1].reshape((1, 1) + tuple(out_axes))]
+    return arrays
+
+
+def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[int],
+                   layout: str = "keras_hub"):
     groups = _h5_groups(backbone.config)
     layouts = _kernel_layouts(backbone.config)
     shards, weight_map, size = [], {}, 0
@@ -260,24 +432,24 @@ def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[
         h5.create_group("vars").attrs["name"] = "gemma_backbone"
 
     new_shard()
-    progress.start("writing weights", sum(1 for _ in layer_table(backbone)))
+    table = list(layer_table(backbone))
+    progress.start("writing weights", len(table))
     try:
-        for name, variable in weight_table(backbone):
+        for name, layer, attr in table:
             progress.step()
-            array = np.asarray(keras.ops.convert_to_numpy(variable))
-            suffix = name.rsplit("/", 1)[-1]
-            if suffix in layouts:
-                array = np.ascontiguousarray(layouts[suffix][3](array))
-            if max_shard_bytes is not None and size and size + array.nbytes > max_shard_bytes:
+            arrays = _layer_arrays(name, layer, attr, layout, layouts)
+            nbytes = sum(a.nbytes for a in arrays)
+            if max_shard_bytes is not None and size and size + nbytes > max_shard_bytes:
                 new_shard()
             group_path, layer_name = groups[name]
             vars_group = h5.require_group(f"{group_path}/vars")
             vars_group.attrs["name"] = layer_name
-            dataset = vars_group.create_dataset("0", data=array)
-            if array.dtype == ml_dtypes.bfloat16:
-                dataset.attrs["dtype"] = "bfloat16"
+            for k, array in enumerate(arrays):
+                dataset = vars_group.create_dataset(str(k), data=array)
+                if array.dtype == ml_dtypes.bfloat16:
+                    dataset.attrs["dtype"] = "bfloat16"
             weight_map[f"/{group_path}/vars"] = shards[-1]
-            size += array.nbytes
+            size += nbytes
             # Parent groups carry their layer name as Keras writes it.
             block = name.split("/")[0]
             if block.startswith("decoder_block_"):
@@ -301,11 +473,20 @@ def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
     config: GemmaConfig = backbone.config
     dtype_name = backbone.dtype_policy.name
     shard_bytes = None if max_shard_size is None else int(max_shard_size * 1024 ** 3)
+    quantized = quantized_layers(backbone)
+    # int8 alone: keras-hub's layout and policy map; any int4: our layers' own variables
+    # (see the module docstring), described in metadata.json only.
+    layout = ("keras_hub" if all(mode == "int8" for mode in quantized.values())
+              else "gemma_keras")
+    policy = (_policy_map(config, dtype_name, quantized)
+              if quantized and layout == "keras_hub" else None)
     backbone_json, tokenizer_json, preprocessor_json, task_json = _configs(
-        config, dtype_name, sequence_length)
+        config, dtype_name, sequence_length, policy)
     ours = {"config": {k: getattr(config, k) for k in config.GEMMA_KERAS_ONLY}}
     if instruct is not None:
         ours["instruct"] = bool(instruct)
+    if layout == "gemma_keras":
+        ours["quantization"] = {"layout": layout, "layers": quantized}
     metadata = {
         "keras_version": keras.__version__,
         "parameter_count": config.parameter_count(),
@@ -320,4 +501,4 @@ def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
             (tmp / name).write_text(json.dumps(content, indent=4))
         if tokenizer is not None:
             tokenizer.save_assets(tmp / "assets" / "tokenizer")
-        _write_weights(backbone, tmp, shard_bytes)
+        _write_weights(backbone, tmp, shard_bytes, layout)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pathlib
 from typing import Optional, Tuple
 
-from gemma_keras.checkpoints import hf_format, keras_hub_format
+from gemma_keras.checkpoints import hf_format, keras_hub_format, quantizing
+from gemma_keras.checkpoints.quantizing import DEFAULT_BLOCK_SIZE
 from gemma_keras.checkpoints.reading import read_json
 from gemma_keras.checkpoints.resolve import is_local, resolve_preset
+from gemma_keras.checkpoints.weights import QuantizedEntry
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
 from gemma_keras.presets import card_for_handle
@@ -56,15 +58,20 @@ def read_instruct(preset, directory: pathlib.Path) -> Optional[bool]:
     return module.read_instruct(directory)
 
 
-def load_backbone(preset, dtype: Optional[str] = None):
+def load_backbone(preset, dtype: Optional[str] = None, quantize: Optional[str] = None,
+                  block_size=DEFAULT_BLOCK_SIZE):
     """Resolves `preset`, builds a GemmaBackbone from its config and fills in its weights.
 
     dtype: "float32", "bfloat16" or "float16"; None keeps the checkpoint's dtype. Weights are
-    cast one tensor at a time as they are read.
+    cast one tensor at a time as they are read. quantize: None, "int8" or "int4" (groups of
+    `block_size` inputs; None / -1 per channel): each projection and the embedding is
+    quantized as soon as it is read, so the float model never exists whole. A preset saved
+    quantized loads quantized (quantize may then name the same quantization, or be None).
     """
     from gemma_keras.backbone import GemmaBackbone
 
     _check_dtype(dtype)
+    wanted = quantizing.requested(quantize, block_size)  # bad arguments fail before any I/O
     directory = resolve_preset(preset)
     config, saved_dtype, fmt = read_preset_config(directory)
     if fmt == "keras_hub":
@@ -72,6 +79,16 @@ def load_backbone(preset, dtype: Optional[str] = None):
     else:
         model_type = read_json(directory / "config.json")["model_type"]
         reader = hf_format.reader(directory, model_type)
+    saved = sorted({entry.mode for entry in reader.values()
+                    if isinstance(entry, QuantizedEntry)})
+    if saved and wanted is not None:
+        if saved != [quantizing.policy_mode(*wanted)]:
+            raise ConfigError(
+                f"{directory} holds {'/'.join(saved)}-quantized weights; quantize={quantize!r} "
+                f"(block_size={block_size!r}) asks for {quantizing.policy_mode(*wanted)}. "
+                "Load it without quantize=, or quantize its float original instead.")
+        wanted = None  # already as asked
     chosen = dtype or (saved_dtype if saved_dtype in DTYPES else "float32")
-    backbone = GemmaBackbone(config, dtype=chosen, checkpoint=(reader, str(directory)))
+    backbone = GemmaBackbone(config, dtype=chosen,
+                             checkpoint=(reader, str(directory), wanted))
     return backbone, directory

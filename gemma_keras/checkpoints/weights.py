@@ -67,19 +67,52 @@ def layer_table(backbone) -> Iterator[Tuple[str, object, str]]:
 
 
 def weight_table(backbone) -> Iterator[Tuple[str, object]]:
-    """(canonical name, float value) for every weight of a built backbone, as a checkpoint
-    holds it: LoRA adapters merged into their kernels. Quantized weights are refused (a
-    checkpoint holds float weights; dequantizing would save the rounding as the model)."""
+    """(canonical name, float value) for every weight of a built backbone, as a float
+    checkpoint holds it: LoRA adapters merged into their kernels. Quantized weights are
+    refused (dequantizing would save the rounding as the model); the keras-hub writer saves
+    them as they are instead (`quantized_layers`)."""
     for name, layer, attr in layer_table(backbone):
         if getattr(layer, "quantization_mode", None) is not None:
             raise ConfigError(
-                f"Cannot save '{name}': the model is {layer.quantization_mode}-quantized and "
-                "presets hold float weights. Save before quantize() (and quantize after "
-                "loading), or merge_lora() into a float base.")
+                f"Cannot write '{name}' as a float weight: the model is "
+                f"{layer.quantization_mode}-quantized. Save it with format='keras_hub' (which "
+                "keeps the quantized weights), or write the float model before quantize() "
+                "(from_preset(..., quantize=...) quantizes again while loading).")
         if attr == "kernel" and getattr(layer, "lora_enabled", False):
             yield name, layer.merged_kernel()
         else:
             yield name, getattr(layer, attr).value
+
+
+def quantized_layers(backbone) -> Dict[str, str]:
+    """canonical name -> quantization ("int8", "int4/128", ...) of each quantized layer."""
+    from gemma_keras.checkpoints.quantizing import layer_policy_mode
+
+    found = {}
+    for name, layer, _ in layer_table(backbone):
+        mode = layer_policy_mode(layer)
+        if mode is not None:
+            found[name] = mode
+    return found
+
+
+def refuse_quantized(backbone, what: str) -> None:
+    """ConfigError naming `what` (a format, an export) when any layer is quantized."""
+    modes = sorted(set(quantized_layers(backbone).values()))
+    if modes:
+        raise ConfigError(
+            f"{what} holds float weights only and this model is {'/'.join(modes)}-quantized. "
+            "Save it with format='keras_hub' (keeps the quantized weights; "
+            "GemmaCausalLM.from_preset loads them back), or save the float model before "
+            "quantize() and pass from_preset(..., quantize=...) to quantize while loading.")
+
+
+def own_variables(layer) -> Dict[str, object]:
+    """What Keras' `save_own_variables` writes for `layer` ("0", "1", ...: kernel, scale,
+    ...), LoRA adapters merged into quantized kernels as Keras merges them when saving."""
+    store = {}
+    layer.save_own_variables(store)
+    return store
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -112,8 +145,66 @@ class _FromCheckpoint(keras.initializers.Initializer):
         return backend().host_array_to_tensor(array, layout)
 
 
-def install_checkpoint(backbone, reader: Reader, source: str) -> None:
-    """Points every layer's initializer at its checkpoint entry; call before building."""
+class QuantizedEntry:
+    """A quantized layer in a checkpoint: its quantization ("int8", "int4/128") and its
+    variables in the order Keras' `save_own_variables` writes them ("0", "1", ...), each an
+    Entry already in our layout. An entry whose `reshape_to_variable` is true (a scale kept
+    with other unit axes) is reshaped to the variable's shape when the sizes agree."""
+
+    def __init__(self, mode, variables):
+        self.mode, self.variables = mode, variables
+
+
+class _Store:
+    """The mapping Keras' `load_own_variables` reads, filled one tensor at a time."""
+
+    def __init__(self, name, entry, expected, source):
+        self.name, self.entry, self.expected, self.source = name, entry, expected, source
+
+    def keys(self):
+        return self.entry.variables.keys()
+
+    def __len__(self):
+        return len(self.entry.variables)
+
+    def __getitem__(self, key):
+        item, want = self.entry.variables[key], self.expected[key]
+        shape, dtype = tuple(want.shape), keras.backend.standardize_dtype(want.dtype)
+        found = tuple(getattr(item, "file_shape", item.shape))
+        ok = tuple(item.shape) == shape or (
+            getattr(item, "reshape_to_variable", False)
+            and int(np.prod(item.shape)) == int(np.prod(shape)))
+        if not ok:
+            raise WeightShapeError(
+                f"{self.source}: variable {key} of quantized weight '{self.name}' has shape "
+                f"{found} in the checkpoint but the config and its quantization "
+                f"({self.entry.mode}) call for {shape}. The config and the weights do not "
+                "match.")
+        return np.reshape(item.read(numpy_dtype(dtype)), shape)
+
+
+def _load_quantized(name, entry, source):
+    def load(layer):
+        expected = own_variables(layer)  # the freshly built variables, Keras' order
+        if set(expected) != set(entry.variables):
+            raise CheckpointError(
+                f"{source}: quantized weight '{name}' ({entry.mode}) has "
+                f"{len(entry.variables)} variable(s) in the checkpoint, the layer "
+                f"{len(expected)}. The file was written in another layout or is damaged.")
+        layer.load_own_variables(_Store(name, entry, expected, source))
+        progress.step()
+    return load
+
+
+def install_checkpoint(backbone, reader: Reader, source: str, quantize=None) -> None:
+    """Points every layer's initializer at its checkpoint entry; call before building.
+
+    Quantized entries (`QuantizedEntry`) set their layer's dtype policy so that it builds its
+    quantized variables, which are then loaded right after the layer is built. `quantize`
+    ((mode, Keras config) from `quantizing.resolve`) quantizes each float projection and the
+    embedding right after it is built from its float tensor, as `Model.quantize` would."""
+    from gemma_keras.checkpoints import quantizing
+
     table = list(layer_table(backbone))
     expected = {name for name, _, _ in table}
     missing = sorted(expected - set(reader))
@@ -128,7 +219,19 @@ def install_checkpoint(backbone, reader: Reader, source: str) -> None:
             f"{source} has weights the config does not call for: {', '.join(extra[:5])}. "
             "Check num_layers and the post-norm flags in config.json.")
     for name, layer, attr in table:
-        setattr(layer, _INITIALIZER_ATTR[attr], _FromCheckpoint(name, reader[name], source))
+        entry = reader[name]
+        if isinstance(entry, QuantizedEntry):
+            if attr not in quantizing.QUANTIZABLE:
+                raise CheckpointError(f"{source}: '{name}' is stored quantized; only "
+                                      "projections and the embedding can be.")
+            layer.dtype_policy = keras.dtype_policies.get(
+                f"{entry.mode}_from_{layer.dtype_policy.name}")
+            layer.quantization_config = quantizing.config_for(entry.mode)[1]
+            quantizing.after_build(layer, _load_quantized(name, entry, source))
+            continue
+        setattr(layer, _INITIALIZER_ATTR[attr], _FromCheckpoint(name, entry, source))
+        if quantize is not None and attr in quantizing.QUANTIZABLE:
+            quantizing.after_build(layer, quantizing.quantizer(*quantize))
     progress.start(f"reading {source}", len(table))
 
 
@@ -138,8 +241,11 @@ def release_checkpoint(backbone) -> None:
     No gc.collect() here: the readers hold no reference cycles (each read opens and closes
     its file), so dropping them frees them, while a full collection cost ~1 s per load in a
     process with the three backends imported (44% of the parity tests' time)."""
+    from gemma_keras.checkpoints import quantizing
+
     for _, layer, attr in layer_table(backbone):
         setattr(layer, _INITIALIZER_ATTR[attr], keras.initializers.Zeros())
+        quantizing.undo_after_build(layer)
 
 
 def read_chunked(out: np.ndarray, read_rows, rows: int) -> np.ndarray:

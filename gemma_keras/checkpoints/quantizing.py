@@ -1,0 +1,146 @@
+"""Weight quantization as gemma_keras exposes it: the arguments of `quantize()` and
+`from_preset(quantize=...)` checked in one place, and quantizing while loading.
+
+The storage is Keras' own quantized variables (and whatever layout our `Linear` gives them):
+this module never builds the integers itself. Quantizing while loading calls each layer's own
+`quantize()` the moment the layer has been built from its checkpoint tensor, so the result is
+the same computation as `lm.quantize(...)` after a float load (bit for bit), while only one
+float tensor exists at a time instead of the whole float model.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+from typing import Optional, Tuple
+
+import keras
+
+from gemma_keras.errors import ConfigError
+
+MODES = ("int8", "int4")
+DEFAULT_BLOCK_SIZE = 128
+# A layer's quantization as written in a dtype policy ("int8", "int4/128", "int4/-1").
+_POLICY_MODE = re.compile(r"^(int8|int4/(-1|[1-9][0-9]*))$")
+
+
+def check_block_size(block_size) -> Optional[int]:
+    """The int4 group size: a positive int, or None for per-output-channel scales (-1 too)."""
+    if block_size is None or (not isinstance(block_size, bool) and block_size == -1):
+        return None
+    if (isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral)
+            or block_size <= 0):
+        raise ConfigError(
+            f"block_size={block_size!r} is not a group size: pass a positive integer (32, 64, "
+            "128, ...) to quantize int4 weights in groups of that many inputs, or None (or -1) "
+            "for one scale per output channel.")
+    return int(block_size)
+
+
+def resolve(mode, block_size=DEFAULT_BLOCK_SIZE, config=None, argument="mode"):
+    """(mode, Keras QuantizationConfig or None) for `quantize(mode, block_size, config)`.
+
+    A `config` (Keras' own `keras.quantizers.*QuantizationConfig`) is passed through as Keras
+    takes it. Otherwise `mode` must be "int8" (per output channel) or "int4" (in groups of
+    `block_size` along the input axis; None / -1: per output channel)."""
+    if config is not None:
+        if isinstance(config, str):  # Keras' shortcut: quantize(config="int8")
+            return resolve(config, block_size, None, argument)
+        if not isinstance(config, keras.quantizers.QuantizationConfig):
+            raise ConfigError(f"config={config!r} is not a keras.quantizers."
+                              "QuantizationConfig; pass one, or a mode ('int8', 'int4').")
+        if mode is not None and mode != config.mode:
+            raise ConfigError(f"{argument}={mode!r} contradicts config (a "
+                              f"{type(config).__name__} for mode {config.mode!r}).")
+        return config.mode, config
+    if mode not in MODES:
+        raise ConfigError(f"{argument}={mode!r} is not a quantization mode gemma_keras "
+                          f"supports; choose one of {MODES} (int8: per output channel; int4: "
+                          f"in groups of block_size inputs, default {DEFAULT_BLOCK_SIZE}).")
+    if mode == "int8":
+        return mode, None
+    return mode, keras.quantizers.Int4QuantizationConfig(block_size=check_block_size(block_size))
+
+
+def policy_mode(mode, config) -> str:
+    """What a layer's dtype policy name says before "_from_": "int8", "int4/128", "int4/-1"."""
+    if mode == "int4":
+        block = getattr(config, "block_size", DEFAULT_BLOCK_SIZE)
+        return f"int4/{-1 if block is None else block}"
+    return mode
+
+
+def config_for(policy: str):
+    """(mode, Keras config) that `quantize()` uses for a policy mode ("int8", "int4/128").
+    A layer built from a quantized policy must get the same config: without one, Keras gives
+    an int4 embedding an int8 quantizer for the head's inputs, which `quantize()` does not."""
+    if policy == "int8":
+        return "int8", keras.quantizers.Int8QuantizationConfig()
+    block = int(policy.split("/", 1)[1])
+    return "int4", keras.quantizers.Int4QuantizationConfig(block_size=None if block == -1
+                                                           else block)
+
+
+def layer_policy_mode(layer) -> Optional[str]:
+    """`policy_mode` of a built layer: None when it is not quantized."""
+    if getattr(layer, "quantization_mode", None) is None:
+        return None
+    return layer.dtype_policy.name.split("_from_")[0]
+
+
+def check_policy_mode(value, source) -> str:
+    """A policy mode read from a checkpoint ("int8", "int4/128"): validated, never evaluated."""
+    if not isinstance(value, str) or not _POLICY_MODE.match(value):
+        raise ConfigError(
+            f"{source}: quantization {value!r} is not one gemma_keras loads (int8, or int4 "
+            "with a block size). Load a float preset and pass quantize='int8' or 'int4'.")
+    return value
+
+
+QUANTIZABLE = ("kernel", "embeddings")  # the variable attributes whose layers quantize
+
+
+def _retrack(layer):
+    # Keras' torch layers keep a ParameterDict of their variables, made when built: without
+    # this the dropped float kernel would stay referenced (Keras' Model.quantize does the
+    # same after quantizing).
+    track = getattr(layer, "_track_variables", None)
+    if track is not None:
+        track()
+
+
+def after_build(layer, action) -> None:
+    """Runs `action(layer)` once, right after `layer` is built (before its parents finish
+    building). Keras already wraps each layer's `build` in an instance attribute; this wraps
+    that wrapper and puts it back after the first call."""
+    original = layer.build
+
+    def build(*args, **kwargs):
+        original(*args, **kwargs)
+        layer.build = original
+        action(layer)
+        _retrack(layer)
+
+    build.gemma_keras_original = original
+    layer.build = build
+
+
+def undo_after_build(layer) -> None:
+    """Removes a hook `after_build` left (when the layer was never built)."""
+    original = getattr(layer.build, "gemma_keras_original", None)
+    if original is not None:
+        layer.build = original
+
+
+def quantizer(mode, config):
+    """The `after_build` action that quantizes a layer as `Model.quantize` would."""
+    def quantize(layer):
+        layer.quantize(mode, config=config)
+    return quantize
+
+
+def requested(quantize, block_size) -> Optional[Tuple[str, object]]:
+    """`from_preset(quantize=, block_size=)` -> (mode, config) or None."""
+    if quantize is None:
+        return None
+    return resolve(quantize, block_size, argument="quantize")
