@@ -148,6 +148,12 @@ class Workers:
             shift = round_ % max(len(live), 1)
             yield round_, live[shift:] + live[:shift]
 
+    def stop(self, case):
+        """Closes `case`'s worker (its results stay wherever they were recorded)."""
+        worker = self.live.pop(case, None)
+        if worker:
+            worker.close()
+
     def rss(self) -> dict:
         """{case: resident bytes} of the live workers, read now."""
         return {case: worker.rss() for case, worker in self.live.items()}

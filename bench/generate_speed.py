@@ -342,16 +342,39 @@ def _choices(library) -> dict:
             else "oneDNN" if product is not None else "none"}
 
 
+def plan_groups(cases, how: str) -> tuple:
+    """(shared, groups): the cases whose workers stay alive through the whole run, and the
+    groups of the others, each group's workers alive only while it runs. With 'backend',
+    gemma_keras and keras-hub run one Keras backend at a time, while transformers and
+    llama.cpp (the references every gemma_keras case is set against) are shared; 'none'
+    keeps every case alive at once; 'auto' groups when more than 10 cases run (each
+    process holds ~0.7-1.5 GiB: 22 at once would not fit in 24 GiB)."""
+    if how == "auto":
+        how = "backend" if len(cases) > 10 else "none"
+    if how == "none":
+        return [], [list(cases)]
+    shared = [c for c in cases if c.backend is None]
+    groups = [[c for c in cases if c.backend == b] for b in common.BACKENDS]
+    return shared, [g for g in groups if g] or [[]]
+
+
 def measure(cases, dirs, args, after_round=None) -> tuple:
-    """Every case's worker is started (one loading at a time), then each batch size gets its
-    first calls one worker at a time and `--runs` rounds in which every worker times one
-    generate + prefill in turn, the order rotating each round (`common.Workers`).
+    """Runs the cases in the groups of `plan_groups`. In each group, its workers (and the
+    first time, the shared ones) are started, one loading at a time; then each batch size
+    gets its first calls one worker at a time (shared workers: once, in the first group) and
+    `--runs` rounds in which every live worker times one generate + prefill in turn, the
+    order rotating each round (`common.Workers`). Rounds are numbered through the whole run
+    (per batch size), so cases of different groups pair only with the shared ones.
     `after_round(batch, round)` runs after each round (the bandwidth probe, so the bound is
-    measured through the same minutes as the decoding). Returns (rows, memory): memory is
-    the workers' resident bytes, read after all loaded and after all first calls."""
+    measured through the same minutes as the decoding). Returns (rows in `cases`' order,
+    memory: the workers' resident bytes at each stage, with the largest total)."""
     worker_args = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                    "--warmups", str(args.warmups)]
     rows = {}
+    for case in cases:
+        shown = case.backend or ("llama.cpp" if case.library == "llama_cpp" else "torch")
+        rows[case.id] = {"case": case.id, "library": case.library, "label": case.label,
+                         "backend": shown, "format": case.format}
 
     def failed(case, error):
         log(f"  {case} FAILED: {str(error)[-2000:]}")
@@ -359,11 +382,18 @@ def measure(cases, dirs, args, after_round=None) -> tuple:
         rows[case]["error"] = common.error_line(str(error))
 
     workers = common.Workers(on_error=failed, timeout=args.timeout)
-    memory = {}
-    for case in cases:
-        shown = case.backend or ("llama.cpp" if case.library == "llama_cpp" else "torch")
-        rows[case.id] = {"case": case.id, "library": case.library, "label": case.label,
-                         "backend": shown, "format": case.format}
+    memory = {"stages": {}, "largest": 0}
+
+    def note_memory(when):
+        rss = workers.rss()
+        total = sum(rss.values())
+        memory["stages"][when] = {"total": total, "by_case": rss}
+        memory["largest"] = max(memory["largest"], total)
+        log(f"workers' resident memory {when}: {total / 1024 ** 3:.1f} GiB ({len(rss)} "
+            "processes)")
+
+    def load(case):
+        shown = rows[case.id]["backend"]
         log(f"{case.id}: {case.label} [{shown}, {case.format}] loading ...")
         loaded = workers.start(case.id, [__file__, "--worker", case.library, "--format",
                                          case.format, "--dir", json.dumps(dirs), *worker_args],
@@ -376,35 +406,49 @@ def measure(cases, dirs, args, after_round=None) -> tuple:
                 + (f" (quantizing {w['quantize_s']:.1f} s)" if w.get("quantize_s") else "")
                 + f"; weights {w['bytes'] / 1e6:,.0f} MB; RSS {common.mib(loaded['rss'])} MiB")
 
-    def note_memory(when):
-        rss = workers.rss()
-        memory[when] = {"total": sum(rss.values()), "by_case": rss}
-        log(f"workers' resident memory {when}: {sum(rss.values()) / 1024 ** 3:.1f} GiB "
-            f"({len(rss)} processes)")
-    note_memory("after loading")
-    for batch in args.batch_sizes:
-        for case, row in rows.items():
-            if case in workers.live:
-                log(f"{case}: B={batch} first call ...")
-                first = workers.ask(case, {"cmd": "first", "batch": batch})
-                if first:
-                    if "one_row_product" in first:
-                        log(f"  one-row product: {first['one_row_product']}")
-                    log(f"  {first['first_s']:.1f} s")
-                    row["batches"][str(batch)] = {**first, "generate_s": [], "prefill_s": [],
-                                                  "deterministic": True}
-        note_memory(f"after the B={batch} first calls")
-        for round_, order in workers.rounds(list(rows), args.runs):
-            log(f"B={batch} round {round_ + 1}/{args.runs}: " + ", ".join(order))
-            for case in order:
-                got = workers.ask(case, {"cmd": "round", "batch": batch}, settle_s=0.3)
-                if got:
-                    b = rows[case]["batches"][str(batch)]
-                    b["generate_s"].append(got["generate_s"])
-                    b["prefill_s"].append(got["prefill_s"])
-                    b["deterministic"] &= got["same"]
-            if after_round:
-                after_round(batch, round_)
+    shared, groups = plan_groups(cases, args.groups)
+    if len(groups) > 1:
+        log(f"{len(groups)} groups, one after another: "
+            + "; ".join(", ".join(c.id for c in g) for g in groups)
+            + (f"; alive through all of them: {', '.join(c.id for c in shared)}"
+               if shared else ""))
+    next_round = {batch: 0 for batch in args.batch_sizes}
+    for index, group in enumerate(groups):
+        name = f"group {index + 1}/{len(groups)}, " if len(groups) > 1 else ""
+        for case in (shared if index == 0 else []) + group:
+            load(case)
+        note_memory(f"{name}after loading")
+        members = [c.id for c in shared + group]
+        for batch in args.batch_sizes:
+            for case in members:
+                if case in workers.live and str(batch) not in rows[case]["batches"]:
+                    log(f"{case}: B={batch} first call ...")
+                    first = workers.ask(case, {"cmd": "first", "batch": batch})
+                    if first:
+                        if "one_row_product" in first:
+                            log(f"  one-row product: {first['one_row_product']}")
+                        log(f"  {first['first_s']:.1f} s")
+                        rows[case]["batches"][str(batch)] = {
+                            **first, "generate_s": [], "prefill_s": [], "rounds": [],
+                            "deterministic": True}
+            note_memory(f"{name}after the B={batch} first calls")
+            for round_, order in workers.rounds(members, args.runs):
+                number = next_round[batch]
+                next_round[batch] += 1
+                log(f"{name}B={batch} round {round_ + 1}/{args.runs}: " + ", ".join(order))
+                for case in order:
+                    got = workers.ask(case, {"cmd": "round", "batch": batch}, settle_s=0.3)
+                    if got:
+                        b = rows[case]["batches"][str(batch)]
+                        b["generate_s"].append(got["generate_s"])
+                        b["prefill_s"].append(got["prefill_s"])
+                        b["rounds"].append(number)
+                        b["deterministic"] &= got["same"]
+                if after_round:
+                    after_round(batch, number)
+        for case in group:
+            if len(groups) > 1:
+                workers.stop(case.id)
     workers.close()
     for row in rows.values():
         for batch in args.batch_sizes:
@@ -413,7 +457,8 @@ def measure(cases, dirs, args, after_round=None) -> tuple:
                 log(f"{row['case']} B={batch}: decode {m['decode_best']:.1f} tok/s (median "
                     f"{m['decode_median']:.1f}), prefill {m['prefill_best']:.0f} tok/s, first "
                     f"call {m['first_s']:.1f} s")
-    return list(rows.values()), memory
+    plan = {"shared": [c.id for c in shared], "groups": [[c.id for c in g] for g in groups]}
+    return list(rows.values()), memory, plan
 
 
 def ensure_checkpoints(cache: pathlib.Path) -> dict:
@@ -596,10 +641,12 @@ def render(raw, args) -> str:
          "tensors."
          if bw else "Memory bandwidth: not measured."),
         "",
-        f"Each case runs in its own process, all alive together: load (quantizing included), "
-        f"first call (timed, compilation included; also the warm-up), then {args.runs} "
-        f"rounds in which each case in turn times (generate {N} tokens, prefill only), the "
-        "order rotating, so the machine's drift falls on all of them alike. *Decode* = batch "
+        f"Each case runs in its own process, {_plan_text(raw.get('plan'))}: load (quantizing "
+        f"included), first call (timed, compilation included; also the warm-up), then "
+        f"{args.runs} rounds in which each case in turn times (generate {N} tokens, prefill "
+        "only), the order rotating, so the machine's drift falls on all of them alike. "
+        "*Paired rounds*: the median over the rounds both cases ran in of the ratio of "
+        "their decode speeds in that round. *Decode* = batch "
         "x decode steps / (generate - prefill), steady state; **best** of the rounds, median "
         "in parentheses. *Prefill* = batch x prompt tokens / prefill time. *% bound* = "
         "batch-1 decode / the case's bound. *First call* = the very first generate (batch 1, "
@@ -652,10 +699,12 @@ def render(raw, args) -> str:
     lines += _llama_ratios(by_case, formats, batches, P)
     lines += _peer_ratios(by_case, batches, P)
     lines += _bound_lines(by_case, formats, bw, bandwidth, P)
-    if raw.get("memory"):
-        lines += ["", "Workers' resident memory, all alive together: " + "; ".join(
-            f"{when} {m['total'] / 1024 ** 3:.1f} GiB ({len(m['by_case'])} processes)"
-            for when, m in raw["memory"].items()) + "."]
+    memory = raw.get("memory")
+    if memory and memory.get("stages"):
+        lines += ["", f"Workers' resident memory (all live workers together; largest "
+                  f"{memory['largest'] / 1024 ** 3:.1f} GiB): " + "; ".join(
+                      f"{when} {m['total'] / 1024 ** 3:.1f} GiB ({len(m['by_case'])} "
+                      "processes)" for when, m in memory["stages"].items()) + "."]
     notes = [
         "",
         "Notes: keras-hub's prefill is its cache-seeding forward pass over all prompt + new "
@@ -676,6 +725,18 @@ def render(raw, args) -> str:
     return "\n".join(lines + notes)
 
 
+def _plan_text(plan) -> str:
+    """How the workers were grouped, in words."""
+    if not plan or len(plan["groups"]) <= 1:
+        return "all alive together"
+    return (f"in {len(plan['groups'])} groups one after another (memory: each process "
+            "holds ~1 GiB), all of a group's alive together: "
+            + "; ".join(", ".join(g) for g in plan["groups"])
+            + (f"; {', '.join(plan['shared'])} stay alive through all groups and take part "
+               "in every group's rounds (so they have a best of more rounds)"
+               if plan["shared"] else ""))
+
+
 def _ratio_cells(mine, theirs, batches, P) -> list:
     """gemma_keras / other: B=1 decode, its round-by-round median, B=big decode, B=1 prefill,
     first call (other / mine: higher is better there too)."""
@@ -683,7 +744,7 @@ def _ratio_cells(mine, theirs, batches, P) -> list:
     cells = []
     m1, t1 = metrics(mine, 1, P), metrics(theirs, 1, P)
     cells.append(common.ratio(m1.get("decode_best"), t1.get("decode_best")))
-    paired = [a / b for a, b in zip(_round_decodes(mine), _round_decodes(theirs)) if a and b]
+    paired = _paired(mine, theirs)
     cells.append(f"{statistics.median(paired):.2f}x" if paired else "-")
     if big != 1:
         cells.append(common.ratio(metrics(mine, big, P).get("decode_best"),
@@ -820,27 +881,36 @@ def select_cases(only, formats) -> list:
     return [c for c in cases if c.id in chosen]
 
 
-def _round_bandwidths(probes) -> list:
-    """Read bandwidth around each batch-1 round: the faster of the probes just before and
-    just after it (bytes/s), so each round's decode can be set against its own minutes."""
+def _round_bandwidths(probes) -> dict:
+    """{round number: read bandwidth around that batch-1 round}: the faster of the probes
+    just before and just after it (bytes/s), so each round's decode can be set against its
+    own minutes."""
     fastest = [common.fastest(p) for p in probes]
-    after = [i for i, p in enumerate(probes) if p["after"] and p["after"][0] == 1]
-    return [max(fastest[i - 1], fastest[i]) for i in after]
+    return {p["after"][1]: max(fastest[i - 1], fastest[i]) for i, p in enumerate(probes)
+            if i and p["after"] and p["after"][0] == 1}
 
 
-def _round_decodes(row) -> list:
-    """Batch-1 decode tokens/s of each round (empty for a missing or failed case)."""
+def _round_decodes(row) -> dict:
+    """{round number: batch-1 decode tokens/s} (empty for a missing or failed case)."""
     b = (row or {}).get("batches", {}).get("1")
     if not b:
-        return []
-    return [row["steps"] / (g - p) if g > p else 0.0
-            for g, p in zip(b["generate_s"], b["prefill_s"])]
+        return {}
+    numbers = b.get("rounds") or range(len(b["generate_s"]))
+    return {n: row["steps"] / (g - p) if g > p else 0.0
+            for n, g, p in zip(numbers, b["generate_s"], b["prefill_s"])}
+
+
+def _paired(mine, theirs) -> list:
+    """mine / theirs of batch-1 decode, round by round (the rounds both ran in)."""
+    a, b = _round_decodes(mine), _round_decodes(theirs)
+    return [a[n] / b[n] for n in a if n in b and a[n] and b[n]]
 
 
 def _paired_fractions(row, weight_bytes, round_bandwidths) -> list:
     """Per batch-1 round: decode tokens/s over that round's bandwidth bound."""
-    return [decode / (bw / weight_bytes)
-            for decode, bw in zip(_round_decodes(row), round_bandwidths or []) if decode]
+    bandwidths = {int(k): v for k, v in (round_bandwidths or {}).items()}
+    return [decode / (bandwidths[n] / weight_bytes)
+            for n, decode in _round_decodes(row).items() if decode and n in bandwidths]
 
 
 def _formats(text) -> list:
@@ -868,6 +938,11 @@ def main(argv=None):
     p.add_argument("--runs", type=int, default=3, help="Timed rounds per batch size.")
     p.add_argument("--warmups", type=int, default=0,
                    help="Untimed generate calls after the first one (which already warms up).")
+    p.add_argument("--groups", choices=("auto", "none", "backend"), default="auto",
+                   help="'backend': gemma_keras / keras-hub cases run one Keras backend at a "
+                   "time, transformers and llama.cpp alive throughout and in every round; "
+                   "'none': every case alive at once; 'auto' (default): 'backend' when more "
+                   "than 10 cases run (memory: ~1 GiB per process).")
     p.add_argument("--timeout", type=float, default=common.CASE_TIMEOUT_S,
                    help="Seconds a case may take to load or answer one request (default "
                    f"{common.CASE_TIMEOUT_S}); a case that takes longer is reported as failed.")
@@ -927,7 +1002,7 @@ def main(argv=None):
                 log(f"  {common.fastest(probe) / 1e9:.1f} GB/s")
 
         probe_bandwidth()
-        rows, memory = measure(cases, dirs, args, after_round=probe_bandwidth)
+        rows, memory, plan = measure(cases, dirs, args, after_round=probe_bandwidth)
         probe_bandwidth()  # the machine is shared: the bound takes the best of all probes
         bandwidth = None
         if probes:
@@ -935,7 +1010,8 @@ def main(argv=None):
             bandwidth.update(bytes=probes[0]["bytes"], probes=len(probes),
                              batch1_rounds=_round_bandwidths(probes))
         check_tokens(rows, log)
-        return {"bandwidth": bandwidth, "rows": rows, "memory": memory, "notes": notes,
+        return {"bandwidth": bandwidth, "rows": rows, "memory": memory, "plan": plan,
+                "notes": notes,
                 "args_line": common.args_line(__file__, argv)}
 
     output = args.output or (DEFAULT_OUTPUT if not args.quick
