@@ -281,3 +281,27 @@ def max_diff_on_real_tokens(a, b, mask):
 @pytest.fixture
 def repo_root():
     return pathlib.Path(__file__).resolve().parents[1]
+
+
+def input_gradient(fn, x, upstream):
+    """d sum(fn(x) * upstream) / dx on the current backend."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return np.asarray(jax.grad(lambda v: (fn(v) * upstream).sum())(x))
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        v = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            total = tf.reduce_sum(fn(v) * upstream)
+        return tape.gradient(total, v).numpy()
+    import torch
+
+    v = torch.tensor(x, requires_grad=True)
+    (fn(v) * torch.tensor(upstream)).sum().backward()
+    return v.grad.numpy()

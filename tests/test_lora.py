@@ -303,49 +303,9 @@ def test_a_preset_saved_with_adapters_holds_the_merged_model(tiny_lm, tmp_path, 
     np.testing.assert_allclose(logits_of(loaded, ids, mask), logits_of(lm, ids, mask),
                                atol=1e-4)
 
+    # A quantized model saves quantized (tests/test_quantized_presets.py); an HF checkpoint
+    # holds float weights only, so that format refuses it before writing anything.
     lm.quantize("int8")
-    with pytest.raises(gk.ConfigError, match="quantized"):
-        lm.save_to_preset(tmp_path / "quantized")
+    with pytest.raises(gk.ConfigError, match="format='hf'.*int8-quantized"):
+        lm.save_to_preset(tmp_path / "quantized", format="hf")
     assert not (tmp_path / "quantized").exists()
-
-
-def test_int8_head_has_keras_forward_and_a_straight_through_gradient():
-    """Keras' int8 reverse embedding rounds its input without a custom gradient; ours must
-    give the float head's gradient with the dequantized table."""
-    from gemma_keras.backbone import int8_head
-
-    embedding = keras.layers.ReversibleEmbedding(40, 16, tie_weights=True)
-    embedding.build((None, None))
-    embedding.quantize("int8")
-    hidden = np.random.RandomState(0).normal(size=(2, 3, 16)).astype("float32")
-    upstream = np.random.RandomState(1).normal(size=(2, 3, 40)).astype("float32")
-    np.testing.assert_array_equal(
-        keras.ops.convert_to_numpy(int8_head(embedding, hidden)),
-        keras.ops.convert_to_numpy(embedding(hidden, reverse=True)))
-    table = (keras.ops.convert_to_numpy(embedding._embeddings).astype("float32")
-             / keras.ops.convert_to_numpy(embedding.embeddings_scale)[:, None])
-    expected = upstream @ table
-    np.testing.assert_allclose(_input_gradient(lambda h: int8_head(embedding, h), hidden,
-                                               upstream), expected, rtol=1e-4, atol=1e-4)
-
-
-def _input_gradient(fn, x, upstream):
-    """d sum(fn(x) * upstream) / dx on the current backend."""
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return np.asarray(jax.grad(lambda v: (fn(v) * upstream).sum())(x))
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        v = tf.constant(x)
-        with tf.GradientTape() as tape:
-            tape.watch(v)
-            total = tf.reduce_sum(fn(v) * upstream)
-        return tape.gradient(total, v).numpy()
-    import torch
-
-    v = torch.tensor(x, requires_grad=True)
-    (fn(v) * torch.tensor(upstream)).sum().backward()
-    return v.grad.numpy()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import jax
 import keras
 
-from gemma_keras.backends.common import linear, remat, write_slot  # noqa: F401  (XLA's own)
+from gemma_keras.backends.common import (int4_linear, int8_linear, linear,  # noqa: F401
+                                         remat, write_slot)  # XLA's own forms
 
 # A data-dependent loop inside jax.jit stays an XLA while loop.
 loops_compile = True

@@ -7,7 +7,8 @@ import contextlib
 
 import tensorflow as tf
 
-from gemma_keras.backends.common import (host_array_to_tensor, remat,  # noqa: F401
+from gemma_keras.backends.common import (host_array_to_tensor, int4_linear,  # noqa: F401
+                                         int8_linear, remat,
                                          shard_cache, write_slot)
 
 # A data-dependent loop inside an XLA-compiled tf.function stays a while loop.

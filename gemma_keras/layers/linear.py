@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from gemma_keras import backends
+from gemma_keras import backends, quantization
 
 
 class Linear(keras.layers.EinsumDense):
@@ -31,15 +31,72 @@ class Linear(keras.layers.EinsumDense):
         return self._with_adapter(inputs, backends.get().linear(inputs, self._kernel))
 
     def quantized_call(self, inputs, training=None):
-        # Keras' quantized calls add LoRA with `einsum(equation, x, A)`, which assumes the
-        # kernel's last axis is the output; ours is the input. Run them without the adapter
-        # (the attribute is only read at trace time) and add it here.
-        lora_enabled, self.lora_enabled = self.lora_enabled, False
-        try:
-            outputs = super().quantized_call(inputs, training=training)
-        finally:
-            self.lora_enabled = lora_enabled
-        return self._with_adapter(inputs, outputs)
+        if self.quantization_mode == "int8":
+            # Weight-only (x stays in the compute dtype): see backends' int8_linear.
+            outputs = backends.get().int8_linear(inputs, self._kernel, self.kernel_scale)
+        elif self._own_int4:
+            outputs = backends.get().int4_linear(inputs, self._kernel, self.kernel_scale,
+                                                 self.kernel_zero)
+        else:
+            # Keras' own int4 (per channel, or groups that straddle our layout's halves).
+            # Its quantized calls add LoRA with `einsum(equation, x, A)`, which assumes the
+            # kernel's last axis is the output; ours is the input. Run them without the
+            # adapter (the attribute is only read at trace time) and add it here.
+            lora_enabled, self.lora_enabled = self.lora_enabled, False
+            try:
+                outputs = super().quantized_call(inputs, training=training)
+            finally:
+                self.lora_enabled = lora_enabled
+        return self._with_adapter(inputs, ops.cast(outputs, self.compute_dtype))
+
+    # ---- int4 in gemma_keras.quantization's layout ----------------------------------------
+    @property
+    def _own_int4(self):
+        return self.quantization_mode == "int4" and getattr(self, "_int4_own_layout", False)
+
+    def _int4_build(self, kernel_shape, config=None):
+        from keras.src.quantizers.quantization_config import get_block_size_for_layer
+
+        block_size = get_block_size_for_layer(self, config)
+        out_features, in_features = kernel_shape
+        if not quantization.int4_layout_fits(in_features, block_size):
+            self._int4_own_layout = False
+            return super()._int4_build(kernel_shape, config)
+        self._set_quantization_info()
+        self._int4_own_layout = True
+        self._int4_block_size = block_size
+        self.inputs_quantizer = None
+        self.original_kernel_shape = tuple(kernel_shape)  # what LoRA adapters are shaped by
+        groups = in_features // block_size
+        self._kernel = self.add_weight(name="kernel", shape=(out_features, in_features // 2),
+                                       initializer="zeros", dtype="int8", trainable=False)
+        self.kernel_scale = self.add_weight(name="kernel_scale", shape=(out_features, groups),
+                                            initializer="ones", trainable=False)
+        self.kernel_zero = self.add_weight(name="kernel_zero", shape=(out_features, groups),
+                                           initializer="zeros", dtype="int8", trainable=False)
+
+    def _int4_arrays(self, kernel, block_size):
+        """float kernel [out, in] -> this layout's (kernel, scale, zero) NumPy arrays."""
+        return quantization.quantize_int4(ops.convert_to_numpy(kernel), block_size)
+
+    def _int4_dequantized(self):
+        """The float32 kernel [out, in] the int4 weights stand for."""
+        return quantization.dequantize_int4(*(ops.convert_to_numpy(v) for v in (
+            self._kernel, self.kernel_scale, self.kernel_zero)))
+
+    def _get_kernel_with_merged_lora(self):
+        # What Keras' save_own_variables writes: for our int4, the adapter folded in and
+        # quantized again in the same layout.
+        if not self._own_int4:
+            return super()._get_kernel_with_merged_lora()
+        if not self.lora_enabled:
+            return self._kernel, self.kernel_scale, self.kernel_zero
+        return self._int4_arrays(self._merged_float_kernel(self._int4_dequantized()),
+                                 self._int4_block_size)
+
+    def _merged_float_kernel(self, base):
+        delta = ops.matmul(self.lora_kernel_a, self.lora_kernel_b)  # [out, in]
+        return ops.cast(base, "float32") + delta * (self.lora_alpha / self.lora_rank)
 
     def _with_adapter(self, inputs, outputs):
         if not self.lora_enabled:
@@ -60,6 +117,10 @@ class Linear(keras.layers.EinsumDense):
             return
         if self.quantization_mode is None:
             self._kernel.assign(self.merged_kernel())
+        elif self._own_int4:
+            for variable, value in zip((self._kernel, self.kernel_scale, self.kernel_zero),
+                                       self._get_kernel_with_merged_lora()):
+                variable.assign(value)
         else:
             kernel, scale, _ = self._get_kernel_with_merged_lora()
             self._kernel.assign(kernel)
@@ -68,9 +129,7 @@ class Linear(keras.layers.EinsumDense):
 
     def merged_kernel(self):
         """The float kernel with the adapter folded in, in the kernel's dtype: [out, in]."""
-        delta = ops.matmul(self.lora_kernel_a, self.lora_kernel_b)  # [out, in]
-        merged = ops.cast(self._kernel, "float32") + delta * (self.lora_alpha / self.lora_rank)
-        return ops.cast(merged, self._kernel.dtype)
+        return ops.cast(self._merged_float_kernel(self._kernel), self._kernel.dtype)
 
     def disable_lora(self):
         """Drops the adapter without folding it in."""
@@ -99,8 +158,26 @@ class Linear(keras.layers.EinsumDense):
 
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras refuses to quantize EinsumDense subclasses (their call may differ); ours
-        # hands every quantized call to EinsumDense's own, so its quantization is exact here.
-        return super().quantize(mode, type_check=False, config=config)
+        # hands every other quantized call to EinsumDense's own, so its quantization is
+        # exact here.
+        if mode != "int4":
+            return super().quantize(mode, type_check=False, config=config)
+        from keras.src.quantizers.quantization_config import get_block_size_for_layer
+
+        block_size = get_block_size_for_layer(self, config)
+        if not quantization.int4_layout_fits(self._kernel.shape[1], block_size):
+            return super().quantize(mode, type_check=False, config=config)
+        arrays = self._int4_arrays(self._kernel, block_size)
+        self.quantization_config = config
+        del self._kernel
+        self.quantized_build(tuple(arrays[0].shape[:1]) + (arrays[0].shape[1] * 2,), mode,
+                             config)
+        for variable, value in zip((self._kernel, self.kernel_scale, self.kernel_zero),
+                                   arrays):
+            variable.assign(value)
+        if self.dtype_policy.quantization_mode is None:
+            self.dtype_policy = keras.dtype_policies.get(
+                f"int4/{block_size}_from_{self.dtype_policy.name}")
 
     def get_config(self):
         config = super().get_config()
