@@ -3,6 +3,8 @@
     python bench/load_memory.py                     # all backends, ~150M-parameter model
     python bench/load_memory.py --backend jax       # one backend
     python bench/load_memory.py --size small        # ~12M parameters, a quick smoke run
+    python bench/load_memory.py --quantize int4,int8 --shape gemma2_2b,gemma2_9b --backend jax
+                                                    # quantizing while loading (issue 17)
 
 What it does:
   1. Once, caches a Gemma-shaped checkpoint with random weights under bench/.cache/: a Hugging
@@ -14,6 +16,14 @@ What it does:
      mark (VmHWM). "Load cost" = peak - baseline: what the load itself needed at its worst
      moment. It includes the loaded model, so an ideal loader costs 1.0x the model's size.
   3. Prints a markdown table and writes it to bench/results/load_memory.md.
+
+With --quantize, it measures `gk.GemmaCausalLM.from_preset(dir, dtype=..., quantize=...)` on
+full-size Gemma 2 shapes instead (--shape): the checkpoint is a Hugging Face one in bfloat16
+(the published checkpoints' dtype), written once tensor by tensor with random values (no
+model object ever exists whole, so a 9B checkpoint is written on a machine that could not
+hold it in float32), and the table compares the peak with the quantized model's own size:
+quantizing while loading should cost about the quantized model plus one float tensor (the
+embedding table, the largest), never the float model. Results: load_memory_quantized.md.
 
 Resident memory counts file pages a process has mapped and touched (mmap'd safetensors), as
 well as anonymous memory; a loader that mmaps pays for both while both are resident. The
@@ -56,6 +66,204 @@ CASES = [
     ("kh_kh_f32", "(e) keras-hub `GemmaCausalLM.from_preset`", True, "keras_hub", "float32"),
     ("hf_hf_f32", "(f) transformers `from_pretrained`", False, "hf", "float32"),
 ]
+
+
+# ---- quantizing while loading (--quantize) -----------------------------------------------
+# HF Gemma2Config fields of the real models (DESIGN.md section 2); "tiny" for a smoke run.
+SHAPES = {
+    "gemma2_2b": dict(vocab_size=256000, hidden_size=2304, num_hidden_layers=26,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                      intermediate_size=9216),
+    "gemma2_9b": dict(vocab_size=256000, hidden_size=3584, num_hidden_layers=42,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                      intermediate_size=14336),
+    "tiny": dict(vocab_size=4096, hidden_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                 intermediate_size=1024),
+}
+QUANTIZED_OUTPUT = common.RESULTS / "load_memory_quantized.md"
+
+
+def _hf_tensors(shape: dict):
+    """(name, shape) of a Gemma 2 HF checkpoint, in file order."""
+    h, n, k, d, f = (shape["hidden_size"], shape["num_attention_heads"],
+                     shape["num_key_value_heads"], shape["head_dim"], shape["intermediate_size"])
+    yield "model.embed_tokens.weight", (shape["vocab_size"], h)
+    for i in range(shape["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        yield p + "self_attn.q_proj.weight", (n * d, h)
+        yield p + "self_attn.k_proj.weight", (k * d, h)
+        yield p + "self_attn.v_proj.weight", (k * d, h)
+        yield p + "self_attn.o_proj.weight", (h, n * d)
+        yield p + "mlp.gate_proj.weight", (f, h)
+        yield p + "mlp.up_proj.weight", (f, h)
+        yield p + "mlp.down_proj.weight", (h, f)
+        for norm in ("input_layernorm", "post_attention_layernorm",
+                     "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            yield p + norm + ".weight", (h,)
+    yield "model.norm.weight", (h,)
+
+
+def write_random_hf(directory: pathlib.Path, shape: dict, shard_bytes=2 << 30):
+    """A bfloat16 Gemma 2 safetensors checkpoint with random weights, one tensor in memory at
+    a time (the file format written by hand: an 8-byte header length, a JSON header, the
+    raw little-endian bytes)."""
+    import ml_dtypes
+    import numpy as np
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    block = (rng.standard_normal(1 << 22) * 0.02).astype(ml_dtypes.bfloat16)  # 4M values
+    tensors = list(_hf_tensors(shape))
+    shards, current, size = [], [], 0
+    for name, dims in tensors:
+        nbytes = 2 * int(np.prod(dims))
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, dims))
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for number, shard in enumerate(shards, 1):
+        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {}, 0
+        for name, dims in shard:
+            nbytes = 2 * int(np.prod(dims))
+            header[name] = {"dtype": "BF16", "shape": list(dims),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = file
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(directory / file, "wb") as out:
+            out.write(len(raw).to_bytes(8, "little") + raw)
+            for t, (name, dims) in enumerate(shard):
+                count = int(np.prod(dims))
+                if len(dims) == 1:  # norm scales
+                    out.write(np.full(count, 0.1 * (t % 5), ml_dtypes.bfloat16).tobytes())
+                    continue
+                # The block, rotated per tensor and per 4M-value chunk: cheap, varied values.
+                for start in range(0, count, block.size):
+                    piece = np.roll(block, (start // block.size) * 7919 + t * 104729)
+                    out.write(piece[: min(block.size, count - start)].tobytes())
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(2 * int(np.prod(d)) for _, d in tensors)},
+         "weight_map": weight_map}, indent=2))
+    config = dict(shape, model_type="gemma2", architectures=["Gemma2ForCausalLM"],
+                  hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+                  rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=shape["head_dim"],
+                  sliding_window=4096, attn_logit_softcapping=50.0,
+                  final_logit_softcapping=30.0, tie_word_embeddings=True, bos_token_id=2,
+                  eos_token_id=1, pad_token_id=0, torch_dtype="bfloat16")
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def ensure_quantized_checkpoint(cache: pathlib.Path, shape_name: str) -> pathlib.Path:
+    directory = cache / "quantized" / f"{shape_name}_bf16"
+    key = json.dumps(SHAPES[shape_name], sort_keys=True)
+    stamp = directory / "shape.stamp"
+    if not (stamp.is_file() and stamp.read_text() == key):
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
+        log(f"writing a random {shape_name} bfloat16 checkpoint under {directory} (once) ...")
+        start = time.perf_counter()
+        write_random_hf(directory, SHAPES[shape_name])
+        stamp.write_text(key)
+        log(f"  done in {time.perf_counter() - start:.0f} s")
+    return directory
+
+
+def quantized_bytes(lm) -> int:
+    """Bytes of every variable of the loaded model, as stored (int8 / packed int4 / float)."""
+    import numpy as np
+
+    return int(sum(np.dtype(v.dtype).itemsize * int(np.prod(v.shape))
+                   for v in lm.backbone.weights))
+
+
+def quantized_worker(directory: str, dtype: str, quantize: str, block_size: int) -> dict:
+    import gc
+
+    common.start_backend()
+    import gemma_keras as gk
+
+    gc.collect()
+    before = common.proc_status()
+    reset = common.reset_peak()
+    sampler = Sampler(0.02)
+    sampler.start()
+    start = time.perf_counter()
+    lm = gk.GemmaCausalLM.from_preset(directory, dtype=dtype, quantize=quantize or None,
+                                      block_size=block_size, load_tokenizer=False)
+    seconds = time.perf_counter() - start
+    sampler.stop()
+    after = common.proc_status()
+    config = lm.config
+    largest = config.vocabulary_size * config.hidden_dim * _bytes_per_param(dtype)
+    return {"baseline": before["VmRSS"],
+            "peak": after["VmHWM"] if reset else max(after["VmHWM"], sampler.peak(1)),
+            "peak_anon_sampled": sampler.peak(2), "baseline_anon": before["RssAnon"],
+            "kept": after["VmRSS"], "seconds": seconds, "model_bytes": quantized_bytes(lm),
+            "float_bytes": config.parameter_count() * _bytes_per_param(dtype),
+            "largest_tensor_bytes": largest, "params": config.parameter_count()}
+
+
+def render_quantized(rows, args_line) -> str:
+    lines = [
+        "# Quantizing while loading: peak memory",
+        "",
+        "`gk.GemmaCausalLM.from_preset(dir, dtype=..., quantize=...)` on a random Hugging Face "
+        "checkpoint in bfloat16 of the real Gemma 2 shapes (written once tensor by tensor by "
+        "this script), each row a fresh process. *Peak cost* = the high-water mark of RSS "
+        "during the load minus the RSS before it (imports and backend done). *Quantized "
+        "model* = the bytes of the loaded model's variables (int8 kernels, packed int4, "
+        "scales, float norms); *float model* = the same model unquantized in `dtype`; "
+        "*largest tensor* = the embedding table in `dtype`. Loading quantized should cost "
+        "about quantized model + a few times the largest tensor (it is read, cast and "
+        "quantized), never the float model. MiB = 2^20 bytes.",
+        "",
+    ]
+    columns = ["shape", "backend", "dtype", "quantize", "params", "float model (MiB)",
+               "quantized model (MiB)", "largest tensor (MiB)", "peak cost (MiB)",
+               "peak / float model", "(peak - quantized) / largest tensor", "load time (s)"]
+    lines += common.table_head(columns, "llll" + "r" * 8)
+    for r in rows:
+        cells = [r["shape"], r["backend"], r["dtype"], r["quantize"] or "(float)"]
+        if r.get("error"):
+            lines.append(common.failed_row(cells, r["error"], len(columns)))
+            continue
+        cost = r["peak"] - r["baseline"]
+        lines.append(common.table_row(cells + [
+            f"{r['params'] / 1e9:.2f} B", _mib(r["float_bytes"]), _mib(r["model_bytes"]),
+            _mib(r["largest_tensor_bytes"]), f"**{_mib(cost)}**",
+            f"{cost / r['float_bytes']:.2f}x",
+            f"{(cost - r['model_bytes']) / r['largest_tensor_bytes']:.2f}",
+            f"{r['seconds']:.0f}"]))
+    return "\n".join(lines + [""] + common.machine_lines(args_line))
+
+
+def measure_quantized(args, argv) -> dict:
+    rows = []
+    for shape_name in [s.strip() for s in args.shape.split(",") if s.strip()]:
+        directory = ensure_quantized_checkpoint(args.cache_dir, shape_name)
+        for backend in common.backends(args):
+            for dtype in [d.strip() for d in args.load_dtype.split(",") if d.strip()]:
+                for quantize in [q.strip() for q in args.quantize.split(",") if q.strip()]:
+                    quantize = "" if quantize == "none" else quantize
+                    log(f"{shape_name} {backend} {dtype} {quantize or 'float'} ...")
+                    r = common.run_case(
+                        [__file__, "--quantized-worker", "--dir", directory, "--dtype", dtype,
+                         "--quantize", quantize, "--block-size", str(args.block_size)],
+                        env={"KERAS_BACKEND": backend}, timeout=args.timeout)
+                    r.update(shape=shape_name, backend=backend, dtype=dtype, quantize=quantize)
+                    rows.append(r)
+                    if "peak" in r:
+                        log(f"  peak cost {_mib(r['peak'] - r['baseline'])} MiB "
+                            f"(quantized model {_mib(r['model_bytes'])} MiB), "
+                            f"{r['seconds']:.0f} s")
+    return {"rows": rows, "args_line": common.args_line(__file__, argv)}
 
 
 # ---- memory probes (used inside the worker subprocesses) ----------------------------------
@@ -301,8 +509,24 @@ def main(argv=None):
     common.add_checkpoint_args(p)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
     p.add_argument("--trace-file", help=argparse.SUPPRESS)
+    p.add_argument("--quantize", help="comma-separated int8,int4,none: measure quantizing "
+                   "while loading full-size Gemma 2 shapes instead (see --shape)")
+    p.add_argument("--shape", default="gemma2_2b", help=f"with --quantize: comma-separated "
+                   f"{', '.join(SHAPES)} (default gemma2_2b)")
+    p.add_argument("--load-dtype", default="bfloat16",
+                   help="with --quantize: comma-separated dtypes to load in (default bfloat16)")
+    p.add_argument("--block-size", type=int, default=128, help="with --quantize: int4 groups")
+    p.add_argument("--timeout", type=int, default=3600, help="with --quantize: per case (s)")
+    p.add_argument("--quantized-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.quantized_worker:
+        common.reply(quantized_worker(args.dir, args.dtype, args.quantize, args.block_size))
+        return 0
+    if args.quantize is not None:
+        return common.report(args.output or QUANTIZED_OUTPUT,
+                             lambda: measure_quantized(args, argv),
+                             lambda raw: render_quantized(raw["rows"], raw["args_line"]))
     if args.worker:
         common.reply(worker(args.worker, args.dir, args.dtype, args.trace_file))
         return 0

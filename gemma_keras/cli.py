@@ -29,6 +29,7 @@ EPILOG = """examples:
   gemma-keras convert --to hf gemma_demo ./demo_hf            # keras-hub -> HF safetensors
   gemma-keras presets                                       # the built-in presets
   gemma-keras bench --max-new-tokens 64                     # decode speed on this machine
+  gemma-keras generate --quantize int4 --preset gemma2_9b_en "Hi"   # quantized while loading
 
 A preset is a built-in name (gemma-keras presets), kaggle://owner/model/keras/variation[/v],
 hf://org/repo, or a local keras-hub preset or Hugging Face checkpoint directory."""
@@ -214,7 +215,11 @@ def _bench(args):
     full = min(run(args.max_new_tokens) for _ in range(args.runs))
     prefill = min(run(1) for _ in range(args.runs))
     decode = args.batch_size * (args.max_new_tokens - 1) / max(full - prefill, 1e-9)
-    print(f"{args.preset} on {keras.backend.backend()}, batch {args.batch_size}, prompt "
+    weights = args.weights or lm.backbone.dtype_policy.name
+    if args.weights == "int4":
+        weights += f" (block {args.block_size or 128})"
+    print(f"{args.preset} ({weights} weights) on {keras.backend.backend()}, batch "
+          f"{args.batch_size}, prompt "
           f"{args.prompt_length}, {args.max_new_tokens} new tokens (best of {args.runs}):")
     print(f"  decode   {decode:8.1f} tokens/s")
     print(f"  prefill  {args.batch_size * args.prompt_length / prefill:8.1f} tokens/s")
@@ -243,6 +248,8 @@ def _prepare(args):
     elif args.run is _generate and "" in args.prompt:
         raise UsageError("an empty prompt: give the text to complete, e.g. "
                          "gemma-keras generate \"json.dumps(\".")
+    if getattr(args, "block_size", None) is not None and getattr(args, "weights", None) != "int4":
+        raise UsageError("--block-size sets the int4 group size: use it with --quantize int4.")
     if getattr(args, "preset", None) is not None:
         check_preset(args.preset)
     if args.run is _convert:
@@ -310,7 +317,14 @@ def _settle_backend(args):
 def _load(args):
     from gemma_keras.causal_lm import GemmaCausalLM
 
-    return GemmaCausalLM.from_preset(args.preset, dtype=args.dtype)
+    # generate / chat / bench: weight quantization while loading (export's own --quantize
+    # is LiteRT's and means something else: it has another dest).
+    quantize = getattr(args, "weights", None)
+    if quantize is None:
+        return GemmaCausalLM.from_preset(args.preset, dtype=args.dtype)
+    block_size = args.block_size if args.block_size is not None else 128
+    return GemmaCausalLM.from_preset(args.preset, dtype=args.dtype, quantize=quantize,
+                                     block_size=None if block_size == -1 else block_size)
 
 
 def _sampling(args):
@@ -367,6 +381,23 @@ def _model_options(parser, preset_help="preset name, handle or directory"):
                         help="compute and weight dtype (default: the checkpoint's)")
 
 
+def _block_size(text):
+    value = int(text)
+    if value <= 0 and value != -1:
+        raise argparse.ArgumentTypeError(f"must be > 0 (or -1: per output channel), got {text}")
+    return value
+
+
+def _quantize_options(parser):
+    parser.add_argument("--quantize", dest="weights", choices=("int8", "int4"),
+                        help="weight-only quantization while loading: int8 per output "
+                             "channel, int4 in groups (--block-size); the float model never "
+                             "exists whole in memory")
+    parser.add_argument("--block-size", type=_block_size,
+                        help="int4 group size along the input axis (default 128; -1: per "
+                             "output channel)")
+
+
 def _sampling_options(parser, max_new_tokens):
     parser.add_argument("--max-new-tokens", type=_positive(int), default=max_new_tokens)
     parser.add_argument("--sampler", choices=("greedy", "random", "top_k", "top_p"),
@@ -397,6 +428,7 @@ def build_parser():
     p = commands.add_parser("generate", help="complete prompts (text in, text out)")
     p.add_argument("prompt", nargs="*", help="prompts (default: read one from stdin)")
     _model_options(p)
+    _quantize_options(p)
     _sampling_options(p, 64)
     p.add_argument("--stream", action="store_true", help="print text as it is decoded")
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
@@ -408,6 +440,7 @@ def build_parser():
 
     p = commands.add_parser("chat", help="an interactive, multi-turn chat")
     _model_options(p)
+    _quantize_options(p)
     _sampling_options(p, 256)
     p.add_argument("--system", help="instructions put before the first message")
     p.set_defaults(run=_chat)
@@ -469,6 +502,7 @@ def build_parser():
 
     p = commands.add_parser("bench", help="generation speed of a preset on this machine")
     _model_options(p)
+    _quantize_options(p)
     p.add_argument("--batch-size", type=_positive(int), default=1)
     p.add_argument("--prompt-length", type=_positive(int), default=32)
     p.add_argument("--max-new-tokens", type=_positive(int), default=128)
