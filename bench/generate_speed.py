@@ -188,7 +188,8 @@ def _keras_weights(backbone) -> dict:
             "embedding_quantized": getattr(embedding, "quantization_mode", None)}
 
 
-def _setup(library: str, fmt: str, dirs: dict, prompt_len: int, new_tokens: int):
+def _setup(library: str, fmt: str, dirs: dict, prompt_len: int, new_tokens: int,
+           llama_threads: int = 0):
     """Loads the model in `fmt`; returns (generate(ids) -> new ids [batch, N], prefill(ids),
     decode steps per generate, parameter count, facts about the stored weights)."""
     import numpy as np
@@ -197,7 +198,7 @@ def _setup(library: str, fmt: str, dirs: dict, prompt_len: int, new_tokens: int)
     if library == "llama_cpp":
         gguf_type = llama.TYPES[fmt]
         path = dirs["gguf"][gguf_type]
-        runner = llama.Runner(path, threads=os.cpu_count(), total_len=total)
+        runner = llama.Runner(path, threads=llama_threads or os.cpu_count(), total_len=total)
         summary = llama.tensor_summary(path)
         weights = {"bytes": summary["bytes"], "file_bytes": summary["file_bytes"],
                    "tensor_types": summary["types"], "gguf_type": gguf_type}
@@ -292,13 +293,14 @@ def _timed(fn, *args):
     return common.timed(fn, *args, collect=True)
 
 
-def serve_worker(library: str, fmt: str, dirs: dict, prompt_len, new_tokens, warmups):
+def serve_worker(library: str, fmt: str, dirs: dict, prompt_len, new_tokens, warmups,
+                 llama_threads=0):
     """One implementation, loaded once, answering the coordinator's requests in turn:
     load (the model's size), first (the first generate of a batch size: compilation /
     tracing included; it is also the warm-up), round (one timed generate and prefill)."""
     start = time.perf_counter()
     generate, prefill, steps, params, weights = _setup(library, fmt, dirs, prompt_len,
-                                                       new_tokens)
+                                                       new_tokens, llama_threads)
     import gc
 
     gc.collect()  # quantizing dropped the float kernels: hand their memory back, since
@@ -369,7 +371,7 @@ def measure(cases, dirs, args, after_round=None) -> tuple:
     measured through the same minutes as the decoding). Returns (rows in `cases`' order,
     memory: the workers' resident bytes at each stage, with the largest total)."""
     worker_args = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                   "--warmups", str(args.warmups)]
+                   "--warmups", str(args.warmups), "--llama-threads", str(args.llama_threads)]
     rows = {}
     for case in cases:
         shown = case.backend or ("llama.cpp" if case.library == "llama_cpp" else "torch")
@@ -638,7 +640,7 @@ def render(raw, args) -> str:
          f"the bytes of its weights (*bound*; float32: {bw / (params * 4):.1f} tokens/s). "
          "*Weights* are the bytes the loaded model actually holds: its variables (quantized "
          "values, scales and zero points, norms), transformers' parameters, the GGUF file's "
-         "tensors."
+         "tensors." + _load_text(bandwidth)
          if bw else "Memory bandwidth: not measured."),
         "",
         f"Each case runs in its own process, {_plan_text(raw.get('plan'))}: load (quantizing "
@@ -653,7 +655,10 @@ def render(raw, args) -> str:
         f"{N} tokens) in a fresh process, compilation included; *first - steady* = that "
         "minus the median timed generate, i.e. roughly the compilation / tracing cost. "
         f"*Greedy tokens* are checked against {ref['case'] if ref else '-'}: float32 cases "
-        "must agree exactly; for the others, the share of equal tokens.",
+        "must agree exactly; for the others, the share of equal tokens. With these random "
+        "weights the top-2 logit gap can be as small as 1e-5, so any rounding may flip a "
+        "greedy pick (and a row's later tokens follow the new prefix): the shares show that "
+        "each format runs the same model, not how well it keeps a trained model's quality.",
         "",
     ]
     if raw.get("notes"):
@@ -716,13 +721,26 @@ def render(raw, args) -> str:
         + (HF_COMPILE_NOTE + " " if "hf-compile-float32" not in by_case else "")
         + "llama.cpp (llama-cpp-python's C API: one `llama_decode` per step for all rows, a "
         "sequence per row, separate KV cells per sequence, default flash-attention choice, "
-        f"{os.cpu_count()} threads; the GGUF files are F32 written by the `gguf` package and "
-        "BF16 / Q8_0 / Q4_0 made from it by `llama_model_quantize` with `pure`, so every "
-        "matrix, the tied embedding / head included, is in the named type and the norms stay "
-        "F32).",
+        f"{raw.get('llama_threads', args.llama_threads)} threads; its threads meet at a "
+        "barrier after every operation, so when other processes share the cores it slows "
+        "far more than the others: while this benchmark was written, with other test suites "
+        "running on the 2 cores, F32 decoded 11-12 tokens/s on 1 thread and 3-4 on 2; the "
+        "GGUF files are F32 written by the `gguf` package and BF16 / Q8_0 / Q4_0 made from "
+        "it by `llama_model_quantize` with `pure`, so every matrix, the tied embedding / head "
+        "included, is in the named type and the norms stay F32).",
         "",
     ] + common.machine_lines(args_line, extra_packages=("llama-cpp-python", "gguf"))
     return "\n".join(lines + notes)
+
+
+def _load_text(bandwidth) -> str:
+    """The machine's 1-minute load average at the probes (this run's own process counts ~1):
+    other work on these 2 cores slows every case, llama.cpp's the most."""
+    loads = bandwidth.get("load_averages")
+    if not loads:
+        return ""
+    return (f" Load average (1 min) at the probes: {min(loads):.1f} to {max(loads):.1f} "
+            "(this run's busy worker counts for about 1).")
 
 
 def _plan_text(plan) -> str:
@@ -946,6 +964,8 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=common.CASE_TIMEOUT_S,
                    help="Seconds a case may take to load or answer one request (default "
                    f"{common.CASE_TIMEOUT_S}); a case that takes longer is reported as failed.")
+    p.add_argument("--llama-threads", type=int, default=os.cpu_count(),
+                   help="llama.cpp's threads (default: the CPU count, %(default)s).")
     p.add_argument("--no-bandwidth", action="store_true", help="Skip the bandwidth probe.")
     p.add_argument("--cache-dir", type=pathlib.Path, default=DEFAULT_CACHE,
                    help="Where the random checkpoint is built once (git-ignored).")
@@ -974,7 +994,7 @@ def main(argv=None):
         return 0
     if args.worker:
         serve_worker(args.worker, args.format, json.loads(args.dir), args.prompt_len,
-                     args.new_tokens, args.warmups)
+                     args.new_tokens, args.warmups, args.llama_threads)
         return 0
 
     def measure_all():
@@ -998,8 +1018,10 @@ def main(argv=None):
             if not args.no_bandwidth:
                 log("memory bandwidth ...")
                 probe = common.probe_bandwidth()
-                probes.append({**probe, "after": None if batch is None else [batch, round_]})
-                log(f"  {common.fastest(probe) / 1e9:.1f} GB/s")
+                probes.append({**probe, "after": None if batch is None else [batch, round_],
+                               "load_average": os.getloadavg()[0]})
+                log(f"  {common.fastest(probe) / 1e9:.1f} GB/s; load average "
+                    f"{probes[-1]['load_average']:.1f}")
 
         probe_bandwidth()
         rows, memory, plan = measure(cases, dirs, args, after_round=probe_bandwidth)
@@ -1008,10 +1030,11 @@ def main(argv=None):
         if probes:
             bandwidth = {k: max(b[k] for b in probes) for k in common.BANDWIDTH_KEYS}
             bandwidth.update(bytes=probes[0]["bytes"], probes=len(probes),
-                             batch1_rounds=_round_bandwidths(probes))
+                             batch1_rounds=_round_bandwidths(probes),
+                             load_averages=[p["load_average"] for p in probes])
         check_tokens(rows, log)
         return {"bandwidth": bandwidth, "rows": rows, "memory": memory, "plan": plan,
-                "notes": notes,
+                "notes": notes, "llama_threads": args.llama_threads,
                 "args_line": common.args_line(__file__, argv)}
 
     output = args.output or (DEFAULT_OUTPUT if not args.quick
