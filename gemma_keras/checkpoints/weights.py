@@ -196,6 +196,24 @@ def _load_quantized(name, entry, source):
     return load
 
 
+def _quantize_table(name, entry, source, float_policy, quantize):
+    from gemma_keras.checkpoints import quantizing
+
+    def load(layer):
+        shape = (layer.input_dim, layer.output_dim)
+        if tuple(entry.shape) != shape:
+            raise WeightShapeError(
+                f"{source}: weight '{name}' has shape {tuple(entry.shape)} in the checkpoint "
+                f"but the config calls for {shape}. The config and the weights do not match.")
+        table = entry.read(numpy_dtype(float_policy.variable_dtype))
+        expected = own_variables(layer)
+        values = quantizing.quantize_table(table, float_policy, *quantize, expected)
+        del table
+        layer.load_own_variables(values)
+        progress.step()
+    return load
+
+
 def install_checkpoint(backbone, reader: Reader, source: str, quantize=None) -> None:
     """Points every layer's initializer at its checkpoint entry; call before building.
 
@@ -228,6 +246,17 @@ def install_checkpoint(backbone, reader: Reader, source: str, quantize=None) -> 
                 f"{entry.mode}_from_{layer.dtype_policy.name}")
             layer.quantization_config = quantizing.config_for(entry.mode)[1]
             quantizing.after_build(layer, _load_quantized(name, entry, source))
+            continue
+        if quantize is not None and attr == "embeddings":
+            # Built quantized, its values quantized from the float table in row chunks
+            # (`quantizing.quantize_table`: Keras' one-shot quantize of a 256k-row table
+            # costs several float32 copies of it).
+            float_policy = layer.dtype_policy
+            layer.dtype_policy = keras.dtype_policies.get(
+                f"{quantizing.policy_mode(*quantize)}_from_{float_policy.name}")
+            layer.quantization_config = quantize[1] or quantizing.config_for("int8")[1]
+            quantizing.after_build(layer, _quantize_table(name, entry, source, float_policy,
+                                                          quantize))
             continue
         setattr(layer, _INITIALIZER_ATTR[attr], _FromCheckpoint(name, entry, source))
         if quantize is not None and attr in quantizing.QUANTIZABLE:
