@@ -155,3 +155,14 @@ def test_quantized_generation_equals_the_float_model_of_the_dequantized_weights(
     if BACKEND == "torch":
         assert {"int8_scale"} <= set(spy_fast_path) if mode == "int8" else \
             {"int4_pack", "int4_scales"} <= set(spy_fast_path)
+
+
+def test_int4_embedding_lookup_takes_rows_before_unpacking(vocab_size):
+    """Our lookup unpacks only the rows it takes; it must equal Keras' own int4 lookup."""
+    keras.utils.set_random_seed(2)
+    backbone = gk.GemmaBackbone(**keras_hub_kwargs("gemma_mqa", vocab_size))
+    _quantize(backbone.token_embedding, "int4")
+    ids = np.array([[2, 17, 40], [5, 0, vocab_size - 1]], "int32")
+    expected = keras.ops.convert_to_numpy(backbone.token_embedding(ids))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(backbone.embed(ids)),
+                               expected * backbone.config.hidden_dim ** 0.5, rtol=1e-6)
