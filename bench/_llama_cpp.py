@@ -157,7 +157,7 @@ def tensor_summary(path) -> dict:
             "types": types}
 
 
-def ensure_ggufs(directory, hf_dir, types, run_make) -> dict:
+def ensure_ggufs(directory, types, run_make) -> dict:
     """{type: path} of the GGUF files for `types` under `directory`, each built once (the F32
     file first, the others from it) by `run_make(gguf_type, path, f32_path)` in a fresh
     process; the caller wipes `directory` when the checkpoint changes."""

@@ -475,8 +475,7 @@ def ensure_ggufs(cache: pathlib.Path, dirs: dict, formats) -> dict:
         log(f"writing the {gguf_type} GGUF (once) ...")
         common.run([__file__, "--make-gguf", gguf_type, "--dir", path, "--source",
                     dirs["hf"] if gguf_type == "F32" else f32_path])
-    return llama.ensure_ggufs(cache / "gguf", dirs["hf"], [llama.TYPES[f] for f in formats],
-                              make)
+    return llama.ensure_ggufs(cache / "gguf", [llama.TYPES[f] for f in formats], make)
 
 
 # ---- metrics and the report --------------------------------------------------------------
