@@ -228,7 +228,27 @@ def test_cli_export_litert_and_run_it(repo_root, tmp_path):
 
 
 @pytest.mark.once("jax")
+def test_cli_generate_and_bench_quantized_while_loading(repo_root):
+    """--quantize / --block-size / --dtype give the text `from_preset(quantize=...)` gives."""
+    import gemma_keras as gk
+
+    lm = gk.GemmaCausalLM.from_preset("gemma_demo", dtype="bfloat16", quantize="int4",
+                                      block_size=32)
+    expected = lm.generate("Module os\n", max_new_tokens=8)
+    result = _cli(["generate", "--quantize", "int4", "--block-size", "32", "--dtype",
+                   "bfloat16", "--max-new-tokens", "8", "Module os\n"], repo_root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == expected + "\n"
+    bench = _cli(["bench", "--quantize", "int8", "--max-new-tokens", "3", "--prompt-length",
+                  "4", "--runs", "1"], repo_root)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "(int8 weights)" in bench.stdout and "decode" in bench.stdout
+
+
+@pytest.mark.once("jax")
 @pytest.mark.parametrize("args,stdin,message", [
+    (["generate", "--block-size", "32", "x"], None, "use it with --quantize int4"),
+    (["chat", "--quantize", "int4", "--block-size", "0"], None, "must be > 0 (or -1"),
     (["finetune", "/no/such.jsonl"], None, "no such file"),
     (["generate", "--max-new-tokens", "0", "x"], None, "must be > 0"),
     (["generate", "--preset", "/no/such/dir", "x"], None, "no such directory"),
