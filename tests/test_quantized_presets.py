@@ -253,7 +253,13 @@ def test_keras_hub_int8_presets_load_here_and_int4_is_refused_both_ways(
     # Our int4 preset: keras-hub refuses it loudly rather than misreading the weights.
     ours = gk.GemmaCausalLM.from_preset(directory, quantize="int4")
     ours.save_to_preset(tmp_path / "ours_int4")
-    metadata = json.loads((tmp_path / "ours_int4" / "metadata.json").read_text())
-    assert metadata["gemma_keras"]["quantization"]["layout"] == "gemma_keras"
     with pytest.raises(ValueError, match="could not be loaded"):
         keras_hub.models.GemmaCausalLM.from_preset(str(tmp_path / "ours_int4"))
+    # A file from another version of our int4 layout is refused, not misread.
+    path = tmp_path / "ours_int4" / "metadata.json"
+    metadata = json.loads(path.read_text())
+    assert metadata["gemma_keras"]["quantization"]["layout"] == "gemma_keras"
+    metadata["gemma_keras"]["quantization"]["version"] = 0
+    path.write_text(json.dumps(metadata))
+    with pytest.raises(gk.CheckpointError, match="version 0 of gemma_keras' layout"):
+        gk.GemmaCausalLM.from_preset(tmp_path / "ours_int4")

@@ -226,6 +226,11 @@ def _policy_paths(config: GemmaConfig) -> Dict[str, str]:
 
 
 _ATTENTION = ("query", "key", "value", "attention_output")
+# The version of the "gemma_keras" layout (our layers' own quantized variables, as
+# save_own_variables writes them). Bump it whenever Linear's or the embedding's quantized
+# variables change meaning (e.g. another int4 packing): older files are then refused
+# instead of misread, since the shapes alone may not change.
+QUANTIZED_LAYOUT_VERSION = 1
 # keras-hub's serialised policy classes that can describe int8 / int4 layers.
 _POLICY_CLASSES = ("QuantizedDTypePolicy", "Int4DTypePolicy", "QuantizedInt8DTypePolicy")
 
@@ -244,6 +249,12 @@ def read_quantization(directory: pathlib.Path, config: GemmaConfig) -> Tuple[str
                 or not set(layers) <= names):
             raise CheckpointError(f"{source}: gemma_keras.quantization is not what "
                                   "save_to_preset writes; the file is damaged.")
+        if recorded.get("version") != QUANTIZED_LAYOUT_VERSION:
+            raise CheckpointError(
+                f"{source}: the quantized weights are in version {recorded.get('version')!r} "
+                f"of gemma_keras' layout; this gemma_keras reads version "
+                f"{QUANTIZED_LAYOUT_VERSION}. Save the preset again from its float original "
+                "(from_preset(..., quantize=...)), or use the gemma_keras that wrote it.")
         return "gemma_keras", {name: check_policy_mode(mode, source)
                                for name, mode in layers.items()}
     path = directory / "config.json"
@@ -486,7 +497,8 @@ def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
     if instruct is not None:
         ours["instruct"] = bool(instruct)
     if layout == "gemma_keras":
-        ours["quantization"] = {"layout": layout, "layers": quantized}
+        ours["quantization"] = {"layout": layout, "version": QUANTIZED_LAYOUT_VERSION,
+                                "layers": quantized}
     metadata = {
         "keras_version": keras.__version__,
         "parameter_count": config.parameter_count(),
