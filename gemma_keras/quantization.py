@@ -22,11 +22,13 @@ byte); XLA fuses the unpacking and scaling into the product only when each outpu
 are read contiguously and both nibbles of a byte meet the same output. Measured on 8 x
 [4096, 1024] weights, batch-1 product under jax.jit: Keras' EinsumDense layout 72-120 ms
 (the float kernel is materialised every call), this one 5.3-5.9 ms (float32 weights: 6-8 ms):
-the even and the odd inputs are each one fused dot. Needs in % G == 0 and G even; layers
-where that fails keep Keras' own int4 (exact, slower).
+the even and the odd inputs are each one fused dot. Needs in % G == 0 and G even
+(`int4_group` picks the group a projection uses).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -34,9 +36,23 @@ DEFAULT_BLOCK_SIZE = 128
 
 
 def int4_layout_fits(in_features: int, block_size) -> bool:
-    """Whether a [*, in_features] kernel can take this layout with groups of block_size."""
+    """Whether a [*, in_features] table can take this layout with groups of block_size."""
     return (block_size is not None and block_size > 0 and block_size % 2 == 0
             and in_features % block_size == 0)
+
+
+def int4_group(in_features: int, block_size):
+    """The group size a projection with `in_features` inputs uses for `block_size` (None or
+    -1: one group per output channel): block_size where it divides the width, else the
+    largest group that does (gcd), so every projection takes this layout; None only for an
+    odd width or group (then Keras' own int4). Keras' own int4 is not a fallback worth
+    having for our [out, in] kernels: its EinsumDense flattens the kernel to [in, out] by a
+    reshape, not a transpose, so its scales would mix different outputs' weights."""
+    if block_size is None or block_size <= 0 or block_size >= in_features:
+        group = in_features
+    else:
+        group = math.gcd(in_features, block_size)
+    return group if group % 2 == 0 else None
 
 
 def quantize_int4(kernel, block_size):

@@ -89,13 +89,48 @@ def test_a_quantized_projection_is_the_float_product_of_its_dequantized_kernel(
             quantization.to_keras_int4(*ours)[0], packed)
 
 
-def test_int4_layers_whose_groups_do_not_fit_keep_keras_own_int4():
+@pytest.mark.parametrize("block_size, group", [(None, 24), (-1, 24), (16, 8), (64, 24)])
+def test_int4_takes_a_group_that_divides_the_width(block_size, group):
+    """Per channel, or a block size the width does not divide, still quantizes each output's
+    own weights (Keras' EinsumDense int4 would reshape our [out, in] kernel as [in, out] and
+    mix outputs): the largest dividing group, numerically the float product of the
+    dequantized kernel."""
+    rng = np.random.RandomState(0)
+    kernel = rng.normal(0, 0.1, size=(8, 24)).astype("float32")
     layer = Linear(8)
-    layer.build((None, None, 24))  # 24 % 32 != 0
-    _quantize(layer, "int4")
-    assert not layer._own_int4 and layer._kernel.shape == (24, 4)  # Keras' [in, out/2]
-    x = np.random.RandomState(0).normal(size=(1, 2, 24)).astype("float32")
-    assert np.isfinite(keras.ops.convert_to_numpy(layer(x))).all()
+    layer.build((None, None, 24))
+    layer.kernel.assign(kernel)
+    layer.quantize("int4", config=Int4QuantizationConfig(block_size=block_size))
+    assert layer._own_int4 and layer.kernel_scale.shape == (8, 24 // group)
+    dequantized = _dequantized(layer)
+    np.testing.assert_allclose(dequantized, quantization.dequantize_int4(
+        *quantization.quantize_int4(kernel, group)))
+    x = rng.normal(size=(1, 2, 24)).astype("float32")
+    _close(keras.ops.convert_to_numpy(layer(x)), x @ dequantized.T)
+    assert 0 < np.abs(dequantized - kernel).max() < 0.2 * np.abs(kernel).max()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_adapters_on_a_quantized_projection_merge_and_drop(mode):
+    rng = np.random.RandomState(0)
+    layer = Linear(16)
+    layer.build((None, None, 32))
+    layer.kernel.assign(rng.normal(0, 0.1, size=(16, 32)).astype("float32"))
+    _quantize(layer, mode)
+    x = rng.normal(size=(1, 2, 32)).astype("float32")
+    plain = keras.ops.convert_to_numpy(layer(x))
+    layer.enable_lora(2)
+    layer.disable_lora()  # must not touch the integer kernel's trainability (torch refuses)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer(x)), plain)
+    layer.enable_lora(2)
+    layer.lora_kernel_a.assign(rng.normal(0, 0.1, size=(16, 2)).astype("float32"))
+    layer.lora_kernel_b.assign(rng.normal(0, 0.1, size=(2, 32)).astype("float32"))
+    with_adapter = keras.ops.convert_to_numpy(layer(x))
+    layer.merge_lora()
+    assert not layer.lora_enabled and layer.quantization_mode == mode
+    # Re-quantized with the adapter folded in: close to the adapted output, not the plain.
+    merged = keras.ops.convert_to_numpy(layer(x))
+    assert np.abs(merged - with_adapter).max() < np.abs(with_adapter - plain).max()
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -230,7 +230,7 @@ _ATTENTION = ("query", "key", "value", "attention_output")
 # save_own_variables writes them). Bump it whenever Linear's or the embedding's quantized
 # variables change meaning (e.g. another int4 packing): older files are then refused
 # instead of misread, since the shapes alone may not change.
-QUANTIZED_LAYOUT_VERSION = 1
+QUANTIZED_LAYOUT_VERSION = 2
 # keras-hub's serialised policy classes that can describe int8 / int4 layers.
 _POLICY_CLASSES = ("QuantizedDTypePolicy", "Int4DTypePolicy", "QuantizedInt8DTypePolicy")
 

@@ -57,14 +57,15 @@ class Linear(keras.layers.EinsumDense):
     def _int4_build(self, kernel_shape, config=None):
         from keras.src.quantizers.quantization_config import get_block_size_for_layer
 
-        block_size = get_block_size_for_layer(self, config)
         out_features, in_features = kernel_shape
-        if not quantization.int4_layout_fits(in_features, block_size):
+        block_size = quantization.int4_group(in_features,
+                                             get_block_size_for_layer(self, config))
+        if block_size is None:  # an odd width: Keras' own int4
             self._int4_own_layout = False
             return super()._int4_build(kernel_shape, config)
         self._set_quantization_info()
         self._int4_own_layout = True
-        self._int4_block_size = block_size
+        self._int4_block_size = block_size  # the group this layer uses (see int4_group)
         self.inputs_quantizer = None
         self.original_kernel_shape = tuple(kernel_shape)  # what LoRA adapters are shaped by
         groups = in_features // block_size
@@ -140,7 +141,8 @@ class Linear(keras.layers.EinsumDense):
         self.lora_enabled = False
         self.lora_rank = None
         self.lora_alpha = None
-        self._kernel.trainable = self.trainable
+        if self.quantization_mode is None:  # integer tensors cannot require gradients
+            self._kernel.trainable = self.trainable
 
     def __delattr__(self, name):
         # Keras' Layer.__delattr__ runs a full gc.collect() for every variable it drops;
@@ -164,8 +166,9 @@ class Linear(keras.layers.EinsumDense):
             return super().quantize(mode, type_check=False, config=config)
         from keras.src.quantizers.quantization_config import get_block_size_for_layer
 
-        block_size = get_block_size_for_layer(self, config)
-        if not quantization.int4_layout_fits(self._kernel.shape[1], block_size):
+        requested = get_block_size_for_layer(self, config)
+        block_size = quantization.int4_group(self._kernel.shape[1], requested)
+        if block_size is None:
             return super().quantize(mode, type_check=False, config=config)
         arrays = self._int4_arrays(self._kernel, block_size)
         self.quantization_config = config
@@ -176,8 +179,10 @@ class Linear(keras.layers.EinsumDense):
                                    arrays):
             variable.assign(value)
         if self.dtype_policy.quantization_mode is None:
+            # The block size asked for: building from this policy gives the same group.
+            requested = -1 if requested is None else requested
             self.dtype_policy = keras.dtype_policies.get(
-                f"int4/{block_size}_from_{self.dtype_policy.name}")
+                f"int4/{requested}_from_{self.dtype_policy.name}")
 
     def get_config(self):
         config = super().get_config()
