@@ -309,3 +309,13 @@ def test_a_preset_saved_with_adapters_holds_the_merged_model(tiny_lm, tmp_path, 
     with pytest.raises(gk.ConfigError, match="format='hf'.*int8-quantized"):
         lm.save_to_preset(tmp_path / "quantized", format="hf")
     assert not (tmp_path / "quantized").exists()
+
+
+def test_accuracy_compares_token_ids_exactly_on_bfloat16_logits():
+    from gemma_keras import training
+
+    logits = np.zeros((1, 2, 300), "float32")
+    logits[0, 0, 256] = logits[0, 1, 258] = 1.0  # predicts 256 and 258
+    metric = training.default_metrics()[0]
+    metric.update_state(np.array([[257, 258]]), keras.ops.cast(logits, "bfloat16"))
+    assert float(metric.result()) == 0.5  # 257 != 256 (in bfloat16 both are 256)
