@@ -4,6 +4,7 @@ import keras
 from keras import ops
 
 from gemma_keras import backends, quantization
+from gemma_keras.backends.common import int4_nibbles
 from gemma_keras.config import GemmaConfig
 from gemma_keras.generation.cache import CacheUpdate
 from gemma_keras.layers.attention import attention_mask
@@ -184,8 +185,7 @@ def _int4_rows(embedding, token_ids):
     packed = ops.take(embedding._embeddings, ids, axis=0)  # [batch, seq, hidden / 2]
     scale = ops.take(embedding.embeddings_scale, ids, axis=0)[..., None]  # [b, s, groups, 1]
     zero = ops.cast(ops.take(embedding.embeddings_zero, ids, axis=0), scale.dtype)[..., None]
-    low = ops.right_shift(ops.left_shift(packed, 4), 4)  # even columns, sign kept
-    high = ops.right_shift(packed, 4)  # odd columns
+    low, high = int4_nibbles(packed)  # even and odd columns
     q = ops.cast(ops.stack([low, high], axis=-1), scale.dtype)  # [b, s, hidden / 2, 2]
     shape = ops.shape(packed)
     groups = embedding.embeddings_scale.shape[-1]

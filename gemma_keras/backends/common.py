@@ -66,8 +66,7 @@ def int4_linear(x, kernel, scale, zero):
     kernel, scale, zero = (ops.convert_to_tensor(t) for t in (kernel, scale, zero))
     out, half = kernel.shape
     groups = scale.shape[-1]
-    low = ops.right_shift(ops.left_shift(kernel, 4), 4)  # int8 [out, in/2]: even inputs
-    high = ops.right_shift(kernel, 4)  # odd inputs (arithmetic shifts keep the sign)
+    low, high = int4_nibbles(kernel)  # int8 [out, in/2] each: even and odd inputs
     scale = ops.cast(scale, x.dtype)[..., None]  # [out, groups, 1]
     zero = ops.cast(zero, x.dtype)[..., None]
     linear = backends.get().linear
@@ -78,3 +77,11 @@ def int4_linear(x, kernel, scale, zero):
         term = linear(x[..., parity::2], w)
         y = term if y is None else y + term
     return y
+
+
+def int4_nibbles(packed):
+    """Packed int4 (gemma_keras.quantization's layout, [..., n/2] int8) -> (values of the
+    even columns, values of the odd columns), int8 [..., n/2] each; arithmetic shifts keep
+    the sign."""
+    ops = keras.ops
+    return ops.right_shift(ops.left_shift(packed, 4), 4), ops.right_shift(packed, 4)
