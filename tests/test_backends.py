@@ -63,6 +63,29 @@ def test_linear_is_x_times_kernel_transposed_for_one_and_many_rows():
                                    atol=1e-5)
 
 
+@pytest.mark.parametrize("cpu_bfloat16", ["as is", "without"])
+def test_bfloat16_linear_for_one_few_and_many_rows(cpu_bfloat16, monkeypatch):
+    """The bfloat16 product on any CPU: oneDNN's where the CPU has a bfloat16 inner product,
+    otherwise (forced with "without" on torch) F.linear for few rows and the widened kernel
+    for many. Each row count takes its own branch; all equal the float product of the
+    rounded operands to bfloat16's output rounding."""
+    if cpu_bfloat16 == "without":
+        if keras.backend.backend() != "torch":
+            pytest.skip("the CPU capability probe is torch's")
+        from gemma_keras.backends import torch as torch_backend
+        monkeypatch.setattr(torch_backend, "_onednn_has_bfloat16", lambda: False)
+    rng = np.random.default_rng(2)
+    kernel = ops.cast(rng.normal(size=(48, 64)).astype("float32"), "bfloat16")
+    for shape in ((1, 1, 64), (2, 3, 64), (4, 9, 64)):  # 1, 6 and 36 rows
+        x = ops.cast(rng.normal(size=shape).astype("float32"), "bfloat16")
+        out = backend.linear(x, kernel)
+        assert ops.dtype(out) == "bfloat16"
+        expected = (ops.convert_to_numpy(ops.cast(x, "float32")).astype("float64")
+                    @ ops.convert_to_numpy(ops.cast(kernel, "float32")).astype("float64").T)
+        np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(out, "float32")), expected,
+                                   rtol=1e-2, atol=2e-2)
+
+
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch trace graph pass")
 def test_noop_casts_are_dropped_and_real_ones_kept():
     import torch

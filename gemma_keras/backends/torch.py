@@ -47,16 +47,29 @@ def linear(x, kernel):
             and x.dtype in (torch.float32, torch.bfloat16)
             and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad))):
         rows = x.numel() // x.shape[-1]
-        # bfloat16 always through oneDNN's inner product (AVX512_BF16 here): F.linear's
-        # bfloat16 product for one row decoded the benchmark model at 23 tok/s, oneDNN's
-        # at 28.7 (float32: 26.7, same run). Still short of what the bytes allow: oneDNN
-        # reads a pre-reordered (blocked) bfloat16 weight twice as fast (2.9 vs 5.6 ms for
-        # 8 x [4096, 1024]), but that is a second copy of every weight.
-        one_row = rows == 1 and x.dtype == torch.float32
-        fast = _one_row_linear() if one_row else _onednn_linear()
+        # bfloat16 through oneDNN's inner product where the CPU has one (AVX512_BF16):
+        # F.linear's bfloat16 product for one row decoded the benchmark model at 23 tok/s,
+        # oneDNN's at 28.7 (float32: 26.7, same run). Still short of what the bytes allow:
+        # oneDNN reads a pre-reordered (blocked) bfloat16 weight twice as fast (2.9 vs 5.6
+        # ms for 8 x [4096, 1024]), but that is a second copy of every weight. Without
+        # AVX512_BF16 (e.g. AMD Zen 3) oneDNN has no bfloat16 inner product at all, and
+        # F.linear's bfloat16 product there costs each row a full pass over the weights
+        # (8 x [4096, 1024] on a Zen 3: 4.8 ms for 1 row, 34 for 8, 126 for 32), while
+        # widening the kernel for oneDNN's float32 product costs 14 / 30 / 39 ms.
+        if x.dtype == torch.bfloat16 and not _onednn_has_bfloat16():
+            if rows < _BF16_WIDEN_ROWS or _onednn_linear() is None:
+                return torch.nn.functional.linear(x, kernel)
+            return _onednn_linear()(x.float(), kernel.float()).to(x.dtype)
+        if x.dtype == torch.bfloat16:
+            fast = _onednn_linear()
+        else:
+            fast = _one_row_linear() if rows == 1 else _onednn_linear()
         if fast is not None:
             return fast(x, kernel)
     return torch.nn.functional.linear(x, kernel)
+
+
+_BF16_WIDEN_ROWS = 8
 
 
 def int8_linear(x, kernel, scale):
@@ -223,9 +236,11 @@ def compile_step(model, fn, donate_argnums=()):
                     structure["out"] = out
                     return tuple(keras.tree.flatten(out))
 
-                # The one-row product is chosen by timing: do that before tracing, so neither
-                # the tracer's bookkeeping nor the timed ops touch the measurement or the graph.
+                # The one-row product is chosen by timing and oneDNN's bfloat16 by a probe:
+                # do both before tracing, so neither the tracer's bookkeeping nor the timed
+                # ops touch the measurement or the graph.
                 _one_row_linear()
+                _onednn_has_bfloat16()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # TracerWarnings about static shapes
                     graph = torch.jit.trace(pure, (*values, *flat), check_trace=False)
@@ -314,6 +329,22 @@ def _one_row_linear():
                     candidate(x, w)
                 best[candidate] = min(best[candidate], time.perf_counter() - begin)
     return min(best, key=best.get)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_has_bfloat16():
+    """Whether oneDNN runs a bfloat16 inner product on this CPU. Where it does not (no
+    AVX512_BF16 / AMX, e.g. AMD Zen 3) it raises "could not create a primitive descriptor"
+    rather than falling back, so it is asked once, on a 1 x 16 product."""
+    fast = _onednn_linear()
+    if fast is None:
+        return False
+    try:
+        with torch.inference_mode():
+            fast(torch.ones(1, 16, dtype=torch.bfloat16), torch.ones(16, 16, dtype=torch.bfloat16))
+    except RuntimeError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
