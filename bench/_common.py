@@ -13,6 +13,7 @@ import fnmatch
 import json
 import os
 import pathlib
+import platform
 import re
 import subprocess
 import sys
@@ -418,7 +419,6 @@ def machine_lines(args_line: str, extra_packages=()) -> list:
     `extra_packages`), date and command."""
     import datetime
     import importlib.metadata as md
-    import platform
 
     def version(pkg):
         try:
@@ -426,7 +426,7 @@ def machine_lines(args_line: str, extra_packages=()) -> list:
         except md.PackageNotFoundError:
             return "-"
     return [
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Machine: {platform.machine()}, {cpu_model()}, {os.cpu_count()} CPU cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 1024 ** 3:.0f} GiB RAM, "
         f"Linux {platform.release()}, Python {platform.python_version()}. "
         + ", ".join(f"{p} {version(p)}" for p in ("keras", "jax", "tensorflow", "torch",
@@ -435,6 +435,26 @@ def machine_lines(args_line: str, extra_packages=()) -> list:
         f"Run {datetime.date.today().isoformat()}: `{args_line}`.",
         "",
     ]
+
+
+def cpu_model() -> str:
+    """The CPU's name and the vector extensions the narrow-format kernels depend on (oneDNN's
+    bfloat16 product needs AVX512_BF16; the int8 / int4 kernels run faster with AVX512 and
+    VNNI), e.g. "AMD EPYC (avx2)": weight-format results differ between such hosts."""
+    name, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16")
+    shown = [f for f in wanted if f in flags]
+    return f"{name} ({', '.join(shown) or 'no AVX2'})"
 
 
 def table_row(cells) -> str:
