@@ -90,6 +90,22 @@ class GemmaCausalLM(keras.Model):
         another mode or a bad block size."""
         # The instance's `quantize` (set in __init__) resolves the arguments and calls this
         # through Keras' wrapper with `config` already resolved.
+        from keras.src.quantizers.utils import should_quantize_layer  # Keras' filter rule
+
+        from gemma_keras.checkpoints import quantizing
+
+        table = self.backbone.token_embedding
+        if (mode in quantizing.MODES and table.built and table.quantization_mode is None
+                and not table.lora_enabled and should_quantize_layer(table, filters)):
+            # The table in row chunks (Keras quantizes it whole: several float32 copies of
+            # a 256k-row table), then Keras' loop for the rest.
+            quantizing.quantize_built_table(table, mode, config)
+            given = filters
+            filters = lambda layer: layer is not table and should_quantize_layer(layer, given)  # noqa: E731
+            # What Keras does after its loop changed a layer (its loop may change none now):
+            # drop the compiled fit/predict functions, retrack torch's parameter lists.
+            self.train_function = self.test_function = self.predict_function = None
+            self._post_quantize(mode)
         super().quantize(mode, config=config, filters=filters, **kwargs)
 
     # ---- training -----------------------------------------------------------------------

@@ -108,13 +108,36 @@ def test_quantizing_while_loading_equals_quantizing_after(float_preset, vocab_si
     # there are several chunks and a shorter last one.
     monkeypatch.setattr(quantizing, "TABLE_CHUNK_ELEMENTS", 37 * 64)
     after = gk.GemmaCausalLM.from_preset(float_preset, dtype=dtype)
-    after.quantize(mode, block_size=block_size)
+    after.quantize(mode, block_size=block_size)  # the table in chunks too
+    # Keras' own Model.quantize loop, the table quantized in one go: the reference.
+    keras_way = gk.GemmaCausalLM.from_preset(float_preset, dtype=dtype)
+    keras.Model.quantize(keras_way, mode, config=quantizing.resolve(mode, block_size)[1])
     loaded = gk.GemmaCausalLM.from_preset(float_preset, dtype=dtype, quantize=mode,
                                           block_size=block_size)
-    assert_same_model(loaded, after)
+    assert_same_model(after, keras_way)
+    assert_same_model(loaded, keras_way)
     assert _policies(loaded)  # it was quantized
     ids, mask = token_batch(vocab_size)
     np.testing.assert_array_equal(logits_of(loaded, ids, mask), logits_of(after, ids, mask))
+
+
+def test_quantize_filters_decide_about_the_table_too(float_preset):
+    from gemma_keras.checkpoints import quantizing
+
+    table_name = "token_embedding"
+    only_table = gk.GemmaCausalLM.from_preset(float_preset)
+    only_table.quantize("int8", filters=table_name)
+    assert list(_policies(only_table)) == [only_table.backbone.token_embedding.path]
+    without = gk.GemmaCausalLM.from_preset(float_preset)
+    without.quantize("int8", filters=lambda layer: layer.name != table_name)
+    assert _policies(without) and without.backbone.token_embedding.path not in _policies(without)
+    keras_way = gk.GemmaCausalLM.from_preset(float_preset)
+    keras.Model.quantize(keras_way, "int8", filters=lambda layer: layer.name != table_name)
+    assert_same_model(without, keras_way)
+    # A second quantize is refused with Keras' own error, the table included, and keeps it.
+    with pytest.raises(ValueError, match="already quantized"):
+        quantizing.quantize_built_table(only_table.backbone.token_embedding, "int8", None)
+    assert only_table.backbone.token_embedding.quantization_mode == "int8"
 
 
 def test_quantize_on_load_leaves_no_build_hook(float_preset):

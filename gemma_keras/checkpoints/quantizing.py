@@ -180,6 +180,36 @@ def quantize_table(table, float_policy, mode, config, expected):
     return out
 
 
+def quantize_built_table(layer, mode, config) -> None:
+    """`layer.quantize(mode, config=config)` for a built, float, tied ReversibleEmbedding,
+    with the values from `quantize_table` (row chunks) instead of Keras' one-shot quantize.
+
+    Why: `lm.quantize()` on a loaded model otherwise runs Keras' quantizer on the whole table,
+    several float32 copies of it at once (see `quantize_table`): one float copy of the
+    table and one chunk's temporaries instead. The steps are Keras' own
+    (`ReversibleEmbedding.quantize`: check, drop the float variable, `quantized_build`, the
+    policy "<mode>_from_<float policy>"), with the same integers and scales, bit for bit."""
+    from gemma_keras.checkpoints.weights import own_variables
+
+    layer._check_quantize_args(mode, layer.compute_dtype)  # Keras' own errors, first
+    float_policy = layer.dtype_policy
+    table = np.asarray(keras.ops.convert_to_numpy(layer._embeddings))  # [vocab, hidden]
+    layer.quantization_config = config
+    layer._tracker.unlock()  # as Keras' quantize wrapper: variables change while unlocked
+    try:
+        del layer._embeddings
+        layer.quantized_build((layer.input_dim, layer.output_dim), mode, config)
+    finally:
+        layer._tracker.lock()
+    layer.dtype_policy = keras.dtype_policies.get(
+        f"{policy_mode(mode, config)}_from_{float_policy.name}")
+    # (The policy first: it decides which variables the layer saves and loads.)
+    values = quantize_table(table, float_policy, mode, config, own_variables(layer))
+    del table
+    layer.load_own_variables(values)
+    _retrack(layer)
+
+
 def requested(quantize, block_size) -> Optional[Tuple[str, object]]:
     """`from_preset(quantize=, block_size=)` -> (mode, config) or None."""
     if quantize is None:
