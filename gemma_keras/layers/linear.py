@@ -6,7 +6,31 @@ from keras import ops
 from gemma_keras import backends, quantization
 
 
-class Linear(keras.layers.EinsumDense):
+def drop_variable(layer, name):
+    """`del layer.<name>` for a variable attribute, without the full gc.collect() Keras'
+    Layer.__delattr__ runs for every variable it drops.
+
+    Why: quantize() drops each float kernel (and the table, chunk by chunk), disable_lora()
+    two adapters per layer; with the three backends imported a collection costs ~0.5-1 s,
+    so quantizing or merging a model spent minutes collecting (104 s of the JAX test
+    suite's 267 s in-process CPU, profiled with py-spy). Dropping the last reference frees
+    the buffer just the same: untrack it as Keras does, then skip to the backend layer's own
+    __delattr__ (torch.nn.Module's on torch)."""
+    layer._untrack_variable(getattr(layer, name))
+    super(keras.layers.Layer, layer).__delattr__(name)
+
+
+class DropsVariablesQuietly:
+    """Mixin (before the Keras layer class): `del self.<variable>` goes to `drop_variable`."""
+
+    def __delattr__(self, name):
+        if isinstance(getattr(self, name, None), keras.Variable):
+            drop_variable(self, name)
+        else:
+            super().__delattr__(name)
+
+
+class Linear(DropsVariablesQuietly, keras.layers.EinsumDense):
     """y = x @ kernel^T for x [batch, len, in] and kernel [out, in].
 
     Why [out, in]: decoding is one matrix-vector product per weight, and on every backend's
@@ -143,20 +167,6 @@ class Linear(keras.layers.EinsumDense):
         self.lora_alpha = None
         if self.quantization_mode is None:  # integer tensors cannot require gradients
             self._kernel.trainable = self.trainable
-
-    def __delattr__(self, name):
-        # Keras' Layer.__delattr__ runs a full gc.collect() for every variable it drops;
-        # quantize() drops each float kernel and disable_lora() two adapters per layer. With
-        # the three backends imported a collection costs ~0.5-1 s, so quantizing or merging
-        # a model spent minutes collecting (104 s of the JAX test suite's 267 s in-process
-        # CPU, profiled with py-spy). Dropping the last reference frees the buffer just the
-        # same: untrack it as Keras does, then skip to the backend layer's own __delattr__
-        # (torch.nn.Module's on torch).
-        if isinstance(getattr(self, name, None), keras.Variable):
-            self._untrack_variable(getattr(self, name))
-            super(keras.layers.Layer, self).__delattr__(name)
-        else:
-            super().__delattr__(name)
 
     def quantize(self, mode=None, type_check=True, config=None):
         # Keras refuses to quantize EinsumDense subclasses (their call may differ); ours
