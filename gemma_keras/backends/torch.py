@@ -56,14 +56,14 @@ def linear(x, kernel):
         # F.linear's bfloat16 product there costs each row a full pass over the weights
         # (8 x [4096, 1024] on a Zen 3: 4.8 ms for 1 row, 34 for 8, 126 for 32), while
         # widening the kernel for oneDNN's float32 product costs 14 / 30 / 39 ms.
-        if x.dtype == torch.bfloat16 and not _onednn_has_bfloat16():
-            if rows < _BF16_WIDEN_ROWS or _onednn_linear() is None:
-                return torch.nn.functional.linear(x, kernel)
-            return _onednn_linear()(x.float(), kernel.float()).to(x.dtype)
-        if x.dtype == torch.bfloat16:
-            fast = _onednn_linear()
-        else:
+        if x.dtype == torch.float32:
             fast = _one_row_linear() if rows == 1 else _onednn_linear()
+        elif _onednn_has_bfloat16():
+            fast = _onednn_linear()
+        elif rows >= _BF16_WIDEN_ROWS and _onednn_linear() is not None:
+            return _onednn_linear()(x.float(), kernel.float()).to(x.dtype)
+        else:
+            fast = None
         if fast is not None:
             return fast(x, kernel)
     return torch.nn.functional.linear(x, kernel)
