@@ -89,7 +89,9 @@ class GemmaBackbone(keras.Model):
 
         lora.merge_lora(self)
 
-    def embed(self, token_ids):
+    def embed(self, token_ids, layer_intercept_fn=None):
+        """[batch, seq] ids -> [batch, seq, hidden] scaled embeddings. `layer_intercept_fn`
+        (see `call`) sees the looked-up rows before the scale, at index -1."""
         embedding = self.token_embedding
         if _int4_table_fits(embedding) and not embedding.lora_enabled:
             # Keras' int4 lookup unpacks the whole table before taking rows (at every
@@ -98,6 +100,8 @@ class GemmaBackbone(keras.Model):
             x = _int4_rows(embedding, token_ids)
         else:
             x = embedding(token_ids)  # [batch, seq, hidden]
+        if layer_intercept_fn is not None:
+            x = layer_intercept_fn(x, -1)
         # The normaliser is cast to the compute dtype *before* multiplying: in bfloat16
         # sqrt(3072) becomes 55.5, and the checkpoints were trained with that rounding.
         return x * ops.cast(self.config.hidden_dim ** 0.5, x.dtype)
@@ -128,7 +132,8 @@ class GemmaBackbone(keras.Model):
         capped = ops.tanh(ops.cast(logits, "float32") / cap) * cap
         return ops.cast(capped, logits.dtype)
 
-    def call(self, inputs, training=False, cache=None, start=0, mode=None):
+    def call(self, inputs, training=False, cache=None, start=0, mode=None,
+             layer_intercept_fn=None):
         """inputs: {"token_ids": [batch, len], "padding_mask": [batch, len]} and optionally
         "positions" [batch, len] (absolute positions, -1 for padding; derived from the padding
         mask when absent, so left and right padding are both exact).
@@ -153,7 +158,7 @@ class GemmaBackbone(keras.Model):
         masks = {kind: attention_mask(positions, keys, config.attention_window(kind))
                  for kind, keys in key_positions.items()}
         rope = rope_tables(positions, config.head_dim, config.rope_max_wavelength)
-        x = self.embed(token_ids)
+        x = self.embed(token_ids, layer_intercept_fn)
         for i, block in enumerate(self.transformer_layers):
             mask = masks[config.attention_kind(i)]
             if update is not None:
@@ -164,6 +169,8 @@ class GemmaBackbone(keras.Model):
                     lambda h, block=block, mask=mask: block(h, rope, mask, training=training)[0])(x)
             else:
                 x, _ = block(x, rope, mask, training=training)
+            if layer_intercept_fn is not None:
+                x = layer_intercept_fn(x, i)
         x = self.final_normalization(x)  # [batch, len, hidden]
         if update is None:
             return x

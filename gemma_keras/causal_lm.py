@@ -229,6 +229,47 @@ class GemmaCausalLM(keras.Model):
                         repetition_penalty=repetition_penalty, chat_template=chat_template,
                         include_prompt=include_prompt, skip_special_tokens=skip_special_tokens)
 
+    # ---- scoring ------------------------------------------------------------------------
+    def score(self, token_ids, padding_mask=None, scoring_mode="logits",
+              layer_intercept_fn=None, target_ids=None):
+        """keras-hub's `GemmaCausalLM.score`: per-token scores of given token ids, compiled.
+
+        token_ids, padding_mask (default all ones), target_ids: [batch, num_tokens].
+        scoring_mode "logits": the logits [batch, num_tokens, vocab] (soft-capped, compute
+        dtype), as `lm(...)`; "loss": the cross-entropy of `target_ids` at each position
+        [batch, num_tokens] in float32, not masked (multiply by the padding mask to drop
+        padding). layer_intercept_fn(x, i): called with the looked-up embeddings at i = -1
+        and each decoder block's output at i = 0, 1, ...; its return value is what the model
+        continues with (keras-hub ignores the value it returns at i = -1). With a hook the
+        forward runs eagerly, so it may record activations or sit in a gradient tape.
+        Raises gk.InvalidArgumentError for another scoring_mode, or "loss" without targets.
+        """
+        from gemma_keras.evaluation import scoring
+
+        return scoring.score(self, token_ids, padding_mask=padding_mask,
+                             scoring_mode=scoring_mode, layer_intercept_fn=layer_intercept_fn,
+                             target_ids=target_ids)
+
+    def loglikelihood(self, requests, batch_size=16):
+        """[(context, continuation), ...] strings -> [(log P(continuation | context), whether
+        greedy decoding would write the continuation)], as lm-evaluation-harness computes
+        them: the request is tokenized whole and split where the context's tokens end,
+        <bos> first. Requests sharing a context (the choices of a question) prefill it once
+        and score every continuation from the cached prefix, `batch_size` at a time."""
+        from gemma_keras.evaluation import scoring
+
+        return scoring.loglikelihood(self, requests, batch_size=batch_size)
+
+    def loglikelihood_rolling(self, texts, batch_size=16, max_length=None):
+        """[text, ...] -> [log P(text | <bos>)], every token scored once; texts longer than
+        `max_length` (default: the model's context) are read in windows, each token
+        predicted from as many preceding tokens as fit (lm-evaluation-harness' rolling
+        windows). Perplexity: exp(-total / number of tokens)."""
+        from gemma_keras.evaluation import scoring
+
+        return scoring.loglikelihood_rolling(self, texts, batch_size=batch_size,
+                                             max_length=max_length)
+
     def save_to_preset(self, preset_dir, max_shard_size=None, format="keras_hub",
                        overwrite=False):
         """Writes a keras-hub preset directory (keras-hub's GemmaCausalLM.from_preset loads it),

@@ -68,7 +68,8 @@ def greedy_loop(backbone, pad):
 
 
 class CompiledSteps:
-    """The compiled steps of one GemmaCausalLM: one per `Mode`, and the greedy loop."""
+    """The compiled functions of one GemmaCausalLM: a step per `Mode`, the greedy loop, and
+    whatever else runs the model compiled (scoring: `function`)."""
 
     def __init__(self, lm):
         self.lm = lm
@@ -93,6 +94,14 @@ class CompiledSteps:
             # The cache (argument 2) is donated: the caller only uses the one returned.
             self._steps[mode] = backends.get().compile_step(self.lm, step, donate_argnums=(2,))
         return self._steps[mode](token_ids, positions, cache, start)
+
+    def function(self, key, fn, donate_argnums=()):
+        """`fn` compiled by the backend once for this model under `key`, and dropped with the
+        other steps when the model's variables change."""
+        if key not in self._steps:
+            self._steps[key] = backends.get().compile_step(self.lm, fn,
+                                                           donate_argnums=donate_argnums)
+        return self._steps[key]
 
     def greedy_loop(self, tokens, positions, done, cache, start, steps, stop_ids):
         """Up to `steps` greedy decode steps in one compiled call (see `greedy_loop`)."""
