@@ -305,3 +305,18 @@ def input_gradient(fn, x, upstream):
     v = torch.tensor(x, requires_grad=True)
     (fn(v) * torch.tensor(upstream)).sum().backward()
     return v.grad.numpy()
+
+
+@pytest.fixture(scope="session")
+def hflm_checkpoint(pristine_hf, spm_path):
+    """Factory: case -> a shared, read-only HF checkpoint directory with the tokenizer files
+    transformers' AutoTokenizer (and so lm-eval's HFLM) loads, and its HF model."""
+    def get(case="gemma_mqa", seed=0, **model_kwargs):
+        from gemma_keras.checkpoints.hf_writer import write_hf_tokenizer
+        from gemma_keras.tokenizer import GemmaTokenizer
+
+        directory, model = pristine_hf(case, seed, **model_kwargs)
+        if not (directory / "tokenizer.json").is_file():
+            write_hf_tokenizer(GemmaTokenizer(spm_path), directory)
+        return directory, model
+    return get
