@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 import time
 
 from gemma_keras.checkpoints import progress  # imports no Keras
@@ -30,6 +31,8 @@ EPILOG = """examples:
   gemma-keras presets                                       # the built-in presets
   gemma-keras bench --max-new-tokens 64                     # decode speed on this machine
   gemma-keras generate --quantize int4 --preset gemma2_9b_en "Hi"   # quantized while loading
+  gemma-keras eval --tasks hellaswag,./my_task.yaml,./items.jsonl --preset gemma2_2b_en \
+      --dtype bfloat16 --output results.json   # lm-evaluation-harness (pip install "gemma-keras[eval]")
 
 A preset is a built-in name (gemma-keras presets), kaggle://owner/model/keras/variation[/v],
 hf://org/repo, or a local keras-hub preset or Hugging Face checkpoint directory."""
@@ -226,6 +229,162 @@ def _bench(args):
     print(f"  first call (compilation included) {first:.2f} s")
 
 
+EVAL_EXTRA = 'pip install "gemma-keras[eval]"'
+
+
+def _eval(args):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from gemma_keras.checkpoints.atomic import atomic_file
+    from gemma_keras.evaluation.harness import GemmaKerasLM
+
+    with tempfile.TemporaryDirectory(prefix="gemma_keras_eval_") as scratch:
+        specs, folders, names = [], [], []
+        for kind, value in args.task_specs:
+            if kind == "jsonl":  # a lm-eval task YAML written for it
+                specs.append(_jsonl_task(value, pathlib.Path(scratch)))
+            elif kind == "folder":
+                folders.append(value)
+                specs += _folder_tasks(value)
+            else:
+                specs.append(value)
+                if kind == "name":
+                    names.append(value)
+        # lm-eval's own task index (~15,000 tasks, seconds to scan) only when a task is named.
+        manager = TaskManager(include_path=folders or None, include_defaults=bool(names))
+        unknown = [n for n in names if n not in manager.all_tasks]
+        if unknown:
+            raise UsageError(f"unknown lm-eval task {unknown[0]!r}: give a task name "
+                             f"(python -m gemma_keras.evaluation ls tasks lists them), a task "
+                             f"YAML file or folder, or a JSONL file of multiple-choice items.")
+        model = GemmaKerasLM(lm=_load(args), batch_size=args.batch_size)
+        model.preset = args.preset  # recorded in the results
+        results = lm_eval.simple_evaluate(
+            model=model, tasks=specs, num_fewshot=args.num_fewshot, limit=args.limit,
+            task_manager=manager, apply_chat_template=args.apply_chat_template,
+            log_samples=False)
+    print(f"{'task':30} {'metric':16} {'value':>10} {'stderr':>10}")
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or metric.endswith("_stderr") or not _is_number(value):
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            stderr = f"{stderr:.4f}" if _is_number(stderr) else "-"
+            name = metric if filter_name in ("", "none") else f"{metric} ({filter_name})"
+            print(f"{task:30} {name:16} {value:10.4f} {stderr:>10}")
+    if args.output:
+        from lm_eval.utils import handle_non_serializable
+
+        with atomic_file(args.output, args.overwrite) as tmp:
+            tmp.write_text(json.dumps(results, indent=2, default=handle_non_serializable,
+                                      ensure_ascii=False))
+        print(f"results: {args.output}")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _read_choice_items(path):
+    """A JSONL file of multiple-choice items {"query": str, "choices": [str, ...], "gold":
+    index}, checked line by line (before any model loads)."""
+    count = 0
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{number}: not JSON ({e.msg}).") from e
+            choices = item.get("choices") if isinstance(item, dict) else None
+            gold = item.get("gold") if isinstance(item, dict) else None
+            if not (isinstance(item, dict) and isinstance(item.get("query"), str)
+                    and isinstance(choices, list) and len(choices) >= 2
+                    and all(isinstance(c, str) for c in choices)
+                    and isinstance(gold, int) and not isinstance(gold, bool)
+                    and 0 <= gold < len(choices)):
+                raise UsageError(f'{path}:{number}: expected {{"query": "...", "choices": '
+                                 f'["...", "...", ...], "gold": <index of the right choice>}}.')
+            count += 1
+    if not count:
+        raise UsageError(f"{path}: no items.")
+
+
+def _jsonl_task(path, scratch):
+    """An lm-eval task YAML for a JSONL file of multiple-choice items: the query is the
+    context, each choice a continuation (after lm-eval's one-space target delimiter),
+    scored by acc (the most likely choice is gold) and acc_norm (the same, per byte)."""
+    name = "".join(c if c.isalnum() else "_" for c in path.stem) or "items"
+    text = json.dumps  # JSON strings are valid YAML scalars: paths with any characters
+    yaml = "\n".join([
+        f"task: {text(name)}",
+        "dataset_path: json",
+        f"dataset_kwargs: {{data_files: {{test: {text(str(path))}}}}}",
+        "test_split: test",
+        "output_type: multiple_choice",
+        'doc_to_text: "{{query}}"',
+        'doc_to_choice: "{{choices}}"',
+        'doc_to_target: "{{gold}}"',
+        "metric_list:",
+        "  - {metric: acc, aggregation: mean, higher_is_better: true}",
+        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}",
+        "metadata: {version: 1.0}", ""])
+    target = scratch / f"{name}_{len(list(scratch.iterdir()))}.yaml"
+    target.write_text(yaml, encoding="utf-8")
+    return str(target)
+
+
+def _folder_tasks(folder):
+    """The task files of a folder, for lm-eval: its groups when it defines some (they name
+    their tasks), else every task it defines."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=folder, include_defaults=False)
+    found = manager.all_groups or manager.all_subtasks
+    if not found:
+        raise UsageError(f"{folder}: no lm-eval task YAML files in this folder.")
+    return found
+
+
+def _task_list(text):
+    """--tasks: [(kind, value)], kind "name", "yaml", "folder" or "jsonl"."""
+    specs = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        path = pathlib.Path(item).expanduser()
+        looks_like_path = (os.sep in item or item.startswith(".") or path.suffix.lower() in
+                           (".yaml", ".yml", ".jsonl", ".json"))
+        if path.is_dir():
+            specs.append(("folder", str(path.absolute())))
+        elif path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+            _read_choice_items(path)
+            specs.append(("jsonl", path.absolute()))
+        elif path.is_file():
+            specs.append(("yaml", str(path.absolute())))
+        elif looks_like_path:
+            raise UsageError(f"{item}: no such file or folder (--tasks takes lm-eval task "
+                             f"names, task YAML files or folders, and JSONL files).")
+        else:
+            specs.append(("name", item))
+    if not specs:
+        raise UsageError("--tasks is empty: give lm-eval task names, task YAML files or "
+                         "folders, or JSONL files of multiple-choice items, comma-separated.")
+    return specs
+
+
+def _installed(module):
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules[module] is None
+        return False
+
+
 # ---- before anything loads --------------------------------------------------------------
 def _prepare(args):
     """What can be checked without Keras is checked first, in milliseconds: the prompt, the
@@ -265,6 +424,13 @@ def _prepare(args):
             check_target(args.adapter, args.overwrite)
         if args.output:
             check_target(args.output, args.overwrite, directory=True)
+    if args.run is _eval:
+        if not _installed("lm_eval"):
+            raise UsageError(f"eval runs lm-evaluation-harness, which is not installed: "
+                             f"{EVAL_EXTRA}")
+        args.task_specs = _task_list(args.tasks)
+        if args.output:
+            check_target(args.output, args.overwrite)
     if args.run is _export:
         from gemma_keras.exporting import check_export_target
 
@@ -381,6 +547,22 @@ def _model_options(parser, preset_help="preset name, handle or directory"):
                         help="compute and weight dtype (default: the checkpoint's)")
 
 
+def _limit(text):
+    """lm-eval's --limit: a number of documents per task, or a fraction (< 1) of them."""
+    value = float(text)
+    if value <= 0 or (value >= 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a whole number of documents or a fraction "
+                                         f"below 1, got {text}")
+    return value if value < 1 else int(value)
+
+
+def _count(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _block_size(text):
     value = int(text)
     if value <= 0 and value != -1:
@@ -491,6 +673,32 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing output directory (atomically)")
     p.set_defaults(run=_convert)
+
+    p = commands.add_parser(
+        "eval", help=f"lm-evaluation-harness tasks (needs {EVAL_EXTRA})",
+        description="Evaluates a preset on lm-evaluation-harness tasks and prints a table "
+                    "(task, metric, value, stderr). For every lm-eval option, use its own "
+                    "command line: python -m gemma_keras.evaluation run --model gemma_keras "
+                    "--model_args preset=...")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated: lm-eval task names, task YAML files or folders, "
+                        'and JSONL files of multiple-choice items {"query": ..., '
+                        '"choices": [...], "gold": index} (scored by acc and acc_norm)')
+    _model_options(p)
+    _quantize_options(p)
+    p.add_argument("--batch-size", type=_positive(int), default=16,
+                   help="requests scored together (default 16)")
+    p.add_argument("--limit", type=_limit,
+                   help="documents per task: a number, or a fraction below 1 (for a quick "
+                        "look; not a valid score)")
+    p.add_argument("--num-fewshot", type=_count, help="examples before each question "
+                                                      "(default: the task's)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="send each prompt as a chat in Gemma's format (instruct presets)")
+    p.add_argument("--output", help="write lm-eval's results here as JSON")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (atomically)")
+    p.set_defaults(run=_eval)
 
     p = commands.add_parser("presets", help="table of the built-in presets")
     p.set_defaults(run=_presets)

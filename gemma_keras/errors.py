@@ -45,6 +45,11 @@ class BackendError(GemmaError, ImportError):
     gemma_keras runs on; the message names the pip extra that installs it."""
 
 
+class MissingExtraError(GemmaError, ImportError):
+    """A feature whose optional dependencies are not installed (the lm-evaluation-harness
+    model needs lm-eval); the message names the pip extra that installs them."""
+
+
 class TargetExistsError(GemmaError, FileExistsError):
     """A save or export target that already exists; nothing is overwritten unless asked
     (`overwrite=True` in Python, `--overwrite` on the command line)."""
