@@ -85,11 +85,13 @@ def token_losses(logits, target_ids):
 
 
 def _target_log_probs(logits, targets):
-    """log softmax(logits)[target] in float32: [batch, len]."""
+    """log softmax(logits)[target] in float32: [batch, len]. The target's logit less the
+    log-sum-exp: no [batch, len, vocab] array of log-probabilities is written (eager torch
+    would write one; 256k-token vocabularies make it the largest array of the pass)."""
     logits = ops.cast(logits, "float32")
-    log_probs = ops.log_softmax(logits, axis=-1)
     targets = ops.cast(targets, "int32")[..., None]  # [batch, len, 1]
-    return ops.take_along_axis(log_probs, targets, axis=-1)[..., 0]
+    chosen = ops.take_along_axis(logits, targets, axis=-1)[..., 0]  # [batch, len]
+    return chosen - ops.logsumexp(logits, axis=-1)
 
 
 # ---- lm-evaluation-harness' tokenization of a request ---------------------------------------
