@@ -77,6 +77,19 @@ def test_lora_guide_improves_held_out_accuracy(repo_root):
     assert "accuracy before: held-out 0%" in result.stdout
 
 
+@pytest.mark.once("jax")
+def test_evaluate_guide_scores_a_task_and_lora_raises_acc_norm(repo_root):
+    result = _run(["guides/evaluate.py"], repo_root)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "one request: [(-" in result.stdout  # (log-probability, is_greedy)
+    found = {when: tuple(float(x) for x in re.search(
+        when + r" fine-tuning: +acc ([\d.]+)%, acc_norm ([\d.]+)%", result.stdout).groups())
+        for when in ("before", "after")}
+    assert all(0 <= x <= 100 for pair in found.values() for x in pair), found
+    # Seeded: 34.4% -> 42.2% held-out acc_norm on JAX and torch when the guide was written.
+    assert found["after"][1] > found["before"][1], found
+
+
 @pytest.mark.once("tensorflow")
 def test_export_guide_runs(repo_root):
     result = _run(["guides/export.py", "--max-length", "64", "--max-new-tokens", "12"],
