@@ -331,3 +331,18 @@ def test_readme_cli_block_runs_as_written(tmp_path):
             assert "decode" in result.stdout and "tokens/s" in result.stdout, result.stdout
     assert (tmp_path / "a.lora.h5").is_file() and (tmp_path / "tuned" / "config.json").is_file()
     assert (tmp_path / "demo.tflite").is_file() and (tmp_path / "keras_hub_preset").is_dir()
+
+
+@pytest.mark.once("jax")
+def test_readme_evaluation_block_runs_as_written(capsys):
+    """The README's evaluation example, as written, on the bundled demo preset."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Evaluation"):]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    choices, rolling = [eval(line) for line in capsys.readouterr().out.splitlines()]
+    assert choices[0][0] > choices[1][0]  # the right docstring line is the likelier one
+    assert len(rolling) == 1 and rolling[0] < 0
+    assert tuple(namespace["logits"].shape) == (1, 8, 4096)
+    assert tuple(namespace["losses"].shape) == (1, 8)
