@@ -118,12 +118,13 @@ def test_loglikelihood_equals_hflm(models):
     ours, hflm = models["short"], models["hflm_short"]
     # A chat-templated context (a string starting with "<bos>"), and requests whose
     # continuation is the model's own greedy continuation (is_greedy True).
-    chat = ours.apply_chat_template([{"role": "user", "content": "What is Keras?"}])
+    chat = ours.apply_chat_template([{"role": "user", "content": "Hi"}])
     greedy = _greedy_requests(ours, models["hf_model"], [
         "The quick brown fox 12 jumps over the", "The quick brown fox", "Keras is", "1"])
     assert greedy
     requests = REQUESTS + [(chat, "A deep"), (chat, " Keras")] + greedy
     assert max(len(ours.tok_encode(c + x)) for c, x in requests) > SHORT + 1
+    assert len(ours.tok_encode(chat + "A deep")) <= SHORT  # its <bos> is read
     expected = hflm.loglikelihood(_instances("loglikelihood", requests), disable_tqdm=True)
     got = ours.loglikelihood(_instances("loglikelihood", requests), disable_tqdm=True)
     assert len(got) == len(requests)
@@ -298,7 +299,7 @@ def _one_line_error(result, *needles):
 def test_cli_eval_runs_a_jsonl_task_and_writes_results(tmp_path):
     items = _write_items(tmp_path / "my items.jsonl", _choice_items())
     output = tmp_path / "results.json"
-    result = _cli(["eval", "--tasks", str(items), "--output", str(output), "--limit", "6",
+    result = _cli(["eval", "--tasks", str(items), "--output", str(output), "--limit", "2",
                    "--batch-size", "8"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines()]
@@ -308,12 +309,12 @@ def test_cli_eval_runs_a_jsonl_task_and_writes_results(tmp_path):
     saved = json.loads(output.read_text())["results"]["my_items"]
     assert saved["acc,none"] == pytest.approx(table["acc"][0], abs=1e-4)
     assert saved["acc_norm_stderr,none"] == pytest.approx(table["acc_norm"][1], abs=1e-4)
-    assert json.loads(output.read_text())["n-samples"]["my_items"]["effective"] == 6
+    assert json.loads(output.read_text())["n-samples"]["my_items"]["effective"] == 2
     # The same output again is refused before anything loads; nothing is changed.
     before = output.read_bytes()
     again = _cli(["eval", "--tasks", str(items), "--output", str(output)], tmp_path)
     _one_line_error(again, "already exists", "--overwrite")
-    assert output.read_bytes() == before
+    assert output.read_bytes() == before and again.stdout == ""  # nothing was evaluated
 
 
 @pytest.mark.once("torch")

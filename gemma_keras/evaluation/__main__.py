@@ -8,7 +8,15 @@ hands the same arguments to lm-eval's CLI:
     python -m gemma_keras.evaluation run --model gemma_keras \\
         --model_args preset=gemma2_2b_en,dtype=bfloat16 --tasks hellaswag --batch_size 16
     python -m gemma_keras.evaluation --model gemma_keras --tasks ./my_task.yaml  # "run" implied
+    python -m gemma_keras.evaluation run --model gemma_keras --model_args preset=gemma_demo \\
+        --tasks ./my_task.yaml --apply_chat_template --limit 10 --batch_size 16
     python -m gemma_keras.evaluation ls tasks
+
+Give the batch size as lm-eval's `--batch_size N`, not in --model_args: lm-eval passes its
+own --batch_size (default 1: one request at a time) to every model, and both together are
+refused by lm-eval. `--batch_size auto` means 16 here (shapes are bucketed; nothing to
+search). Every other lm-eval option (--num_fewshot, --limit, --output_path, --log_samples,
+--gen_kwargs, --apply_chat_template, --fewshot_as_multiturn, ...) works as with `--model hf`.
 
 `gemma-keras eval` is the shorter way for the common case (see `gemma-keras eval --help`).
 """
@@ -24,9 +32,15 @@ def main(argv=None):
         return 2
     from lm_eval.__main__ import cli_evaluate
 
+    from gemma_keras.errors import GemmaError
+
     # lm-eval's CLI reads sys.argv (it inserts "run" when no subcommand is given).
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except GemmaError as e:  # a bad --model_args value, a preset not found: one line
+        print(f"python -m gemma_keras.evaluation: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -14,9 +14,15 @@ scoring itself is `gemma_keras.evaluation.scoring` (each shared context prefille
 compiled, bucketed shapes).
 
 model_args: preset (default: the bundled offline demo), dtype, quantize, block_size,
-batch_size (default 16), max_length (default: the model's context), max_gen_toks (default
-256), seed (sampling in generate_until; default 1234), or lm= an already built
+max_length (default: the model's context), max_gen_toks (default 256), seed (sampling in
+generate_until; default 1234), batch_size (default 16; on lm-eval's command line give it as
+`--batch_size N`, which lm-eval passes to every model), or lm= an already built
 `GemmaCausalLM` instead of preset/dtype/quantize/block_size.
+
+Differences from HFLM that remain: generated text is decoded by SentencePiece, which turns
+only the invalid bytes of a run of byte pieces into U+FFFD where transformers turns the whole
+run (the tokens are the same); do_sample without top_k samples from the whole distribution
+(transformers' generate defaults to top_k=50).
 """
 
 from __future__ import annotations
