@@ -87,6 +87,7 @@ REQUESTS = [
     ("", "Keras is a deep learning API"),       # empty context: <bos> alone
     ("", "<bos>Gemma"),                         # continuation starting with <bos> itself
     ("Gemma models are", " lightweight"),
+    ("The quick brown fox 3 jumps over the lazy dog number 21. The lazy", " dog 7"),  # long
 ] + [("The quick brown fox 12 jumps over the lazy dog number", f" {n}")
      for n in ("84", "7", "lazy dog", "Gemma")]  # one context, four choices
 
@@ -122,9 +123,10 @@ def test_loglikelihood_equals_hflm(models):
     greedy = _greedy_requests(ours, models["hf_model"], [
         "The quick brown fox 12 jumps over the", "The quick brown fox", "Keras is", "1"])
     assert greedy
-    requests = REQUESTS + [(chat, "A deep"), (chat, " Keras")] + greedy
+    requests = REQUESTS + [(chat, "A"), (chat, "1")] + greedy
     assert max(len(ours.tok_encode(c + x)) for c, x in requests) > SHORT + 1
-    assert len(ours.tok_encode(chat + "A deep")) <= SHORT  # its <bos> is read
+    # The chat requests fit whole (with a token to spare): their <bos> is read.
+    assert max(len(ours.tok_encode(chat + x)) for x in ("A", "1")) <= SHORT
     expected = hflm.loglikelihood(_instances("loglikelihood", requests), disable_tqdm=True)
     got = ours.loglikelihood(_instances("loglikelihood", requests), disable_tqdm=True)
     assert len(got) == len(requests)
