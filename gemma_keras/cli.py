@@ -32,7 +32,7 @@ EPILOG = """examples:
   gemma-keras bench --max-new-tokens 64                     # decode speed on this machine
   gemma-keras generate --quantize int4 --preset gemma2_9b_en "Hi"   # quantized while loading
   gemma-keras eval --tasks hellaswag,./my_task.yaml,./items.jsonl --preset gemma2_2b_en \
-      --dtype bfloat16 --output results.json   # lm-evaluation-harness (pip install "gemma-keras[eval]")
+      --dtype bfloat16 --output results.json    # lm-evaluation-harness: needs [eval]
 
 A preset is a built-in name (gemma-keras presets), kaggle://owner/model/keras/variation[/v],
 hf://org/repo, or a local keras-hub preset or Hugging Face checkpoint directory."""
