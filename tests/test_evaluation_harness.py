@@ -45,6 +45,7 @@ def _instances(kind, arguments):
 
 
 # ---- tokenization and the chat template ------------------------------------------------------
+@pytest.mark.once("tensorflow")
 def test_tok_encode_and_chat_template_equal_hflm(models):
     ours, hflm = models["ours"], models["hflm"]
     texts = ["The quick brown fox", "", "  leading spaces", "Keras é€ 12 x\n y",
@@ -114,6 +115,7 @@ def _greedy_requests(ours, hf_model, contexts, new_tokens=2):
     return requests
 
 
+@pytest.mark.once("tensorflow")
 def test_loglikelihood_equals_hflm(models):
     # max_length=SHORT: the longer requests lose their oldest tokens, in both.
     ours, hflm = models["short"], models["hflm_short"]
@@ -135,6 +137,7 @@ def test_loglikelihood_equals_hflm(models):
     assert all(g for _, g in got[-len(greedy):]) and not all(g for _, g in got)
 
 
+@pytest.mark.once("torch")
 def test_loglikelihood_rolling_equals_hflm(models):
     ours, hflm = models["short"], models["hflm_short"]
     texts = ["The quick brown fox 3 jumps over the lazy dog number 21. " * 3,
@@ -150,6 +153,7 @@ def test_loglikelihood_rolling_equals_hflm(models):
 
 
 # ---- generate_until --------------------------------------------------------------------------
+@pytest.mark.once("tensorflow")
 def test_generate_until_is_greedy_generate_cut_at_the_stop_string_as_hflm(models):
     ours, hflm, lm = models["ours"], models["hflm"], models["lm"]
     contexts = ["The quick brown fox", "Keras is a deep learning API", "1"]
@@ -196,6 +200,7 @@ def test_generate_until_is_greedy_generate_cut_at_the_stop_string_as_hflm(models
 
 
 # ---- model_args and the missing extra --------------------------------------------------------
+@pytest.mark.once("torch")
 def test_bad_model_args_name_the_argument(models):
     from lm_eval.api.registry import get_model
 
@@ -221,6 +226,7 @@ def test_bad_model_args_name_the_argument(models):
             disable_tqdm=True)
 
 
+@pytest.mark.once("torch")
 def test_import_without_lm_eval_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     monkeypatch.delitem(sys.modules, "gemma_keras.evaluation.harness", raising=False)
