@@ -287,28 +287,34 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _read_choice_items(path):
-    """A JSONL file of multiple-choice items {"query": str, "choices": [str, ...], "gold":
-    index}, checked line by line (before any model loads)."""
-    count = 0
+def _jsonl_lines(path):
+    """(line number, parsed JSON) for each non-blank line of a JSONL file; a line that is not
+    JSON is a UsageError naming it."""
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as e:
                 raise UsageError(f"{path}:{number}: not JSON ({e.msg}).") from e
-            choices = item.get("choices") if isinstance(item, dict) else None
-            gold = item.get("gold") if isinstance(item, dict) else None
-            if not (isinstance(item, dict) and isinstance(item.get("query"), str)
-                    and isinstance(choices, list) and len(choices) >= 2
-                    and all(isinstance(c, str) for c in choices)
-                    and isinstance(gold, int) and not isinstance(gold, bool)
-                    and 0 <= gold < len(choices)):
-                raise UsageError(f'{path}:{number}: expected {{"query": "...", "choices": '
-                                 f'["...", "...", ...], "gold": <index of the right choice>}}.')
-            count += 1
+
+
+def _read_choice_items(path):
+    """A JSONL file of multiple-choice items {"query": str, "choices": [str, ...], "gold":
+    index}, checked line by line (before any model loads)."""
+    count = 0
+    for number, item in _jsonl_lines(path):
+        choices = item.get("choices") if isinstance(item, dict) else None
+        gold = item.get("gold") if isinstance(item, dict) else None
+        if not (isinstance(item, dict) and isinstance(item.get("query"), str)
+                and isinstance(choices, list) and len(choices) >= 2
+                and all(isinstance(c, str) for c in choices)
+                and isinstance(gold, int) and not isinstance(gold, bool)
+                and 0 <= gold < len(choices)):
+            raise UsageError(f'{path}:{number}: expected {{"query": "...", "choices": '
+                             f'["...", "...", ...], "gold": <index of the right choice>}}.')
+        count += 1
     if not count:
         raise UsageError(f"{path}: no items.")
 
@@ -508,23 +514,16 @@ def _read_jsonl(path):
     if not path.is_file():
         raise UsageError(f"{path}: no such file.")
     texts, prompts, responses = [], [], []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{number}: not JSON ({e.msg}).") from e
-            if isinstance(item, dict) and isinstance(item.get("text"), str):
-                texts.append(item["text"])
-            elif (isinstance(item, dict) and isinstance(item.get("prompt"), str)
-                  and isinstance(item.get("response"), str)):
-                prompts.append(item["prompt"])
-                responses.append(item["response"])
-            else:
-                raise UsageError(f'{path}:{number}: expected {{"text": ...}} or '
-                                 f'{{"prompt": ..., "response": ...}} with string values.')
+    for number, item in _jsonl_lines(path):
+        if isinstance(item, dict) and isinstance(item.get("text"), str):
+            texts.append(item["text"])
+        elif (isinstance(item, dict) and isinstance(item.get("prompt"), str)
+              and isinstance(item.get("response"), str)):
+            prompts.append(item["prompt"])
+            responses.append(item["response"])
+        else:
+            raise UsageError(f'{path}:{number}: expected {{"text": ...}} or '
+                             f'{{"prompt": ..., "response": ...}} with string values.')
     if texts and prompts:
         raise UsageError(f"{path}: mixes text lines and prompt/response lines; use one kind.")
     if not (texts or prompts):

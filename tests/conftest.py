@@ -320,3 +320,12 @@ def hflm_checkpoint(pristine_hf, spm_path):
             write_hf_tokenizer(GemmaTokenizer(spm_path), directory)
         return directory, model
     return get
+
+
+def one_line_error(result, *needles):
+    """A command-line mistake: exit status 2 and one line on stderr holding each needle."""
+    assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 import gemma_keras as gk
+from conftest import one_line_error
 
 TOL = 1e-4
 CASE = "gemma2_gqa"  # sliding window 5 and both soft-caps: the windows and caps are exercised
@@ -295,14 +296,6 @@ def _cli(args, tmp_path, env_extra=None):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
 
 
-def _one_line_error(result, *needles):
-    assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 @pytest.mark.once("torch")
 def test_cli_eval_runs_a_jsonl_task_and_writes_results(tmp_path):
     items = _write_items(tmp_path / "my items.jsonl", _choice_items())
@@ -321,7 +314,7 @@ def test_cli_eval_runs_a_jsonl_task_and_writes_results(tmp_path):
     # The same output again is refused before anything loads; nothing is changed.
     before = output.read_bytes()
     again = _cli(["eval", "--tasks", str(items), "--output", str(output)], tmp_path)
-    _one_line_error(again, "already exists", "--overwrite")
+    one_line_error(again, "already exists", "--overwrite")
     assert output.read_bytes() == before and again.stdout == ""  # nothing was evaluated
 
 
@@ -334,9 +327,9 @@ def test_cli_eval_refuses_mistakes_and_a_missing_lm_eval_in_one_line(tmp_path):
     missing = _cli(["eval", "--tasks", str(items)], tmp_path,
                    {"PYTHONPATH": os.pathsep.join([str(hide), os.environ.get("PYTHONPATH",
                                                                              "")])})
-    _one_line_error(missing, 'pip install "gemma-keras[eval]"')
+    one_line_error(missing, 'pip install "gemma-keras[eval]"')
     bad = _write_items(tmp_path / "bad.jsonl", [{"query": "q", "choices": ["a", "b"],
                                                  "gold": 2}])
-    _one_line_error(_cli(["eval", "--tasks", str(bad)], tmp_path), "bad.jsonl:1", "gold")
-    _one_line_error(_cli(["eval", "--tasks", "./nowhere.yaml"], tmp_path), "nowhere.yaml")
-    _one_line_error(_cli(["eval", "--tasks", " , "], tmp_path), "--tasks")
+    one_line_error(_cli(["eval", "--tasks", str(bad)], tmp_path), "bad.jsonl:1", "gold")
+    one_line_error(_cli(["eval", "--tasks", "./nowhere.yaml"], tmp_path), "nowhere.yaml")
+    one_line_error(_cli(["eval", "--tasks", " , "], tmp_path), "--tasks")

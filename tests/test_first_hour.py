@@ -15,6 +15,7 @@ import time
 import pytest
 
 import gemma_keras as gk
+from conftest import one_line_error
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -62,14 +63,6 @@ def _cli(args, env=None, stdin=None, timeout=300):
     return _run(["-m", "gemma_keras.cli", *args], env, stdin, timeout)
 
 
-def _one_line_error(result, *needles):
-    assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 @pytest.fixture(scope="module")
 def demo():
     return gk.GemmaCausalLM.from_preset("gemma_demo")
@@ -103,7 +96,7 @@ def test_uninstalled_keras_json_backend_falls_back_to_an_installed_one(tmp_path)
 ])
 def test_an_explicit_backend_that_cannot_run_is_one_line(tmp_path, args, extra, needles):
     env = _env(tmp_path, hide=("torch",), **extra)
-    _one_line_error(_cli(args, env), *needles)
+    one_line_error(_cli(args, env), *needles)
 
 
 @pytest.mark.once("jax")
@@ -165,11 +158,11 @@ def test_cli_finetune_overwrite_policy_seed_and_one_epoch_loss(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"json.dumps({i})"}) for i in range(4)))
     nowhere = _cli(["finetune", str(data)])
-    _one_line_error(nowhere, "--adapter", "--output", "nothing was trained")
+    one_line_error(nowhere, "--adapter", "--output", "nothing was trained")
     adapter = tmp_path / "a.lora.h5"
     adapter.write_bytes(b"old")
     refused = _cli(["finetune", str(data), "--adapter", str(adapter)])
-    _one_line_error(refused, str(adapter), "--overwrite")
+    one_line_error(refused, str(adapter), "--overwrite")
     assert "Epoch" not in refused.stdout and adapter.read_bytes() == b"old"
     args = ["finetune", str(data), "--adapter", str(adapter), "--overwrite", "--seed", "1",
             "--sequence-length", "16", "--batch-size", "4"]
@@ -188,8 +181,8 @@ def test_cli_finetune_overwrite_policy_seed_and_one_epoch_loss(tmp_path):
 def test_cli_convert_and_export_refuse_then_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    _one_line_error(_cli(["convert", "gemma_demo", str(out)]), "already exists", "--overwrite")
-    _one_line_error(_cli(["export", str(out)]), "already exists", "--overwrite")
+    one_line_error(_cli(["convert", "gemma_demo", str(out)]), "already exists", "--overwrite")
+    one_line_error(_cli(["export", str(out)]), "already exists", "--overwrite")
     result = _cli(["convert", "gemma_demo", str(out), "--overwrite"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "config.json").is_file()
@@ -201,8 +194,8 @@ def test_cli_convert_and_export_refuse_then_overwrite(tmp_path):
 # ---- defect 5 (CLI): the prompt from stdin ---------------------------------------------------
 @pytest.mark.once("torch")
 def test_cli_stdin_prompt(tmp_path):
-    _one_line_error(_cli(["generate"], stdin=""), "no prompt")
-    _one_line_error(_cli(["generate", ""]), "empty prompt")
+    one_line_error(_cli(["generate"], stdin=""), "no prompt")
+    one_line_error(_cli(["generate", ""]), "empty prompt")
     piped = _cli(["generate", "--max-new-tokens", "6"], stdin="x(\n")
     given = _cli(["generate", "--max-new-tokens", "6", "x("])
     assert piped.returncode == 0 and given.returncode == 0, piped.stderr + given.stderr
@@ -231,9 +224,9 @@ def test_cli_inspect_reads_the_card_offline_and_defaults_to_the_demo():
 @pytest.mark.once("jax")
 def test_runner_wrong_paths_are_one_line(tmp_path):
     runner = ["-m", "gemma_keras.exporting.runner"]
-    _one_line_error(_run([*runner, str(tmp_path / "no.tflite"), "x"]), "no such file")
-    _one_line_error(_run([*runner, str(REPO / "README.md"), "x"]), "not a .tflite file")
-    _one_line_error(_run([*runner, str(tmp_path), "x"]), "without model.tflite")
+    one_line_error(_run([*runner, str(tmp_path / "no.tflite"), "x"]), "no such file")
+    one_line_error(_run([*runner, str(REPO / "README.md"), "x"]), "not a .tflite file")
+    one_line_error(_run([*runner, str(tmp_path), "x"]), "without model.tflite")
 
 
 # ---- defect 9 ----------------------------------------------------------------------------------

@@ -426,11 +426,10 @@ def _freeze(value):
 
 
 def _whole(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ArgumentTypeError(f"model_args {name} must be a whole number, got {value!r}.")
-    if value < 1:
-        raise InvalidArgumentError(f"model_args {name} must be at least 1, got {value}.")
-    return int(value)
+    from gemma_keras.generation.options import whole_number
+
+    return whole_number(f"model_args {name}",
+                        value.item() if isinstance(value, np.generic) else value, 1)
 
 
 def _batch_size(value):

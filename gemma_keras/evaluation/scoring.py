@@ -23,6 +23,7 @@ import numpy as np
 from keras import ops
 
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
+from gemma_keras.generation import options
 from gemma_keras.generation.cache import Mode, init_cache
 from gemma_keras.generation.session import prompt_bucket
 from gemma_keras.generation.steps import CompiledSteps, pad_id
@@ -280,11 +281,8 @@ def _continuations(backbone):
 
 
 def _positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ArgumentTypeError(f"{name} must be a whole number, got {value!r}.")
-    if value < 1:
-        raise InvalidArgumentError(f"{name} must be at least 1, got {value}.")
-    return int(value)
+    return options.whole_number(name, value.item() if isinstance(value, np.generic) else value,
+                                1)
 
 
 # ---- text requests ----------------------------------------------------------------------------
