@@ -35,6 +35,10 @@ else
   # sibling's), logs printed whole when all are done. A pass keeps about one core busy (XLA
   # compiles and Python run one thread at a time on these tiny models), so on a 2-core
   # machine three at once finish well before three in a row. SERIAL=1 runs them in a row.
+  # One OpenMP thread per pass: PyTorch's OpenMP threads spin while they wait for work, and
+  # with three passes on two cores the spinning starved the others (a torch guide run in a
+  # subprocess took 300+ s instead of ~90 s). Results do not depend on the thread count.
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   logs=$(mktemp -d)
   for backend in "${backends[@]}"; do
     (
