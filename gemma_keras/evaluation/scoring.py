@@ -25,7 +25,7 @@ from keras import ops
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation import options
 from gemma_keras.generation.cache import Mode, init_cache
-from gemma_keras.generation.session import prompt_bucket
+from gemma_keras.generation.session import power_of_two_bucket, prompt_bucket
 from gemma_keras.generation.steps import CompiledSteps, pad_id
 
 SCORING_MODES = ("logits", "loss")
@@ -218,13 +218,6 @@ def _batches(rows, batch_size):
         yield batch
 
 
-def _power_of_two(n, least=1):
-    bucket = least
-    while bucket < n:
-        bucket *= 2
-    return bucket
-
-
 def _score_batch(lm, batch, batch_size):
     """[(log-prob sum, is_greedy)] for the rows of one batch."""
     config = lm.backbone.config
@@ -233,10 +226,11 @@ def _score_batch(lm, batch, batch_size):
     group_of = {p: g for g, p in enumerate(prefixes)}
     longest_prefix = max(len(p) for p in prefixes)
     width = prompt_bucket(longest_prefix, config.max_sequence_length) if longest_prefix else 0
-    chunk_width = min(_power_of_two(max(len(r.chunk) for r in batch), MIN_CONTINUATION_BUCKET),
+    longest_chunk = max(len(r.chunk) for r in batch)
+    chunk_width = min(power_of_two_bucket(longest_chunk, MIN_CONTINUATION_BUCKET),
                       config.max_sequence_length)
-    groups = _power_of_two(len(prefixes))
-    rows = min(_power_of_two(len(batch)), _power_of_two(batch_size))
+    groups = power_of_two_bucket(len(prefixes))
+    rows = min(power_of_two_bucket(len(batch)), power_of_two_bucket(batch_size))
     steps = CompiledSteps.of(lm)
     cache = init_cache(config, groups, width + chunk_width,
                        lm.backbone.dtype_policy.compute_dtype)

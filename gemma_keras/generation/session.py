@@ -26,11 +26,16 @@ MIN_PROMPT_BUCKET = 16
 CACHE_BUCKET = 128
 
 
-def prompt_bucket(length: int, limit: int) -> int:
-    bucket = MIN_PROMPT_BUCKET
-    while bucket < length:
+def power_of_two_bucket(n: int, least: int = 1) -> int:
+    """The smallest power of two times `least` that is >= n: the compiled shapes' buckets."""
+    bucket = least
+    while bucket < n:
         bucket *= 2
-    return min(bucket, max(limit, length))
+    return bucket
+
+
+def prompt_bucket(length: int, limit: int) -> int:
+    return min(power_of_two_bucket(length, MIN_PROMPT_BUCKET), max(limit, length))
 
 
 def cache_bucket(columns: int, limit: int) -> int:
