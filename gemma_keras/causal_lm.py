@@ -181,7 +181,8 @@ class GemmaCausalLM(keras.Model):
                  stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
                  temperature=None, top_k=None, top_p=None, min_new_tokens=0,
                  repetition_penalty=None, chat_template="auto", include_prompt=True,
-                 skip_special_tokens=True):
+                 num_beams=None, length_penalty=None, early_stopping=None, return_beams=False,
+                 skip_special_tokens=True, draft=None, draft_tokens=None):
         """Generates text with a KV cache: the prompt in one pass, then one compiled step per
         token.
 
@@ -205,6 +206,15 @@ class GemmaCausalLM(keras.Model):
             greedy unless temperature / top_k / top_p are given, which then pick the sampler
             (top_p, else top_k, else random) as in transformers; with a sampler name they set
             its parameters; with a sampler object they are an error.
+        num_beams: beam search (sampler=None or "beam", or a `gk.samplers.BeamSampler`),
+            exactly transformers' `generate(num_beams=..., do_sample=False)`: the same
+            tokens for the same checkpoint. num_beams=1 is greedy. length_penalty (default
+            1.0): a finished beam scores its log-probability sum / (new tokens **
+            length_penalty). early_stopping: False (default), True or "never", as in
+            transformers. return_beams=True returns, per prompt, every beam as (text, or its
+            ids as a 1-D array, score), best first (one string prompt: its list alone).
+            Beams take stop_token_ids and min_new_tokens, not stream, stop_strings or
+            repetition_penalty.
         repetition_penalty: transformers' semantics: the logit of every token already in
             the prompt or the completion is divided by it when positive, multiplied when
             negative (> 1 discourages repeats; 1.0 or None: off).
@@ -227,7 +237,10 @@ class GemmaCausalLM(keras.Model):
                         stream=stream, stop_strings=stop_strings, temperature=temperature,
                         top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
                         repetition_penalty=repetition_penalty, chat_template=chat_template,
-                        include_prompt=include_prompt, skip_special_tokens=skip_special_tokens)
+                        num_beams=num_beams, length_penalty=length_penalty,
+                        early_stopping=early_stopping, return_beams=return_beams,
+                        include_prompt=include_prompt, skip_special_tokens=skip_special_tokens,
+                        draft=draft, draft_tokens=draft_tokens)
 
     # ---- scoring ------------------------------------------------------------------------
     def score(self, token_ids, padding_mask=None, scoring_mode="logits",

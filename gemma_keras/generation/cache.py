@@ -39,17 +39,21 @@ class Mode(enum.Enum):
     EXTEND = "extend"    # a chunk after earlier tokens: attends over the old cache + itself
 
 
-def cache_slots(config, total_columns: int, ring: bool = True) -> dict:
+def cache_slots(config, total_columns: int, ring: bool = True, lookahead: int = 0) -> dict:
     """Slots per attention kind for a cache that must hold `total_columns` columns.
 
     ring=False gives sliding-window layers a slot per column too. Exported models use that:
     there a chunk is written into the cache *before* it is attended over (one code path for
     prefill and decode, with shapes fixed at export), which a ring would corrupt when the
     chunk overwrites keys its own earlier queries still see.
+
+    lookahead: columns a pass may write beyond what is then kept (speculative decoding
+    writes drafts, then `truncate`s the rejected ones). A ring of window + lookahead slots
+    never overwrites a key a later query still needs, however many of them are rejected.
     """
     window = config.attention_window("local")
-    return {kind: min(total_columns, window) if kind == "local" and ring else total_columns
-            for kind in config.attention_kinds}
+    return {kind: min(total_columns, window + lookahead) if kind == "local" and ring
+            else total_columns for kind in config.attention_kinds}
 
 
 def _layer_places(config):
@@ -62,11 +66,13 @@ def _layer_places(config):
     return places
 
 
-def init_cache(config, batch: int, total_columns: int, dtype, ring: bool = True) -> dict:
-    """An empty cache (every slot at position -1) for `total_columns` columns."""
+def init_cache(config, batch: int, total_columns: int, dtype, ring: bool = True,
+               lookahead: int = 0) -> dict:
+    """An empty cache (every slot at position -1) for `total_columns` columns (`lookahead`:
+    see `cache_slots`)."""
     kinds = [kind for kind, _ in _layer_places(config)]
     cache = {}
-    for kind, slots in cache_slots(config, total_columns, ring).items():
+    for kind, slots in cache_slots(config, total_columns, ring, lookahead).items():
         shape = (batch, slots, config.num_key_value_heads, config.head_dim)
         cache[kind] = {
             "positions": ops.full((batch, slots), -1, dtype="int32"),
@@ -86,28 +92,53 @@ def capacity(cache):
 
 def write(buffer, update, start):
     """Writes `update` ([batch, length, ...]) at columns start.. of a ring `buffer`
-    ([batch, slots, ...]); returns the new buffer. This is the only function that changes a
-    cache.
+    ([batch, slots, ...]); returns the new buffer. This is the only function that writes a
+    cache (`truncate` only forgets positions).
 
-    One column (decoding) is a single dynamic slice update. A chunk (prefill, a new chat turn)
-    may wrap around the ring or be longer than it: each slot then takes the last column of the
-    chunk that maps to it, by a gather, keeping static shapes for the compilers.
+    `start` is one column for every row (a scalar), or one per row ([batch]: rows of a
+    speculative batch advance by the drafts each accepted). One column at a shared start
+    (decoding) is a single dynamic slice update. A chunk (prefill, a new chat turn, drafts
+    to verify) may wrap around the ring or be longer than it: each slot then takes the last
+    column of the chunk that maps to it, by a gather, keeping static shapes for the
+    compilers.
     """
     # Static sizes where known; graph sizes where not (an exported model's prompt length).
     slots = buffer.shape[1] or ops.shape(buffer)[1]
     length = update.shape[1] or ops.shape(update)[1]
     start = ops.cast(start, "int32")
-    if update.shape[1] == 1:
+    per_row = len(start.shape) == 1
+    if update.shape[1] == 1 and not per_row:
         return backends.get().write_slot(buffer, update, start % slots)
+    if per_row:
+        start = start[:, None]  # [batch, 1]
     slot = ops.arange(slots, dtype="int32")
     last = start + length - 1
-    # The latest column of this chunk that lands in each slot, and whether there is one.
-    column = last - (last - slot) % slots  # [slots]
+    # The latest column of this chunk that lands in each slot, and whether there is one:
+    # [slots], or [batch, slots] with a start per row.
+    column = last - (last - slot) % slots
     written = column >= start
     source = ops.clip(column - start, 0, length - 1)
-    gathered = ops.take(update, source, axis=1)  # [batch, slots, ...]
-    shape = [1, slots] + [1] * (len(buffer.shape) - 2)
+    trailing = [1] * (len(buffer.shape) - 2)
+    if per_row:
+        index = ops.broadcast_to(ops.reshape(source, list(ops.shape(source)) + trailing),
+                                 ops.shape(buffer))
+        gathered = ops.take_along_axis(update, index, axis=1)  # [batch, slots, ...]
+        shape = list(ops.shape(written)) + trailing
+    else:
+        gathered = ops.take(update, source, axis=1)  # [batch, slots, ...]
+        shape = [1, slots] + trailing
     return ops.where(ops.reshape(written, shape), ops.cast(gathered, buffer.dtype), buffer)
+
+
+def truncate(cache, last_position):
+    """The cache with every token after `last_position` ([batch], per row) forgotten: its
+    slot's position becomes -1, so no mask ever shows it again. This is how speculative
+    decoding rolls back rejected drafts; it works the same on rings, because a ring keeps
+    `lookahead` slots more than its window (see `cache_slots`)."""
+    keep = ops.cast(last_position, "int32")[:, None]  # [batch, 1]
+    return {kind: {"positions": ops.where(part["positions"] > keep, -1, part["positions"]),
+                   "kv": part["kv"]}
+            for kind, part in cache.items()}
 
 
 class LayerCache:
@@ -183,3 +214,15 @@ def from_per_layer(config, key_values, positions):
     for (kind, _), key_value in zip(_layer_places(config), key_values):
         cache[kind]["kv"].append(key_value)
     return cache
+
+
+def select_rows(cache, rows):
+    """The cache whose row i is row `rows[i]` of `cache` (rows: [new_batch] int32; a row may
+    be chosen many times or not at all). Beam search copies a prompt's row to its beams and
+    follows the beams it keeps with it, inside its compiled step."""
+    def take(x):
+        return ops.take(x, rows, axis=0)  # [new_batch, ...]
+    return backends.get().shard_cache(
+        {kind: {"positions": take(part["positions"]),
+                "kv": [(take(key), take(value)) for key, value in part["kv"]]}
+         for kind, part in cache.items()})

@@ -7,7 +7,8 @@ import keras
 import numpy as np
 
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
-from gemma_keras.generation import options
+from gemma_keras.generation import drafting, options
+from gemma_keras.generation import beam
 from gemma_keras.generation.options import Decoding
 from gemma_keras.generation.samplers import build_sampler, check_repetition_penalty
 from gemma_keras.generation.session import GenerationSession, Stopping
@@ -155,12 +156,16 @@ def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler=None,
              stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
              temperature=None, top_k=None, top_p=None, min_new_tokens=0,
              repetition_penalty=None, chat_template="auto", include_prompt=True,
-             skip_special_tokens=True):
+             num_beams=None, length_penalty=None, early_stopping=None, return_beams=False,
+             skip_special_tokens=True, draft=None, draft_tokens=None):
     # Everything is checked before the first compilation or cache allocation.
     args = check_arguments(max_length, max_new_tokens, min_new_tokens, seed, stream,
                            stop_strings, repetition_penalty, chat_template, include_prompt,
                            skip_special_tokens)
-    sampler = build_sampler(sampler, temperature=temperature, top_k=top_k, top_p=top_p)
+    sampler = build_sampler(sampler, temperature=temperature, top_k=top_k, top_p=top_p,
+                            num_beams=num_beams, length_penalty=length_penalty,
+                            early_stopping=early_stopping)
+    sampler, beams = beam.plan(sampler, return_beams, args)
     prompts, kind, texts = prepare_prompts(lm, inputs, args["chat_template"])
     new = plan_lengths(lm, prompts, args["max_length"], args["max_new_tokens"])
     if args["min_new_tokens"] > new:
@@ -171,22 +176,46 @@ def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler=None,
     if stop_strings and lm.tokenizer is None:
         raise InvalidArgumentError("stop_strings need the model's tokenizer.")
     decoding = Decoding(sampler, stop_ids, args["min_new_tokens"], args["repetition_penalty"])
+    speculation = drafting.resolve(lm, draft, draft_tokens)
     rng = np.random.default_rng(args["seed"])
     stopping = Stopping(frozenset(stop_ids), stop_strings, args["skip_special_tokens"])
+    if beams is not None:  # see generation/beam.py
+        session = GenerationSession(lm, prompts, max(len(p) for p in prompts) + new)
+        ranked = beam.search(session, new, beams, stop_ids, args["min_new_tokens"])
+        if beams.return_all_beams:
+            return _all_beams(lm, session, ranked, kind, texts, args, stopping)
+        return _outputs(lm, session, session.rows, kind, texts, args, stopping)
     if args["stream"]:
         if kind != "text":
             raise InvalidArgumentError("stream=True takes one string prompt.")
-        session = GenerationSession(lm, prompts, len(prompts[0]) + new)
+        session = GenerationSession(lm, prompts, len(prompts[0]) + new, speculation)
         return session.stream(new, decoding, rng, stopping)
-    session = GenerationSession(lm, prompts, max(len(p) for p in prompts) + new)
+    session = GenerationSession(lm, prompts, max(len(p) for p in prompts) + new, speculation)
     session.decode(new, decoding, rng, stopping)
+    return _outputs(lm, session, session.rows, kind, texts, args, stopping)
+
+
+def _outputs(lm, session, rows, kind, texts, args, stopping):
+    """What generate returns for `rows`, one per prompt."""
     if kind == "ids":
-        return _as_ids(lm, session.rows, args["include_prompt"])
+        return _as_ids(lm, rows, args["include_prompt"])
     # The prompt exactly as given (not re-detokenized, not the chat-template markup), so
     # `text[len(prompt):]` is always the completion.
     outputs = [(text if args["include_prompt"] else "") + session.completion_text(row, stopping)
-               for text, row in zip(texts, session.rows)]
+               for text, row in zip(texts, rows)]
     return outputs[0] if kind == "text" else outputs
+
+
+def _all_beams(lm, session, ranked, kind, texts, args, stopping):
+    """return_beams: per prompt, [(output, score)] for each of its beams, best first; the
+    output is a prompt's text as generate returns it, or its ids (prompt and new tokens, or
+    the new tokens alone) as a 1-D array. One string prompt gives its list alone."""
+    per_prompt = [
+        [(_as_ids(lm, [row], args["include_prompt"])["token_ids"][0] if kind == "ids" else
+          _outputs(lm, session, [row], "text", [texts[b]], args, stopping), score)
+         for row, score in hypotheses]
+        for b, hypotheses in enumerate(ranked)]
+    return per_prompt[0] if kind == "text" else per_prompt
 
 
 def _as_ids(lm, rows, include_prompt=True):

@@ -83,13 +83,29 @@ class Decoding:
         """Next token per row [batch] from logits [batch, vocab] float32; `rows` have
         `.prompt` (everything the row's context holds before this call's tokens) and
         `.generated`."""
+        return self.sampler.select(self.adjust(
+            logits, [row.prompt + row.generated for row in rows],
+            [len(row.generated) for row in rows]), rng)
+
+    def adjust(self, logits, contexts, counts):
+        """The logits rules: logits [batch, vocab] of rows whose context is `contexts[r]`
+        (token lists) after `counts[r]` new tokens, as the sampler must see them."""
         if self.repetition_penalty is not None:
-            logits = apply_repetition_penalty(
-                logits, [row.prompt + row.generated for row in rows], self.repetition_penalty)
-        early = [r for r, row in enumerate(rows) if len(row.generated) < self.min_new_tokens]
+            logits = apply_repetition_penalty(logits, contexts, self.repetition_penalty)
+        early = [r for r, n in enumerate(counts) if n < self.min_new_tokens]
         if early and self.stop_ids:
             logits = suppress(logits, early, sorted(self.stop_ids))
-        return self.sampler.select(logits, rng)
+        return logits
+
+    @property
+    def greedy(self):
+        return type(self.sampler) is GreedySampler
+
+    @property
+    def has_rules(self):
+        """Whether `adjust` can change logits (else the argmax needs no host round trip)."""
+        return self.repetition_penalty is not None or (
+            self.min_new_tokens > 0 and bool(self.stop_ids))
 
     def compiled_loop_can_finish(self, rows):
         """Whether the rest of the decoding may run as the compiled greedy loop, which

@@ -50,15 +50,16 @@ class RandomSampler(Sampler):
         """Logits with the tokens this sampler excludes set to -inf."""
         return logits
 
-    def select(self, logits, rng):
+    def probs(self, logits):
+        """The distribution this sampler draws from: [batch, vocab] float64, rows sum to 1.
+        Speculative sampling accepts drafts against it."""
         scaled = self.filter(logits.astype(np.float64) / self.temperature)
         scaled -= scaled.max(axis=-1, keepdims=True)
         probs = np.exp(scaled)
-        probs /= probs.sum(axis=-1, keepdims=True)
-        # Inverse-CDF sampling: one uniform draw per row, so seeds reproduce exactly.
-        draws = rng.random(probs.shape[0])[:, None]
-        cdf = np.cumsum(probs, axis=-1)
-        return np.minimum((cdf < draws).sum(axis=-1), probs.shape[-1] - 1)
+        return probs / probs.sum(axis=-1, keepdims=True)
+
+    def select(self, logits, rng):
+        return draw(self.probs(logits), rng)
 
 
 class TopKSampler(RandomSampler):
@@ -98,11 +99,54 @@ class TopPSampler(RandomSampler):
         return np.where(keep, logits, -np.inf)
 
 
+def draw(probs, rng):
+    """One token per row of probs [batch, vocab] by inverse-CDF sampling: one uniform draw
+    per row, so seeds reproduce exactly."""
+    draws = rng.random(probs.shape[0])[:, None]
+    cdf = np.cumsum(probs, axis=-1)
+    return np.minimum((cdf < draws).sum(axis=-1), probs.shape[-1] - 1)
+
+
 def _keep_top_k(logits, k):
     """logits [batch, vocab] with all but the k largest of each row set to -inf."""
     k = min(k, logits.shape[-1])
     kth = np.partition(logits, -k, axis=-1)[:, -k][:, None]  # [batch, 1]
     return np.where(logits >= kth, logits, -np.inf)
+
+
+class BeamSampler(Sampler):
+    """keras-hub's `BeamSampler`, searched as transformers' beam search
+    (`generate(num_beams=..., do_sample=False)`): `num_beams` hypotheses per prompt,
+    finished ones scored sum of log-probs / (new tokens ** length_penalty).
+
+    early_stopping: False (transformers' default: stop once no running beam is likely to
+    beat the finished ones at its current length), True (stop as soon as num_beams
+    hypotheses have finished) or "never" (stop only when no running beam could beat them at
+    any length). return_all_beams: `generate` returns every beam with its score, best first.
+    It chooses whole sequences, so only `generate` runs it (see generation/beam.py): not a
+    stream, not a chat.
+    """
+
+    def __init__(self, num_beams: int = 5, length_penalty: float = 1.0,
+                 early_stopping=False, return_all_beams: bool = False):
+        self.num_beams = _positive_int("num_beams", num_beams)
+        self.length_penalty = _number("length_penalty", length_penalty)
+        if not np.isfinite(self.length_penalty):
+            raise InvalidArgumentError(f"length_penalty must be a finite number (1.0: none, "
+                                       f"> 1 favours longer, < 1 shorter), got {length_penalty!r}.")
+        if not (isinstance(early_stopping, (bool, np.bool_)) or early_stopping == "never"):
+            raise InvalidArgumentError(f"early_stopping must be True, False or 'never', got "
+                                       f"{early_stopping!r}.")
+        self.early_stopping = (early_stopping if isinstance(early_stopping, str)
+                               else bool(early_stopping))
+        if not isinstance(return_all_beams, (bool, np.bool_)):
+            raise ArgumentTypeError(f"return_all_beams must be True or False, got "
+                                    f"{return_all_beams!r}.")
+        self.return_all_beams = bool(return_all_beams)
+
+    def select(self, logits, rng):
+        raise InvalidArgumentError("Beam search chooses whole sequences, not one token at a "
+                                   "time: use it with generate() (not chat or a stream).")
 
 
 def _number(name, value):
@@ -120,28 +164,33 @@ def _positive_int(name, value):
 
 
 _BY_NAME = {"greedy": GreedySampler, "random": RandomSampler, "top_k": TopKSampler,
-            "top_p": TopPSampler}
+            "top_p": TopPSampler, "beam": BeamSampler}
 # The shortcuts each named sampler takes, and the constructor argument each one sets.
 _SHORTCUTS = {"greedy": {}, "random": {"temperature": "temperature"},
               "top_k": {"temperature": "temperature", "top_k": "k"},
-              "top_p": {"temperature": "temperature", "top_p": "p", "top_k": "k"}}
+              "top_p": {"temperature": "temperature", "top_p": "p", "top_k": "k"},
+              "beam": {k: k for k in ("num_beams", "length_penalty", "early_stopping")}}
 
 
 def get_sampler(sampler) -> Sampler:
-    """A Sampler from an instance or a name: "greedy", "random", "top_k", "top_p"."""
+    """A Sampler from an instance or a name: "greedy", "random", "top_k", "top_p", "beam"."""
     return build_sampler(sampler)
 
 
-def build_sampler(sampler=None, temperature=None, top_k=None, top_p=None) -> Sampler:
+def build_sampler(sampler=None, temperature=None, top_k=None, top_p=None, num_beams=None,
+                  length_penalty=None, early_stopping=None) -> Sampler:
     """The sampler `generate` uses, from its `sampler=` and the transformers-style shortcuts.
 
     sampler=None picks by the shortcuts given: top_p -> TopPSampler (with top_k, among the
-    top k only), else top_k -> TopKSampler, else temperature -> RandomSampler, else greedy.
+    top k only), else top_k -> TopKSampler, else temperature -> RandomSampler, else
+    num_beams -> BeamSampler (with length_penalty, early_stopping), else greedy.
     A sampler name takes the shortcuts it understands (`sampler="top_k", top_k=10`); a
     Sampler object takes none (set them on the object), so nothing is silently ignored.
     """
     given = {name: value for name, value in
-             (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+             (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+              ("num_beams", num_beams), ("length_penalty", length_penalty),
+              ("early_stopping", early_stopping))
              if value is not None}
     if isinstance(sampler, Sampler):
         if given:
@@ -151,7 +200,8 @@ def build_sampler(sampler=None, temperature=None, top_k=None, top_p=None) -> Sam
         return sampler
     if sampler is None:
         name = ("top_p" if "top_p" in given else "top_k" if "top_k" in given
-                else "random" if "temperature" in given else "greedy")
+                else "random" if "temperature" in given
+                else "beam" if "num_beams" in given else "greedy")
     elif isinstance(sampler, str):
         if sampler not in _BY_NAME:
             raise InvalidArgumentError(
@@ -166,7 +216,9 @@ def build_sampler(sampler=None, temperature=None, top_k=None, top_p=None) -> Sam
     if unused:
         raise InvalidArgumentError(
             f"sampler={name!r} takes no {' or '.join(unused)}; "
-            + ("leave sampler unset to sample with them." if name == "greedy" else
+            + ("they set beam search: pass num_beams= (sampler unset or 'beam')."
+               if all(k in _SHORTCUTS["beam"] for k in unused) else
+               "leave sampler unset to sample with them." if name == "greedy" else
                f"it takes {', '.join(_SHORTCUTS[name])}."))
     return _BY_NAME[name](**{_SHORTCUTS[name][k]: v for k, v in given.items()})
 

@@ -58,6 +58,18 @@ class Stopping:
     skip_special: bool = True
 
 
+def record(row: _Row, token, stopping: Stopping):
+    """Appends a chosen token to a row that is still decoding, and ends the row at a stop id
+    or stop string."""
+    if row.done:
+        return
+    token = int(token)
+    row.generated.append(token)
+    row.done = token in stopping.stop_ids
+    if row.text is not None and row.text.add(token):
+        row.done = True  # a stop string appeared
+
+
 class GenerationSession:
     """A batch being decoded: the cache, the next column, and each row's tokens.
 
@@ -65,17 +77,25 @@ class GenerationSession:
     extends it with each new message instead of re-reading the conversation.
     """
 
-    def __init__(self, lm, prompts: Sequence[Sequence[int]], total_columns: int):
+    def __init__(self, lm, prompts: Sequence[Sequence[int]], total_columns: int,
+                 speculation=None, lookahead: int = 0):
+        """speculation: a `speculative.Speculation` that decodes after the first token, or
+        None. lookahead: columns (and ring slots) for tokens written and then forgotten
+        (a Speculation's drafts, a drafter's own)."""
         self.lm = lm
+        self.speculation = speculation
+        if speculation is not None:
+            lookahead = speculation.lookahead
         self.steps = CompiledSteps.of(lm)
         config = lm.backbone.config
         self.rows = [_Row(list(p)) for p in prompts]
         width = prompt_bucket(max(len(p) for p in prompts), config.max_sequence_length)
         # Columns: the padded prompt, then one per new token.
-        self.capacity = cache_bucket(width + total_columns - max(len(p) for p in prompts),
-                                     config.max_sequence_length)
+        self.capacity = cache_bucket(
+            width + total_columns + lookahead - max(len(p) for p in prompts),
+            config.max_sequence_length + lookahead)
         self.cache = init_cache(config, len(prompts), self.capacity,
-                                lm.backbone.dtype_policy.compute_dtype)
+                                lm.backbone.dtype_policy.compute_dtype, lookahead=lookahead)
         self.column = 0  # next free column
         self.next_position = np.zeros(len(prompts), "int32")
         self.logits = self._feed([list(p) for p in prompts], Mode.PREFILL)
@@ -137,6 +157,10 @@ class GenerationSession:
             yield
             if all(row.done for row in self.rows) or i == max_new_tokens - 1:
                 return
+            if self.speculation is not None:  # the rest drafted and verified
+                yield from self.speculation.decoding_steps(
+                    self, tokens, max_new_tokens - 1 - i, decoding, rng, stopping)
+                return
             # The rest in one compiled loop, once no host-side rule is left to apply
             # (min_new_tokens reached, no repetition penalty).
             if on_device and decoding.compiled_loop_can_finish(self.rows):
@@ -145,13 +169,7 @@ class GenerationSession:
 
     def _record(self, tokens, stopping):
         for row, token in zip(self.rows, tokens):
-            if row.done:
-                continue
-            token = int(token)
-            row.generated.append(token)
-            row.done = token in stopping.stop_ids
-            if row.text is not None and row.text.add(token):
-                row.done = True  # a stop string appeared
+            record(row, token, stopping)
 
     def _greedy_on_device(self, tokens, steps, stopping):
         """The rest of a greedy `decode` as one compiled loop: feeds `tokens` and decodes up

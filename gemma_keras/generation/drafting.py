@@ -1,0 +1,276 @@
+"""Drafters for speculative decoding (generation/speculative.py): who proposes the next
+tokens, and `generate(draft=...)` turned into one.
+
+- `PromptLookupDrafter`: no model. The row's last n tokens (n = 3, 2, 1) are looked up
+  earlier in its prompt and completion, and the tokens that followed are proposed: free
+  drafts for copy-heavy tasks (editing, summarising, code), as transformers'
+  `prompt_lookup_num_tokens`.
+- `ModelDrafter`: a smaller model with the same tokenizer (`draft="gemma2_2b_en"` or a
+  loaded GemmaCausalLM), or the target's own weights quantized (`draft="int4"`), decoding
+  k tokens ahead with its own KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import keras
+import numpy as np
+from keras import ops
+
+from gemma_keras.errors import ArgumentTypeError, ConfigError, InvalidArgumentError
+from gemma_keras.generation import options
+from gemma_keras.generation.cache import Mode, truncate
+from gemma_keras.generation.samplers import draw
+from gemma_keras.generation.steps import CompiledSteps, model_step, pad_id
+
+# Drafts per round when `draft_tokens` is not given. Prompt lookup's drafts cost only the
+# verify pass's extra columns, so it drafts further ahead.
+DEFAULT_DRAFT_TOKENS = {"prompt_lookup": 8, "model": 4}
+MAX_DRAFT_TOKENS = 32
+SELF_DRAFT_MODES = ("int8", "int4")
+
+
+@dataclasses.dataclass
+class Drafts:
+    tokens: List[List[int]]  # per row, up to k proposed tokens
+    probs: Optional[np.ndarray] = None  # [batch, k, vocab]: the distribution each was drawn
+    #                                     from; None: chosen deterministically
+
+    def probs_of(self, row):
+        return None if self.probs is None else self.probs[row]
+
+
+class PromptLookupDrafter:
+    """Proposes the tokens that followed the latest earlier occurrence of the row's last
+    n-gram (the longest n from `max_ngram` down to `min_ngram` that occurs)."""
+
+    name = "prompt_lookup"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def begin(self, histories, positions, max_new_tokens, draft_tokens):
+        pass
+
+    def propose(self, histories, positions, live, k, decoding, rng) -> Drafts:
+        return Drafts([self.lookup(h, k) if alive else [] for h, alive in zip(histories, live)])
+
+    def lookup(self, history, k) -> List[int]:
+        tokens = np.asarray(history, "int64")
+        for n in range(self.max_ngram, self.min_ngram - 1, -1):
+            if len(tokens) <= n:
+                continue
+            # Windows that start before the final n-gram itself: their continuation exists.
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+            hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+            if hits.size:
+                start = hits[-1] + n  # the most recent occurrence
+                return tokens[start:start + k].tolist()
+        return []
+
+
+def _draft_pass(backbone):
+    """The drafter's pass over a chunk at per-row columns, after forgetting what follows
+    `keep`: (float32 logits after each row's last token [batch, vocab], cache)."""
+
+    def step(ids, positions, cache, start, keep):
+        return model_step(backbone, ids, positions, truncate(cache, keep), start, Mode.EXTEND)
+    return step
+
+
+def _greedy_drafts(backbone, k):
+    """k greedy drafts in one compiled call: the first from the [token before, newest token]
+    chunk, then k - 1 one-token steps. Returns (drafts [batch, k] int32, cache)."""
+
+    def run(ids, positions, cache, start, keep):
+        logits, cache = model_step(backbone, ids, positions, truncate(cache, keep), start,
+                                   Mode.EXTEND)
+        token = ops.cast(ops.argmax(logits, axis=-1), "int32")  # [batch]
+        newest = positions[:, -1:]  # [batch, 1]; -1 on rows that are done
+        out = ops.zeros((ops.shape(ids)[0], k), "int32")
+        out = ops.slice_update(out, [0, 0], token[:, None])
+
+        def body(i, state):
+            token, out, cache = state
+            fed_at = ops.where(newest >= 0, newest + i, -1)
+            logits, cache = model_step(backbone, token[:, None], fed_at, cache, start + 1 + i,
+                                       Mode.EXTEND)
+            token = ops.cast(ops.argmax(logits, axis=-1), "int32")
+            return token, ops.slice_update(out, [0, i], token[:, None]), cache
+
+        _, out, cache = ops.fori_loop(1, k, body, (token, out, cache))
+        return out, cache
+    return run
+
+
+class ModelDrafter:
+    """Drafts with a GemmaCausalLM of its own, which keeps its own cache: each round it
+    forgets its rejected drafts, reads the row's two newest tokens (the older one again: it
+    may be a draft it never read) and decodes k tokens ahead."""
+
+    def __init__(self, lm, name: str):
+        self.lm, self.name = lm, name
+        self.session = None
+
+    def begin(self, histories, positions, max_new_tokens, draft_tokens):
+        from gemma_keras.generation.session import GenerationSession
+
+        # Prefill every row's context; its logits are the target's business.
+        self.session = GenerationSession(
+            self.lm, histories, max(len(h) for h in histories) + max_new_tokens,
+            lookahead=draft_tokens + 1)
+        self.column0 = self.session.column  # the column of each row's newest token
+        self.position0 = np.asarray(positions, "int32").copy()
+
+    def propose(self, histories, positions, live, k, decoding, rng) -> Drafts:
+        session = self.session
+        batch = len(histories)
+        newest = self.column0 + (positions - self.position0)  # [batch] column of the newest
+        ids = np.full((batch, 2), pad_id(self.lm), "int32")
+        fed = np.full((batch, 2), -1, "int32")
+        for r in np.flatnonzero(live):
+            ids[r] = histories[r][-2:]
+            fed[r] = positions[r] - 1, positions[r]
+        start = (newest - 1).astype("int32")
+        keep = (positions - 2).astype("int32")  # the older token is read again
+        steps = CompiledSteps.of(self.lm)
+        if decoding.greedy:
+            run = steps.function(("greedy_drafts", k), _greedy_drafts(self.lm.backbone, k))
+            out, session.cache = run(ids, fed, session.cache, start, keep)
+            out = np.asarray(keras.ops.convert_to_numpy(out))
+            return Drafts([out[r].tolist() if live[r] else [] for r in range(batch)])
+        # Sampling: each draft drawn on the host from the sampler's distribution of the
+        # drafter's logits, which the acceptance test needs.
+        step = steps.function("draft_pass", _draft_pass(self.lm.backbone))
+        tokens = np.zeros((batch, k), "int64")
+        probs = None
+        never = np.full(batch, np.iinfo("int32").max, "int32")
+        for j in range(k):
+            logits, session.cache = step(ids, fed, session.cache, start, keep)
+            logits = np.asarray(keras.ops.convert_to_numpy(logits), "float32")
+            contexts = [h + tokens[r, :j].tolist() for r, h in enumerate(histories)]
+            counts = [0] * batch  # min_new_tokens is the target's rule; q only guides
+            q = decoding.sampler.probs(decoding.adjust(logits, contexts, counts))
+            if probs is None:
+                probs = np.zeros((batch, k, q.shape[-1]))
+            probs[:, j] = q
+            tokens[:, j] = draw(q, rng)
+            ids = tokens[:, j:j + 1].astype("int32")
+            fed = np.where(live, positions + 1 + j, -1).astype("int32")[:, None]
+            start, keep = (newest + 1 + j).astype("int32"), never
+        return Drafts([tokens[r].tolist() if live[r] else [] for r in range(batch)], probs)
+
+
+# ---- generate(draft=...) -----------------------------------------------------------------
+def resolve(lm, draft, draft_tokens):
+    """`generate`'s draft= and draft_tokens= -> a `speculative.Speculation`, or None."""
+    from gemma_keras.generation.speculative import Speculation
+
+    if draft is None:
+        if draft_tokens is not None:
+            raise InvalidArgumentError("draft_tokens= needs draft= (a model, 'int4' or "
+                                       "'prompt_lookup').")
+        return None
+    k = options.whole_number("draft_tokens", draft_tokens, 1)
+    if k is not None and k > MAX_DRAFT_TOKENS:
+        raise InvalidArgumentError(f"draft_tokens={k}: at most {MAX_DRAFT_TOKENS} drafts per "
+                                   "round (4-8 is usual).")
+    if isinstance(draft, str) and draft == "prompt_lookup":
+        return Speculation(PromptLookupDrafter(), k or DEFAULT_DRAFT_TOKENS["prompt_lookup"])
+    return Speculation(ModelDrafter(draft_model(lm, draft), _name(draft)),
+                       k or DEFAULT_DRAFT_TOKENS["model"])
+
+
+def _name(draft):
+    return draft if isinstance(draft, str) else type(draft).__name__
+
+
+def draft_model(lm, draft):
+    """The GemmaCausalLM that drafts for `lm`: `draft` itself, the target's weights quantized
+    ("int4", "int8"), or a preset loaded in the target's dtype. Built ones are kept on `lm`
+    (rebuilt when its variables change: quantize(), enable_lora())."""
+    from gemma_keras.causal_lm import GemmaCausalLM
+
+    if isinstance(draft, GemmaCausalLM):
+        if draft is lm:
+            raise InvalidArgumentError(
+                "draft= is the model itself: drafting with it costs a full step per draft and "
+                "gains nothing. Pass a smaller model, draft='int4' or draft='prompt_lookup'.")
+        check_compatible(lm, draft)
+        return draft
+    if not isinstance(draft, str):
+        raise ArgumentTypeError(
+            f"draft must be a GemmaCausalLM, a preset name or path, 'int4', 'int8' or "
+            f"'prompt_lookup'; got {type(draft).__name__}.")
+    signature = tuple(id(v) for v in lm.variables)
+    drafts = getattr(lm, "_drafts", None)
+    if drafts is None or drafts.signature != signature:
+        drafts = lm._drafts = _Drafts(signature)
+    if draft not in drafts.models:
+        if draft in SELF_DRAFT_MODES:
+            model = self_draft(lm, draft)
+        else:
+            model = GemmaCausalLM.from_preset(draft, dtype=lm.backbone.dtype_policy.name)
+            check_compatible(lm, model, draft)
+        drafts.models[draft] = model
+    return drafts.models[draft]
+
+
+class _Drafts:
+    """The draft models built for one model. A plain object: Keras would track a dict or
+    tuple holding models as the target's own layers, adding their weights to its variables
+    (and so to every compiled step's inputs)."""
+
+    def __init__(self, signature):
+        self.signature, self.models = signature, {}
+
+
+def self_draft(lm, mode):
+    """A copy of `lm` with its weights quantized to `mode` (LoRA adapters merged), built one
+    tensor at a time from the target's: the float copy never exists whole."""
+    from gemma_keras.backbone import GemmaBackbone
+    from gemma_keras.causal_lm import GemmaCausalLM
+    from gemma_keras.checkpoints import quantizing
+    from gemma_keras.checkpoints.weights import quantized_layers, weight_table
+
+    found = sorted(set(quantized_layers(lm.backbone).values()))
+    if found:
+        raise ConfigError(
+            f"draft={mode!r}: this model is already {'/'.join(found)}-quantized, so a "
+            f"{mode} copy of it would draft at nearly its own speed. Draft from the float "
+            "model, or pass a smaller model or draft='prompt_lookup'.")
+    backbone = lm.backbone
+    reader = {name: _TensorEntry(value) for name, value in weight_table(backbone)}
+    copy = GemmaBackbone(backbone.config, dtype=backbone.dtype_policy.name,
+                         checkpoint=(reader, "the target model",
+                                     quantizing.requested(mode, quantizing.DEFAULT_BLOCK_SIZE)))
+    return GemmaCausalLM(copy, lm.tokenizer, instruct=lm.instruct)
+
+
+class _TensorEntry:
+    """A weight of a loaded model as a checkpoint entry, converted when it is read."""
+
+    def __init__(self, value):
+        self.value, self.shape = value, tuple(value.shape)
+
+    def read(self, dtype):
+        return np.asarray(keras.ops.convert_to_numpy(self.value)).astype(dtype, copy=False)
+
+
+def check_compatible(lm, draft, source="draft"):
+    """The drafter must speak the target's tokens: the same vocabulary, piece for piece."""
+    ours, theirs = lm.backbone.config.vocabulary_size, draft.backbone.config.vocabulary_size
+    if ours != theirs:
+        raise ConfigError(f"{source}: its vocabulary has {theirs} entries and the model's "
+                          f"{ours}; a draft model must share the target's tokenizer.")
+    if lm.tokenizer is not None and draft.tokenizer is not None:
+        if lm.tokenizer.proto != draft.tokenizer.proto and _pieces(lm) != _pieces(draft):
+            raise ConfigError(f"{source}: its tokenizer's pieces differ from the model's; a "
+                              "draft model must share the target's tokenizer.")
+
+
+def _pieces(lm):
+    tokenizer = lm.tokenizer
+    return [tokenizer.id_to_token(i) for i in range(tokenizer.vocabulary_size)]

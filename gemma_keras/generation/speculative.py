@@ -1,0 +1,210 @@
+"""Speculative decoding: a drafter proposes the next k tokens of each row, the target model
+scores all of them in one forward pass over its cache, and each row keeps the longest prefix
+the target agrees with, plus one token of the target's own.
+
+Batch-1 decoding reads every weight once per token; verifying k drafts reads them once per
+round, so a round that keeps m drafts yields m + 1 tokens for about the price of one step.
+
+Exactness:
+- Greedy: a draft is kept only when it is the target's argmax at its place, and the extra
+  token is the target's argmax after the kept ones, so the text is plain greedy decoding's,
+  token for token (up to the float rounding of a k+1-token pass against a 1-token one).
+- Sampling: the rejection rule of Leviathan et al. 2023 / Chen et al. 2023. Draft x, drawn
+  from the drafter's distribution q, is kept with probability min(1, p(x) / q(x)), p being
+  the target's distribution as the sampler sees it (temperature, top-k, top-p and the logits
+  rules applied); the first rejected place draws from max(0, p - q) renormalised, and a round
+  whose drafts are all kept draws one more token from p. Each token is then distributed
+  exactly as plain sampling from p would draw it. A drafter without a distribution (prompt
+  lookup) has q = one-hot.
+
+The caches: each row writes its chunk at its own column (`cache.write` with a start per
+row), so rows that keep different numbers of drafts never leave holes; rejected drafts are
+forgotten by `cache.truncate` at the start of the next pass (it is fused into that pass).
+Rings keep `lookahead` extra slots so that writing drafts never overwrites a key a later
+query still needs (see `cache.cache_slots`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List
+
+import keras
+import numpy as np
+from keras import ops
+
+from gemma_keras.errors import InvalidArgumentError
+from gemma_keras.generation.cache import Mode, truncate
+from gemma_keras.generation.samplers import draw
+from gemma_keras.generation.steps import pad_id
+
+
+@dataclasses.dataclass
+class Stats:
+    """What the drafts of one decoding achieved: `lm.last_speculation` after `generate`."""
+    draft: str
+    draft_tokens: int  # k: drafts per round
+    rounds: int = 0  # target passes after the first token
+    drafted: int = 0  # drafts proposed over all rows and rounds
+    accepted: int = 0  # drafts kept
+    tokens: int = 0  # tokens the rounds produced (kept drafts + one per row and round)
+
+    @property
+    def acceptance(self) -> float:
+        """The share of drafts the target kept."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.tokens / self.rounds if self.rounds else 0.0
+
+
+def verify_function(backbone, greedy: bool):
+    """The target's pass over a row's newest token and its drafts.
+
+    ids, positions: [batch, n] (padding at position -1); cache; start: [batch], the column of
+    each row's ids[:, 0]; keep: [batch], each row's last position to keep from earlier passes
+    (the drafts a previous pass rejected are after it). Returns (the argmax after each token,
+    [batch, n] int32, when `greedy`, else the float32 logits [batch, n, vocab]; the cache)."""
+
+    def verify(ids, positions, cache, start, keep):
+        cache = truncate(cache, keep)
+        hidden, cache = backbone({"token_ids": ids, "positions": positions}, cache=cache,
+                                 start=start, mode=Mode.EXTEND)
+        logits = ops.cast(backbone.logits(hidden), "float32")  # [batch, n, vocab]
+        if greedy:
+            return ops.cast(ops.argmax(logits, axis=-1), "int32"), cache
+        return logits, cache
+    return verify
+
+
+class Speculation:
+    """Decodes a `GenerationSession` after its first token with `drafter` proposing
+    `draft_tokens` tokens per round (see the module docstring)."""
+
+    def __init__(self, drafter, draft_tokens: int):
+        self.drafter, self.k = drafter, draft_tokens
+        # Columns a round may write past what it keeps: the newest token and k drafts.
+        self.lookahead = draft_tokens + 1
+        self.stats = None
+
+    def decoding_steps(self, session, tokens, max_new_tokens, decoding, rng, stopping):
+        """Continues `session` (whose rows just recorded `tokens`, not yet fed to the
+        cache) for up to `max_new_tokens` more tokens per row; yields after each token of a
+        round (`GenerationSession.stream` reads row 0 there)."""
+        from gemma_keras.generation.session import record
+
+        rows, lm = session.rows, session.lm
+        batch = len(rows)
+        self.stats = Stats(self.drafter.name, self.k)
+        steps = session.steps
+        greedy_on_device = decoding.greedy and not decoding.has_rules
+        verify_key = ("verify", greedy_on_device)
+        verify = steps.function(verify_key, verify_function(lm.backbone, greedy_on_device),
+                                donate_argnums=(2,))
+        last = np.asarray(tokens, "int32")  # [batch] chosen, not yet in the target's cache
+        position = session.next_position.copy()  # [batch] position of `last`
+        column = np.full(batch, session.column, "int32")  # [batch] column of `last`
+        keep = position - 1  # everything before `last` is in the cache and stays
+        remaining = np.array([max_new_tokens] * batch)
+        histories = [row.prompt + row.generated for row in rows]
+        self.drafter.begin(histories, position, max_new_tokens, self.k)
+        pad = pad_id(lm)
+        while True:
+            live = np.array([not row.done for row in rows]) & (remaining > 0)
+            if not live.any():
+                break
+            drafts = self.drafter.propose(histories, position, live, self.k, decoding, rng)
+            width = 1 + max(len(d) for d, alive in zip(drafts.tokens, live) if alive)
+            if width > 1:
+                width = 1 + self.k  # one compiled shape per k (and one without drafts)
+            if int(column[live].max()) + width > session.capacity:
+                raise InvalidArgumentError(  # the session was sized for this; a bug if hit
+                    f"Speculative decoding needs {int(column.max()) + width} cache columns "
+                    f"but the session holds {session.capacity}.")
+            ids = np.full((batch, width), pad, "int32")
+            fed = np.full((batch, width), -1, "int32")
+            for r in np.flatnonzero(live):
+                chunk = [int(last[r])] + list(drafts.tokens[r])
+                ids[r, :len(chunk)] = chunk
+                fed[r, :len(chunk)] = position[r] + np.arange(len(chunk))
+            out, session.cache = verify(ids, fed, session.cache, column, keep)
+            out = np.asarray(keras.ops.convert_to_numpy(out))
+            self.stats.rounds += 1
+            kept = self._accept(out, drafts, live, histories, rows, decoding, rng)
+            # Recorded token by token, so a stream sees each one; a row that ends (stop id,
+            # stop string, max_new_tokens) mid-round drops the rest.
+            recorded = np.zeros(batch, "int32")
+            for j in range(max(len(k) for k in kept)):
+                for r in np.flatnonzero(live):
+                    if j < len(kept[r]) and remaining[r] > 0 and not rows[r].done:
+                        record(rows[r], kept[r][j], stopping)
+                        histories[r].append(int(kept[r][j]))
+                        recorded[r] += 1
+                        remaining[r] -= 1
+                yield
+            self.stats.tokens += int(recorded.sum())
+            # `last` and the kept drafts before the newest recorded token are cached; that
+            # token is the next `last`.
+            position += recorded
+            column += recorded
+            keep = np.where(live, position - 1, keep)
+            last = np.array([h[-1] for h in histories], "int32")
+        # Forget the last round's rejected drafts now: a chat extends this cache next.
+        session.cache = truncate(session.cache, keep)
+        session.column = int(column.max())
+        session.next_position = position
+        session.logits = None
+        lm.last_speculation = self.stats
+
+    def _accept(self, out, drafts, live, histories, rows, decoding, rng) -> List[List[int]]:
+        """Per row: the kept drafts and then the target's own token."""
+        kept = [[] for _ in rows]
+        on_device = out.ndim == 2  # argmaxes computed by the verify pass
+        for r in np.flatnonzero(live):
+            proposed = list(drafts.tokens[r])
+            self.stats.drafted += len(proposed)
+            if on_device:
+                targets = out[r]
+                n = 0
+                while n < len(proposed) and proposed[n] == targets[n]:
+                    n += 1
+                kept[r] = proposed[:n] + [int(targets[n])]
+            else:
+                kept[r] = self._sample_row(out[r], proposed, drafts.probs_of(r), histories[r],
+                                           len(rows[r].generated), decoding, rng)
+                n = len(kept[r]) - 1
+            self.stats.accepted += n
+        return kept
+
+    @staticmethod
+    def _sample_row(logits, proposed, draft_probs, history, count, decoding, rng):
+        """One row's round on the host: logits [n, vocab] float32 of the target after
+        `last` and each draft; draft_probs [len(proposed), vocab] or None (one-hot)."""
+        # The target's distribution at each place, its rules seeing the drafts before it.
+        contexts = [history + proposed[:j] for j in range(len(proposed) + 1)]
+        adjusted = decoding.adjust(logits[:len(contexts)], contexts,
+                                   [count + j for j in range(len(contexts))])
+        if decoding.greedy:
+            targets = np.argmax(adjusted, axis=-1)
+            n = 0
+            while n < len(proposed) and proposed[n] == targets[n]:
+                n += 1
+            return proposed[:n] + [int(targets[n])]
+        p = decoding.sampler.probs(adjusted)  # [places, vocab] float64
+        kept = []
+        for j, token in enumerate(proposed):
+            if draft_probs is None:  # a deterministic draft: q is one-hot at `token`
+                q = np.zeros_like(p[j])
+                q[token] = 1.0
+            else:
+                q = draft_probs[j]
+            if rng.random() * q[token] < p[j, token]:  # with probability min(1, p / q)
+                kept.append(token)
+                continue
+            residual = np.maximum(p[j] - q, 0.0)
+            total = residual.sum()
+            # total is 0 only when p == q, where a rejection cannot happen; guard anyway.
+            residual = residual / total if total > 0 else p[j]
+            return kept + [int(draw(residual[None], rng)[0])]
+        return kept + [int(draw(p[len(proposed)][None], rng)[0])]
