@@ -87,7 +87,8 @@ def _generate(args):
     lm = _load(args)
     prompts = args.prompt
     options = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop or None,
-                   chat_template=args.chat_template, **_sampling(args))
+                   chat_template=args.chat_template, num_beams=args.num_beams,
+                   length_penalty=args.length_penalty, **_sampling(args))
     if args.stream:
         for prompt in prompts:
             print(prompt, end="", flush=True)
@@ -612,6 +613,11 @@ def build_parser():
     _quantize_options(p)
     _sampling_options(p, 64)
     p.add_argument("--stream", action="store_true", help="print text as it is decoded")
+    p.add_argument("--num-beams", type=_positive(int),
+                   help="beam search with this many beams (transformers' num_beams; 1: greedy)")
+    p.add_argument("--length-penalty", type=float,
+                   help="with --num-beams: a finished beam scores its log-probability / "
+                        "length ** this (default 1.0; > 1 favours longer completions)")
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
     p.add_argument("--no-chat-template", dest="chat_template", action="store_const",
                    const=False, default="auto",

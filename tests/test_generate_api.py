@@ -183,7 +183,7 @@ BAD_CALLS = [
     (dict(inputs="x", max_length=2), ValueError, "max_length=2 leaves no room"),
     (dict(inputs="fox " * 3000), ValueError, "context"),
     (dict(inputs="x", max_new_tokens=10 ** 6), ValueError, "context"),
-    (dict(inputs="x", sampler="beam"), ValueError, "Unknown sampler"),
+    (dict(inputs="x", sampler="nucleus"), ValueError, "Unknown sampler"),
     (dict(inputs="x", sampler=5), TypeError, "sampler"),
     (dict(inputs=[]), ValueError, "empty batch"),
     (dict(inputs=None), TypeError, "got None"),

@@ -240,7 +240,7 @@ def test_empty_prompt_is_just_bos(wandering):
     (dict(inputs="x", max_length=9, max_new_tokens=3), "not both"),
     (dict(inputs="x", max_new_tokens=0), "at least 1"),
     (dict(inputs=["a", "b"], stream=True), "one string prompt"),
-    (dict(inputs="x", sampler="beam"), "Unknown sampler"),
+    (dict(inputs="x", sampler="nucleus"), "Unknown sampler"),
     (dict(inputs={"token_ids": np.array([[2, 5]]), "padding_mask": np.array([[0, 0]])}),
      "no tokens"),
 ])

@@ -17,7 +17,8 @@ from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation import options
 from gemma_keras.generation.generate import resolve_stop_ids
 from gemma_keras.generation.options import Decoding
-from gemma_keras.generation.samplers import build_sampler, check_repetition_penalty
+from gemma_keras.generation.samplers import (BeamSampler, build_sampler,
+                                             check_repetition_penalty)
 from gemma_keras.generation.session import GenerationSession, Stopping, cache_bucket
 # The format's one owner is the tokenizer module; imported here for `chat.format_chat` users.
 from gemma_keras.tokenizer import format_chat, format_turn  # noqa: F401
@@ -98,6 +99,9 @@ class ChatSession:
         stop_ids = resolve_stop_ids(self.lm, "auto") | {self.lm.tokenizer.end_of_turn_id}
         decoding = Decoding(build_sampler(sampler, temperature, top_k, top_p), stop_ids,
                             min_new_tokens, check_repetition_penalty(repetition_penalty))
+        if isinstance(decoding.sampler, BeamSampler):
+            raise InvalidArgumentError("chat.send does not take beam search (a reply is chosen "
+                                       "token by token, as it streams); use generate(num_beams=).")
         # Checked above, before the conversation changes: a bad argument leaves it as it was.
         self._prepare(message, max_new_tokens)
         self.history.append(("user", message))
