@@ -90,6 +90,9 @@ def _generate(args):
                    chat_template=args.chat_template, num_beams=args.num_beams,
                    length_penalty=args.length_penalty, **_sampling(args))
     if args.stream:
+        if (args.num_beams or 1) > 1:  # before a prompt is printed
+            raise UsageError("--stream cannot show beam search: it chooses whole "
+                             "completions at the end. Drop --stream or --num-beams.")
         for prompt in prompts:
             print(prompt, end="", flush=True)
             for piece in lm.generate(prompt, stream=True, **options):

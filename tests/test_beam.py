@@ -163,6 +163,7 @@ BAD_CALLS = [
     (dict(return_beams=True), ValueError, "return_beams"),
     (dict(num_beams=2, return_beams="yes"), TypeError, "return_beams"),
     (dict(num_beams=1, return_beams=True), ValueError, "num_beams >= 2"),
+    (dict(num_beams=2, draft="prompt_lookup"), ValueError, "draft="),
 ]
 
 

@@ -180,6 +180,9 @@ def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler=None,
     rng = np.random.default_rng(args["seed"])
     stopping = Stopping(frozenset(stop_ids), stop_strings, args["skip_special_tokens"])
     if beams is not None:  # see generation/beam.py
+        if speculation is not None:
+            raise InvalidArgumentError("Beam search does not take draft=: drafts are checked "
+                                       "against one sequence per prompt, not num_beams.")
         session = GenerationSession(lm, prompts, max(len(p) for p in prompts) + new)
         ranked = beam.search(session, new, beams, stop_ids, args["min_new_tokens"])
         if beams.return_all_beams:
