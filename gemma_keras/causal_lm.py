@@ -170,12 +170,13 @@ class GemmaCausalLM(keras.Model):
 
         lora.disable_lora(self.backbone)
 
-    def chat(self, system=None):
+    def chat(self, system=None, draft=None, draft_tokens=None):
         """A multi-turn chat session in Gemma's turn format that keeps the KV cache between
-        turns: `chat = lm.chat(); chat.send("Hi")`; `chat.send(..., stream=True)` streams."""
+        turns: `chat = lm.chat(); chat.send("Hi")`; `chat.send(..., stream=True)` streams.
+        draft, draft_tokens: every reply is decoded speculatively, as `generate`'s."""
         from gemma_keras.generation.chat import ChatSession
 
-        return ChatSession(self, system=system)
+        return ChatSession(self, system=system, draft=draft, draft_tokens=draft_tokens)
 
     def generate(self, inputs, max_length=None, max_new_tokens=None, sampler=None,
                  stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
@@ -225,6 +226,16 @@ class GemmaCausalLM(keras.Model):
             text on every call; across backends too in float32 (bfloat16 logits differ
             slightly between backends, so sampled text may too). stream: with one string
             prompt, return an iterator of the completion's text pieces as they are decoded.
+        draft: speculative decoding. A drafter proposes `draft_tokens` tokens per row, the
+            model checks them all in one pass and keeps the longest agreeing prefix plus one
+            token of its own. "prompt_lookup": drafts copied from earlier in the prompt and
+            completion (no model; for editing, summarising, code; 8 drafts per round by
+            default). "int4" / "int8": this model's weights quantized, as its own drafter. A
+            GemmaCausalLM or a preset (name, handle, path) sharing this model's tokenizer:
+            a smaller model (4 drafts by default). Greedy output is plain greedy's; sampled
+            output has exactly the distribution of plain sampling (the rejection rule), but
+            not the same draws for a seed. `lm.last_speculation` then holds the acceptance
+            figures; a warning says when they were too low to pay.
 
         Samplers and the logits rules (min_new_tokens, repetition_penalty) run on the host on
         float32 logits: switching them never recompiles. Bad arguments raise

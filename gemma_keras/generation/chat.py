@@ -14,7 +14,7 @@ from typing import Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
-from gemma_keras.generation import options
+from gemma_keras.generation import drafting, options
 from gemma_keras.generation.generate import resolve_stop_ids
 from gemma_keras.generation.options import Decoding
 from gemma_keras.generation.samplers import (BeamSampler, build_sampler,
@@ -28,12 +28,15 @@ class ChatSession:
     """`chat = lm.chat(); chat.send("Hi")` returns the model's reply; the conversation and its
     cache carry over to the next `send`. `history` holds (role, text) pairs."""
 
-    def __init__(self, lm, system: Optional[str] = None):
+    def __init__(self, lm, system: Optional[str] = None, draft=None, draft_tokens=None):
         tokenizer = lm.tokenizer
         if tokenizer is None or tokenizer.end_of_turn_id is None:
             raise InvalidArgumentError("chat() needs a tokenizer with Gemma's <start_of_turn> "
                                        "and <end_of_turn> pieces.")
         self.lm, self.system = lm, system
+        # Replies are drafted and verified (generate's draft=); fixed for the chat because
+        # the cache's rings are sized for the drafts when the session is made.
+        self._speculation = drafting.resolve(lm, draft, draft_tokens)
         self.history: List[Tuple[str, str]] = []
         self._session: Optional[GenerationSession] = None
         self._tokens: List[int] = []  # everything the conversation holds, cached or not
@@ -66,10 +69,12 @@ class ChatSession:
         session = self._session
         # A new session (one prefill of the whole conversation) only when the cache is full:
         # its capacity doubles, so this happens O(log length) times per conversation.
+        lookahead = self._speculation.lookahead if self._speculation else 0
         if session is None or session.column + max(len(chunk), 16) * 2 + max_new_tokens \
-                > session.capacity:
+                + lookahead > session.capacity:
             capacity = cache_bucket(max(2 * needed, 256), limit)
-            self._session = GenerationSession(self.lm, [self._tokens], capacity)
+            self._session = GenerationSession(self.lm, [self._tokens], capacity,
+                                              self._speculation)
         else:
             # The row's context is now the whole conversation (repetition_penalty reads it).
             session.rows[0].prompt = list(self._tokens)

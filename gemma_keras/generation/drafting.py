@@ -47,6 +47,9 @@ class PromptLookupDrafter:
     n-gram (the longest n from `max_ngram` down to `min_ngram` that occurs)."""
 
     name = "prompt_lookup"
+    # Tokens per target pass below which drafting was slower than plain decoding in
+    # bench/speculative_speed.py (a pass over 1 + k tokens costs more than a step).
+    pays_above = 1.5
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -109,6 +112,8 @@ class ModelDrafter:
     """Drafts with a GemmaCausalLM of its own, which keeps its own cache: each round it
     forgets its rejected drafts, reads the row's two newest tokens (the older one again: it
     may be a draft it never read) and decodes k tokens ahead."""
+
+    pays_above = 2.0  # as PromptLookupDrafter's, and the drafter's own steps cost too
 
     def __init__(self, lm, name: str):
         self.lm, self.name = lm, name

@@ -27,6 +27,7 @@ query still needs (see `cache.cache_slots`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import List
 
 import keras
@@ -37,6 +38,14 @@ from gemma_keras.errors import InvalidArgumentError
 from gemma_keras.generation.cache import Mode, truncate
 from gemma_keras.generation.samplers import draw
 from gemma_keras.generation.steps import pad_id
+
+
+# Rounds before the acceptance is judged (a short completion says little).
+MIN_ROUNDS_TO_JUDGE = 8
+
+
+class SpeculationWarning(UserWarning):
+    """Drafting did not pay for itself in a `generate` call."""
 
 
 @dataclasses.dataclass
@@ -156,6 +165,17 @@ class Speculation:
         session.next_position = position
         session.logits = None
         lm.last_speculation = self.stats
+        self._warn_if_it_did_not_pay()
+
+    def _warn_if_it_did_not_pay(self):
+        stats, pays = self.stats, self.drafter.pays_above
+        if stats.rounds >= MIN_ROUNDS_TO_JUDGE and stats.tokens_per_round < pays:
+            warnings.warn(
+                f"draft={stats.draft!r}: the model kept {stats.accepted} of {stats.drafted} "
+                f"drafts ({stats.tokens_per_round:.2f} tokens per pass); below about {pays} "
+                "drafting is slower than plain decoding on CPU (bench/speculative_speed.py). "
+                "Try fewer draft_tokens, another drafter, or none.", SpeculationWarning,
+                stacklevel=4)
 
     def _accept(self, out, drafts, live, histories, rows, decoding, rng) -> List[List[int]]:
         """Per row: the kept drafts and then the target's own token."""

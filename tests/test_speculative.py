@@ -1,0 +1,213 @@
+"""Speculative decoding: drafted and verified greedy output equals transformers' greedy
+output and our plain greedy output on HF-written checkpoints (Gemma 1, and Gemma 2 with a
+sliding window shorter than the generation, so rings roll back), for every drafter, ragged
+batches whose rows keep different numbers of drafts, streams and chats; sampled output has
+the target's distribution (a chi-square test against the exact distribution)."""
+
+import numpy as np
+import pytest
+
+import gemma_keras as gk
+from conftest import hf_model
+
+NEW = 20  # longer than the Gemma 2 case's sliding window (5): its rings wrap and roll back
+WANDERING = dict(std=0.3, embedding_std=0.01)  # as test_generation: greedy output varies
+
+
+@pytest.fixture(scope="module")
+def models(pristine_hf, tmp_path_factory, vocab_size):
+    """case -> (target GemmaCausalLM, HF model, draft GemmaCausalLM): the draft is the
+    target truncated to its first layer (a cheap drafter that agrees only sometimes), written
+    by transformers. One per module, so compiled functions are shared."""
+    import shutil
+
+    import torch
+    import transformers
+
+    built = {}
+
+    def get(case):
+        if case not in built:
+            directory, model = pristine_hf(case, **WANDERING)
+            config = model.config.to_dict()
+            config["num_hidden_layers"] = 1
+            if config.get("layer_types"):  # Gemma 2: one entry per layer
+                config["layer_types"] = config["layer_types"][:1]
+            small = type(model)(type(model.config).from_dict(config)).eval()
+            with torch.no_grad():
+                small.load_state_dict(model.state_dict(), strict=False)  # layers 1.. dropped
+            draft_dir = tmp_path_factory.mktemp(f"draft_{case}")
+            small.save_pretrained(draft_dir)
+            shutil.copy(directory / "tokenizer.model", draft_dir / "tokenizer.model")
+            assert isinstance(small, transformers.PreTrainedModel)
+            built[case] = (gk.GemmaCausalLM.from_preset(directory), model,
+                           gk.GemmaCausalLM.from_preset(draft_dir))
+        return built[case]
+    return get
+
+
+def _ragged_prompts(vocab_size):
+    """Three prompts of different lengths; the last repeats itself, so prompt lookup finds
+    drafts, some of them right."""
+    rng = np.random.RandomState(0)
+    rows = [[2] + rng.randint(4, vocab_size, size=n).tolist() for n in (6, 11)]
+    phrase = rng.randint(4, vocab_size, size=5).tolist()
+    rows.append([2] + phrase * 3)
+    width = max(map(len, rows))
+    ids = np.zeros((len(rows), width), "int32")
+    mask = np.zeros((len(rows), width), bool)
+    for r, row in enumerate(rows):  # left-padded, as transformers wants for generation
+        ids[r, width - len(row):] = row
+        mask[r, width - len(row):] = True
+    return ids, mask
+
+
+def _transformers_greedy(model, ids, mask):
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor(ids, dtype=torch.long),
+                             attention_mask=torch.tensor(mask, dtype=torch.long),
+                             max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                             pad_token_id=0).numpy()
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+def test_speculative_greedy_equals_transformers_and_plain_greedy(case, models, vocab_size):
+    lm, model, small = models(case)
+    ids, mask = _ragged_prompts(vocab_size)
+    reference = _transformers_greedy(model, ids, mask)  # [rows, NEW]
+    assert len(set(reference[0].tolist())) > NEW // 3  # not one repeated token
+    inputs = {"token_ids": ids, "padding_mask": mask}
+    plain = lm.generate(inputs, max_new_tokens=NEW, stop_token_ids=None, include_prompt=False)
+    np.testing.assert_array_equal(plain["token_ids"], reference)
+    for draft, k in (("prompt_lookup", 4), (small, 3), ("int4", 4)):
+        out = lm.generate(inputs, max_new_tokens=NEW, stop_token_ids=None,
+                          include_prompt=False, draft=draft, draft_tokens=k)
+        stats = lm.last_speculation
+        np.testing.assert_array_equal(out["token_ids"], reference, err_msg=f"draft={draft}")
+        assert out["padding_mask"].all()
+        # Drafts were rejected, so caches (rings included) rolled back; the models' drafts
+        # were kept too (these random weights never copy, so prompt lookup's are not).
+        assert stats.accepted < stats.drafted, (draft, stats)
+        assert stats.accepted > 0 or draft == "prompt_lookup", (draft, stats)
+        assert stats.tokens == 3 * (NEW - 1)
+
+
+def test_rows_keep_different_numbers_of_drafts_and_stop_on_their_own(models, vocab_size):
+    lm, _, small = models("gemma2_gqa")
+    ids, mask = _ragged_prompts(vocab_size)
+    inputs = {"token_ids": ids, "padding_mask": mask}
+    free = lm.generate(inputs, max_new_tokens=NEW, stop_token_ids=None, include_prompt=False)
+    # Stop row 0 at its 5th token and row 2 at its 12th: rows end inside a round.
+    stops = [int(free["token_ids"][0, 4]), int(free["token_ids"][2, 11])]
+    plain = lm.generate(inputs, max_new_tokens=NEW, stop_token_ids=stops)
+    for draft in ("prompt_lookup", small):
+        out = lm.generate(inputs, max_new_tokens=NEW, stop_token_ids=stops, draft=draft,
+                          draft_tokens=4)
+        np.testing.assert_array_equal(out["token_ids"], plain["token_ids"])
+        np.testing.assert_array_equal(out["padding_mask"], plain["padding_mask"])
+    assert plain["padding_mask"].sum(axis=1)[0] <= ids.shape[1] + 5
+
+
+def test_stream_chat_and_stop_strings_with_drafts(models):
+    lm, _, small = models("gemma2_gqa")
+    prompt = "the fox and the fox and the"
+    whole = lm.generate(prompt, max_new_tokens=NEW, stop_token_ids=None)
+    pieces = list(lm.generate(prompt, max_new_tokens=NEW, stop_token_ids=None, stream=True,
+                              draft="prompt_lookup"))
+    assert "".join(pieces) == whole[len(prompt):] and len(pieces) > 1
+    stop = whole[len(prompt):][3:6]
+    assert lm.generate(prompt, max_new_tokens=NEW, stop_token_ids=None, stop_strings=[stop],
+                       draft=small) == lm.generate(prompt, max_new_tokens=NEW,
+                                                   stop_token_ids=None, stop_strings=[stop])
+    # A chat keeps its cache between turns; drafted replies leave it as plain ones do.
+    turns = ["hello there", "and the fox", "again"]
+    plain, drafted = lm.chat(), lm.chat(draft=small, draft_tokens=3)
+    for message in turns:
+        assert drafted.send(message, max_new_tokens=12) == plain.send(message,
+                                                                       max_new_tokens=12)
+    assert drafted.token_ids == plain.token_ids
+
+
+def _exact_joint(lm, prompt, k, temperature, steps):
+    """The target's exact distribution over the first `steps` sampled tokens under
+    top-k sampling: {token tuple: probability}, from full forward passes."""
+    import keras
+
+    from gemma_keras.generation.samplers import TopKSampler
+
+    sampler = TopKSampler(k=k, temperature=temperature)
+    joint = {(): 1.0}
+    for step in range(steps):
+        prefixes = list(joint)
+        # One compiled shape for every step: k ** (steps - 1) rows, right-padded.
+        ids = np.zeros((k ** (steps - 1), len(prompt) + steps), "int32")
+        for i, p in enumerate(prefixes):
+            ids[i, :len(prompt) + step] = prompt + list(p)
+        mask = np.arange(ids.shape[1]) < len(prompt) + step
+        logits = keras.ops.convert_to_numpy(lm.score(ids, np.broadcast_to(mask, ids.shape)))
+        last = np.asarray(logits[:len(prefixes), len(prompt) + step - 1], "float32")
+        probs = sampler.probs(last)
+        joint = {p + (t,): joint[p] * probs[i, t] for i, p in enumerate(prefixes)
+                 for t in np.flatnonzero(probs[i] > 0)}
+    return joint
+
+
+@pytest.mark.parametrize("drafter", ["model", "prompt_lookup"])
+def test_speculative_sampling_has_the_target_distribution(drafter, models):
+    from scipy import stats
+
+    lm, _, small = models("gemma_mqa")
+    # The prompt holds every token the first draws can take, so prompt lookup finds drafts.
+    start = [2, 5, 6, 7]
+    prompt = start + sorted({t for cell in _exact_joint(lm, start, 3, 2.0, 2) for t in cell})
+    exact = _exact_joint(lm, prompt, k=3, temperature=2.0, steps=3)
+    rows, calls = 256, 4
+    counts = {}
+    for seed in range(calls):
+        out = lm.generate({"token_ids": np.array([prompt] * rows, "int32"),
+                           "padding_mask": np.ones((rows, len(prompt)), bool)},
+                          max_new_tokens=3, stop_token_ids=None, include_prompt=False,
+                          sampler="top_k", top_k=3, temperature=2.0, seed=seed,
+                          draft=small if drafter == "model" else "prompt_lookup",
+                          draft_tokens=2)
+        for row in out["token_ids"]:
+            counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+        assert lm.last_speculation.drafted > 0
+    assert set(counts) <= set(exact)
+    cells = sorted(exact)
+    n = rows * calls
+    observed = np.array([counts.get(c, 0) for c in cells])
+    expected = np.array([exact[c] for c in cells]) * n
+    # Cells expected fewer than 5 times are pooled, as the test requires.
+    small_cells = expected < 5
+    if small_cells.any():
+        observed = np.append(observed[~small_cells], observed[small_cells].sum())
+        expected = np.append(expected[~small_cells], expected[small_cells].sum())
+    p_value = stats.chisquare(observed, expected * observed.sum() / expected.sum()).pvalue
+    assert p_value > 1e-3, (p_value, observed, expected)
+
+
+def test_bad_draft_arguments(models):
+    lm, _, _ = models("gemma_mqa")
+    with pytest.raises(gk.InvalidArgumentError, match="draft_tokens= needs draft="):
+        lm.generate("a", max_new_tokens=2, draft_tokens=3)
+    with pytest.raises(gk.InvalidArgumentError, match="draft_tokens must be at least 1"):
+        lm.generate("a", max_new_tokens=2, draft="prompt_lookup", draft_tokens=0)
+    with pytest.raises(gk.InvalidArgumentError, match="the model itself"):
+        lm.generate("a", max_new_tokens=2, draft=lm)
+    with pytest.raises(gk.ArgumentTypeError, match="draft must be"):
+        lm.generate("a", max_new_tokens=2, draft=3)
+
+
+def test_a_draft_must_share_the_tokenizer(models, vocab_size, tmp_path, spm_path):
+    import shutil
+
+    lm, _, _ = models("gemma_mqa")
+    other = hf_model("gemma_mqa", vocab_size + 8)
+    other.save_pretrained(tmp_path)
+    shutil.copy(spm_path, tmp_path / "tokenizer.model")
+    with pytest.raises(gk.ConfigError, match="share the target's tokenizer"):
+        lm.generate("a", max_new_tokens=2, draft=str(tmp_path))
