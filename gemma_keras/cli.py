@@ -88,7 +88,7 @@ def _generate(args):
     prompts = args.prompt
     options = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop or None,
                    chat_template=args.chat_template, num_beams=args.num_beams,
-                   length_penalty=args.length_penalty, **_sampling(args))
+                   length_penalty=args.length_penalty, **_drafting(args), **_sampling(args))
     if args.stream:
         if (args.num_beams or 1) > 1:  # before a prompt is printed
             raise UsageError("--stream cannot show beam search: it chooses whole "
@@ -105,7 +105,7 @@ def _generate(args):
 
 def _chat(args):
     lm = _load(args)
-    session = lm.chat(system=args.system)
+    session = lm.chat(system=args.system, **_drafting(args))
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {args.preset}. /reset starts over, /exit (or Ctrl-D) ends.")
@@ -598,6 +598,16 @@ def _sampling_options(parser, max_new_tokens):
     parser.add_argument("--repetition-penalty", type=_positive(float),
                         help="> 1 discourages tokens already seen (transformers' semantics)")
     parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+    parser.add_argument("--draft", help="speculative decoding: 'prompt_lookup' (drafts "
+                        "copied from the prompt), 'int4' / 'int8' (the model's own quantized "
+                        "copy drafts), or a smaller model's preset with the same tokenizer; "
+                        "greedy output is unchanged, sampling keeps its distribution")
+    parser.add_argument("--draft-tokens", type=_positive(int),
+                        help="drafts per round (default: 8 for prompt_lookup, 4 for a model)")
+
+
+def _drafting(args):
+    return dict(draft=args.draft, draft_tokens=args.draft_tokens)
 
 
 def build_parser():

@@ -211,3 +211,23 @@ def test_a_draft_must_share_the_tokenizer(models, vocab_size, tmp_path, spm_path
     shutil.copy(spm_path, tmp_path / "tokenizer.model")
     with pytest.raises(gk.ConfigError, match="share the target's tokenizer"):
         lm.generate("a", max_new_tokens=2, draft=str(tmp_path))
+
+
+@pytest.mark.once("jax")
+def test_cli_draft_flags(capsys, monkeypatch):
+    from gemma_keras import cli
+
+    lm = gk.GemmaCausalLM.from_preset("gemma_demo")
+    prompt = "import os\nimport sys\nimport os\n"
+    expected = lm.generate(prompt, max_new_tokens=12)
+    assert not cli.main(["generate", "--draft", "prompt_lookup", "--draft-tokens", "4",
+                         "--max-new-tokens", "12", prompt])
+    assert capsys.readouterr().out == expected + "\n"
+    # A draft that cannot work is one line on stderr and exit status 2.
+    assert cli.main(["generate", "--draft", "prompt_lookup", "--draft-tokens", "99",
+                     "--max-new-tokens", "4", prompt]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "draft_tokens=99" in err
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("import os\n"))
+    assert not cli.main(["chat", "--draft", "int4", "--max-new-tokens", "8"])
+    assert capsys.readouterr().out.strip()
