@@ -31,6 +31,7 @@ _EXPORTS = {
     "BackendError": "gemma_keras.errors",
     "TargetExistsError": "gemma_keras.errors",
     "MissingExtraError": "gemma_keras.errors",
+    "SpeculationWarning": "gemma_keras.errors",
     "export": "gemma_keras.exporting",  # the function; the package is gemma_keras.exporting
 }
 # Modules that import no Keras: names from them resolve without settling a backend, so that

@@ -75,3 +75,7 @@ def hint(name: str) -> str:
     """The hint `name` ("overwrite", "list_presets") for the current interface."""
     python, cli = _HINTS[name]
     return cli if _interface["cli"] else python
+
+
+class SpeculationWarning(UserWarning):
+    """Speculative decoding (`generate(draft=...)`) kept too few drafts to pay for them."""

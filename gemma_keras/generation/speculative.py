@@ -34,7 +34,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from gemma_keras.errors import InvalidArgumentError
+from gemma_keras.errors import InvalidArgumentError, SpeculationWarning
 from gemma_keras.generation.cache import Mode, truncate
 from gemma_keras.generation.samplers import draw
 from gemma_keras.generation.steps import pad_id
@@ -44,16 +44,13 @@ from gemma_keras.generation.steps import pad_id
 MIN_ROUNDS_TO_JUDGE = 8
 
 
-class SpeculationWarning(UserWarning):
-    """Drafting did not pay for itself in a `generate` call."""
-
-
 @dataclasses.dataclass
 class Stats:
     """What the drafts of one decoding achieved: `lm.last_speculation` after `generate`."""
     draft: str
     draft_tokens: int  # k: drafts per round
     rounds: int = 0  # target passes after the first token
+    row_rounds: int = 0  # rows verified, summed over the passes
     drafted: int = 0  # drafts proposed over all rows and rounds
     accepted: int = 0  # drafts kept
     tokens: int = 0  # tokens the rounds produced (kept drafts + one per row and round)
@@ -65,7 +62,8 @@ class Stats:
 
     @property
     def tokens_per_round(self) -> float:
-        return self.tokens / self.rounds if self.rounds else 0.0
+        """Tokens a row got per target pass (plain decoding: 1)."""
+        return self.tokens / self.row_rounds if self.row_rounds else 0.0
 
 
 def verify_function(backbone, greedy: bool):
@@ -140,6 +138,7 @@ class Speculation:
             out, session.cache = verify(ids, fed, session.cache, column, keep)
             out = np.asarray(keras.ops.convert_to_numpy(out))
             self.stats.rounds += 1
+            self.stats.row_rounds += int(live.sum())
             kept = self._accept(out, drafts, live, histories, rows, decoding, rng)
             # Recorded token by token, so a stream sees each one; a row that ends (stop id,
             # stop string, max_new_tokens) mid-round drops the rest.
