@@ -143,51 +143,12 @@ def _cli(args, repo_root, stdin=None, timeout=300):
 
 
 @pytest.mark.once("torch")
-def test_cli_generate_greedy_stream_and_sampled(repo_root):
-    import gemma_keras as gk
-
-    lm = gk.GemmaCausalLM.from_preset("gemma_demo")
-    expected = lm.generate("Module os\n", max_new_tokens=12)
-    result = _cli(["generate", "--max-new-tokens", "12", "Module os\n"], repo_root)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout == expected + "\n"
-    streamed = _cli(["generate", "--stream", "--max-new-tokens", "12", "Module os\n"],
-                    repo_root)
-    assert streamed.returncode == 0 and streamed.stdout == expected + "\n", streamed.stderr
-    # Seeded sampling in another process gives this process's text (one host RNG).
-    sampled = _cli(["generate", "--sampler", "top_p", "--seed", "3", "--max-new-tokens", "12",
-                    "Module os\n"], repo_root)
-    assert sampled.returncode == 0, sampled.stderr[-2000:]
-    assert sampled.stdout == lm.generate("Module os\n", max_new_tokens=12, sampler="top_p",
-                                         seed=3) + "\n"
-
-
-@pytest.mark.once("torch")
 def test_cli_chat_reads_turns_from_stdin(repo_root):
     result = _cli(["chat", "--max-new-tokens", "40"], repo_root,
                   stdin="What does os.path.join do?\n/reset\nWhat is the json module?\n")
     assert result.returncode == 0, result.stderr[-2000:]
     first, cleared, second = result.stdout.partition("(conversation cleared)\n")
     assert cleared and first.strip() and second.strip(), result.stdout
-
-
-@pytest.mark.once("torch")
-def test_cli_finetune_writes_adapters_and_a_merged_preset(repo_root, tmp_path):
-    import gemma_keras as gk
-
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"Say {w}.", "response": f"{w} {w}"})
-                              for w in ("red", "green", "blue", "black") * 4))
-    result = _cli(["finetune", str(data), "--epochs", "2", "--batch-size", "8",
-                   "--sequence-length", "32", "--learning-rate", "1e-3",
-                   "--adapter", str(tmp_path / "a.lora.h5"), "--output", str(tmp_path / "out")],
-                  repo_root)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "loss:" in result.stdout and (tmp_path / "a.lora.h5").is_file()
-    tuned = gk.GemmaCausalLM.from_preset(str(tmp_path / "out"))
-    base = gk.GemmaCausalLM.from_preset("gemma_demo")
-    changed = [not np.array_equal(a, b) for a, b in zip(tuned.get_weights(), base.get_weights())]
-    assert any(changed) and not all(changed)  # the merged projections moved, the rest did not
 
 
 @pytest.mark.once("tensorflow")
@@ -203,41 +164,6 @@ def test_cli_convert_hf_to_keras_hub_preset(repo_root, hf_checkpoint, tmp_path):
     keras_hub.models.GemmaBackbone.from_preset(str(tmp_path / "kh"))
     again = _cli(["convert", str(directory), str(tmp_path / "kh")], repo_root)
     assert again.returncode == 2 and "exists" in again.stderr
-
-
-@pytest.mark.once("torch")
-def test_cli_convert_keras_hub_preset_to_hf(repo_root, tmp_path):
-    import gemma_keras as gk
-
-    result = _cli(["convert", "--to", "hf", "gemma_demo", str(tmp_path / "hf")], repo_root)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "wrote a Hugging Face checkpoint" in result.stdout
-    assert "46/46" in result.stdout and "writing weights" in result.stdout  # 46 demo tensors
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
-    converted = gk.GemmaCausalLM.from_preset(str(tmp_path / "hf"))
-    demo = gk.GemmaCausalLM.from_preset("gemma_demo")
-    assert converted.config == demo.config
-    for a, b in zip(converted.get_weights(), demo.get_weights()):
-        np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.once("tensorflow")
-def test_cli_export_litert_and_run_it(repo_root, tmp_path):
-    target = tmp_path / "demo.tflite"
-    result = _cli(["export", "--format", "litert", "--quantize", "int8", "--max-length", "64",
-                   "--prefill-length", "16", str(target)], repo_root)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "wrote" in result.stdout and target.is_file()
-    assert 'pip install "gemma-keras[litert]"' in result.stdout  # what running it needs
-    assert (tmp_path / "tokenizer.model").is_file()
-    ran = _run(["-m", "gemma_keras.exporting.runner", str(target), "json.dumps(",
-                "--max-new-tokens", "6"], repo_root)
-    assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]
-    again = _cli(["export", "--format", "litert", str(target)], repo_root)
-    assert again.returncode == 2 and "exists" in again.stderr
-    wrong = _cli(["export", "--quantize", "int8", str(tmp_path / "sm")], repo_root)
-    assert wrong.returncode == 2 and "litert' only" in wrong.stderr
-    assert "Traceback" not in wrong.stderr and not (tmp_path / "sm").exists()
 
 
 @pytest.mark.once("jax")
@@ -301,11 +227,43 @@ def _readme_block(section):
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 
+# The CLI's `generate` default (gemma_keras/cli.py), which the README's generate lines use.
+CLI_GENERATE_MAX_NEW_TOKENS = 64
+
+
+def _expected_generate(lm, command):
+    """What `lm.generate` returns for a README `gemma-keras generate ... "prompt"` line: its
+    flags mapped to the Python keywords by hand (not by the CLI's own parser)."""
+    import shlex
+
+    words = shlex.split(command)[2:]
+    prompt, kwargs, stream = words.pop(), {}, False
+    while words:
+        flag = words.pop(0)
+        if flag == "--no-chat-template":
+            kwargs["chat_template"] = False
+        elif flag == "--stream":
+            stream = True  # streamed text must equal the whole-string result
+        elif flag == "--sampler":
+            kwargs["sampler"] = words.pop(0)
+        elif flag == "--seed":
+            kwargs["seed"] = int(words.pop(0))
+        else:
+            raise AssertionError(f"{command}: map {flag} to its keyword in this test")
+    return prompt, stream, lm.generate(prompt, max_new_tokens=CLI_GENERATE_MAX_NEW_TOKENS,
+                                       **kwargs)
+
+
 @pytest.mark.once("torch")
 def test_readme_cli_block_runs_as_written(tmp_path):
     """Every line of the README's command-line block, as written, in a fresh directory on the
-    bundled demo preset: rc 0 and output, a completion after each generate prompt. The files
-    the block takes as given (data.jsonl, ./hf_checkpoint) are made first."""
+    bundled demo preset: rc 0 and output, each generate line's text equal to `lm.generate`'s
+    with the same options in this process (greedy with and without the chat template, and
+    seeded top-p sampling streamed), then what each writing command wrote. The files the
+    block takes as given (data.jsonl, ./hf_checkpoint) are made first: the latter by
+    `convert --to hf`, checked tensor for tensor against the demo."""
+    import gemma_keras as gk
+
     commands = _readme_block("## Command line")
     assert len(commands) >= 10 and all(c.split()[0] in ("gemma-keras", "echo") for c in commands)
     (tmp_path / "data.jsonl").write_text("\n".join(
@@ -317,20 +275,53 @@ def test_readme_cli_block_runs_as_written(tmp_path):
     def shell(command):
         return subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=600)
+    demo = gk.GemmaCausalLM.from_preset("gemma_demo")
+    # convert --to hf (was test_cli_convert_keras_hub_preset_to_hf): the same weights.
     made = shell("gemma-keras convert --to hf gemma_demo ./hf_checkpoint")
     assert made.returncode == 0, made.stderr[-2000:]
+    assert "wrote a Hugging Face checkpoint" in made.stdout
+    assert "46/46" in made.stdout and "writing weights" in made.stdout  # 46 demo tensors
+    assert (tmp_path / "hf_checkpoint" / "model.safetensors").is_file()
+    converted = gk.GemmaCausalLM.from_preset(str(tmp_path / "hf_checkpoint"))
+    assert converted.config == demo.config
+    for a, b in zip(converted.get_weights(), demo.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    generated = set()
     for command in commands:
         result = shell(command)
         assert result.returncode == 0, (command, result.stderr[-2000:])
         assert result.stdout.strip(), command
-        if " generate " in f" {command} ":
-            prompt = command.rsplit('"', 2)[1]
-            assert result.stdout.startswith(prompt), (command, result.stdout)
+        if command.startswith("gemma-keras generate "):
+            # (was test_cli_generate_greedy_stream_and_sampled)
+            prompt, stream, expected = _expected_generate(demo, command)
+            assert result.stdout == expected + "\n", (command, result.stdout, expected)
             assert result.stdout[len(prompt):].strip(), (command, result.stdout)
+            assert "<start_of_turn>" not in result.stdout, command
+            assert "<end_of_turn>" not in result.stdout, command
+            generated.add((stream, "--no-chat-template" in command, "--sampler" in command))
+        if " finetune " in command:  # (was test_cli_finetune_writes_adapters_and_a_merged_preset)
+            assert "loss:" in result.stdout, result.stdout[-2000:]
+        if "--format litert" in command:  # (was test_cli_export_litert_and_run_it)
+            assert 'pip install "gemma-keras[litert]"' in result.stdout  # what running it needs
+            assert (tmp_path / "tokenizer.model").is_file()
         if " bench " in command:  # (was test_cli_bench_reports_speeds)
             assert "decode" in result.stdout and "tokens/s" in result.stdout, result.stdout
+    # Greedy with and without the chat template, and a sampled stream, compared above.
+    assert {(False, False, False), (False, True, False), (True, False, True)} <= generated
     assert (tmp_path / "a.lora.h5").is_file() and (tmp_path / "tuned" / "config.json").is_file()
     assert (tmp_path / "demo.tflite").is_file() and (tmp_path / "keras_hub_preset").is_dir()
+    tuned = gk.GemmaCausalLM.from_preset(str(tmp_path / "tuned"))
+    changed = [not np.array_equal(a, b) for a, b in zip(tuned.get_weights(), demo.get_weights())]
+    assert any(changed) and not all(changed)  # the merged projections moved, the rest did not
+    # The LiteRT file runs, and the targets are refused as the README says.
+    ran = shell("python -m gemma_keras.exporting.runner demo.tflite 'json.dumps(' "
+                "--max-new-tokens 6")
+    assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]
+    again = shell("gemma-keras export --format litert ./demo.tflite")
+    assert again.returncode == 2 and "exists" in again.stderr, again.stderr[-2000:]
+    wrong = shell("gemma-keras export --quantize int8 ./sm")
+    assert wrong.returncode == 2 and "litert' only" in wrong.stderr, wrong.stderr[-2000:]
+    assert "Traceback" not in wrong.stderr and not (tmp_path / "sm").exists()
 
 
 @pytest.mark.once("jax")
