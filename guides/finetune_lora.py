@@ -1,7 +1,7 @@
 """LoRA fine-tuning with model.fit, measured: answer accuracy before and after.
 
     python guides/finetune_lora.py                 # the bundled demo preset, ~1 minute on a CPU
-    python guides/finetune_lora.py --epochs 4      # the test suite's budget
+    python guides/finetune_lora.py --epochs 3      # the test suite's budget
     python guides/finetune_lora.py --preset gemma2_instruct_2b_en   # a real one (Kaggle)
 
 The task: "Repeat: <word> <word>" -> "<word> <word>", on word pairs the model is trained on
