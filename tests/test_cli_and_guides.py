@@ -324,7 +324,9 @@ def test_readme_cli_block_runs_as_written(tmp_path):
     ran = shell("python -m gemma_keras.exporting.runner demo.tflite 'json.dumps(' "
                 "--max-new-tokens 6")
     assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]
-    again = shell("gemma-keras export --format litert ./demo.tflite")
+    # (--max-length / --prefill-length still parse: an unknown flag would be argparse's error)
+    again = shell("gemma-keras export --format litert --max-length 64 --prefill-length 16 "
+                  "./demo.tflite")
     assert again.returncode == 2 and "exists" in again.stderr, again.stderr[-2000:]
     wrong = shell("gemma-keras export --quantize int8 ./sm")
     assert wrong.returncode == 2 and "litert' only" in wrong.stderr, wrong.stderr[-2000:]
