@@ -24,7 +24,7 @@ from keras import ops
 
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation import options
-from gemma_keras.generation.cache import Mode, init_cache
+from gemma_keras.generation.cache import Mode, init_cache, select_rows
 from gemma_keras.generation.session import power_of_two_bucket, prompt_bucket
 from gemma_keras.generation.steps import CompiledSteps, pad_id
 
@@ -265,7 +265,7 @@ def _score_batch(lm, batch, batch_size):
 def _continuations(backbone):
     def run(cache, source, ids, positions, targets, start):
         # cache: [groups, ...] per buffer; source: [rows], the group each row continues.
-        cache = keras.tree.map_structure(lambda x: ops.take(x, source, axis=0), cache)
+        cache = select_rows(cache, source)
         hidden, _ = backbone({"token_ids": ids, "positions": positions}, cache=cache,
                              start=start, mode=Mode.EXTEND)
         logits = backbone.logits(hidden)  # [rows, chunk, vocab]
