@@ -60,6 +60,20 @@ class PromptLookupDrafter:
     def propose(self, histories, positions, live, k, decoding, rng) -> Drafts:
         return Drafts([self.lookup(h, k) if alive else [] for h, alive in zip(histories, live)])
 
+    def device_propose(self, k):
+        """`propose` for `speculative.greedy_rounds`: (the function, the models it runs)."""
+        def propose(history, length, position, live, state):
+            drafts, drafted = lookup_on_device(history, length, k, self.max_ngram,
+                                               self.min_ngram)
+            return drafts, drafted, state
+        return propose, ()
+
+    def device_state(self):
+        return np.zeros((), "int32")  # nothing: the history is the whole state
+
+    def keep_device_state(self, state):
+        pass
+
     def lookup(self, history, k) -> List[int]:
         tokens = np.asarray(history, "int64")
         for n in range(self.max_ngram, self.min_ngram - 1, -1):
@@ -74,12 +88,36 @@ class PromptLookupDrafter:
         return []
 
 
+def lookup_on_device(history, length, k, max_ngram, min_ngram):
+    """`PromptLookupDrafter.lookup` in keras.ops for every row at once: history [batch, H]
+    int32 with `length` [batch] tokens per row. Returns (drafts [batch, k], how many of them
+    are drafts [batch])."""
+    slots = history.shape[1]
+    follows = ops.full_like(length, -1)  # [batch] where the proposed continuation starts
+    for n in range(max_ngram, min_ngram - 1, -1):
+        tail = ops.take_along_axis(  # [batch, n] the row's last n tokens
+            history, ops.clip(length[:, None] - n + ops.arange(n, dtype="int32")[None, :],
+                              0, slots - 1), axis=1)
+        windows = slots - n
+        match = history[:, :windows] == tail[:, :1]  # [batch, windows]: an n-gram starts here
+        for i in range(1, n):
+            match = ops.logical_and(match, history[:, i:i + windows] == tail[:, i:i + 1])
+        start = ops.arange(windows, dtype="int32")[None, :]
+        # Windows that end before the final n-gram's last token: their continuation exists.
+        match = ops.logical_and(match, start + n <= length[:, None] - 1)
+        latest = ops.max(ops.where(match, start, -1), axis=1)  # [batch] the most recent
+        follows = ops.where(ops.logical_and(follows < 0, latest >= 0), latest + n, follows)
+    drafted = ops.where(follows >= 0, ops.minimum(k, length - follows), 0)
+    index = ops.clip(follows[:, None] + ops.arange(k, dtype="int32")[None, :], 0, slots - 1)
+    return ops.take_along_axis(history, index, axis=1), ops.cast(drafted, "int32")
+
+
 def _draft_pass(backbone):
     """The drafter's pass over a chunk at per-row columns, after forgetting what follows
     `keep`: (float32 logits after each row's last token [batch, vocab], cache)."""
 
     def step(ids, positions, cache, start, keep):
-        return model_step(backbone, ids, positions, truncate(cache, keep), start, Mode.EXTEND)
+        return model_step(backbone, ids, positions, truncate(cache, keep), start, Mode.DECODE)
     return step
 
 
@@ -89,7 +127,7 @@ def _greedy_drafts(backbone, k):
 
     def run(ids, positions, cache, start, keep):
         logits, cache = model_step(backbone, ids, positions, truncate(cache, keep), start,
-                                   Mode.EXTEND)
+                                   Mode.DECODE)
         token = ops.cast(ops.argmax(logits, axis=-1), "int32")  # [batch]
         newest = positions[:, -1:]  # [batch, 1]; -1 on rows that are done
         out = ops.zeros((ops.shape(ids)[0], k), "int32")
@@ -99,7 +137,7 @@ def _greedy_drafts(backbone, k):
             token, out, cache = state
             fed_at = ops.where(newest >= 0, newest + i, -1)
             logits, cache = model_step(backbone, token[:, None], fed_at, cache, start + 1 + i,
-                                       Mode.EXTEND)
+                                       Mode.DECODE)
             token = ops.cast(ops.argmax(logits, axis=-1), "int32")
             return token, ops.slice_update(out, [0, i], token[:, None]), cache
 
@@ -128,6 +166,32 @@ class ModelDrafter:
             lookahead=draft_tokens + 1)
         self.column0 = self.session.column  # the column of each row's newest token
         self.position0 = np.asarray(positions, "int32").copy()
+
+    def device_propose(self, k):
+        """`propose` for `speculative.greedy_rounds`: (the function, the models it runs). Its
+        state: (the drafter's cache, the column of each row's newest token at `begin` and
+        that token's position)."""
+        greedy = _greedy_drafts(self.lm.backbone, k)
+        pad = pad_id(self.lm)
+
+        def propose(history, length, position, live, state):
+            cache, column0, position0 = state
+            slots = history.shape[1]
+            two = ops.arange(2, dtype="int32")[None, :]
+            ids = ops.take_along_axis(history, ops.clip(length[:, None] - 2 + two, 0, slots - 1),
+                                      axis=1)  # [batch, 2]: the row's two newest tokens
+            ids = ops.where(live[:, None], ids, pad)
+            fed = ops.where(live[:, None], position[:, None] - 1 + two, -1)
+            newest = column0 + (position - position0)  # [batch] column of the newest
+            drafts, cache = greedy(ids, fed, cache, newest - 1, position - 2)
+            return drafts, ops.full_like(length, k), (cache, column0, position0)
+        return propose, (self.lm,)
+
+    def device_state(self):
+        return (self.session.cache, np.asarray(self.column0, "int32"), self.position0)
+
+    def keep_device_state(self, state):
+        self.session.cache = state[0]
 
     def propose(self, histories, positions, live, k, decoding, rng) -> Drafts:
         session = self.session

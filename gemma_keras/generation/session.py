@@ -159,7 +159,7 @@ class GenerationSession:
                 return
             if self.speculation is not None:  # the rest drafted and verified
                 yield from self.speculation.decoding_steps(
-                    self, tokens, max_new_tokens - 1 - i, decoding, rng, stopping)
+                    self, tokens, max_new_tokens - 1 - i, decoding, rng, stopping, on_device)
                 return
             # The rest in one compiled loop, once no host-side rule is left to apply
             # (min_new_tokens reached, no repetition penalty).

@@ -37,7 +37,7 @@ from keras import ops
 from gemma_keras.errors import InvalidArgumentError, SpeculationWarning
 from gemma_keras.generation.cache import Mode, truncate
 from gemma_keras.generation.samplers import draw
-from gemma_keras.generation.steps import pad_id
+from gemma_keras.generation.steps import hits_stop, pad_id
 
 
 # Rounds before the acceptance is judged (a short completion says little).
@@ -77,12 +77,94 @@ def verify_function(backbone, greedy: bool):
     def verify(ids, positions, cache, start, keep):
         cache = truncate(cache, keep)
         hidden, cache = backbone({"token_ids": ids, "positions": positions}, cache=cache,
-                                 start=start, mode=Mode.EXTEND)
+                                 start=start, mode=Mode.DECODE)
         logits = ops.cast(backbone.logits(hidden), "float32")  # [batch, n, vocab]
         if greedy:
             return ops.cast(ops.argmax(logits, axis=-1), "int32"), cache
         return logits, cache
     return verify
+
+
+def greedy_rounds(backbone, propose, pad, k):
+    """Greedy speculative decoding as a loop inside one compiled function: every round
+    drafts (`propose`, keras.ops), verifies, accepts and appends on the device, so the host
+    dispatches once per `generate` instead of once per round. On CPU a round trip to the
+    host cost ~10 ms against a 2.5 ms step of the demo preset's compiled greedy loop
+    (bench/speculative_speed.py, JAX), which no acceptance rate could pay back.
+
+    Same rounds as `Speculation.decoding_steps` on the host, with one shape for every
+    round: each pass verifies 1 + k columns, the columns past a row's drafts at position -1.
+
+    propose(history, length, position, live, state) -> (drafts [batch, k] int32, how many
+    of them are drafts [batch], state): the drafter (`PromptLookupDrafter.device_propose`,
+    `ModelDrafter.device_propose`), with `state` its own (a draft model's cache).
+
+    Arguments: last, position, column, keep, done, remaining: [batch] (the chosen token not
+    yet cached, its position and column, the last position to keep from earlier passes,
+    whether the row hit a stop id, tokens it may still make); history [batch, H] and length
+    [batch]: each row's tokens so far, `last` included, left-aligned; stop_ids [n] (-1
+    padded). Returns (history, length, position, column, keep, counts [5] = rounds,
+    row_rounds, drafted, accepted, tokens as in `Stats`, cache, state)."""
+
+    def rounds(last, position, column, keep, done, remaining, history, length, stop_ids,
+               cache, state):
+        slots = history.shape[1]
+        place = ops.arange(k + 1, dtype="int32")[None, :]  # [1, k + 1]
+
+        def live_of(done, remaining):
+            return ops.logical_and(ops.logical_not(done), remaining > 0)
+
+        def cond(last, position, column, keep, done, remaining, history, length, counts,
+                 cache, state):
+            return ops.any(live_of(done, remaining))
+
+        def body(last, position, column, keep, done, remaining, history, length, counts,
+                 cache, state):
+            live = live_of(done, remaining)  # [batch]
+            drafts, drafted, state = propose(history, length, position, live, state)
+            drafted = ops.where(live, drafted, 0)
+            valid = ops.logical_and(place <= drafted[:, None], live[:, None])  # [batch, k+1]
+            ids = ops.where(valid, ops.concatenate([last[:, None], drafts], axis=1), pad)
+            fed = ops.where(valid, position[:, None] + place, -1)
+            # No truncate before the pass: every pass writes 1 + k columns from the row's
+            # newest token on, over all of the previous pass's rejected drafts.
+            hidden, cache = backbone({"token_ids": ids, "positions": fed}, cache=cache,
+                                     start=column, mode=Mode.DECODE)
+            out = ops.cast(ops.argmax(backbone.logits(hidden), axis=-1), "int32")  # [b, k+1]
+            agree = ops.logical_and(drafts == out[:, :k], place[:, :k] < drafted[:, None])
+            accepted = ops.sum(ops.cumprod(ops.cast(agree, "int32"), axis=1), axis=1)
+            # The row's new tokens: out[:, :count] (a kept draft is the target's argmax),
+            # cut after a stop id and at the tokens the row may still make.
+            stop = ops.logical_and(hits_stop(out, stop_ids), place <= accepted[:, None])
+            first_stop = ops.cast(ops.argmax(ops.cast(stop, "int32"), axis=1), "int32")
+            stopped = ops.any(stop, axis=1)
+            count = ops.where(stopped, first_stop + 1, accepted + 1)
+            count = ops.where(live, ops.minimum(count, remaining), 0)
+            done = ops.logical_or(done, ops.logical_and(stopped, first_stop < count))
+            # history[r, length + j] = out[r, j] for j < count
+            offset = ops.arange(slots, dtype="int32")[None, :] - length[:, None]
+            appended = ops.take_along_axis(out, ops.clip(offset, 0, k), axis=1)
+            history = ops.where(ops.logical_and(offset >= 0, offset < count[:, None]),
+                                appended, history)
+            newest = ops.take_along_axis(out, ops.clip(count - 1, 0, k)[:, None], axis=1)
+            last = ops.where(count > 0, newest[:, 0], last)
+            position, column, length = position + count, column + count, length + count
+            remaining = remaining - count
+            keep = ops.where(live, position - 1, keep)
+            counts = counts + ops.stack([
+                ops.ones((), "int32"), ops.sum(ops.cast(live, "int32")), ops.sum(drafted),
+                ops.sum(ops.where(live, accepted, 0)), ops.sum(count)])
+            return (last, position, column, keep, done, remaining, history, length, counts,
+                    cache, state)
+
+        counts = ops.zeros((5,), "int32")
+        (_, position, column, keep, _, _, history, length, counts, cache,
+         state) = ops.while_loop(
+            cond, body, (last, position, column, keep, done, remaining, history, length,
+                         counts, cache, state))
+        # Forget the last round's rejected drafts now: a chat extends this cache next.
+        return history, length, position, column, keep, counts, truncate(cache, keep), state
+    return rounds
 
 
 class Speculation:
@@ -95,15 +177,69 @@ class Speculation:
         self.lookahead = draft_tokens + 1
         self.stats = None
 
-    def decoding_steps(self, session, tokens, max_new_tokens, decoding, rng, stopping):
+    def decoding_steps(self, session, tokens, max_new_tokens, decoding, rng, stopping,
+                       on_device=False):
         """Continues `session` (whose rows just recorded `tokens`, not yet fed to the
         cache) for up to `max_new_tokens` more tokens per row; yields after each token of a
-        round (`GenerationSession.stream` reads row 0 there)."""
+        round (`GenerationSession.stream` reads row 0 there). on_device: greedy decoding
+        with nothing to do per token on the host may run every round in one compiled loop
+        (`greedy_rounds`; the backend compiles loops, no stream or stop string reads the
+        text)."""
+        self.stats = Stats(self.drafter.name, self.k)
+        if on_device and decoding.compiled_loop_can_finish(session.rows):
+            self._rounds_on_device(session, tokens, max_new_tokens, stopping)
+        else:
+            yield from self._rounds_on_host(session, tokens, max_new_tokens, decoding, rng,
+                                            stopping)
+        session.lm.last_speculation = self.stats
+        self._warn_if_it_did_not_pay()
+
+    def _rounds_on_device(self, session, tokens, max_new_tokens, stopping):
         from gemma_keras.generation.session import record
 
         rows, lm = session.rows, session.lm
         batch = len(rows)
-        self.stats = Stats(self.drafter.name, self.k)
+        histories = [row.prompt + row.generated for row in rows]
+        self.drafter.begin(histories, session.next_position, max_new_tokens, self.k)
+        # Room for every token this call may append, in a bucket so that calls share
+        # compilations.
+        width = -(-(max(map(len, histories)) + max_new_tokens) // 128) * 128
+        history = np.zeros((batch, width), "int32")
+        for r, h in enumerate(histories):
+            history[r, :len(h)] = h
+        length = np.array([len(h) for h in histories], "int32")
+        stops = np.full(-(-max(len(stopping.stop_ids), 1) // 8) * 8, -1, "int32")
+        stops[: len(stopping.stop_ids)] = sorted(stopping.stop_ids)
+        propose, others = self.drafter.device_propose(self.k)
+        run = session.steps.function(
+            ("speculative_rounds", self.drafter.name, self.k),
+            greedy_rounds(lm.backbone, propose, pad_id(lm), self.k), donate_argnums=(9,),
+            others=others)
+        position = session.next_position.copy()
+        (history, new_length, position, column, _, counts, session.cache,
+         state) = run(np.asarray(tokens, "int32"), position,
+                      np.full(batch, session.column, "int32"), position - 1,
+                      np.array([row.done for row in rows]),
+                      np.full(batch, max_new_tokens, "int32"), history, length, stops,
+                      session.cache, self.drafter.device_state())
+        self.drafter.keep_device_state(state)
+        history, new_length = (np.asarray(keras.ops.convert_to_numpy(x))
+                               for x in (history, new_length))
+        counts = np.asarray(keras.ops.convert_to_numpy(counts)).tolist()
+        (self.stats.rounds, self.stats.row_rounds, self.stats.drafted, self.stats.accepted,
+         self.stats.tokens) = counts
+        for r, row in enumerate(rows):
+            for token in history[r, length[r]:new_length[r]]:
+                record(row, token, stopping)
+        session.column = int(np.max(keras.ops.convert_to_numpy(column)))
+        session.next_position = np.asarray(keras.ops.convert_to_numpy(position), "int32")
+        session.logits = None
+
+    def _rounds_on_host(self, session, tokens, max_new_tokens, decoding, rng, stopping):
+        from gemma_keras.generation.session import record
+
+        rows, lm = session.rows, session.lm
+        batch = len(rows)
         steps = session.steps
         greedy_on_device = decoding.greedy and not decoding.has_rules
         verify_key = ("verify", greedy_on_device)
@@ -163,8 +299,6 @@ class Speculation:
         session.column = int(column.max())
         session.next_position = position
         session.logits = None
-        lm.last_speculation = self.stats
-        self._warn_if_it_did_not_pay()
 
     def _warn_if_it_did_not_pay(self):
         stats, pays = self.stats, self.drafter.pays_above

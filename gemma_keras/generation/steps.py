@@ -95,11 +95,15 @@ class CompiledSteps:
             self._steps[mode] = backends.get().compile_step(self.lm, step, donate_argnums=(2,))
         return self._steps[mode](token_ids, positions, cache, start)
 
-    def function(self, key, fn, donate_argnums=()):
+    def function(self, key, fn, donate_argnums=(), others=()):
         """`fn` compiled by the backend once for this model under `key`, and dropped with the
-        other steps when the model's variables change."""
+        other steps when the model's variables change. others: further models `fn` runs
+        (a speculative loop's draft model), whose variables become inputs too."""
+        if others:
+            key = (key, tuple(id(v) for m in others for v in m.variables))
         if key not in self._steps:
-            self._steps[key] = backends.get().compile_step(self.lm, fn,
+            holder = _Variables(self.lm, *others) if others else self.lm
+            self._steps[key] = backends.get().compile_step(holder, fn,
                                                            donate_argnums=donate_argnums)
         return self._steps[key]
 
@@ -110,3 +114,11 @@ class CompiledSteps:
                 self.lm, greedy_loop(self.lm.backbone, pad_id(self.lm)), donate_argnums=(3,))
         return self._steps["greedy_loop"](tokens, positions, done, cache, start, steps,
                                           stop_ids)
+
+
+class _Variables:
+    """Several models' variables as one model's, for `compile_step` (which reads only
+    `.variables`)."""
+
+    def __init__(self, *models):
+        self.variables = [v for m in models for v in m.variables]
