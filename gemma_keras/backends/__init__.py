@@ -8,6 +8,7 @@ slowly on one backend, is a function of the backend modules here, all with the s
     write_slot(buffer, update, slot)   one column written into a cache buffer
     compile_step(model, fn, donate_argnums=())   fn compiled over the model's variables
     loops_compile                      whether a while loop inside compile_step stays a loop
+    narrow_products_pay()              whether int8 / int4 products beat float32 ones here
     remat(fn)                          fn recomputed in the backward pass
     shard_cache(cache)                 a KV cache placed for the active keras.distribution
 

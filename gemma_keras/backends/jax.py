@@ -13,6 +13,14 @@ from gemma_keras.backends.common import (int4_linear, int8_linear, linear,  # no
 loops_compile = True
 
 
+def narrow_products_pay():
+    """On CPU, XLA converts every int8 / int4 weight to a float32 copy before each dot (a
+    weight-sized `convert` fusion in the optimised HLO; README, Quantization): the 152M
+    benchmark model decodes int4 at 0.85x of float32 there. Other platforms are not
+    measured; assumed to read the narrow weights."""
+    return jax.devices()[0].platform != "cpu"
+
+
 def host_array_to_tensor(array, layout=None):
     """layout: a JAX sharding (under `keras.distribution`): the array then goes from the host
     straight into its shards, each device receiving only its slice, instead of whole onto

@@ -13,13 +13,16 @@ tokens, and `generate(draft=...)` turned into one.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import List, Optional
 
 import keras
 import numpy as np
 from keras import ops
 
-from gemma_keras.errors import ArgumentTypeError, ConfigError, InvalidArgumentError
+from gemma_keras import backends
+from gemma_keras.errors import (ArgumentTypeError, ConfigError, InvalidArgumentError,
+                                 SpeculationWarning)
 from gemma_keras.generation import options
 from gemma_keras.generation.cache import Mode, truncate
 from gemma_keras.generation.samplers import draw
@@ -246,6 +249,13 @@ def resolve(lm, draft, draft_tokens):
     if k is not None and k > MAX_DRAFT_TOKENS:
         raise InvalidArgumentError(f"draft_tokens={k}: at most {MAX_DRAFT_TOKENS} drafts per "
                                    "round (4-8 is usual).")
+    if draft in SELF_DRAFT_MODES and not backends.get().narrow_products_pay():
+        warnings.warn(
+            f"draft={draft!r}: on this backend and device the {draft} weights are widened to "
+            "float32 before each product, so the quantized copy drafts no faster than the "
+            "model itself and drafting is slower than plain decoding. Use PyTorch for "
+            f"{draft} self-drafting, a smaller draft model, or draft='prompt_lookup'.",
+            SpeculationWarning, stacklevel=4)
     if isinstance(draft, str) and draft == "prompt_lookup":
         return Speculation(PromptLookupDrafter(), k or DEFAULT_DRAFT_TOKENS["prompt_lookup"])
     return Speculation(ModelDrafter(draft_model(lm, draft), _name(draft)),
