@@ -262,14 +262,22 @@ def _expected_generate(lm, command):
 
 
 @pytest.mark.once("torch")
-def test_readme_cli_block_runs_as_written(tmp_path):
+def test_readme_cli_block_runs_as_written(tmp_path, capsys, monkeypatch):
     """Every line of the README's command-line block, as written, in a fresh directory on the
     bundled demo preset: rc 0 and output, each generate line's text equal to `lm.generate`'s
     with the same options in this process (greedy with and without the chat template, and
     seeded top-p sampling streamed), then what each writing command wrote. The files the
     block takes as given (data.jsonl, ./hf_checkpoint) are made first: the latter by
-    `convert --to hf`, checked tensor for tensor against the demo."""
+    `convert --to hf`, checked tensor for tensor against the demo.
+
+    The `gemma-keras` lines run in this process (`cli.main` with the line's words): a
+    process each spent ~8 s importing Keras, 13 of them 480 s of a loaded CI pass. The piped
+    `echo ... | gemma-keras chat` line runs in bash, through the installed console script,
+    as do the refusals at the end (their exit status)."""
+    import shlex
+
     import gemma_keras as gk
+    from gemma_keras import cli
 
     commands = _readme_block("## Command line")
     assert len(commands) >= 10 and all(c.split()[0] in ("gemma-keras", "echo") for c in commands)
@@ -278,10 +286,23 @@ def test_readme_cli_block_runs_as_written(tmp_path):
         for w in ("red", "green", "blue", "black") * 4))
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    monkeypatch.chdir(tmp_path)
 
-    def shell(command):
+    def bash(command):
         return subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=600)
+
+    def shell(command):
+        words = shlex.split(command)
+        if words[0] != "gemma-keras":
+            return bash(command)
+        capsys.readouterr()
+        try:
+            code = cli.main(words[1:])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(words, code, out, err)
     demo = gk.GemmaCausalLM.from_preset("gemma_demo")
     # convert --to hf (was test_cli_convert_keras_hub_preset_to_hf): the same weights.
     made = shell("gemma-keras convert --to hf gemma_demo ./hf_checkpoint")
@@ -321,14 +342,14 @@ def test_readme_cli_block_runs_as_written(tmp_path):
     changed = [not np.array_equal(a, b) for a, b in zip(tuned.get_weights(), demo.get_weights())]
     assert any(changed) and not all(changed)  # the merged projections moved, the rest did not
     # The LiteRT file runs, and the targets are refused as the README says.
-    ran = shell("python -m gemma_keras.exporting.runner demo.tflite 'json.dumps(' "
-                "--max-new-tokens 6")
+    ran = bash("python -m gemma_keras.exporting.runner demo.tflite 'json.dumps(' "
+               "--max-new-tokens 6")
     assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]
     # (--max-length / --prefill-length still parse: an unknown flag would be argparse's error)
-    again = shell("gemma-keras export --format litert --max-length 64 --prefill-length 16 "
-                  "./demo.tflite")
+    again = bash("gemma-keras export --format litert --max-length 64 --prefill-length 16 "
+                 "./demo.tflite")
     assert again.returncode == 2 and "exists" in again.stderr, again.stderr[-2000:]
-    wrong = shell("gemma-keras export --quantize int8 ./sm")
+    wrong = bash("gemma-keras export --quantize int8 ./sm")
     assert wrong.returncode == 2 and "litert' only" in wrong.stderr, wrong.stderr[-2000:]
     assert "Traceback" not in wrong.stderr and not (tmp_path / "sm").exists()
 

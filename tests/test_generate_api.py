@@ -123,6 +123,7 @@ def _readme_quickstart_calls():
     return [line for line in lines if "lm.generate(" in line or ".send(" in line]
 
 
+@pytest.mark.once("torch")  # smoke: each call's feature has its own every-backend tests
 def test_every_readme_quickstart_generate_call_completes_on_the_demo(lm, capsys):
     calls = _readme_quickstart_calls()
     assert len(calls) >= 5, calls
