@@ -19,7 +19,7 @@ from gemma_keras.errors import InvalidArgumentError
 from gemma_keras.generation.cache import Mode, init_cache
 from gemma_keras.generation.options import Decoding
 from gemma_keras.generation.samplers import Sampler
-from gemma_keras.generation.steps import CompiledSteps, pad_id
+from gemma_keras.generation.steps import CompiledSteps, pad_id, stop_id_array
 from gemma_keras.generation.stopping import RowText, completion_ids, cut_at_stop_strings, growth
 
 MIN_PROMPT_BUCKET = 16
@@ -178,8 +178,7 @@ class GenerationSession:
             raise InvalidArgumentError(
                 f"Decoding {steps} more tokens needs {self.column + steps} cache columns but "
                 f"this session holds {self.capacity}.")
-        stops = np.full(-(-max(len(stopping.stop_ids), 1) // 8) * 8, -1, "int32")  # fixed shape
-        stops[: len(stopping.stop_ids)] = sorted(stopping.stop_ids)
+        stops = stop_id_array(stopping.stop_ids)
         done = np.array([row.done for row in self.rows])
         out, count, self.cache, positions = self.steps.greedy_loop(
             np.asarray(tokens, "int32"), self.next_position.copy(), done, self.cache,

@@ -37,7 +37,7 @@ from keras import ops
 from gemma_keras.errors import InvalidArgumentError, SpeculationWarning
 from gemma_keras.generation.cache import Mode, truncate
 from gemma_keras.generation.samplers import draw
-from gemma_keras.generation.steps import hits_stop, pad_id
+from gemma_keras.generation.steps import hits_stop, pad_id, stop_id_array
 
 
 # Rounds before the acceptance is judged (a short completion says little).
@@ -208,8 +208,7 @@ class Speculation:
         for r, h in enumerate(histories):
             history[r, :len(h)] = h
         length = np.array([len(h) for h in histories], "int32")
-        stops = np.full(-(-max(len(stopping.stop_ids), 1) // 8) * 8, -1, "int32")
-        stops[: len(stopping.stop_ids)] = sorted(stopping.stop_ids)
+        stops = stop_id_array(stopping.stop_ids)
         propose, others = self.drafter.device_propose(self.k)
         run = session.steps.function(
             ("speculative_rounds", self.drafter.name, self.k),

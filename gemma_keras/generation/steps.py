@@ -7,6 +7,7 @@ keeps each model's compiled steps, built on first use by the backend's `compile_
 
 from __future__ import annotations
 
+import numpy as np
 from keras import ops
 
 from gemma_keras import backends
@@ -28,6 +29,14 @@ def model_step(backbone, token_ids, positions, cache, start, mode, with_logits=T
         return None, cache
     # Only the last column's logits are needed.
     return ops.cast(backbone.logits(hidden[:, -1:, :])[:, 0, :], "float32"), cache
+
+
+def stop_id_array(stop_ids):
+    """Stop ids as the compiled loops take them: int32 [n], padded with -1 to a multiple of 8
+    (one compiled shape for any handful of stop ids)."""
+    array = np.full(-(-max(len(stop_ids), 1) // 8) * 8, -1, "int32")
+    array[: len(stop_ids)] = sorted(stop_ids)
+    return array
 
 
 def hits_stop(tokens, stop_ids):
