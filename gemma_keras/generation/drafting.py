@@ -50,9 +50,11 @@ class PromptLookupDrafter:
     n-gram (the longest n from `max_ngram` down to `min_ngram` that occurs)."""
 
     name = "prompt_lookup"
-    # Tokens per target pass below which drafting was slower than plain decoding in
-    # bench/speculative_speed.py (a pass over 1 + k tokens costs more than a step).
-    pays_above = 1.5
+    # Tokens per target pass below which drafting is slower than plain decoding: a pass
+    # over 1 + k columns costs about two one-token steps on CPU (XLA runs a product of 2+
+    # rows ~3x slower than a 1-row one on the demo's weights). bench/speculative_speed.py,
+    # JAX, compiled rounds: 1.87 tokens per pass with k=4 was 0.95x of plain decoding.
+    pays_above = 2.0
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -154,7 +156,9 @@ class ModelDrafter:
     forgets its rejected drafts, reads the row's two newest tokens (the older one again: it
     may be a draft it never read) and decodes k tokens ahead."""
 
-    pays_above = 2.0  # as PromptLookupDrafter's, and the drafter's own steps cost too
+    # A floor: the verify pass as PromptLookupDrafter's, and the drafter's own k passes
+    # cost on top, by its size (a 2-of-6-layer draft paid 1.16x at 4.88 tokens per pass).
+    pays_above = 2.0
 
     def __init__(self, lm, name: str):
         self.lm, self.name = lm, name
