@@ -45,6 +45,12 @@ class GemmaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"GemmaConfig.{name} must be a positive integer, got {value!r}.")
+            # A config from a file is untrusted: a size far past any model (the largest Gemma
+            # has 46 layers and 256,128 embeddings) is refused before a loop or buffer uses it.
+            limit = 4096 if name == "num_layers" else 1 << 24
+            if value > limit:
+                raise ConfigError(f"GemmaConfig.{name} is {value}, beyond the {limit} this "
+                                  "library accepts (no Gemma is near it): a corrupt config?")
         if self.num_query_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"GemmaConfig.num_query_heads ({self.num_query_heads}) must be a multiple of "
@@ -127,10 +133,13 @@ class GemmaConfig:
         if missing:
             raise ConfigError(f"{source}: missing required GemmaBackbone argument(s) {missing}.")
         kwargs = {k: v for k, v in values.items() if k in known}
-        for cap in ("attention_logit_soft_cap", "final_logit_soft_cap"):
-            if kwargs.get(cap) is not None:
-                kwargs[cap] = float(kwargs[cap])
-        return cls(**kwargs)
+        try:
+            for cap in ("attention_logit_soft_cap", "final_logit_soft_cap"):
+                if kwargs.get(cap) is not None:
+                    kwargs[cap] = float(kwargs[cap])
+            return cls(**kwargs)
+        except (ConfigError, TypeError, ValueError) as e:  # a value of the wrong kind
+            raise ConfigError(f"{source}: {e}") from None
 
     def replace(self, **changes) -> "GemmaConfig":
         return dataclasses.replace(self, **changes)

@@ -42,19 +42,22 @@ class GemmaTokenizer:
     """
 
     def __init__(self, proto: Union[bytes, str, os.PathLike]):
+        source = f"{len(proto)} bytes" if isinstance(proto, bytes) else None
         if isinstance(proto, (str, os.PathLike)):
             path = pathlib.Path(proto)
             if not path.is_file():
                 raise CheckpointError(f"Tokenizer file {path} does not exist.")
             proto = path.read_bytes()
+            source = str(path)
         self.proto = bytes(proto)
+        source = self._source = source or f"{len(self.proto)} bytes"
         self._sp = spm.SentencePieceProcessor()
         try:
             self._sp.LoadFromSerializedProto(self.proto)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError variously
             raise CheckpointError(
-                f"Could not parse the SentencePiece tokenizer model ({len(self.proto)} bytes): "
-                f"{e}. The file is corrupt or not a SentencePiece model.") from e
+                f"Could not parse the SentencePiece tokenizer model ({source}): {e}. The file "
+                "is corrupt or not a SentencePiece model.") from e
         self.pad_token_id = self._required_id("<pad>")
         self.eos_token_id = self._required_id("<eos>")
         self.bos_token_id = self._required_id("<bos>")
@@ -97,7 +100,8 @@ class GemmaTokenizer:
         token_id = self.token_to_id(token)
         if token_id is None:
             raise CheckpointError(
-                f"The tokenizer has no {token} piece: it is not a Gemma tokenizer.")
+                f"The tokenizer ({self._source}) has no {token} piece: it is not a Gemma "
+                "tokenizer.")
         return token_id
 
     # ---- text <-> ids -------------------------------------------------------------------

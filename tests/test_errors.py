@@ -75,6 +75,121 @@ def test_corrupt_safetensors_header(hf_checkpoint):
         gk.GemmaCausalLM.from_preset(directory)
 
 
+def _rewrite_header(path, edit):
+    """Rewrites a safetensors file's JSON header through `edit(dict)`, keeping the data."""
+    import struct
+
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    header = edit(header) or header
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + length:])
+
+
+def _first_tensor(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+# A header can say anything: each lie is a CheckpointError naming the file, never an
+# exception from deep inside the reader nor an allocation the file cannot fill.
+@pytest.mark.once("jax")  # NumPy and file reads only: no backend code
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: [1, 2], "not a JSON object"),
+    (lambda h: h.update({_first_tensor(h): 7}), "not an object"),
+    (lambda h: h[_first_tensor(h)].update(dtype="I64"), "unsupported dtype"),
+    (lambda h: h[_first_tensor(h)].update(dtype=["F32"]), "unsupported dtype"),
+    (lambda h: h[_first_tensor(h)].update(data_offsets=[-8, 0]), "corrupt shape"),
+    (lambda h: h[_first_tensor(h)].update(data_offsets=[64, 32]), "corrupt shape"),
+    (lambda h: h[_first_tensor(h)].update(data_offsets="0-8"), "corrupt shape"),
+    (lambda h: h[_first_tensor(h)].update(shape=[1.5, 2]), "corrupt shape"),
+    (lambda h: h[_first_tensor(h)].update(shape=[10**12, 10**6]), "does not fill"),
+    (lambda h: h[_first_tensor(h)].update(shape=[1]), "does not fill"),
+])
+def test_lying_safetensors_headers_are_refused(hf_checkpoint, edit, message):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    victim = sorted(directory.glob("*.safetensors"))[0]
+    _rewrite_header(victim, edit)
+    with pytest.raises(gk.CheckpointError, match=f"{victim.name}.*{message}"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+@pytest.mark.once("jax")
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/tmp/outside.safetensors",
+                                   "linked/model.safetensors", "", 3, ["a", "b"]])
+def test_an_hf_index_naming_files_outside_its_directory_is_refused(hf_checkpoint, tmp_path,
+                                                                     entry):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    # A valid shard outside the checkpoint: a loader that followed the index would read it.
+    shard = sorted(directory.glob("*.safetensors"))[0]
+    shutil.copy(shard, directory.parent / "outside.safetensors")
+    (directory / "linked").symlink_to(directory.parent)  # a subdirectory leading out
+    index = directory / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][next(iter(data["weight_map"]))] = entry
+    index.write_text(json.dumps(data))
+    with pytest.raises(gk.CheckpointError, match="index may only name files in its own"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+@pytest.mark.once("jax")
+@pytest.mark.parametrize("entry", ["../model_00000.weights.h5", "/etc/passwd", ["../x"]])
+def test_a_keras_shard_index_naming_files_outside_its_directory_is_refused(
+        keras_hub_preset, entry):
+    directory, _ = keras_hub_preset("gemma_mqa", max_shard_size=0.0001)
+    index = directory / "model.weights.json"
+    data = json.loads(index.read_text())
+    key = next(iter(data["weight_map"]))
+    data["weight_map"][key] = entry
+    index.write_text(json.dumps(data))
+    with pytest.raises(gk.CheckpointError, match="index may only name files in its own"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+# Found by tests/test_fuzz_readers.py: each was an exception other than a GemmaError (or a
+# GemmaError that did not name the file), or a loop as long as a hostile number.
+@pytest.mark.once("jax")
+@pytest.mark.parametrize("case, edit", [
+    ("gemma_mqa", lambda c: c.update(rope_parameters=-5)),  # AttributeError
+    ("gemma2_gqa", lambda c: c.update(num_hidden_layers=None)),  # TypeError in layer_types
+    ("gemma2_gqa", lambda c: c.update(num_hidden_layers=2 ** 62)),  # a 2**62-step loop
+    ("gemma_mqa", lambda c: c.update(rms_norm_eps="small")),  # ValueError
+    ("gemma_mqa", lambda c: c.update(head_dim="")),  # GemmaError without the file's name
+])
+def test_hf_config_values_of_the_wrong_kind_name_the_file(hf_checkpoint, case, edit):
+    directory, _ = hf_checkpoint(case)
+    _edit_config(directory, edit)
+    with pytest.raises(gk.GemmaError, match="config.json"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+@pytest.mark.once("jax")
+@pytest.mark.parametrize("edit", [
+    lambda c: c.update(config="../../etc/passwd"),  # ValueError from dict()
+    lambda c: c["config"].update(hidden_dim=""),  # GemmaError without the file's name
+    lambda c: c["config"].update(num_layers=10 ** 9),  # loops over every block
+])
+def test_keras_hub_config_values_of_the_wrong_kind_name_the_file(keras_hub_preset, edit):
+    directory, _ = keras_hub_preset("gemma_mqa")
+    _edit_config(directory, edit)
+    with pytest.raises(gk.GemmaError, match="config.json"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
+@pytest.mark.once("jax")
+def test_json_that_is_not_utf8_and_a_corrupt_tokenizer_name_their_files(hf_checkpoint):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    config = directory / "config.json"
+    original = config.read_bytes()
+    config.write_bytes(original[:20] + b"\xa2\xff" + original[22:])
+    with pytest.raises(gk.CheckpointError, match="config.json is not UTF-8"):
+        gk.GemmaCausalLM.from_preset(directory)
+    config.write_bytes(original)
+    _truncate(directory / "tokenizer.model", 0.9)
+    with pytest.raises(gk.CheckpointError, match="tokenizer.model"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.999])
 def test_truncated_h5_names_the_file(keras_hub_preset, keep):
     directory, _ = keras_hub_preset("gemma_mqa")

@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 import ml_dtypes
 import numpy as np
 
-from gemma_keras.checkpoints.reading import read_json, recorded_instruct
+from gemma_keras.checkpoints.reading import listed_file, read_json, recorded_instruct
 from gemma_keras.checkpoints.weights import Reader, read_chunked
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
@@ -61,37 +61,48 @@ def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, str]:
         )
     except KeyError as e:
         raise ConfigError(f"{path} lacks the field {e}, which a Gemma config has.") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # wrong kinds
+        raise ConfigError(f"{path}: a field has a value of the wrong kind ({e}).") from None
     if hf.get("tie_word_embeddings") is False:
         raise ConfigError(f"{path}: tie_word_embeddings is false, but Gemma ties its output "
                           "head to the embedding.")
     if hf.get("use_bidirectional_attention"):
         raise ConfigError(f"{path}: bidirectional attention is not a Gemma causal LM.")
     if model_type == "gemma2":
-        head_dim = values["head_dim"]
-        scalar = hf.get("query_pre_attn_scalar", head_dim)
-        per_head_width = values["hidden_dim"] // values["num_query_heads"]
-        if scalar not in (head_dim, per_head_width):
-            raise ConfigError(
-                f"{path}: query_pre_attn_scalar {scalar} is neither head_dim ({head_dim}) nor "
-                f"hidden_size / num_attention_heads ({per_head_width}); no Gemma 2 uses that.")
-        window = hf.get("sliding_window") or hf.get("sliding_window_size") or 4096
-        values.update(
-            query_head_dim_normalize=(scalar == head_dim),
-            use_post_attention_norm=True,
-            use_post_ffw_norm=True,
-            attention_logit_soft_cap=hf.get("attn_logit_softcapping"),
-            final_logit_soft_cap=hf.get("final_logit_softcapping"),
-            use_sliding_window_attention=True,
-            sliding_window_size=window,
-        )
-        layer_types = hf.get("layer_types")
-        alternating = ["sliding_attention" if i % 2 == 0 else "full_attention"
-                       for i in range(values["num_layers"])]
-        if layer_types is not None and list(layer_types) != alternating:
-            raise ConfigError(f"{path}: layer_types {layer_types} is not Gemma 2's alternation "
-                              "of sliding and full attention starting with sliding.")
+        try:
+            _gemma2_values(hf, values, path)
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+            raise ConfigError(f"{path}: a field has a value of the wrong kind ({e}).") from None
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
     return GemmaConfig.from_dict(values, source=str(path)), str(dtype)
+
+
+def _gemma2_values(hf, values, path):
+    """Adds Gemma 2's fields of config.json `hf` to `values`."""
+    head_dim = values["head_dim"]
+    scalar = hf.get("query_pre_attn_scalar", head_dim)
+    per_head_width = values["hidden_dim"] // values["num_query_heads"]
+    if scalar not in (head_dim, per_head_width):
+        raise ConfigError(
+            f"{path}: query_pre_attn_scalar {scalar} is neither head_dim ({head_dim}) nor "
+            f"hidden_size / num_attention_heads ({per_head_width}); no Gemma 2 uses that.")
+    window = hf.get("sliding_window") or hf.get("sliding_window_size") or 4096
+    values.update(
+        query_head_dim_normalize=(scalar == head_dim),
+        use_post_attention_norm=True,
+        use_post_ffw_norm=True,
+        attention_logit_soft_cap=hf.get("attn_logit_softcapping"),
+        final_logit_soft_cap=hf.get("final_logit_softcapping"),
+        use_sliding_window_attention=True,
+        sliding_window_size=window,
+    )
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and (
+            not isinstance(layer_types, list) or len(layer_types) != values["num_layers"]
+            or any(kind != ("sliding_attention" if i % 2 == 0 else "full_attention")
+                   for i, kind in enumerate(layer_types))):
+        raise ConfigError(f"{path}: layer_types {layer_types} is not Gemma 2's alternation "
+                          "of sliding and full attention starting with sliding.")
 
 
 def read_instruct(directory: pathlib.Path) -> Optional[bool]:
@@ -119,21 +130,44 @@ def _tensor_index(file: pathlib.Path) -> Dict[str, Tuple[pathlib.Path, str, tupl
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file} has a corrupt safetensors header ({e}).") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a corrupt safetensors header: not a JSON object.")
     base = 8 + header_len
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
+        begin, end, shape = _tensor_extent(file, name, info)
         if base + end > size:
             raise CheckpointError(
                 f"{file} is truncated: tensor '{name}' ends at byte {base + end} but the file "
                 f"has {size} bytes. Download it again.")
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype "
-                                  f"{info['dtype']}.")
-        out[name] = (file, info["dtype"], tuple(info["shape"]), base + begin, base + end)
+        out[name] = (file, info["dtype"], shape, base + begin, base + end)
     return out
+
+
+def _whole_numbers(value, count=None) -> bool:
+    return (isinstance(value, list) and (count is None or len(value) == count)
+            and all(type(v) is int and v >= 0 for v in value))
+
+
+def _tensor_extent(file, name, info):
+    """(begin, end, shape) of one header entry, checked: a tensor is read only when its dtype
+    is known and its byte range holds exactly its shape (so no header can make a loader
+    allocate more than the file holds)."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{file}: the header entry of tensor '{name}' is not an object.")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise CheckpointError(f"{file}: tensor '{name}' has unsupported dtype {dtype!r}.")
+    if not _whole_numbers(shape) or not _whole_numbers(offsets, 2) or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{file}: tensor '{name}' has a corrupt shape {shape!r} or "
+                              f"data_offsets {offsets!r}.")
+    begin, end = offsets
+    if int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize != end - begin:
+        raise CheckpointError(f"{file}: tensor '{name}' of shape {shape} and dtype {dtype} "
+                              f"does not fill its {end - begin} bytes: the file is corrupt.")
+    return begin, end, tuple(shape)
 
 
 def _safetensors_files(directory: pathlib.Path):
@@ -142,7 +176,8 @@ def _safetensors_files(directory: pathlib.Path):
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index} has no 'weight_map'.")
-        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        files = list(dict.fromkeys(listed_file(directory, name, index)
+                                   for name in weight_map.values()))
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shard(s) that are missing: {missing}.")

@@ -37,7 +37,7 @@ import numpy as np
 from gemma_keras.checkpoints import progress
 from gemma_keras.checkpoints.atomic import atomic_directory, check_target
 from gemma_keras.checkpoints.quantizing import check_policy_mode, layer_policy_mode
-from gemma_keras.checkpoints.reading import read_json, recorded_instruct
+from gemma_keras.checkpoints.reading import listed_file, read_json, recorded_instruct
 from gemma_keras.checkpoints.weights import (BLOCK_WEIGHTS, QuantizedEntry, Reader, Transformed,
                                              layer_table, own_variables, quantized_layers,
                                              read_chunked)
@@ -95,9 +95,17 @@ def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[str]]:
         raise ConfigError(
             f"{path} describes '{name}', not a Gemma backbone ({' or '.join(BACKBONE_NAMES)}). "
             "gemma_keras loads Gemma 1, 1.1, CodeGemma and Gemma 2 presets only.")
-    values = dict(data.get("config", {}))
+    values = data.get("config", {})
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: 'config' should hold the backbone's arguments as a JSON "
+                          f"object, found {type(values).__name__}.")
+    values = dict(values)
     dtype = _float_dtype_name(values.pop("dtype", None))
-    extras = _read_metadata(directory).get("gemma_keras", {}).get("config", {})
+    ours = _read_metadata(directory).get("gemma_keras", {})
+    extras = ours.get("config", {}) if isinstance(ours, dict) else None
+    if not isinstance(extras, dict):
+        raise ConfigError(f"{directory / 'metadata.json'}: 'gemma_keras' should hold a "
+                          "'config' object.")
     return GemmaConfig.from_dict({**values, **extras}, source=str(path)), dtype
 
 
@@ -147,10 +155,11 @@ def _weight_files(directory: pathlib.Path):
             raise CheckpointError(f"{index} has no 'weight_map': it is not a Keras shard index.")
         names = []
         for files in weight_map.values():
-            for file in ([files] if isinstance(files, str) else files):
+            for file in ([files] if isinstance(files, str) or not isinstance(files, list)
+                         else files):
                 if file not in names:
                     names.append(file)
-        shards = [directory / n for n in names]
+        shards = [listed_file(directory, n, index) for n in names]
         missing = [str(p) for p in shards if not p.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shard(s) that are missing: {missing}. "
@@ -175,7 +184,7 @@ def _index_datasets(files) -> Dict[str, "_H5Entry"]:
                         # Also index by keras layer name: robust to attribute-order changes.
                         found["@" + str(obj.attrs["name"]) + "@" + path] = path
                 h5.visititems(visit)
-        except OSError as e:
+        except (OSError, RuntimeError, KeyError, ValueError) as e:  # h5py's parse errors
             raise CheckpointError(f"{file} is not a readable HDF5 weights file ({e}). It is "
                                   "truncated or corrupt: download or save it again.") from e
     return found
@@ -210,7 +219,7 @@ class _H5Entry:
                     return chunk.view(ml_dtypes.bfloat16) if self.is_bfloat16 else chunk
 
                 return read_chunked(out, rows, self.shape[0])
-        except OSError as e:
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:  # h5py's
             raise CheckpointError(f"Could not read '{self.path}' from {self.file} ({e}): the "
                                   "file is truncated or corrupt.") from e
 

@@ -19,6 +19,8 @@ def read_json(path) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist.") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text ({e}): the file is corrupt.") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -42,3 +44,17 @@ def recorded_instruct(data: dict, path) -> Optional[bool]:
         raise CheckpointError(f"{path}: gemma_keras.instruct is {value!r}; it must be true, "
                               "false or absent.")
     return value
+
+
+def listed_file(directory: pathlib.Path, name, index: pathlib.Path) -> pathlib.Path:
+    """The file an index (`index`, in `directory`) names: a bare file name of that directory.
+    A path ('../x', 'sub/x', an absolute path) is refused, so an index never makes a loader
+    read outside the checkpoint's directory, also not through a linked subdirectory. (A
+    listed file may itself be a link: the Hugging Face cache links every snapshot file to
+    ../../blobs.)"""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+            or name != pathlib.PurePath(name).name):
+        raise CheckpointError(
+            f"{index} lists {name!r} as a weights file; an index may only name files in its "
+            "own directory (refused: it is not read).")
+    return directory / name

@@ -298,4 +298,8 @@ class Transformed:
         self.file_shape, self.expected_file_shape = tuple(entry.shape), tuple(raw_shape)
 
     def read(self, dtype):
+        if self.file_shape != self.expected_file_shape:  # loading reports it before reading
+            where = getattr(self.entry, "file", "the checkpoint")
+            raise CheckpointError(f"{where}: a weight of shape {self.file_shape} where the "
+                                  f"config makes it {self.expected_file_shape}.")
         return np.ascontiguousarray(self.to_ours(self.entry.read(dtype)))
