@@ -190,6 +190,21 @@ def test_json_that_is_not_utf8_and_a_corrupt_tokenizer_name_their_files(hf_check
         gk.GemmaCausalLM.from_preset(directory)
 
 
+@pytest.mark.once("jax")
+def test_h5_names_that_are_not_text_name_the_file(keras_hub_preset, monkeypatch):
+    """scripts/fuzz_readers.py --seed 3 found h5 files whose corrupt name tables h5py hands
+    over as bytes (then a TypeError deep in the reader); h5py's walk is replaced here by one
+    that does the same."""
+    import h5py
+
+    directory, _ = keras_hub_preset("gemma_mqa")
+    walk = h5py.Group.visititems
+    monkeypatch.setattr(h5py.Group, "visititems",
+                        lambda self, fn: walk(self, lambda path, obj: fn(path.encode(), obj)))
+    with pytest.raises(gk.CheckpointError, match="model.weights.h5.*not text"):
+        gk.GemmaCausalLM.from_preset(directory)
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.999])
 def test_truncated_h5_names_the_file(keras_hub_preset, keep):
     directory, _ = keras_hub_preset("gemma_mqa")

@@ -177,6 +177,8 @@ def _index_datasets(files) -> Dict[str, "_H5Entry"]:
         try:
             with h5py.File(file, "r") as h5:
                 def visit(path, obj):
+                    if not isinstance(path, str):  # a corrupt name table (found by fuzzing)
+                        raise ValueError(f"an object name that is not text: {path!r}")
                     if isinstance(obj, h5py.Dataset):
                         found[path] = _H5Entry(file, path, obj.shape,
                                                obj.attrs.get("dtype") == "bfloat16")
