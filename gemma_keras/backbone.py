@@ -7,6 +7,7 @@ from gemma_keras import backends, quantization
 from gemma_keras.backends.common import int4_nibbles
 from gemma_keras.config import GemmaConfig
 from gemma_keras.generation.cache import CacheUpdate
+from gemma_keras.layers import precision
 from gemma_keras.layers.attention import attention_mask
 from gemma_keras.layers.decoder_block import GemmaDecoderBlock
 from gemma_keras.layers.rms_norm import GemmaRMSNorm
@@ -104,7 +105,10 @@ class GemmaBackbone(keras.Model):
             x = layer_intercept_fn(x, -1)
         # The normaliser is cast to the compute dtype *before* multiplying: in bfloat16
         # sqrt(3072) becomes 55.5, and the checkpoints were trained with that rounding.
-        return x * ops.cast(self.config.hidden_dim ** 0.5, x.dtype)
+        # The product is the residual stream: float32 under float16 (layers/precision.py).
+        normaliser = ops.cast(self.config.hidden_dim ** 0.5, x.dtype)
+        residual = precision.residual_dtype(x.dtype)
+        return ops.cast(x, residual) * ops.cast(normaliser, residual)
 
     def logits(self, hidden):
         """The tied output head with Gemma 2's final soft-cap: [batch, len, hidden] ->

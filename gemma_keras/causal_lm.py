@@ -111,12 +111,15 @@ class GemmaCausalLM(keras.Model):
     # ---- training -----------------------------------------------------------------------
     def compile(self, optimizer="auto", loss="auto", weighted_metrics="auto", **kwargs):
         """Keras' compile with defaults for next-token training: AdamW (learning rate 2e-4
-        with LoRA enabled, 2e-5 without; loss scaling for float16), cross-entropy on the
+        with LoRA enabled, 2e-5 without), loss scaling for float16 (any optimizer), cross-entropy on the
         logits in float32 averaged over weighted labels only, accuracy and perplexity."""
         from gemma_keras import training
 
+        if optimizer == "auto":
+            optimizer = training.default_optimizer(self)
+        optimizer = training.loss_scaled(self, optimizer, kwargs.get("auto_scale_loss", True))
         super().compile(
-            optimizer=training.default_optimizer(self) if optimizer == "auto" else optimizer,
+            optimizer=optimizer,
             loss=training.default_loss() if loss == "auto" else loss,
             weighted_metrics=(training.default_metrics() if weighted_metrics == "auto"
                               else weighted_metrics),

@@ -48,8 +48,19 @@ def default_optimizer(lm):
     optimizer = keras.optimizers.AdamW(
         learning_rate=LORA_LEARNING_RATE if lora else FULL_LEARNING_RATE, weight_decay=0.01)
     optimizer.exclude_from_weight_decay(var_names=["scale"])
-    if lm.dtype_policy.compute_dtype == "float16":
-        # float16 gradients underflow without loss scaling; bfloat16 and float32 do not.
+    return optimizer
+
+
+def loss_scaled(lm, optimizer, auto_scale_loss=True):
+    """`optimizer` wrapped in Keras' LossScaleOptimizer when the model computes in float16:
+    its gradients underflow without loss scaling; bfloat16 and float32 do not. Keras does this
+    itself only for the "mixed_float16" policy; a model loaded with dtype="float16" has the
+    "float16" one."""
+    if optimizer is None:
+        return None
+    optimizer = keras.optimizers.get(optimizer)
+    if (auto_scale_loss and lm.dtype_policy.compute_dtype == "float16"
+            and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer)):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 

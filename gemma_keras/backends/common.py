@@ -19,9 +19,15 @@ def host_array_to_tensor(array, layout=None):
     return array
 
 
-def linear(x, kernel):
-    """x [..., in] times kernel [out, in] transposed: [..., out]."""
-    return keras.ops.einsum("...d,fd->...f", x, keras.ops.convert_to_tensor(kernel))
+def linear(x, kernel, out_dtype=None):
+    """x [..., in] times kernel [out, in] transposed: [..., out], in x's dtype or `out_dtype`
+    (a wider result for narrow operands: layers/precision.py). Here by widening the operands,
+    which costs a copy of the kernel; the backends that can, run the narrow product with a
+    wide result instead."""
+    kernel = keras.ops.convert_to_tensor(kernel)
+    if out_dtype is not None and out_dtype != x.dtype:
+        x, kernel = keras.ops.cast(x, out_dtype), keras.ops.cast(kernel, out_dtype)
+    return keras.ops.einsum("...d,fd->...f", x, kernel)
 
 
 def write_slot(buffer, update, slot):
@@ -44,9 +50,10 @@ def shard_cache(cache):
     return cache
 
 
-def int8_linear(x, kernel, scale):
+def int8_linear(x, kernel, scale, out_dtype=None):
     """x [..., in] times the int8 kernel [out, in] (per output channel, dequantized
-    kernel / scale) transposed: [..., out] in x's dtype. Weight-only: x stays in its dtype.
+    kernel / scale) transposed: [..., out] in x's dtype (or `out_dtype`, as `linear`).
+    Weight-only: x stays in its dtype.
 
     The integer kernel is converted inside the product, which XLA fuses into the dot's
     operand read: the weights are read as int8 and no float copy is written (measured on 8 x
@@ -57,13 +64,14 @@ def int8_linear(x, kernel, scale):
 
     scale = keras.ops.reshape(keras.ops.convert_to_tensor(scale), (-1,))  # [out]
     kernel = keras.ops.cast(keras.ops.convert_to_tensor(kernel), x.dtype)
-    y = backends.get().linear(x, kernel)
+    y = backends.get().linear(x, kernel, out_dtype)
     return y / keras.ops.cast(scale, y.dtype)
 
 
-def int4_linear(x, kernel, scale, zero):
+def int4_linear(x, kernel, scale, zero, out_dtype=None):
     """x [..., in] times the int4 kernel of gemma_keras.quantization (packed [out, in/2],
-    scale and zero [out, groups]) transposed: [..., out] in x's dtype.
+    scale and zero [out, groups]) transposed: [..., out] in x's dtype (or `out_dtype`, as
+    `linear`).
 
     Written so that XLA fuses unpacking, zero and scale into each half's dot (see
     gemma_keras/quantization.py for the layout and the measurement)."""
@@ -81,7 +89,7 @@ def int4_linear(x, kernel, scale, zero):
     for parity, q in enumerate((low, high)):
         q = ops.reshape(ops.cast(q, x.dtype), (out, groups, -1))  # [out, groups, G/2]
         w = ops.reshape((q - zero) * scale, (out, half))  # [out, in/2]
-        term = linear(x[..., parity::2], w)
+        term = linear(x[..., parity::2], w, out_dtype)
         y = term if y is None else y + term
     return y
 

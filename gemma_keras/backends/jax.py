@@ -6,7 +6,8 @@ from __future__ import annotations
 import jax
 import keras
 
-from gemma_keras.backends.common import (int4_linear, int8_linear, linear,  # noqa: F401
+from gemma_keras.backends import common
+from gemma_keras.backends.common import (int4_linear, int8_linear,  # noqa: F401
                                          remat, write_slot)  # XLA's own forms
 
 # A data-dependent loop inside jax.jit stays an XLA while loop.
@@ -19,6 +20,18 @@ def narrow_products_pay():
     benchmark model decodes int4 at 0.85x of float32 there. Other platforms are not
     measured; assumed to read the narrow weights."""
     return jax.devices()[0].platform != "cpu"
+
+
+def linear(x, kernel, out_dtype=None):
+    """x [..., in] times kernel [out, in] transposed: [..., out] (in `out_dtype` if given).
+
+    A wider result (float16 operands, float32 result: layers/precision.py) is XLA's dot with
+    that result type: the operands are read as they are, no widened copy of the kernel."""
+    if out_dtype is None or jax.numpy.dtype(out_dtype) == x.dtype:
+        return common.linear(x, kernel)
+    kernel = keras.ops.convert_to_tensor(kernel)
+    return jax.numpy.einsum("...d,fd->...f", x, kernel,
+                            preferred_element_type=jax.numpy.dtype(out_dtype))
 
 
 def host_array_to_tensor(array, layout=None):

@@ -46,9 +46,16 @@ def write_slot(buffer, update, slot):
     return torch.index_copy(buffer, 1, index, update.to(buffer.dtype))
 
 
-def linear(x, kernel):
-    """x [..., in] times kernel [out, in] transposed: [..., out]."""
+def linear(x, kernel, out_dtype=None):
+    """x [..., in] times kernel [out, in] transposed: [..., out] (in `out_dtype` if given)."""
     kernel = keras.ops.convert_to_tensor(kernel)
+    if out_dtype is not None and _torch_dtype(out_dtype) != x.dtype:
+        # A float16 product with a float32 result (layers/precision.py). ATen has one only
+        # on CUDA (`aten::mm.dtype`, no CPU kernel in 2.13, and not measured here: no GPU),
+        # so the operands are widened: a float32 copy of the kernel per call, the guard's
+        # cost on this backend (bench/float16_guard.py).
+        wide = _torch_dtype(out_dtype)
+        return linear(x.to(wide), kernel.to(wide))
     if (x.device.type == "cpu" and x.dtype == kernel.dtype
             and x.dtype in (torch.float32, torch.bfloat16)
             and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad))):
@@ -78,7 +85,12 @@ def linear(x, kernel):
 _BF16_WIDEN_ROWS = 8
 
 
-def int8_linear(x, kernel, scale):
+def _torch_dtype(name):
+    """A dtype name ("float32") as torch's dtype; None stays None."""
+    return None if name is None else getattr(torch, str(name))
+
+
+def int8_linear(x, kernel, scale, out_dtype=None):
     """x [..., in] times the int8 kernel [out, in] (dequantized kernel / scale): [..., out].
 
     For inference on CPU, ATen's weight-only int8 product (`_weight_int8pack_mm`, the one
@@ -93,18 +105,18 @@ def int8_linear(x, kernel, scale):
     # rows (128 rows of a [4096, 1024] weight: 16.6 ms vs 13.9 for float32 F.linear), while
     # converting the kernel once and running the float product costs ~8.5 ms.
     if not _inference_on_cpu(x) or rows > _INT8_KERNEL_MAX_ROWS:
-        return common.int8_linear(x, kernel, scale)
+        return common.int8_linear(x, kernel, scale, out_dtype)
     kernel = keras.ops.convert_to_tensor(kernel)
     inverse = _derived(scale, "int8_scale", lambda s: (1.0 / s.reshape(-1)).to(torch.bfloat16))
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [batch * len, in]
     y = torch.ops.aten._weight_int8pack_mm(rows, kernel, inverse)
-    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+    return y.reshape(*x.shape[:-1], -1).to(_torch_dtype(out_dtype) or x.dtype)
 
 
 _INT8_KERNEL_MAX_ROWS = 32
 
 
-def int4_linear(x, kernel, scale, zero):
+def int4_linear(x, kernel, scale, zero, out_dtype=None):
     """x [..., in] times the int4 kernel of gemma_keras.quantization: [..., out].
 
     For inference on CPU, ATen's grouped int4 product (`_weight_int4pack_mm_for_cpu`) on a
@@ -115,16 +127,16 @@ def int4_linear(x, kernel, scale, zero):
     bfloat16, as for int8."""
     x = keras.ops.convert_to_tensor(x)
     if not _inference_on_cpu(x):
-        return common.int4_linear(x, kernel, scale, zero)
+        return common.int4_linear(x, kernel, scale, zero, out_dtype)
     groups = keras.ops.convert_to_tensor(scale).shape[-1]
     block_size = x.shape[-1] // groups
     if block_size not in (32, 64, 128, 256):  # what the ATen kernel takes
-        return common.int4_linear(x, kernel, scale, zero)
+        return common.int4_linear(x, kernel, scale, zero, out_dtype)
     packed = _derived(kernel, "int4_pack", _int4_pack)
     scales_and_zeros = _derived(scale, "int4_scales", lambda s: _int4_scales_and_zeros(s, zero))
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [batch * len, in]
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, block_size, scales_and_zeros)
-    return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+    return y.reshape(*x.shape[:-1], -1).to(_torch_dtype(out_dtype) or x.dtype)
 
 
 def _int4_pack(kernel):

@@ -4,6 +4,7 @@ global or sliding-window masking chosen by the caller."""
 import keras
 from keras import ops
 
+from gemma_keras.layers import precision
 from gemma_keras.layers.linear import Linear
 from gemma_keras.layers.rotary import apply_rotary_embedding
 
@@ -85,7 +86,9 @@ class GemmaAttention(keras.layers.Layer):
         output = self.attend(query, keys, values, mask, training=training)
         # [batch, len, heads * head_dim] -> [batch, len, hidden]
         output = ops.reshape(output, (batch, length, self.num_query_heads * self.head_dim))
-        return self.attention_output(output), written
+        # float32 under float16 (layers/precision.py), the compute dtype otherwise
+        wide = precision.product_dtype(self.compute_dtype)
+        return self.attention_output(output, out_dtype=wide), written
 
     def attend(self, query, key, value, mask, training=False):
         """Scaled dot-product attention over (possibly grouped) heads.

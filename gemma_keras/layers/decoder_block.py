@@ -2,8 +2,10 @@
 (Gemma 2), each added back to the residual stream."""
 
 import keras
+from keras import ops
 
 from gemma_keras.config import GemmaConfig
+from gemma_keras.layers import precision
 from gemma_keras.layers.attention import GemmaAttention
 from gemma_keras.layers.feedforward import GemmaFeedForward
 from gemma_keras.layers.rms_norm import GemmaRMSNorm
@@ -41,6 +43,8 @@ class GemmaDecoderBlock(keras.layers.Layer):
             GemmaRMSNorm(eps, dtype=policy, name="post_ffw_norm")
             if config.use_post_ffw_norm else None)
         self.residual_dropout = keras.layers.Dropout(config.dropout, dtype=policy)
+        # It sees the residual branch, float32 under float16 (layers/precision.py): no cast.
+        self.residual_dropout._convert_input_args = False
 
     def build(self, input_shape):
         for layer in (self.pre_attention_norm, self.attention, self.pre_ffw_norm, self.ffw,
@@ -50,18 +54,20 @@ class GemmaDecoderBlock(keras.layers.Layer):
         self.built = True
 
     def call(self, x, rope, mask, cache=None, training=False):
-        """x: [batch, len, hidden]; mask: [batch, len, keys] bool for this layer's attention
-        kind; `cache` this layer's view of the KV cache or None. Returns (x, this layer's
-        updated (key, value) buffers or None)."""
+        """x: [batch, len, hidden], the residual stream (float32 under float16, the compute
+        dtype otherwise: layers/precision.py); mask: [batch, len, keys] bool for this layer's
+        attention kind; `cache` this layer's view of the KV cache or None. Returns (x, this
+        layer's updated (key, value) buffers or None)."""
+        residual = precision.residual_dtype(self.compute_dtype)
         h, cache = self.attention(self.pre_attention_norm(x), rope, mask, cache=cache,
                                   training=training)
         if self.post_attention_norm is not None:
-            h = self.post_attention_norm(h)
-        x = x + self.residual_dropout(h, training=training)
+            h = self.post_attention_norm(h, dtype=residual)
+        x = x + ops.cast(self.residual_dropout(h, training=training), residual)
         h = self.ffw(self.pre_ffw_norm(x))
         if self.post_ffw_norm is not None:
-            h = self.post_ffw_norm(h)
-        return x + self.residual_dropout(h, training=training), cache
+            h = self.post_ffw_norm(h, dtype=residual)
+        return x + ops.cast(self.residual_dropout(h, training=training), residual), cache
 
     def get_config(self):
         return {**super().get_config(), "layer_index": self.layer_index,

@@ -2,6 +2,7 @@
 
 import keras
 
+from gemma_keras.layers import precision
 from gemma_keras.layers.linear import Linear
 
 
@@ -22,10 +23,14 @@ class GemmaFeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
+        """x [batch, seq, hidden] in the compute dtype -> [batch, seq, hidden], float32 under
+        float16 (precision.product_dtype; the intermediate is where activations spike)."""
+        wide = precision.product_dtype(self.compute_dtype)
         # The tanh approximation is what Gemma was trained with; some early HF configs say
         # "gelu" (exact), which is wrong for these weights.
-        gate = keras.activations.gelu(self.gating(x), approximate=True)  # [batch, seq, branch]
-        return self.linear(gate * self.gating_2(x))  # [batch, seq, hidden]
+        gate = keras.activations.gelu(self.gating(x, out_dtype=wide), approximate=True)
+        hidden = gate * self.gating_2(x, out_dtype=wide)  # [batch, seq, branch]
+        return precision.scaled_product(self.linear, hidden, self.compute_dtype)
 
     def get_config(self):
         return {**super().get_config(), "hidden_dim": self.hidden_dim,

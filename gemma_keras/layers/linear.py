@@ -51,16 +51,20 @@ class Linear(DropsVariablesQuietly, keras.layers.EinsumDense):
         super().__init__("btd,fd->btf", output_shape=(None, units), **kwargs)
         self.units = units
 
-    def call(self, inputs, training=None):
-        return self._with_adapter(inputs, backends.get().linear(inputs, self._kernel))
+    def call(self, inputs, training=None, out_dtype=None):
+        """out_dtype: a wider result than the compute dtype (float32 for float16 operands,
+        see layers/precision.py); None: the compute dtype."""
+        outputs = backends.get().linear(inputs, self._kernel, out_dtype)
+        return self._with_adapter(inputs, outputs)
 
-    def quantized_call(self, inputs, training=None):
+    def quantized_call(self, inputs, training=None, out_dtype=None):
         if self.quantization_mode == "int8":
             # Weight-only (x stays in the compute dtype): see backends' int8_linear.
-            outputs = backends.get().int8_linear(inputs, self._kernel, self.kernel_scale)
+            outputs = backends.get().int8_linear(inputs, self._kernel, self.kernel_scale,
+                                                 out_dtype)
         elif self._own_int4:
             outputs = backends.get().int4_linear(inputs, self._kernel, self.kernel_scale,
-                                                 self.kernel_zero)
+                                                 self.kernel_zero, out_dtype)
         else:
             # Keras' own int4 (per channel, or groups that straddle our layout's halves).
             # Its quantized calls add LoRA with `einsum(equation, x, A)`, which assumes the
@@ -71,7 +75,7 @@ class Linear(DropsVariablesQuietly, keras.layers.EinsumDense):
                 outputs = super().quantized_call(inputs, training=training)
             finally:
                 self.lora_enabled = lora_enabled
-        return self._with_adapter(inputs, ops.cast(outputs, self.compute_dtype))
+        return self._with_adapter(inputs, ops.cast(outputs, out_dtype or self.compute_dtype))
 
     # ---- int4 in gemma_keras.quantization's layout ----------------------------------------
     @property
