@@ -48,14 +48,9 @@ def write_slot(buffer, update, slot):
 
 def linear(x, kernel, out_dtype=None):
     """x [..., in] times kernel [out, in] transposed: [..., out] (in `out_dtype` if given)."""
-    kernel = keras.ops.convert_to_tensor(kernel)
     if out_dtype is not None and _torch_dtype(out_dtype) != x.dtype:
-        # A float16 product with a float32 result (layers/precision.py). ATen has one only
-        # on CUDA (`aten::mm.dtype`, no CPU kernel in 2.13, and not measured here: no GPU),
-        # so the operands are widened: a float32 copy of the kernel per call, the guard's
-        # cost on this backend (bench/float16_guard.py).
-        wide = _torch_dtype(out_dtype)
-        return linear(x.to(wide), kernel.to(wide))
+        return _wide_linear(x, kernel, _torch_dtype(out_dtype))
+    kernel = keras.ops.convert_to_tensor(kernel)
     if (x.device.type == "cpu" and x.dtype == kernel.dtype
             and x.dtype in (torch.float32, torch.bfloat16)
             and not (torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad))):
@@ -83,6 +78,39 @@ def linear(x, kernel, out_dtype=None):
 
 
 _BF16_WIDEN_ROWS = 8
+
+
+def _wide_linear(x, kernel, wide):
+    """`linear` with a result in the wider dtype `wide` (float16 operands, float32 result:
+    layers/precision.py).
+
+    ATen has no float16 product with a float32 result on CPU (`aten::mm.dtype` is CUDA-only in
+    2.13). Widening both operands cost the guarded float16 model 2.3x of its decode speed
+    (bench/float16_guard.py, first version: 111 vs 259 tok/s). Instead the float16 product
+    stays, and each row of x is divided by the power of two that keeps every partial sum
+    within 2**15: |sum_i x_i w_ji| <= max|x| * max_j sum_i |w_ji|, the kernel's largest row L1
+    norm, computed once per weight. Rows that fit are divided by 1 (the plain float16
+    product); the result is widened and multiplied back."""
+    if x.dtype != torch.float16:
+        kernel = keras.ops.convert_to_tensor(kernel)
+        return linear(x.to(wide), kernel.to(wide))
+    if isinstance(kernel, keras.Variable):
+        bound = _derived(kernel, "row_l1", _largest_row_l1)
+        kernel = keras.ops.convert_to_tensor(kernel)
+    else:  # a kernel made in this call (a dequantized one): no cache to keep it in
+        kernel = keras.ops.convert_to_tensor(kernel)
+        bound = _largest_row_l1(kernel.detach())
+    with torch.no_grad():
+        peak = x.detach().abs().amax(dim=-1, keepdim=True).float()  # [..., 1]
+        scale = torch.exp2(torch.ceil(torch.log2(torch.clamp(peak * bound / 2.0 ** 15,
+                                                                  min=1.0))))
+    y = torch.nn.functional.linear((x.float() / scale).to(x.dtype), kernel.to(x.dtype))
+    return y.to(wide) * scale
+
+
+def _largest_row_l1(kernel):
+    """max over output rows of sum |w| of a [out, in] kernel, float32 scalar."""
+    return kernel.float().abs().sum(dim=-1).max()
 
 
 def _torch_dtype(name):
