@@ -173,8 +173,9 @@ def render(raw) -> str:
         "model with the guards switched off (on real checkpoints it overflows). Each backend "
         f"in its own process; first calls apart, then {raw['rounds']} rounds, cases in "
         "rotating order. *Decode tok/s* = (new tokens - 1) / (call - median one-token call): "
-        "**best**, median in parentheses. *Prefill*: the median one-token call. *Guard cost*: "
-        "guarded against unguarded (decode tok/s, best; prefill, median).", "",
+        "**best**, median in parentheses. *Prefill*: the median one-token call. *vs "
+        "unguarded float16*: speed ratios (> 1 faster) of decode (best) and prefill (median); "
+        "on the *float16 guarded* row, the guards' cost.", "",
     ]
     columns = ["backend", "case", "decode tok/s", "prefill (ms)", "vs unguarded float16",
                "first call (s)"]
@@ -193,7 +194,7 @@ def render(raw) -> str:
         versus = "-"
         if base and r["case"] != "float16 unguarded":
             versus = (f"decode {common.ratio(best, base[0])}, prefill "
-                      f"{common.ratio(prefill, base[2])}")
+                      f"{common.ratio(base[2], prefill)}")  # speeds: > 1 is faster
         lines.append(common.table_row(cells + [
             f"**{best:.1f}** ({median:.1f})", f"{prefill * 1e3:.0f}", versus,
             f"{r['first_call_s']:.1f}"]))
