@@ -116,20 +116,89 @@ def test_lying_safetensors_headers_are_refused(hf_checkpoint, edit, message):
 
 @pytest.mark.once("jax")
 @pytest.mark.parametrize("entry", ["../outside.safetensors", "/tmp/outside.safetensors",
-                                   "linked/model.safetensors", "", 3, ["a", "b"]])
+                                   "sub/model.safetensors", "", 3, ["a", "b"]])
 def test_an_hf_index_naming_files_outside_its_directory_is_refused(hf_checkpoint, tmp_path,
                                                                      entry):
     directory, _ = hf_checkpoint("gemma_mqa")
     # A valid shard outside the checkpoint: a loader that followed the index would read it.
     shard = sorted(directory.glob("*.safetensors"))[0]
     shutil.copy(shard, directory.parent / "outside.safetensors")
-    (directory / "linked").symlink_to(directory.parent)  # a subdirectory leading out
     index = directory / "model.safetensors.index.json"
     data = json.loads(index.read_text())
     data["weight_map"][next(iter(data["weight_map"]))] = entry
     index.write_text(json.dumps(data))
     with pytest.raises(gk.CheckpointError, match="index may only name files in its own"):
         gk.GemmaCausalLM.from_preset(directory)
+
+
+def _link_out_file(directory):
+    """model.safetensors (or the first shard) replaced by a link to a valid copy of itself
+    outside the directory: a loader that followed it would load without complaint."""
+    shard = sorted(directory.glob("*.safetensors"))[0]
+    outside = directory.parent / "outside" / shard.name
+    outside.parent.mkdir()
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)
+    return shard
+
+
+def _link_out_subdirectory(directory):
+    (directory / "sub").mkdir()
+    link = directory / "sub" / "assets"
+    link.symlink_to(directory.parent)  # a folder leading out, one level down
+    return link
+
+
+def _link_out_through_inside_link(directory):
+    """An inside link to an inside link that leads out: where it lands is what counts."""
+    config = directory / "config.json"
+    outside = directory.parent / "outside_config.json"
+    shutil.move(config, outside)
+    (directory / "hop.json").symlink_to(outside)
+    config.symlink_to("hop.json")
+    return directory / "hop.json"
+
+
+@pytest.mark.once("jax")
+@pytest.mark.parametrize("make_link", [_link_out_file, _link_out_subdirectory,
+                                       _link_out_through_inside_link])
+def test_links_leading_outside_the_checkpoint_are_refused(hf_checkpoint, make_link):
+    directory, _ = hf_checkpoint("gemma_mqa")
+    link = make_link(directory)
+    for load in (gk.GemmaCausalLM.from_preset, gk.GemmaTokenizer.from_preset):
+        with pytest.raises(gk.CheckpointError, match="outside the checkpoint directory") as e:
+            load(directory)
+        assert str(link) in str(e.value)
+
+
+@pytest.mark.once("jax")
+def test_the_hugging_face_cache_layout_loads_and_its_links_stay_in_their_repository(
+        hf_checkpoint, tmp_path, vocab_size):
+    """The HF cache: <repo>/snapshots/<revision>/<file> -> ../../blobs/<hash>. Such links
+    load; a snapshot link into another repository's blobs is refused."""
+    import numpy as np
+    from conftest import logits_of, token_batch
+
+    directory, _ = hf_checkpoint("gemma_mqa")
+    repo = tmp_path / "hub" / "models--google--tiny"
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, file in enumerate(sorted(directory.iterdir())):
+        shutil.copy(file, repo / "blobs" / f"blob{i}")
+        (snapshot / file.name).symlink_to(f"../../blobs/blob{i}")
+    ids, mask = token_batch(vocab_size)
+    want = logits_of(gk.GemmaCausalLM.from_preset(directory), ids, mask)
+    np.testing.assert_array_equal(logits_of(gk.GemmaCausalLM.from_preset(snapshot), ids, mask),
+                                  want)
+    other = tmp_path / "hub" / "models--evil--x" / "blobs"
+    other.mkdir(parents=True)
+    shutil.move(repo / "blobs" / "blob0", other / "blob0")
+    first = sorted(directory.iterdir())[0].name
+    (snapshot / first).unlink()
+    (snapshot / first).symlink_to(other / "blob0")
+    with pytest.raises(gk.CheckpointError, match="outside the checkpoint directory"):
+        gk.GemmaCausalLM.from_preset(snapshot)
 
 
 @pytest.mark.once("jax")

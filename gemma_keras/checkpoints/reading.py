@@ -5,6 +5,7 @@ never a bare KeyError or JSONDecodeError from deep inside a loader."""
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Optional
 
@@ -51,10 +52,46 @@ def listed_file(directory: pathlib.Path, name, index: pathlib.Path) -> pathlib.P
     A path ('../x', 'sub/x', an absolute path) is refused, so an index never makes a loader
     read outside the checkpoint's directory, also not through a linked subdirectory. (A
     listed file may itself be a link: the Hugging Face cache links every snapshot file to
-    ../../blobs.)"""
+    ../../blobs; `refuse_outside_links` has checked where every link leads.)"""
     if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
             or name != pathlib.PurePath(name).name):
         raise CheckpointError(
             f"{index} lists {name!r} as a weights file; an index may only name files in its "
             "own directory (refused: it is not read).")
     return directory / name
+
+
+# A checkpoint directory holds tens of files; a walk past this many entries is not one.
+_MAX_ENTRIES = 10_000
+
+
+def refuse_outside_links(directory: pathlib.Path) -> pathlib.Path:
+    """`directory`, after checking that no link in it (a file or a subdirectory, at any depth)
+    leads outside it: a downloaded preset with `model.safetensors -> /home/me/.ssh/id_rsa` or
+    `assets -> /` would otherwise have a loader read, and an error message quote, what it
+    points at. Links are not followed by the walk; each is resolved and must land inside
+    `directory`, or, for a snapshot of the Hugging Face cache (`<repo>/snapshots/<revision>`,
+    whose every file links to `../../blobs/<hash>`), in that repository's `blobs`.
+    Raises CheckpointError naming the first link that leads out (nothing was read)."""
+    root = pathlib.Path(directory).resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    seen = 0
+    for where, dirs, files in os.walk(root, followlinks=False):
+        for name in dirs + files:
+            seen += 1
+            if seen > _MAX_ENTRIES:
+                raise CheckpointError(
+                    f"{directory} holds more than {_MAX_ENTRIES} files and folders: it is not a "
+                    "checkpoint directory (refused: nothing was read).")
+            path = pathlib.Path(where) / name
+            if not path.is_symlink():
+                continue
+            target = path.resolve()
+            if not any(target == base or base in target.parents for base in allowed):
+                raise CheckpointError(
+                    f"{path} links to {target}, outside the checkpoint directory {directory} "
+                    "(refused: nothing was read). A checkpoint may only hold its own files; "
+                    "copy the file in if you trust it.")
+    return directory

@@ -15,6 +15,7 @@ import re
 from typing import Optional, Union
 
 from gemma_keras import errors
+from gemma_keras.checkpoints import reading
 from gemma_keras.errors import CheckpointError, PresetAccessError, UnknownPresetError
 from gemma_keras.presets import HF_SCHEME, KAGGLE_SCHEME, get_preset_card, list_presets
 
@@ -52,15 +53,18 @@ def demo_preset_directory() -> pathlib.Path:
 
 
 def resolve_preset(handle: Union[str, os.PathLike]) -> pathlib.Path:
-    """Return the local directory holding the checkpoint `handle` names, downloading if needed."""
+    """Return the local directory holding the checkpoint `handle` names, downloading if needed.
+    A directory with a link leading outside it is refused (`reading.refuse_outside_links`)."""
     kind, value = _locate(handle)
     if kind == "local":
-        return value
-    if kind == "demo":
-        return demo_preset_directory()
-    if kind == "kaggle":
-        return _download_kaggle(value)
-    return _download_hf(value)
+        directory = value
+    elif kind == "demo":
+        directory = demo_preset_directory()
+    elif kind == "kaggle":
+        directory = _download_kaggle(value)
+    else:
+        directory = _download_hf(value)
+    return reading.refuse_outside_links(directory)
 
 
 def is_local(handle: Union[str, os.PathLike]) -> bool:
