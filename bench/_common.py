@@ -345,6 +345,27 @@ def backends(args) -> tuple:
     return BACKENDS if args.backend == "all" else (args.backend,)
 
 
+def add_backends_list_arg(p: argparse.ArgumentParser):
+    """--backends: a comma-separated list, each measured in its own process, in a row."""
+    p.add_argument("--backends", default=os.environ.get("KERAS_BACKEND", "jax"),
+                   help="Comma-separated Keras backends, each in its own process, one after "
+                   "another (default: $KERAS_BACKEND, else jax).")
+
+
+def report_backends(args, default_output: pathlib.Path, measure, render) -> int:
+    """The driver's end for scripts with --backends and --quick: checks the backends (into
+    args.backends), then `report` to --output (default `default_output`, or its `_quick`
+    sibling with --quick) and --json (default: the output as .json)."""
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not args.backends or any(b not in BACKENDS for b in args.backends):
+        raise SystemExit(f"--backends takes {','.join(BACKENDS)}")
+    output = args.output or (default_output if not args.quick else default_output.with_name(
+        f"{default_output.stem}_quick.md"))
+    json_path = args.json or output.with_suffix(".json")
+    return report(output, lambda: measure(args), render, json_path=json_path,
+                  from_json=args.from_json)
+
+
 def add_checkpoint_args(p: argparse.ArgumentParser):
     """The internal flags of `ensure_checkpoints`' builder processes (and --dir)."""
     p.add_argument("--make", choices=("hf", "keras_hub"), help=argparse.SUPPRESS)

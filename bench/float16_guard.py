@@ -207,8 +207,7 @@ def render(raw) -> str:
 def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="A smoke run: 8 tokens, 1 round.")
-    p.add_argument("--backends", default=os.environ.get("KERAS_BACKEND", "jax"),
-                   help="Comma-separated Keras backends, each in its own process.")
+    common.add_backends_list_arg(p)
     p.add_argument("--new-tokens", type=int, default=None, help="Default 64 (8 with --quick).")
     p.add_argument("--rounds", type=int, default=None, help="Default 3 (1 with --quick).")
     p.add_argument("--no-peer", action="store_true", help="Leave out transformers' row.")
@@ -225,14 +224,7 @@ def main(argv=None):
     if args.worker:
         common.reply(measure_backend(args))
         return 0
-    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not args.backends or any(b not in common.BACKENDS for b in args.backends):
-        raise SystemExit(f"--backends takes {','.join(common.BACKENDS)}")
-    output = args.output or (DEFAULT_OUTPUT if not args.quick
-                             else DEFAULT_OUTPUT.with_name("float16_guard_quick.md"))
-    json_path = args.json or output.with_suffix(".json")
-    return common.report(output, lambda: measure(args), render, json_path=json_path,
-                         from_json=args.from_json)
+    return common.report_backends(args, DEFAULT_OUTPUT, measure, render)
 
 
 if __name__ == "__main__":

@@ -250,9 +250,7 @@ def render(raw) -> str:
 def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--quick", action="store_true", help="A smoke run: 16 tokens, 1 round.")
-    p.add_argument("--backends", default=os.environ.get("KERAS_BACKEND", "jax"),
-                   help="Comma-separated Keras backends, each in its own process, one after "
-                   "another (default: $KERAS_BACKEND, else jax).")
+    common.add_backends_list_arg(p)
     p.add_argument("--only", help=f"Comma-separated cases, of {','.join(CASES)} (default all).")
     p.add_argument("--new-tokens", type=int, default=None, help="Default 128 (16 with --quick).")
     p.add_argument("--rounds", type=int, default=None, help="Default 3 (1 with --quick).")
@@ -276,14 +274,7 @@ def main(argv=None):
         common.reply(measure_backend(args))
         return 0
     args.cases = common.pick(CASES, args.only) if args.only else list(CASES)
-    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not args.backends or any(b not in common.BACKENDS for b in args.backends):
-        raise SystemExit(f"--backends takes {','.join(common.BACKENDS)}")
-    output = args.output or (DEFAULT_OUTPUT if not args.quick
-                             else DEFAULT_OUTPUT.with_name("speculative_speed_quick.md"))
-    json_path = args.json or output.with_suffix(".json")
-    return common.report(output, lambda: measure(args), render, json_path=json_path,
-                         from_json=args.from_json)
+    return common.report_backends(args, DEFAULT_OUTPUT, measure, render)
 
 
 if __name__ == "__main__":
