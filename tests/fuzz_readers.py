@@ -201,9 +201,38 @@ def _alarm(signum, frame):
     raise _Hung()
 
 
+def _reset_peak_rss() -> Optional[int]:
+    """Resets the process' peak resident size (VmHWM) to its current one (Linux >= 4.0) and
+    returns that; None where the kernel does not let it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return _status_bytes("VmRSS")
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name == key:
+                return int(value.split()[0]) * 1024  # in kB there
+    raise KeyError(key)
+
+
+# Resident memory a load may add beyond twice the checkpoint's bytes: the allocator's and
+# the libraries' own working memory (measured over 1,000 cases: at most 1 MiB).
+RSS_SLACK_BYTES = 32 << 20
+
+
 def _load_problem(directory, size, time_limit, slack_bytes, GemmaError) -> Optional[str]:
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, 2 * time_limit)
+    # Two measures of what a load allocates: tracemalloc sees Python's and NumPy's memory
+    # (exactly, but not C libraries'); the peak resident size sees everything, h5py's HDF5
+    # and SentencePiece's C++ included, with the allocator's noise.
+    rss_before = _reset_peak_rss()
     tracemalloc.start()
     start = time.perf_counter()
     problem = None
@@ -227,6 +256,10 @@ def _load_problem(directory, size, time_limit, slack_bytes, GemmaError) -> Optio
     # float32 reads of bfloat16 weights take twice their bytes; the rest is slack.
     if problem is None and peak > 2 * size + slack_bytes:
         problem = f"allocated {peak} bytes for a {size}-byte checkpoint"
+    if problem is None and rss_before is not None:
+        grown = _status_bytes("VmHWM") - rss_before
+        if grown > 2 * size + RSS_SLACK_BYTES:
+            problem = f"resident memory grew by {grown} bytes for a {size}-byte checkpoint"
     return problem
 
 
