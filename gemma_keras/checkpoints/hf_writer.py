@@ -116,7 +116,8 @@ def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[fl
     tensors = [(names[name], value) for name, value in weight_table(backbone)]
     shards = _plan_shards(tensors, None if max_shard_size is None
                           else int(max_shard_size * 1024 ** 3))
-    with atomic_directory(directory, overwrite) as tmp:
+    with atomic_directory(directory, overwrite,
+                          size=sum(_nbytes(v) for _, v in tensors)) as tmp:
         progress.start("writing weights", len(tensors))
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
         weight_map, total = {}, 0

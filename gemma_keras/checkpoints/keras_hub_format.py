@@ -485,6 +485,11 @@ def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=4))
 
 
+def _itemsize(variable) -> int:
+    dtype = keras.backend.standardize_dtype(variable.dtype)
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
+
 def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
                  max_shard_size: Optional[float] = None, overwrite: bool = False,
                  instruct: Optional[bool] = None):
@@ -517,7 +522,11 @@ def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
         "tasks": ["CausalLM"],
         "gemma_keras": ours,
     }
-    with atomic_directory(directory, overwrite) as tmp:
+    # The weights' bytes (LoRA adapters are merged, not written): room for them is checked
+    # before anything is written (see atomic._check_space).
+    size = sum(int(np.prod(v.shape)) * _itemsize(v) for v in backbone.weights
+               if "lora" not in v.path)
+    with atomic_directory(directory, overwrite, size=size) as tmp:
         for name, content in (("config.json", backbone_json), ("tokenizer.json", tokenizer_json),
                               ("preprocessor.json", preprocessor_json), ("task.json", task_json),
                               ("metadata.json", metadata)):

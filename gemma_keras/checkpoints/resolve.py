@@ -111,6 +111,14 @@ def _looks_like_path(handle: str) -> bool:
 def _local_directory(path: str) -> pathlib.Path:
     directory = pathlib.Path(path).expanduser()
     if not directory.exists():
+        from gemma_keras.checkpoints.atomic import interrupted_save
+
+        old = interrupted_save(directory)
+        if old is not None:  # a save killed between its two renames (see atomic.py)
+            raise CheckpointError(
+                f"{path}: no such directory; an interrupted save left its previous version "
+                f"at {old}. Rename that back to {path} (saving to {path} again also puts it "
+                "back first).")
         raise CheckpointError(f"{path}: no such directory.")
     if not directory.is_dir():
         raise CheckpointError(f"{path}: is a file; from_preset takes a checkpoint directory.")

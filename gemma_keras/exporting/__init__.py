@@ -195,7 +195,8 @@ def _export_in_tensorflow_process(lm, spec):
         write_preset(lm.backbone, lm.tokenizer, preset,
                      sequence_length=lm.backbone.config.max_sequence_length,
                      instruct=lm.instruct)
-        env = dict(os.environ, KERAS_BACKEND="tensorflow")
+        env = dict(os.environ, KERAS_BACKEND="tensorflow",
+                   GEMMA_KERAS_EXPORT_PARENT=str(os.getpid()))
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         command = [sys.executable, "-m", "gemma_keras.exporting.build", str(preset),
                    spec.to_json()]

@@ -174,6 +174,27 @@ def write_litert(lm, spec, metadata):
             tmp.write_bytes(data)
 
 
+def _die_with_parent():
+    """The export dies with the process that asked for it. A parent stopped by an exception
+    or Ctrl-C kills this child itself (subprocess.run does); a parent killed outright
+    (SIGKILL, the OOM killer) cannot, and this export would go on and, minutes later,
+    replace the target after the user had moved on (even over a newer export of theirs).
+    Linux only (prctl PR_SET_PDEATHSIG); elsewhere the child finishes on its own."""
+    import ctypes
+    import os
+    import signal
+
+    parent = os.environ.get("GEMMA_KERAS_EXPORT_PARENT")
+    if not sys.platform.startswith("linux") or not (parent or "").isdigit():
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _main(argv):
     """The child process: argv = [preset directory, spec JSON]."""
     from gemma_keras.causal_lm import GemmaCausalLM
@@ -192,4 +213,5 @@ def _main(argv):
 
 
 if __name__ == "__main__":
+    _die_with_parent()
     sys.exit(_main(sys.argv[1:]))
