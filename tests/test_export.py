@@ -177,6 +177,16 @@ def test_litert_last_chunk_that_would_overrun_the_cache(lm_of, tmp_path):
     np.testing.assert_allclose(logits, _full_logits(lm, tokens)[-1], atol=1e-4)
     with pytest.raises(ValueError, match="max_length of 14"):
         runner.generate_ids(tokens, 2)
+    # A model or tokenizer that is not the one its metadata describes (an export killed
+    # between its three files, or files of two exports mixed) is refused, naming it.
+    for name in ("model.tflite", "tokenizer.model"):
+        path = tmp_path / "out" / name
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        with pytest.raises(gk.ExportError, match=f"{name} does not match"):
+            LiteRTGenerator(tmp_path / "out")
+        path.write_bytes(original)
+    LiteRTGenerator(tmp_path / "out")
 
 
 @conversion_variant

@@ -12,6 +12,7 @@ LiteRT (path ending in .tflite, or a directory holding model.tflite):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import sys
@@ -166,7 +167,12 @@ def write_litert(lm, spec, metadata):
                           "the 2 GiB FlatBuffer limit; export with quantize='int8' or "
                           "allow_large_file=True.")
     model_path, tokenizer_path, metadata_path = litert_paths(spec.path)
-    metadata = dict(metadata, tokenizer=tokenizer_path.name, file_bytes=len(flatbuffer))
+    # Three files, each replaced atomically but not together: a crash between them leaves a
+    # new model beside the old metadata. The metadata, written last, records the other two
+    # files' hashes, and the runner refuses files that do not match it.
+    metadata = dict(metadata, tokenizer=tokenizer_path.name, file_bytes=len(flatbuffer),
+                    model_sha256=hashlib.sha256(flatbuffer).hexdigest(),
+                    tokenizer_sha256=hashlib.sha256(lm.tokenizer.proto).hexdigest())
     for target, data in ((model_path, flatbuffer), (tokenizer_path, lm.tokenizer.proto),
                          (metadata_path, json.dumps(metadata, indent=2).encode())):
         # The tokenizer may be shared with another export in the directory (checked equal).

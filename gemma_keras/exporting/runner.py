@@ -19,6 +19,7 @@ The protocol (see signatures.py):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pathlib
 from typing import List, Optional
@@ -26,6 +27,7 @@ from typing import List, Optional
 import numpy as np
 
 # Keras-free: the stop rules GemmaCausalLM.generate follows.
+from gemma_keras.errors import ExportError
 from gemma_keras.generation.stopping import completion_ids
 
 
@@ -42,6 +44,23 @@ def _interpreter(model_path, num_threads):
     return Interpreter(model_path=str(model_path), num_threads=num_threads)
 
 
+def _check_hash(path: pathlib.Path, want: Optional[str], metadata_path: pathlib.Path):
+    """Refuses `path` when its sha256 is not the one the export's metadata recorded (exports
+    before the hashes were recorded have none: not checked). Hashing reads the file once
+    (~1 s per GB), before the interpreter maps it."""
+    if want is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    if digest.hexdigest() != want:
+        raise ExportError(
+            f"{path} does not match {metadata_path} (not the file that export wrote): an "
+            "export interrupted part-way, or files of different exports side by side. "
+            "Export again (overwrite=True / --overwrite).")
+
+
 class LiteRTGenerator:
     """Greedy generation from a LiteRT export written by `gk.export(..., format="litert")`."""
 
@@ -55,6 +74,8 @@ class LiteRTGenerator:
                     f"{required} does not exist: a LiteRT export is the .tflite file with "
                     "tokenizer.model and its .json beside it, as gk.export writes them.")
         self.metadata = json.loads(metadata_path.read_text())
+        for file, key in ((model_path, "model_sha256"), (tokenizer_path, "tokenizer_sha256")):
+            _check_hash(file, self.metadata.get(key), metadata_path)
         import sentencepiece as spm
 
         self.tokenizer = spm.SentencePieceProcessor()
