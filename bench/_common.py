@@ -435,6 +435,13 @@ def report(output: pathlib.Path, measure, render, json_path=None, from_json=None
 
 
 # ---- the report ---------------------------------------------------------------------------
+def closing_lines(raw: dict, extra_packages=()) -> list:
+    """The report's end: the load average the run recorded (`raw["load_average"]`), then
+    `machine_lines` for `raw["args_line"]`."""
+    return ["", f"Load average (1 min) at the end: {raw['load_average']:.1f} (2 cores; this "
+            "machine is shared).", ""] + machine_lines(raw["args_line"], extra_packages)
+
+
 def machine_lines(args_line: str, extra_packages=()) -> list:
     """The report's closing lines: machine, library versions (the usual ones and
     `extra_packages`), date and command."""

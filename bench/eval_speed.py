@@ -335,10 +335,8 @@ def render(raw, args) -> str:
                      common.ratio(m["best"], base.get("best")),
                      common.ratio(m["median"], base.get("median")),
                      common.fmt(r["first_s"]), common.fmt(m["first_overhead_s"])] + [agrees]))
-    lines += ["", _verdict(rows, ref, n), "",
-              f"Load average (1 min) at the end: {raw['load_average']:.1f} (2 cores; this "
-              "machine is shared).", ""]
-    lines += common.machine_lines(raw["args_line"], extra_packages=("lm_eval",))
+    lines += ["", _verdict(rows, ref, n)]
+    lines += common.closing_lines(raw, extra_packages=("lm_eval",))
     return "\n".join(lines)
 
 

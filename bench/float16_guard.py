@@ -198,9 +198,7 @@ def render(raw) -> str:
         lines.append(common.table_row(cells + [
             f"**{best:.1f}** ({median:.1f})", f"{prefill * 1e3:.0f}", versus,
             f"{r['first_call_s']:.1f}"]))
-    lines += ["", f"Load average (1 min) at the end: {raw['load_average']:.1f} (2 cores; this "
-              "machine is shared).", ""]
-    lines += common.machine_lines(raw["args_line"])
+    lines += common.closing_lines(raw)
     return "\n".join(lines)
 
 

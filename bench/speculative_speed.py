@@ -241,9 +241,7 @@ def render(raw) -> str:
             f"{t['tokens'] / t['rounds']:.2f}" if t["rounds"] else "-",
             "yes" if r["identical"] else "**NO**",
             f"{r['first_plain_s']:.1f} / {r['first_spec_s']:.1f}"]))
-    lines += ["", f"Load average (1 min) at the end: {raw['load_average']:.1f} (2 cores; this "
-              "machine is shared).", ""]
-    lines += common.machine_lines(raw["args_line"])
+    lines += common.closing_lines(raw)
     return "\n".join(lines)
 
 
