@@ -2,12 +2,22 @@
 TensorFlow and PyTorch. Everything public is importable from here.
 
 Names are resolved on first use, so `import gemma_keras` (and the command line) does not
-import Keras, and with it a backend, before the user has had a chance to choose one.
+import Keras, and with it a backend, before the user has had a chance to choose one. The
+backend is settled (gemma_keras/backends/choice.py) at the first use of a name that needs
+Keras, or at the first `import keras` after `import gemma_keras`, whichever comes first; a
+Keras imported before gemma_keras keeps the backend Keras chose alone.
 """
 
 import importlib
 
+from gemma_keras.backends import choice as _choice
+
 __version__ = "0.1.0"
+
+# Only a sys.meta_path entry: no file read, no backend imported, nothing raised until Keras is
+# looked up, so the user's own `import keras` (which would otherwise meet Keras' default,
+# TensorFlow) gets the backend gemma_keras would choose, and keeps it on later runs.
+_choice.install_import_hook()
 
 _EXPORTS = {
     "GemmaBackbone": "gemma_keras.backbone",
@@ -46,9 +56,7 @@ def _settle_backend(module):
     if module not in _KERAS_FREE:
         # Before Keras is imported: a missing backend is one clear line (BackendError), and
         # with none chosen an installed one is picked (gemma_keras/backends/choice.py).
-        from gemma_keras.backends.choice import ensure_backend
-
-        ensure_backend()
+        _choice.ensure_backend()
 
 
 def __getattr__(name):

@@ -23,7 +23,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # ---- helpers -------------------------------------------------------------------------------
 def _hiding(tmp_path, *modules):
     """A PYTHONPATH folder whose sitecustomize makes `modules` uninstalled for the child:
-    `import` and importlib.util.find_spec both fail, as for a package that is not there."""
+    every finder is wrapped to find nothing for them, so importlib.util.find_spec returns None
+    and `import` fails, as for a package that is not there (raising from find_spec instead
+    breaks libraries that probe for others, as torch probes for tensorflow)."""
     folder = tmp_path / f"hide_{'_'.join(modules)}"
     folder.mkdir(exist_ok=True)
     (folder / "sitecustomize.py").write_text(textwrap.dedent(f"""
@@ -31,12 +33,18 @@ def _hiding(tmp_path, *modules):
         HIDDEN = {modules!r}
 
         class _Hide:
+            def __init__(self, finder):
+                self._finder = finder
+
             def find_spec(self, name, path=None, target=None):
                 if name.split(".")[0] in HIDDEN:
-                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-                return None
+                    return None
+                return self._finder.find_spec(name, path, target)
 
-        sys.meta_path.insert(0, _Hide())
+            def __getattr__(self, name):  # invalidate_caches, find_distributions
+                return getattr(self._finder, name)
+
+        sys.meta_path[:] = [_Hide(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
         """))
     return folder
 
@@ -69,20 +77,77 @@ def demo():
 
 
 # ---- defect 1: the backend --------------------------------------------------------------------
+# A child that imports gemma_keras, then Keras itself (issue 32: the user's own `import keras`
+# met Keras' default, TensorFlow), and prints the backend Keras runs on.
+_IMPORT_KERAS = "import gemma_keras as gk; import keras; print(keras.backend.backend())"
+# The command line, in a child that then prints the backend it settled (`inspect` of a
+# directory settles it, imports Keras and reads a config: no model is built).
+_CLI_THEN_BACKEND = ("import sys; from gemma_keras import cli; rc = cli.main(sys.argv[1:]); "
+                     "import keras; print(rc, keras.backend.backend())")
+DEMO_DIR = str(REPO / "presets" / "gemma_demo")
+NOTICE = "gemma_keras: using the"  # how choice.py says which backend it chose, and why
+
+
 @pytest.mark.once("jax")
-def test_uninstalled_keras_json_backend_falls_back_to_an_installed_one(tmp_path):
-    """keras.json says tensorflow (Keras wrote its default) and TensorFlow is not installed:
-    the CLI and the Python API run on JAX and say so once, with how to choose."""
-    env = _env(tmp_path, hide=("tensorflow",), keras_json="tensorflow")
-    result = _cli(["generate", "--max-new-tokens", "4", "json.dumps("], env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("json.dumps(")
-    assert result.stderr.count("using the jax backend") == 1, result.stderr
-    assert "KERAS_BACKEND" in result.stderr and "--backend" in result.stderr
+def test_a_backend_chosen_for_a_new_user_is_recorded_and_kept(tmp_path):
+    """Issue 32, 1, 2 and 11: only torch installed, no keras.json: `import keras` after
+    `import gemma_keras` runs on torch, and keras.json records it (Keras' own keys), said
+    once. After TensorFlow and JAX are installed too, later runs (the CLI's too) keep torch,
+    silently. KERAS_BACKEND and then --backend still win, and an explicit choice made before
+    any keras.json exists is what gets recorded."""
+    keras_json = tmp_path / "keras_home" / "keras.json"
+    first = _run(["-c", _IMPORT_KERAS], _env(tmp_path, hide=("jax", "tensorflow")))
+    assert first.returncode == 0 and first.stdout.strip() == "torch", first.stderr[-3000:]
+    assert first.stderr.count("using the torch backend") == 1, first.stderr
+    assert str(keras_json) in first.stderr and "KERAS_BACKEND" in first.stderr
+    recorded = json.loads(keras_json.read_text())
+    # What Keras itself writes (keras/src/backend/config.py), with the backend in use; Keras
+    # validated the rest when the child imported it.
+    assert list(recorded) == ["floatx", "epsilon", "backend", "image_data_format"]
+    assert recorded["backend"] == "torch"
+
+    # Everything installed now, no choice: torch is kept, and nothing more is said.
+    later = _run(["-c", _CLI_THEN_BACKEND, "inspect", DEMO_DIR], _env(tmp_path))
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert later.stdout.strip().splitlines()[-1] == "0 torch"
+    assert NOTICE not in later.stderr, later.stderr
+
+    # An explicit KERAS_BACKEND wins over the recorded backend and does not replace it.
+    explicit = _run(["-c", _IMPORT_KERAS], _env(tmp_path, KERAS_BACKEND="jax"))
+    assert explicit.returncode == 0 and explicit.stdout.strip() == "jax", explicit.stderr
+    assert NOTICE not in explicit.stderr
+    assert json.loads(keras_json.read_text()) == recorded
+
+    # --backend wins over KERAS_BACKEND; with no keras.json yet the backend that ran is
+    # recorded (not Keras' default, TensorFlow), silently: it was the user's choice.
+    other_home = tmp_path / "other_home"
+    flag = _run(["-c", _CLI_THEN_BACKEND, "--backend", "jax", "inspect", DEMO_DIR],
+                _env(tmp_path, KERAS_BACKEND="torch", KERAS_HOME=str(other_home)))
+    assert flag.returncode == 0, flag.stderr[-3000:]
+    assert flag.stdout.strip().splitlines()[-1] == "0 jax"
+    assert NOTICE not in flag.stderr, flag.stderr
+    assert json.loads((other_home / "keras.json").read_text())["backend"] == "jax"
+
+
+@pytest.mark.once("jax")
+def test_an_existing_keras_json_naming_a_missing_backend_is_left_alone(tmp_path):
+    """keras.json says tensorflow (as Keras writes it) and TensorFlow is not installed here:
+    the run falls back to the first installed backend, for this run only, and says so with
+    how to choose; the file, shared by every Python environment of the user (one with
+    TensorFlow runs on it), is not rewritten. The user's own `import keras` agrees."""
+    env = _env(tmp_path, hide=("tensorflow",))
+    keras_json = tmp_path / "keras_home" / "keras.json"
+    written = json.dumps({"floatx": "float32", "epsilon": 1e-07, "backend": "tensorflow",
+                          "image_data_format": "channels_last"}, indent=4)
+    keras_json.write_text(written)
     api = _run(["-c", "import gemma_keras as gk; gk.GemmaCausalLM; gk.GemmaTokenizer; "
                       "import keras; print(keras.backend.backend())"], env)
     assert api.returncode == 0 and api.stdout.strip() == "jax", api.stderr[-3000:]
-    assert api.stderr.count("using the jax backend") == 1
+    assert api.stderr.count("using the jax backend") == 1, api.stderr
+    assert "'tensorflow', which is not installed" in api.stderr
+    assert "KERAS_BACKEND" in api.stderr and "--backend" in api.stderr
+    assert str(keras_json) in api.stderr
+    assert keras_json.read_text() == written
 
 
 @pytest.mark.once("jax")
@@ -110,6 +175,7 @@ def test_python_api_names_the_extra_for_a_missing_backend(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     message, keras_imported = result.stdout.strip().splitlines()
     assert 'pip install "gemma-keras[torch]"' in message and keras_imported == "False"
+    assert not (tmp_path / "keras_home" / "keras.json").exists()  # nothing ran: no choice
 
 
 # ---- defect 3: one overwrite policy -----------------------------------------------------------
@@ -348,7 +414,7 @@ def test_fresh_non_editable_install_runs_the_readme(tmp_path):
                               capture_output=True, text=True, timeout=300)
     assert generate.returncode == 0, generate.stderr[-3000:]
     assert generate.stdout.startswith("json.dumps(") and len(generate.stdout) > 13
-    assert "using the jax backend" in generate.stderr
+    assert generate.stderr.count("using the jax backend") == 1, generate.stderr
     quickstart = textwrap.dedent("""
         import json
         import gemma_keras as gk
@@ -363,7 +429,8 @@ def test_fresh_non_editable_install_runs_the_readme(tmp_path):
     assert where.startswith(str(fresh_site)), where  # the wheel, not the editable checkout
     text = json.loads(text)
     assert text.startswith("What is Keras?") and len(text) > len("What is Keras?"), text
-    # Keras wrote keras.json (tensorflow, its default) on the first run; it is still taken
-    # as a default, not as a choice.
+    # The first run recorded the backend it chose in keras.json (before Keras could write its
+    # default, TensorFlow, there), and said so; the second run kept it without a word.
     assert json.loads((tmp_path / "new_keras_home" / "keras.json").read_text())["backend"] \
-        == "tensorflow"
+        == "jax"
+    assert NOTICE not in result.stderr, result.stderr
