@@ -1,11 +1,17 @@
 """Export: a SavedModel loaded in a fresh process without Keras, and LiteRT files run by the
-LiteRT interpreter, must generate what the Keras model generates. Runs on every backend (JAX
-and PyTorch models are exported through a TensorFlow child process)."""
+LiteRT interpreter, must generate what the Keras model generates, answering string prompts as
+`generate` does by default (the chat template for instruct models). Runs on every backend
+(JAX and PyTorch models are exported through a TensorFlow child process)."""
 
+import builtins
 import json
+import os
 import pathlib
+import re
 import subprocess
 import sys
+import textwrap
+import types
 
 import keras
 import numpy as np
@@ -18,6 +24,13 @@ from gemma_keras.exporting.runner import LiteRTGenerator
 NEW = 12  # past the Gemma 2 case's sliding window of 5
 WANDERING = dict(std=0.3, embedding_std=0.01)  # greedy output that does not repeat one token
 PROMPTS = ["The quick brown fox", "Keras is", "Gemma models are lightweight open models 7"]
+# For the instruct demo: a question, code, the empty prompt (<bos> alone, never wrapped) and
+# a prompt that already holds turns (sent as written).
+DEMO_PROMPTS = ["What does str.join do?", "json.dumps(", "",
+                "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"]
+# What TensorFlow's and SentencePiece's C++ code writes to stderr (absl, TF, SentencePiece).
+NATIVE_LOG = re.compile(r"^(?:[IWEF]\d{4} \d\d:\d\d|\S+\.cc\(\d+\) LOG\(|WARNING: All log "
+                        r"messages before absl|\d{4}-\d\d-\d\d [\d:.]+: [IWEF] )", re.M)
 # Variants of the conversion itself (quantization, file layout, cache edges) are the same
 # TensorFlow code whichever backend built the model; other backends differ only in the
 # hand-over to the TensorFlow child process, which the generation and LoRA tests cover there.
@@ -35,7 +48,10 @@ def lm_of(hf_checkpoint):
 
 
 def _keras_completions(lm, prompts, new):
-    """Greedy completion ids per prompt (stop token dropped), from GemmaCausalLM.generate."""
+    """Greedy completion ids per prompt, sent as written (stop token dropped), from
+    GemmaCausalLM.generate."""
+    from gemma_keras.generation.generate import resolve_stop_ids
+
     out = []
     for prompt in prompts:
         ids = lm.tokenizer.tokenize(prompt, add_bos=True)
@@ -43,11 +59,23 @@ def _keras_completions(lm, prompts, new):
                               "padding_mask": np.ones((1, len(ids)), bool)},
                              max_new_tokens=new)
         generated = result["token_ids"][0][result["padding_mask"][0]].tolist()[len(ids):]
-        stops = {lm.tokenizer.eos_token_id, lm.tokenizer.end_of_turn_id}
-        if generated and generated[-1] in stops:
+        if generated and generated[-1] in resolve_stop_ids(lm, "auto"):
             generated = generated[:-1]
         out.append(generated)
     return out
+
+
+def _keras_texts(lm, prompts, new, **kwargs):
+    """generate's completion text per prompt, one by one (the exports run a batch), with its
+    defaults unless kwargs (chat_template=False) say otherwise."""
+    return [lm.generate(p, max_new_tokens=new, include_prompt=False, **kwargs)
+            for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The bundled instruct demo, in float32 (the precision LiteRT runs in)."""
+    return gk.GemmaCausalLM.from_preset("gemma_demo", dtype="float32")
 
 
 # Run in a fresh interpreter where Keras and gemma_keras cannot be imported: only TensorFlow
@@ -63,11 +91,13 @@ ops = os.path.join(importlib.util.find_spec("tensorflow_text").submodule_search_
 tf.load_op_library(ops)
 request = json.loads(sys.argv[1])
 results = {}
-for path in request["paths"]:
+for path, prompts in request["paths"].items():
     model = tf.saved_model.load(path)
-    out = model.signatures["generate"](prompts=tf.constant(request["prompts"]),
-                                       max_new_tokens=tf.constant(request["new"]))
+    out = model.signatures["generate_no_chat_template"](prompts=tf.constant(prompts),
+                                                        max_new_tokens=tf.constant(request["new"]))
     n = out["num_tokens"].numpy()
+    default = model.signatures["generate"](prompts=tf.constant(prompts),
+                                           max_new_tokens=tf.constant(request["new"]))
     ids = np.array(request["ids"], np.int32)
     logits = model.signatures["logits"](token_ids=tf.constant(ids),
                                         padding_mask=tf.ones_like(ids))["logits"].numpy()
@@ -79,6 +109,8 @@ for path in request["paths"]:
     results[path] = {"ids": [row[:k].tolist() for row, k in zip(out["token_ids"].numpy(), n)],
                      "completion": [c.decode() for c in out["completion"].numpy()],
                      "text": [t.decode() for t in out["text"].numpy()],
+                     "answer": [c.decode() for c in default["completion"].numpy()],
+                     "answer_text": [t.decode() for t in default["text"].numpy()],
                      "logits": logits.tolist(), "too_long": too_long}
 print(json.dumps(results))
 """
@@ -88,33 +120,47 @@ print(json.dumps(results))
 # from JAX and torch (a TensorFlow child process) is the LiteRT tests' and the README CLI
 # block's (`gemma-keras export`) there, so this one runs where the export is in-process.
 @conversion_variant
-def test_saved_model_in_a_process_without_keras_generates_like_keras(lm_of, tmp_path,
-                                                                      vocab_size):
+def test_saved_model_in_a_process_without_keras_generates_like_keras(lm_of, demo, tmp_path,
+                                                                      vocab_size, capfd):
     ids = np.random.RandomState(0).randint(4, vocab_size, size=(2, 9)).astype("int32")
     ids[:, 0] = 2
-    models, paths = {}, []
-    models["gemma2_gqa"], models["gemma_mqa"] = lm_of("gemma2_gqa"), lm_of("gemma_mqa")
-    models["padded_table"] = _with_padded_table(models["gemma_mqa"], PROMPTS[0])
+    models, paths = {}, {}
+    models["gemma2_gqa"] = lm_of("gemma2_gqa")
+    models["gemma2_gqa"].instruct = False  # a base model: <end_of_turn> is text, not a stop
+    # Gemma 1 MQA (instruct unknown: no template, as generate), its table padded past the
+    # tokenizer's vocabulary.
+    models["padded_table"] = _with_padded_table(lm_of("gemma_mqa"), PROMPTS[0])
+    models["demo"] = demo  # instruct: `generate` answers in the chat format
+    capfd.readouterr()
     for case in models:
         path = tmp_path / f"saved_{case}"
         assert gk.export(models[case], path, format="saved_model", max_length=64) == path
-        paths.append(str(path))
-    request = {"paths": paths, "prompts": PROMPTS, "new": NEW, "ids": ids.tolist()}
+        paths[str(path)] = DEMO_PROMPTS if case == "demo" else PROMPTS
+    # TensorFlow's and SentencePiece's C++ logs are kept off the terminal.
+    assert not NATIVE_LOG.search(capfd.readouterr().err)
+    request = {"paths": paths, "new": NEW, "ids": ids.tolist()}
     result = subprocess.run([sys.executable, "-c", _LOADER, json.dumps(request)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    for case, path in zip(models, paths):
+    for case, (path, prompts) in zip(models, paths.items()):
         lm, got = models[case], loaded[path]
-        want = _keras_completions(lm, PROMPTS, NEW)  # one by one: the export ran a batch
+        # `generate_no_chat_template`: the prompts continued as written.
+        want = _keras_completions(lm, prompts, NEW)  # one by one: the export ran a batch
         assert got["ids"] == want, case
-        assert got["completion"] == [lm.tokenizer.detokenize(w) for w in want]
-        assert got["text"] == [p + c for p, c in zip(PROMPTS, got["completion"])]
-        np.testing.assert_allclose(np.array(got["logits"]), logits_of(lm, ids, np.ones_like(ids)),
-                                   atol=1e-4, err_msg=case)
+        assert got["completion"] == _keras_texts(lm, prompts, NEW, chat_template=False), case
+        assert got["text"] == [p + c for p, c in zip(prompts, got["completion"])]
+        # `generate`: what lm.generate(prompt) answers (the chat template for the demo).
+        assert got["answer"] == _keras_texts(lm, prompts, NEW), case
+        assert got["answer_text"] == [p + c for p, c in zip(prompts, got["answer"])]
+        if case != "demo":  # random tiny models, float32 on both sides
+            np.testing.assert_allclose(np.array(got["logits"]),
+                                       logits_of(lm, ids, np.ones_like(ids)), atol=1e-4,
+                                       err_msg=case)
         assert "max_length of 64" in got["too_long"]
+    assert all(loaded[list(paths)[2]]["answer"][:2])  # the instruct demo answers
     # Ids past the tokenizer's vocabulary were generated, and dropped from the text.
-    assert max(max(ids) for ids in loaded[paths[2]]["ids"]) >= vocab_size
+    assert max(max(ids) for ids in loaded[list(paths)[1]]["ids"]) >= vocab_size
 
 
 def _with_padded_table(lm, prompt, extra=8):
@@ -143,19 +189,21 @@ def _full_logits(lm, tokens):
     return padded_logits(lm, tokens, -(-len(tokens) // 32) * 32)
 
 
-# Gemma 2 (sliding window, soft-caps, GQA) on every backend; the MQA layout is one more
-# conversion of the same TensorFlow code, so on TensorFlow only.
-@pytest.mark.parametrize("case", [pytest.param("gemma_mqa", marks=conversion_variant),
-                                  "gemma2_gqa"])
-def test_litert_generates_like_keras(case, lm_of, tmp_path):
-    lm = lm_of(case)
+# Gemma 2 (sliding window, soft-caps, GQA) on every backend, as a base model (the instruct
+# demo is the next test). The MQA layout's conversion is the LoRA test's (every backend) and
+# the large-file test's.
+def test_litert_generates_like_keras(lm_of, tmp_path):
+    lm = lm_of("gemma2_gqa")
+    lm.instruct = False  # a base model: <end_of_turn> is text, not a stop
     # prefill_length 4: the prompts are prefilled in several chunks, the last one padded.
     runner = _litert(lm, tmp_path / "gemma.tflite", max_length=64, prefill_length=4)
     assert (tmp_path / "tokenizer.model").is_file() and (tmp_path / "gemma.json").is_file()
     want = _keras_completions(lm, PROMPTS, NEW)
     got = [runner.generate_ids(lm.tokenizer.tokenize(p, add_bos=True), NEW) for p in PROMPTS]
     assert got == want
-    assert runner.generate(PROMPTS[0], NEW) == lm.tokenizer.detokenize(want[0])
+    assert [runner.generate(p, NEW) for p in PROMPTS] == _keras_texts(lm, PROMPTS, NEW)
+    assert runner.generate(PROMPTS[0], NEW, chat_template=False) == \
+        _keras_texts(lm, PROMPTS[:1], NEW, chat_template=False)[0]
     # Decode logits equal a full forward pass over the same tokens.
     tokens = lm.tokenizer.tokenize(PROMPTS[2], add_bos=True)
     cache = runner.prefill(tokens[:-1], runner.new_cache())
@@ -164,6 +212,36 @@ def test_litert_generates_like_keras(case, lm_of, tmp_path):
         np.testing.assert_allclose(logits, _full_logits(lm, tokens)[-1], atol=1e-4,
                                    err_msg=f"step {step}")
         tokens.append(int(np.argmax(logits)))
+
+
+# The runner is the same Python, and the metadata the same TensorFlow code, whichever backend
+# built the model (the hand-over of the instruct flag is test_litert_generates_like_keras').
+@conversion_variant
+def test_litert_instruct_demo_answers_like_generate(demo, tmp_path, capfd):
+    from gemma_keras.exporting import runner as runner_module
+
+    path = tmp_path / "demo.tflite"
+    capfd.readouterr()
+    runner = _litert(demo, path, max_length=64, prefill_length=16)
+    assert not NATIVE_LOG.search(capfd.readouterr().err)  # the converter's C++ logs hidden
+    answers = [runner.generate(p, NEW) for p in DEMO_PROMPTS]
+    assert answers == _keras_texts(demo, DEMO_PROMPTS, NEW) and all(answers[:2])
+    assert [runner.generate(p, NEW, chat_template=False) for p in DEMO_PROMPTS] == \
+        _keras_texts(demo, DEMO_PROMPTS, NEW, chat_template=False)
+    # The command line: the same answer by default, the text as written with the opt-out,
+    # and a --max-new-tokens below 1 one line and status 2 (it printed nothing, status 0).
+    for flags, kwargs in (([], {}), (["--no-chat-template"], {"chat_template": False})):
+        capfd.readouterr()
+        assert runner_module.main([str(path), DEMO_PROMPTS[0], "--max-new-tokens", "6",
+                                   *flags]) == 0
+        assert capfd.readouterr().out == _keras_texts(demo, DEMO_PROMPTS[:1], 6,
+                                                      **kwargs)[0] + "\n"
+    for bad in ("0", "-3"):
+        assert runner_module.main([str(path), "x", "--max-new-tokens", bad]) == 2
+        out, err = capfd.readouterr()
+        assert not out and len(err.strip().splitlines()) == 1 and "--max-new-tokens" in err
+    with pytest.raises(gk.InvalidArgumentError, match="max_new_tokens"):
+        runner.generate("x", 0)
 
 
 @conversion_variant
@@ -196,7 +274,10 @@ def test_litert_quantized_logits_within_tolerance(lm_of, tmp_path):
     Keras' own int8 quantization of the same model; float16 within 0.5%. Measured on these
     near-uniform random models: int8 6.6% / 4.0% of range (Keras int8: 7.7% / 2.0%),
     float16 0.14%."""
+    from gemma_keras.generation.generate import prepare_prompts
+
     lm = lm_of("gemma2_gqa")
+    lm.instruct = True
     tokens = lm.tokenizer.tokenize(PROMPTS[2], add_bos=True)
     want = _full_logits(lm, tokens)[-1]
     span = want.max() - want.min()
@@ -213,6 +294,9 @@ def test_litert_quantized_logits_within_tolerance(lm_of, tmp_path):
                                   runner.prefill(tokens[:-1], runner.new_cache()))
         error = np.max(np.abs(logits - want)) / span
         assert 0 < error < tolerance, (quantize, error, keras_error)  # > 0: it was quantized
+        # A quantized export sends an instruct prompt as generate does (its greedy tokens
+        # may differ from the float model's: that is the quantization).
+        assert runner.prompt_ids(PROMPTS[0]) == prepare_prompts(lm, PROMPTS[0])[0][0]
         sizes[quantize] = path.stat().st_size
     float_path = tmp_path / "float.tflite"
     _litert(lm, float_path, max_length=32, prefill_length=8)
@@ -357,3 +441,154 @@ def test_the_tensorflow_child_gets_the_instruct_flag_with_the_weights(instruct, 
     lm.instruct = instruct
     gk.export(lm, tmp_path / "out.tflite", format="litert")
     assert seen == [instruct]
+
+
+@pytest.mark.once("torch")
+def test_export_from_another_backend_does_not_import_tensorflow_here(lm_of, tmp_path,
+                                                                     monkeypatch):
+    # Importing TensorFlow in the user's process only to see that it is there took seconds
+    # and printed its C++ logs; presence is checked with find_spec, the child imports it.
+    import gemma_keras.exporting as exporting
+
+    imported, real_import = [], builtins.__import__
+
+    def recording_import(name, *args, **kwargs):
+        imported.append(name.split(".")[0])
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(exporting.subprocess, "run",
+                        lambda command, **kwargs: subprocess.CompletedProcess(command, 0))
+    lm = lm_of("gemma_mqa")
+    monkeypatch.setattr(builtins, "__import__", recording_import)
+    gk.export(lm, tmp_path / "out.tflite")
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert imported and "tensorflow" not in imported
+
+
+@pytest.mark.once("jax")
+def test_export_format_follows_the_tflite_suffix(demo, tmp_path, monkeypatch):
+    # A .tflite path without format= wrote a SavedModel directory named x.tflite.
+    import gemma_keras.exporting as exporting
+
+    formats = []
+    monkeypatch.setattr(exporting, "_export_in_tensorflow_process",
+                        lambda lm, spec: formats.append(spec.format))
+    lm = demo
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("x.tflite", "y.TFLITE", "saved"):
+        gk.export(lm, out / name)
+    assert formats == ["litert", "litert", "saved_model"]
+    with pytest.raises(gk.ConfigError, match="ends in .tflite.*format='litert'"):
+        gk.export(lm, out / "z.tflite", format="saved_model")
+    # Without TensorFlow: said before any work.
+    monkeypatch.setattr(exporting, "_installed", lambda module: module != "tensorflow_text")
+    with pytest.raises(gk.MissingExtraError, match=r"tensorflow_text.*gemma-keras\[tensorflow\]"):
+        gk.export(lm, out / "w")
+    assert formats == ["litert", "litert", "saved_model"] and not any(out.iterdir())
+
+
+@pytest.mark.once("jax")
+def test_cli_export_format_from_the_suffix(tmp_path, monkeypatch, capsys):
+    from gemma_keras import cli
+
+    calls = []
+
+    def fake_export(lm, path, format, **kwargs):
+        calls.append(format)
+        from gemma_keras.exporting.build import litert_paths
+
+        for file in litert_paths(path):
+            file.write_bytes(b"")
+    monkeypatch.setattr("gemma_keras.exporting.export", fake_export)
+    assert cli.main(["export", str(tmp_path / "x.tflite")]) == 0
+    assert calls == ["litert"] and "as litert" in capsys.readouterr().out
+    # Said the other way round: one line, before the model loads.
+    assert cli.main(["export", "--format", "saved_model", str(tmp_path / "y.tflite")]) == 2
+    out, err = capsys.readouterr()
+    assert calls == ["litert"] and "reading" not in out
+    assert len(err.strip().splitlines()) == 1 and "ends in .tflite" in err
+
+
+@pytest.mark.once("jax")
+def test_cli_export_without_tensorflow_says_so_before_loading(tmp_path):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(textwrap.dedent("""
+        import sys
+
+        class _Hide:  # TensorFlow uninstalled, for import and find_spec alike
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "tensorflow":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        sys.meta_path.insert(0, _Hide())
+        """))
+    env = dict(os.environ, PYTHONPATH=str(hide), KERAS_BACKEND="jax")
+    result = subprocess.run([sys.executable, "-m", "gemma_keras.cli", "export", "--format",
+                             "litert", str(tmp_path / "x.tflite")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "reading" not in result.stdout  # the model was not loaded first
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tensorflow" in lines[0] and "[tensorflow]" in lines[0], lines
+
+
+@pytest.mark.once("jax")
+def test_runner_refuses_a_max_new_tokens_below_one(tmp_path, capsys):
+    from gemma_keras.exporting import runner
+
+    for bad in ("0", "-3", "two"):
+        assert runner.main([str(tmp_path / "no.tflite"), "x", "--max-new-tokens", bad]) == 2
+        out, err = capsys.readouterr()
+        assert not out and len(err.strip().splitlines()) == 1, err
+        assert "--max-new-tokens" in err and "Traceback" not in err
+
+
+@pytest.mark.once("jax")
+def test_export_chat_template_is_generates(spm_path):
+    """The exports' template (the metadata's strings, apply_chat_template's rule) gives the
+    tokens generate's prepare_prompts gives, for every flag and chat_template value."""
+    from gemma_keras.exporting import apply_chat_template, chat_template_metadata
+    from gemma_keras.generation.generate import prepare_prompts
+
+    tokenizer = gk.GemmaTokenizer(spm_path)
+    texts = ["Keras is", "", "<start_of_turn>user\nHi<end_of_turn>\n", "a <start_of_turn> b",
+             "two\nlines ", "<end_of_turn> only"]
+    for instruct in (True, False, None):
+        lm = types.SimpleNamespace(tokenizer=tokenizer, instruct=instruct)
+        metadata = {"instruct": instruct, "chat_template": chat_template_metadata()}
+        for chat_template in ("auto", True, False):
+            for text in texts:
+                want = prepare_prompts(lm, text, chat_template)[0][0]
+                sent = apply_chat_template(metadata, text, chat_template)
+                assert tokenizer.tokenize(sent, add_bos=True) == want, (instruct,
+                                                                        chat_template, text)
+
+
+@pytest.mark.once("tensorflow")
+def test_saved_model_chat_wrap_is_apply_chat_template():
+    import tensorflow as tf
+
+    from gemma_keras.exporting import apply_chat_template, chat_template_metadata
+    from gemma_keras.exporting.signatures import chat_wrap
+
+    texts = ["Keras is", "", "<start_of_turn>user\nHi", "x\n<start_of_turn>", "a.*b\n\\E",
+             "<start_of_turnx"]
+    metadata = {"instruct": True, "chat_template": chat_template_metadata()}
+    got = [t.decode() for t in chat_wrap(tf.constant(texts), metadata["chat_template"]).numpy()]
+    assert got == [apply_chat_template(metadata, t) for t in texts]
+
+
+@pytest.mark.once("jax")
+def test_exports_leave_the_same_pieces_out_of_text_as_generate(spm_path, vocab_size):
+    import sentencepiece as spm
+
+    from gemma_keras.exporting.build import hidden_token_ids
+
+    tokenizer = gk.GemmaTokenizer(spm_path)
+    hidden = set(hidden_token_ids(tokenizer))
+    plain = spm.SentencePieceProcessor(model_file=str(spm_path))
+    for row in np.random.RandomState(0).randint(0, vocab_size, size=(200, 12)).tolist():
+        assert plain.DecodeIds([i for i in row if i not in hidden]) == \
+            tokenizer.detokenize(row, skip_special=True)
+    assert hidden  # the turn markers, which plain decoding writes out

@@ -1,13 +1,20 @@
 """Export a GemmaCausalLM to a TensorFlow SavedModel or a LiteRT (TFLite) model.
 
-    gk.export(lm, "out/saved_model", format="saved_model")
-    gk.export(lm, "out/gemma.tflite", format="litert", quantize="int8")
+    gk.export(lm, "out/saved_model")                      # a SavedModel directory
+    gk.export(lm, "out/gemma.tflite", quantize="int8")    # LiteRT: the .tflite suffix says so
 
 Exported graphs are always traced under TensorFlow. A model built on JAX or PyTorch is
 handed over as a temporary preset to a child Python process running Keras' TensorFlow
 backend (a Keras process has one backend), so export works whichever backend built the
 model, as long as TensorFlow is installed. LoRA adapters are merged into the exported
 weights; the model itself is left as it was.
+
+Exports answer like `GemmaCausalLM.generate`'s defaults: an instruct model's string prompt is
+sent as one user turn of Gemma's chat format (the SavedModel's `generate` signature and the
+LiteRT runner; `generate_no_chat_template` / `chat_template=False` / `--no-chat-template`
+continue the text as written), generation stops at the same stop ids, and the same special
+pieces are left out of the text. The template's strings are taken from
+`gemma_keras.tokenizer.format_chat` at export time and written into the export's metadata.
 
 What each format holds is in `gemma_keras/exporting/build.py`; the LiteRT reference runner
 is `gemma_keras.exporting.runner.LiteRTGenerator`.
@@ -16,6 +23,7 @@ is `gemma_keras.exporting.runner.LiteRTGenerator`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import pathlib
@@ -24,7 +32,8 @@ import sys
 import tempfile
 from typing import Optional
 
-from gemma_keras.errors import ConfigError, ExportError
+from gemma_keras.errors import (ArgumentTypeError, ConfigError, ExportError,
+                                InvalidArgumentError, MissingExtraError)
 
 FORMATS = ("saved_model", "litert")
 QUANTIZE = (None, "int8", "float16")
@@ -33,6 +42,10 @@ FLATBUFFER_LIMIT = 2 ** 31
 DEFAULT_MAX_LENGTH = 1024
 DEFAULT_PREFILL_LENGTH = 128
 METADATA_FILE = "gemma_export.json"
+# The SavedModel signature that continues the text as written (generate's chat_template=False).
+NO_TEMPLATE_SIGNATURE = "generate_no_chat_template"
+TENSORFLOW_EXTRA = ("pip install \"gemma-keras[tensorflow]\" (and \"gemma-keras[litert]\" to run "
+                    "a .tflite with gemma_keras.exporting.runner)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,15 +62,21 @@ class ExportSpec:
         return json.dumps(dataclasses.asdict(self))
 
 
-def export(lm, path, format="saved_model", quantize=None, max_length=None,
+def export(lm, path, format=None, quantize=None, max_length=None,
            prefill_length=None, allow_large_file=False, overwrite=False):
     """Exports `lm` for serving or on-device generation.
 
+    format: "saved_model" or "litert"; None (default) picks "litert" for a path ending in
+        .tflite and "saved_model" otherwise (a SavedModel is a directory: format="saved_model"
+        with a .tflite path is refused rather than writing a directory named like a file).
     format="saved_model": a directory loadable by `tf.saved_model.load` with TensorFlow and
         tensorflow-text only (no Keras, no gemma_keras). Signatures `generate` (prompts
         [batch] string, max_new_tokens int32 -> completion, text, token_ids, num_tokens;
-        greedy, stops at <eos> and, for instruct models, <end_of_turn>) and `logits`
-        (token_ids, padding_mask [batch, seq] int32 -> logits [batch, seq, vocab]).
+        greedy, stops at <eos> and, for instruct models, <end_of_turn>; an instruct model's
+        prompts go in Gemma's chat format as with `lm.generate`'s default),
+        `generate_no_chat_template` (the same, prompts sent as written, as
+        `lm.generate(..., chat_template=False)`) and `logits` (token_ids, padding_mask
+        [batch, seq] int32 -> logits [batch, seq, vocab]).
     format="litert": a .tflite file (or a directory, which then holds model.tflite) with
         `prefill` and `decode` signatures and the KV cache as explicit inputs/outputs, plus
         the SentencePiece model (tokenizer.model) and a JSON description beside it.
@@ -88,14 +107,26 @@ def export(lm, path, format="saved_model", quantize=None, max_length=None,
 
 def _spec(lm, path, format, quantize, max_length, prefill_length, allow_large_file,
           overwrite=False):
+    from gemma_keras.causal_lm import GemmaCausalLM
+
+    if not isinstance(lm, GemmaCausalLM):
+        raise ArgumentTypeError(f"export(lm=...) takes a gk.GemmaCausalLM (e.g. "
+                                f"gk.GemmaCausalLM.from_preset(...)), got {type(lm).__name__}.")
+    for name, value in (("overwrite", overwrite), ("allow_large_file", allow_large_file)):
+        # Not truthiness: overwrite="no" would replace the target.
+        if not isinstance(value, bool):
+            raise ArgumentTypeError(f"{name} must be True or False, got {value!r}.")
     config = lm.backbone.config
-    if format not in FORMATS:
-        raise ConfigError(f"format={format!r}: choose one of {FORMATS}.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ArgumentTypeError(f"path must be a str or pathlib.Path (a directory, or a file "
+                                f"ending in .tflite), got {type(path).__name__}.")
+    format = resolve_format(path, format)
     if quantize not in QUANTIZE:
         raise ConfigError(f"quantize={quantize!r}: choose one of {QUANTIZE}.")
     if quantize is not None and format != "litert":
         raise ConfigError(f"quantize={quantize!r} applies to format='litert' only; a "
                           "SavedModel keeps the model's own dtype.")
+    check_tensorflow(format)
     if lm.tokenizer is None:
         raise ExportError("This model has no tokenizer; an export ships one (the SavedModel "
                           "tokenizes inside the graph, LiteRT puts tokenizer.model beside). "
@@ -127,6 +158,97 @@ def _spec(lm, path, format, quantize, max_length, prefill_length, allow_large_fi
     check_export_target(target, format, lm.tokenizer.proto, overwrite)
     return ExportSpec(str(target), format, quantize, max_length, prefill_length,
                       bool(allow_large_file), bool(overwrite))
+
+
+def resolve_format(path, format=None):
+    """The export format for `path`: `format` when given, else "litert" for a path ending in
+    .tflite and "saved_model" otherwise. A .tflite path with format="saved_model" is refused:
+    a SavedModel is a directory, and one named like a LiteRT file is a mistake waiting to
+    happen (a runtime handed it fails far from the cause)."""
+    if format is None:
+        return "litert" if _is_tflite(path) else "saved_model"
+    if format not in FORMATS:
+        raise ConfigError(f"format={format!r}: choose one of {FORMATS}, or None to choose by "
+                          "the path (.tflite: litert).")
+    if format == "saved_model" and _is_tflite(path):
+        raise ConfigError(f"{path} ends in .tflite, but format='saved_model' writes a "
+                          "directory: export to a path without .tflite, or use "
+                          "format='litert'.")
+    return format
+
+
+def _is_tflite(path):
+    return isinstance(path, (str, os.PathLike)) and \
+        pathlib.Path(path).suffix.lower() == ".tflite"
+
+
+def check_tensorflow(format):
+    """Refuses to start an export that cannot finish: it is traced in TensorFlow, and the
+    SavedModel's tokenizer is tensorflow-text's op. Checked with find_spec, without importing
+    either (an import takes seconds and prints TensorFlow's C++ logs)."""
+    needed = ("tensorflow", "tensorflow_text") if format == "saved_model" else ("tensorflow",)
+    missing = [name for name in needed if not _installed(name)]
+    if missing:
+        raise MissingExtraError(
+            f"Export traces the model in TensorFlow; {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: {TENSORFLOW_EXTRA}.")
+
+
+def _installed(module):
+    if module in sys.modules:  # imported already (find_spec fails on a module set to None)
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def chat_template_metadata():
+    """Gemma's one-user-turn prompt as the strings around the user's text, for the export's
+    metadata: {"prefix", "suffix", "unless_contains"}. Taken from `format_chat`, the format's
+    one owner, and checked to be prefix + text + suffix for any text, so the SavedModel's
+    graph and the runner (which have no gemma_keras) build exactly the string `generate`
+    tokenizes. "unless_contains": the turn-opening piece; a prompt holding it already has
+    turns and is sent as it is (generate's "auto" rule, sends_as_chat in
+    gemma_keras/tokenizer.py)."""
+    from gemma_keras.tokenizer import TURN_OPENER, format_chat
+
+    probe = "\ue000"  # a private-use character: not in the template's own text
+    prefix, suffix = format_chat([("user", probe)]).split(probe)
+    for text in ("", "a\nb ", probe * 2):
+        if format_chat([("user", text)]) != prefix + text + suffix:
+            raise ExportError("gemma_keras.tokenizer.format_chat no longer puts the user's "
+                              "text between a fixed prefix and suffix; the export's chat "
+                              "template (gemma_keras/exporting) needs updating.")
+    return {"prefix": prefix, "suffix": suffix,
+            "unless_contains": TURN_OPENER}
+
+
+def chat_template_value(chat_template):
+    """generate's chat_template values: "auto", True or False."""
+    if isinstance(chat_template, bool) or (isinstance(chat_template, str)
+                                           and chat_template == "auto"):
+        return chat_template
+    raise (InvalidArgumentError if isinstance(chat_template, str) else ArgumentTypeError)(
+        f"chat_template must be 'auto', True or False, got {chat_template!r}.")
+
+
+def apply_chat_template(metadata, text, chat_template="auto"):
+    """The prompt string an export sends for `text`: `lm.generate`'s rule, from the export's
+    metadata. "auto": an instruct model's non-empty text without turn markers becomes one
+    user turn; True: always; False: never. Pure Python, the reference for other runtimes."""
+    from gemma_keras.tokenizer import sends_as_chat
+
+    template = metadata.get("chat_template")
+    if chat_template == "auto" and template is None:
+        chat_template = False  # an export from before exports recorded the template
+    if not sends_as_chat(metadata.get("instruct"), chat_template, text):
+        return text
+    if template is None:
+        raise InvalidArgumentError(
+            "chat_template=True: this export has no chat template (it was exported before "
+            "exports recorded one): export it again.")
+    return template["prefix"] + text + template["suffix"]
 
 
 def check_export_target(target, format, tokenizer_proto=None, overwrite=False):
@@ -183,12 +305,8 @@ def _export_in_tensorflow_process(lm, spec):
     """Writes `lm` (LoRA merged) as a preset and exports it from a TensorFlow process."""
     from gemma_keras.checkpoints.keras_hub_format import write_preset
 
-    try:
-        import tensorflow  # noqa: F401  (only to fail early and clearly)
-    except ImportError:
-        raise ExportError("Export traces the model in TensorFlow, which is not installed: "
-                          "pip install \"gemma-keras[tensorflow]\" (and \"gemma-keras[litert]\" "
-                          "to run a .tflite with gemma_keras.exporting.runner).") from None
+    # TensorFlow's presence was checked (check_tensorflow) without importing it here: the
+    # import alone takes seconds and prints its C++ logs on this process's stderr.
     with tempfile.TemporaryDirectory(prefix="gemma_export_") as tmp:
         preset = pathlib.Path(tmp) / "preset"
         # The preset records lm.instruct, which the child's from_preset reads back.
@@ -197,6 +315,7 @@ def _export_in_tensorflow_process(lm, spec):
                      instruct=lm.instruct)
         env = dict(os.environ, KERAS_BACKEND="tensorflow",
                    GEMMA_KERAS_EXPORT_PARENT=str(os.getpid()))
+        # The child's stderr is captured (shown only if it fails); this quiets what it can.
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         command = [sys.executable, "-m", "gemma_keras.exporting.build", str(preset),
                    spec.to_json()]

@@ -2,7 +2,7 @@
 backend, else in a child process: `python -m gemma_keras.exporting.build PRESET SPEC`).
 
 SavedModel directory:
-    saved_model.pb, variables/      signatures `generate` and `logits`
+    saved_model.pb, variables/      signatures `generate`, `generate_no_chat_template`, `logits`
     assets.extra/tokenizer.model    the SentencePiece model (also inside the graph)
     assets.extra/gemma_export.json  what was exported: config, max_length, special ids
 LiteRT (path ending in .tflite, or a directory holding model.tflite):
@@ -12,9 +12,12 @@ LiteRT (path ending in .tflite, or a directory holding model.tflite):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import pathlib
+import re
 import sys
 import tempfile
 
@@ -22,7 +25,8 @@ import numpy as np
 
 from gemma_keras.checkpoints.atomic import atomic_directory, atomic_file
 from gemma_keras.errors import ExportError
-from gemma_keras.exporting import FLATBUFFER_LIMIT, METADATA_FILE, ExportSpec
+from gemma_keras.exporting import (FLATBUFFER_LIMIT, METADATA_FILE, NO_TEMPLATE_SIGNATURE,
+                                   ExportSpec, chat_template_metadata)
 
 
 def export_model(lm, spec: ExportSpec):
@@ -33,10 +37,55 @@ def export_model(lm, spec: ExportSpec):
     dtype = "float32" if spec.format == "litert" else None
     lm = _plain_model(lm, dtype)
     metadata = _metadata(lm, spec, stop_ids)
-    if spec.format == "saved_model":
-        write_saved_model(lm, spec, stop_ids, metadata)
-    else:
-        write_litert(lm, spec, metadata)
+    with native_logs_hidden():
+        if spec.format == "saved_model":
+            write_saved_model(lm, spec, stop_ids, metadata)
+        else:
+            write_litert(lm, spec, metadata)
+
+
+# TensorFlow's C++ logs (absl's "I0000 00:00:... file.cc:12] ...", TensorFlow's older
+# "2025-01-01 12:00:00.0: W tensorflow/...", SentencePiece's "normalizer.cc(51) LOG(INFO)",
+# the LiteRT interpreter's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."):
+# the converter alone writes a dozen lines per export. TF_CPP_MIN_LOG_LEVEL does not reach
+# absl's logs, nor a TensorFlow imported before it was set, so they are filtered from the
+# file descriptor.
+_NATIVE_LOG = re.compile(
+    r"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w./-]+:\d+\] "
+    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] \S+:\d+\] "
+    r"|[\w./-]+\.cc\(\d+\) LOG\(\w+\) "
+    r"|INFO: Created TensorFlow Lite \w+ delegate for )")
+
+
+@contextlib.contextmanager
+def native_logs_hidden():
+    """Runs the body with file descriptor 2 captured; afterwards writes back every line that
+    is not a native (C++) log line, or everything when the body raised (the logs may explain
+    it). Python's own warnings and errors still reach the terminal."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to keep quiet
+        yield
+        return
+    failed = True
+    with tempfile.TemporaryFile() as log:
+        sys.stderr.flush()
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines = log.read().decode("utf-8", "replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines
+                           if failed or not _NATIVE_LOG.match(line))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 def _plain_model(lm, dtype=None):
@@ -87,11 +136,23 @@ def _metadata(lm, spec, stop_ids):
         "pad_token_id": tokenizer.pad_token_id,
         "stop_token_ids": stop_ids,
         "instruct": lm.instruct,
+        # What generate does to a string prompt by default (apply_chat_template reads it) and
+        # which ids its text leaves out (skip_special_tokens=True), so exports answer alike.
+        "chat_template": chat_template_metadata(),
+        "skip_token_ids": hidden_token_ids(tokenizer),
         "kv_cache": {"names": cache_names(config),
                      "shape": [1, spec.max_length, config.num_key_value_heads, config.head_dim]},
         "tokenizer": "tokenizer.model",
         "config": config.to_dict(),
     }
+
+
+def hidden_token_ids(tokenizer):
+    """The ids `tokenizer.detokenize(ids, skip_special=True)` (generate's default text) leaves
+    out while plain SentencePiece decoding writes them (the turn markers): asked of the
+    tokenizer itself, id by id, so its rule has one owner. About 2 s for 256,000 pieces."""
+    return [i for i in range(tokenizer.vocabulary_size)
+            if tokenizer.detokenize([i], skip_special=True) != tokenizer.detokenize([i])]
 
 
 def write_saved_model(lm, spec, stop_ids, metadata):
@@ -104,11 +165,17 @@ def write_saved_model(lm, spec, stop_ids, metadata):
     # Not archive.track(backbone): the endpoints' variables are saved anyway, and tracking
     # the model as well saved every weight twice (Keras 3.15: 33.6 vs 16.8 MB for the demo).
     archive = keras.export.ExportArchive()
-    generate, sentencepiece = generate_fns(backbone, lm.tokenizer, spec.max_length, stop_ids)
+    generate, raw, sentencepiece = generate_fns(
+        backbone, lm.tokenizer, spec.max_length, stop_ids, metadata["instruct"] is True,
+        metadata["chat_template"], metadata["skip_token_ids"])
     archive.track(sentencepiece)
-    archive.add_endpoint("generate", generate, input_signature=[
-        tf.TensorSpec([None], tf.string, name="prompts"),
-        tf.TensorSpec([], tf.int32, name="max_new_tokens")])
+    # `generate` as lm.generate's default (the chat template for an instruct model); the
+    # second as chat_template=False. Two signatures rather than an argument: a SavedModel
+    # signature has no default values, and callers of `generate` keep working.
+    for name, function in (("generate", generate), (NO_TEMPLATE_SIGNATURE, raw)):
+        archive.add_endpoint(name, function, input_signature=[
+            tf.TensorSpec([None], tf.string, name="prompts"),
+            tf.TensorSpec([], tf.int32, name="max_new_tokens")])
     archive.add_endpoint("logits", logits_fn(backbone), input_signature=[
         tf.TensorSpec([None, None], tf.int32, name="token_ids"),
         tf.TensorSpec([None, None], tf.int32, name="padding_mask")])

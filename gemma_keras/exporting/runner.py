@@ -7,8 +7,14 @@ otherwise, so it is also a template for a runtime elsewhere:
 
     python -m gemma_keras.exporting.runner out/gemma.tflite "What is Keras?" --max-new-tokens 32
 
+It answers like `GemmaCausalLM.generate`'s defaults: for an instruct model (the JSON's
+"instruct") a prompt goes in as one user turn of Gemma's chat format, built from the JSON's
+"chat_template" strings (`--no-chat-template` / chat_template=False: the text as written);
+generation ends at the JSON's "stop_token_ids" and its "skip_token_ids" stay out of the text.
+
 The protocol (see signatures.py):
-1. Tokens are <bos> + the prompt's pieces. Every cache tensor starts as zeros.
+1. Tokens are <bos> + the prompt's pieces (gemma_keras.exporting.apply_chat_template says
+   which string that is). Every cache tensor starts as zeros.
 2. `prefill(tokens [1, P], input_pos [P], kv_cache_*)` for all prompt tokens but the last,
    P at a time; a short last chunk is padded at the end with input_pos -1. Each call returns
    the updated `kv_cache_*`, fed to the next call.
@@ -26,8 +32,9 @@ from typing import List, Optional
 
 import numpy as np
 
-# Keras-free: the stop rules GemmaCausalLM.generate follows.
-from gemma_keras.errors import ExportError
+# Keras-free: the stop rules GemmaCausalLM.generate follows, and its chat-template rule.
+from gemma_keras.errors import ArgumentTypeError, ExportError, GemmaError, InvalidArgumentError
+from gemma_keras.exporting import apply_chat_template, chat_template_value
 from gemma_keras.generation.stopping import completion_ids
 
 
@@ -86,6 +93,8 @@ class LiteRTGenerator:
         self.max_length = self.metadata["max_length"]
         self.prefill_length = self.metadata["prefill_length"]
         self.stop_token_ids = set(self.metadata["stop_token_ids"])
+        # Exports written before these were recorded: no template, plain decoding.
+        self.skip_token_ids = set(self.metadata.get("skip_token_ids", ()))
 
     def new_cache(self):
         shape = self.metadata["kv_cache"]["shape"]
@@ -123,6 +132,12 @@ class LiteRTGenerator:
         ends the list and is not part of it."""
         if not prompt_ids:
             raise ValueError("prompt_ids is empty: start it with <bos>.")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ArgumentTypeError(f"max_new_tokens must be a whole number (an int), got "
+                                    f"{max_new_tokens!r}.")
+        if max_new_tokens < 1:
+            raise InvalidArgumentError(f"max_new_tokens must be at least 1, got "
+                                       f"{max_new_tokens}.")
         if len(prompt_ids) + max_new_tokens > self.max_length:
             raise ValueError(
                 f"{len(prompt_ids)} prompt tokens + max_new_tokens={max_new_tokens} exceed "
@@ -138,10 +153,23 @@ class LiteRTGenerator:
                 break
         return completion_ids(generated, self.stop_token_ids)
 
-    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
-        """The prompt's greedy completion text."""
-        ids = [self.metadata["bos_token_id"]] + self.tokenizer.EncodeAsIds(prompt)
-        return self.tokenizer.DecodeIds(self.generate_ids(ids, max_new_tokens))
+    def prompt_ids(self, prompt: str, chat_template="auto") -> List[int]:
+        """<bos> + the pieces of the string `generate` sends for `prompt`."""
+        if not isinstance(prompt, str):
+            raise ArgumentTypeError(f"prompt must be a string, got {type(prompt).__name__}.")
+        text = apply_chat_template(self.metadata, prompt, chat_template_value(chat_template))
+        return [self.metadata["bos_token_id"]] + self.tokenizer.EncodeAsIds(text)
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, chat_template="auto") -> str:
+        """The prompt's greedy completion text, as `GemmaCausalLM.generate(prompt,
+        include_prompt=False)`: chat_template "auto" (an instruct model's prompt as one user
+        turn; False: the text as written; True: always a user turn)."""
+        ids = self.generate_ids(self.prompt_ids(prompt, chat_template), max_new_tokens)
+        # As GemmaTokenizer.detokenize(skip_special=True): special pieces and ids past the
+        # SentencePiece vocabulary (padded embedding tables) are left out.
+        size = self.tokenizer.GetPieceSize()
+        return self.tokenizer.DecodeIds([i for i in ids
+                                         if i < size and i not in self.skip_token_ids])
 
 
 def _check_model_path(path: pathlib.Path):
@@ -156,23 +184,59 @@ def _check_model_path(path: pathlib.Path):
     return None
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's mistakes as one line (no usage block), like the gemma-keras CLI's."""
+
+    def error(self, message):
+        raise _UsageError(message)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def main(argv=None):
-    """Exit status 0, or 2 with one line on stderr for a wrong path, a file that is not a
-    LiteRT export, or a prompt too long for the export (no traceback)."""
+    """Exit status 0, or 2 with one line on stderr for a wrong argument (a --max-new-tokens
+    below 1 included), a wrong path, a file that is not a LiteRT export, or a prompt too long
+    for the export (no traceback)."""
     import sys
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the .tflite file (or the export directory)")
     parser.add_argument("prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    parser.add_argument("--no-chat-template", dest="chat_template", action="store_const",
+                        const=False, default="auto",
+                        help="send the prompt as written (default: an instruct model's "
+                             "prompt goes in as one user turn of Gemma's chat format)")
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(f"gemma_keras.exporting.runner: error: {e}", file=sys.stderr)
+        return 2
     path = pathlib.Path(args.model)
     problem = _check_model_path(path)
     try:
         if problem is None:
-            print(LiteRTGenerator(path).generate(args.prompt, args.max_new_tokens))
+            from gemma_keras.exporting.build import native_logs_hidden
+
+            with native_logs_hidden():  # the interpreter's C++ "INFO: Created ... delegate"
+                text = LiteRTGenerator(path).generate(args.prompt, args.max_new_tokens,
+                                                      chat_template=args.chat_template)
+            print(text)
             return 0
-    except (FileNotFoundError, ImportError) as e:  # a missing companion file, no interpreter
+    except (FileNotFoundError, ImportError, GemmaError) as e:
+        # a missing companion file, no interpreter, files that do not match their JSON
         problem = str(e)
     except ValueError as e:  # the interpreter's "not a model" or our too-long prompt
         problem = f"{path}: {str(e).strip().splitlines()[0]}"

@@ -4,9 +4,9 @@ path (`GemmaBackbone.call` with an explicit cache) and the library's greedy loop
 Only imported under the TensorFlow backend (see `gemma_keras.exporting.build`).
 
 Two families:
-- SavedModel: `logits` (token ids -> logits) and `generate` (strings -> strings, the
-  SentencePiece tokenizer inside the graph through tensorflow-text, prefill then a greedy
-  while-loop compiled by XLA).
+- SavedModel: `logits` (token ids -> logits) and `generate` / `generate_no_chat_template`
+  (strings -> strings, the chat template and the SentencePiece tokenizer inside the graph
+  through tensorflow-text, prefill then a greedy while-loop compiled by XLA).
 - LiteRT: `prefill` and `decode`, batch 1, fixed shapes, the KV cache as named inputs and
   outputs (`kv_cache_k_{layer}`, `kv_cache_v_{layer}`, each [1, max_length, kv_heads,
   head_dim]) so an on-device runtime keeps it between calls.
@@ -75,15 +75,32 @@ def logits_fn(backbone):
     return logits
 
 
-def generate_fns(backbone, tokenizer, max_length, stop_ids):
-    """(generate, tokenizer resource): `generate(prompts [batch] string, max_new_tokens
-    int32 scalar)` -> {"completion": [batch] string, "text": prompt + completion,
-    "token_ids": [batch, max_new_tokens] int32 (the completion's ids, padded with <pad>),
-    "num_tokens": [batch] int32}.
+def chat_wrap(prompts, template):
+    """prompts [batch] string -> each sent as one user turn of Gemma's chat format, unless
+    empty or already holding turn markers: `generate`'s chat_template="auto" for an instruct
+    model, in graph ops, with the template strings from `chat_template_metadata` (see
+    `gemma_keras.exporting.apply_chat_template`, the same rule in Python)."""
+    marker = template["unless_contains"]
+    # \Q...\E: RE2 reads the marker literally; (?s): "." also matches newlines.
+    has_turns = tf.strings.regex_full_match(prompts, f"(?s).*\\Q{marker}\\E.*")
+    keep = tf.logical_or(tf.equal(prompts, ""), has_turns)
+    wrapped = tf.strings.join([template["prefix"], prompts, template["suffix"]])
+    return tf.where(keep, prompts, wrapped)
 
-    Same semantics as `GemmaCausalLM.generate` with the greedy sampler: <bos> then the prompt,
-    ragged batches left-padded (each row's positions count its own tokens), stop ids ending
-    each row on its own, the stop token not part of the completion.
+
+def generate_fns(backbone, tokenizer, max_length, stop_ids, instruct=False, template=None,
+                 skip_ids=()):
+    """(generate, generate without the chat template, tokenizer resource):
+    `generate(prompts [batch] string, max_new_tokens int32 scalar)` -> {"completion": [batch]
+    string, "text": prompt + completion, "token_ids": [batch, max_new_tokens] int32 (the
+    completion's ids, padded with <pad>), "num_tokens": [batch] int32}.
+
+    Same semantics as `GemmaCausalLM.generate` with the greedy sampler and its defaults:
+    an instruct model's prompts wrapped in the chat template (`chat_wrap`; the second
+    function never wraps, as chat_template=False), <bos> then the prompt, ragged batches
+    left-padded (each row's positions count its own tokens), stop ids ending each row on its
+    own, the stop token not part of the completion, `skip_ids` (special pieces) and ids past
+    the SentencePiece vocabulary left out of the text.
     """
     import tensorflow_text as tf_text
 
@@ -106,8 +123,11 @@ def generate_fns(backbone, tokenizer, max_length, stop_ids):
             first, next_positions, done, cache, width, steps - 1, stops)
         return ops.concatenate([first[:, None], out], axis=1), count + 1  # [batch, 1 + slots]
 
-    def generate(prompts, max_new_tokens):
-        ragged = sp.tokenize(prompts)  # [batch, (len)]
+    skips = tf.constant(sorted(skip_ids) or [-1], tf.int32)
+
+    def generate(prompts, max_new_tokens, chat_template):
+        sent = chat_wrap(prompts, template) if chat_template else prompts
+        ragged = sp.tokenize(sent)  # [batch, (len)]
         bos = tf.fill([tf.shape(prompts)[0], 1], tokenizer.bos_token_id)
         ragged = tf.concat([tf.RaggedTensor.from_tensor(bos), ragged], axis=1)
         lengths = tf.cast(ragged.row_lengths(), tf.int32)
@@ -137,13 +157,21 @@ def generate_fns(backbone, tokenizer, max_length, stop_ids):
         is_stop = hits_stop(tokens, stops)  # [batch, count]
         keep = tf.logical_not(tf.cast(tf.cumsum(tf.cast(is_stop, tf.int32), axis=1), tf.bool))
         kept = tf.ragged.boolean_mask(tokens, keep)
-        # As GemmaTokenizer.detokenize: ids past the SentencePiece vocabulary (checkpoints pad
-        # the embedding table) are dropped from the text; the op would fail on them.
-        completion = sp.detokenize(tf.ragged.boolean_mask(
-            kept, kept < tokenizer.vocabulary_size))
+        # As GemmaTokenizer.detokenize(skip_special=True): ids past the SentencePiece
+        # vocabulary (checkpoints pad the embedding table; the op would fail on them) and the
+        # special pieces are dropped from the text.
+        visible = tf.logical_and(kept.values < tokenizer.vocabulary_size,
+                                 tf.logical_not(hits_stop(kept.values, skips)))
+        completion = sp.detokenize(tf.ragged.boolean_mask(kept, kept.with_values(visible)))
         dense = kept.to_tensor(pad)  # [batch, longest completion]
         padded = tf.pad(dense, [[0, 0], [0, max_new_tokens - tf.shape(dense)[1]]],
                         constant_values=pad)
         return {"completion": completion, "text": tf.strings.join([prompts, completion]),
                 "token_ids": padded, "num_tokens": tf.cast(kept.row_lengths(), tf.int32)}
-    return generate, sp
+
+    def generate_default(prompts, max_new_tokens):  # lm.generate(prompts)
+        return generate(prompts, max_new_tokens, instruct)
+
+    def generate_no_chat_template(prompts, max_new_tokens):  # chat_template=False
+        return generate(prompts, max_new_tokens, False)
+    return generate_default, generate_no_chat_template, sp
