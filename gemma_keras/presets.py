@@ -23,6 +23,9 @@ _CARDS_PACKAGE = "gemma_keras.preset_cards"
 _FAMILIES = ("gemma", "codegemma", "gemma2")
 KAGGLE_SCHEME = "kaggle://"
 HF_SCHEME = "hf://"
+# The bundled demo: a small Gemma 2 trained by scripts/train_demo_preset.py, shipped inside the
+# package (checkpoints/resolve.py finds it), so that everything runs offline on a fresh install.
+DEMO_PRESET = "gemma_demo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +77,66 @@ def list_presets() -> list[str]:
 
 def get_preset_card(name: str) -> PresetCard:
     """The card of built-in preset `name`; an unknown name raises with the closest names."""
+    if not isinstance(name, str):
+        raise errors.ArgumentTypeError(
+            f"get_preset_card(name=...) takes a preset name as a string, got "
+            f"{type(name).__name__}; {errors.hint('list_presets')}.")
     cards = _cards()
     if name in cards:
         return cards[name]
-    close = difflib.get_close_matches(name, list(cards), n=5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise UnknownPresetError(
-        f"{name!r} is not a built-in Gemma preset.{hint} {errors.hint('list_presets')}.")
+    raise UnknownPresetError(f"{name!r} is not a built-in Gemma preset."
+                             f"{did_you_mean(name, demo=False)} {errors.hint('list_presets')}.")
+
+
+def did_you_mean(name: str, demo: bool = True) -> str:
+    """The sentence that ends an unknown-name message: `suggest_presets(name, demo)` after
+    "Did you mean:", or nothing when no preset is close."""
+    close = suggest_presets(name, demo)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def suggest_presets(name: str, demo: bool = True, n: int = 3) -> list[str]:
+    """What a mistyped preset `name` most likely meant, best first: the built-in presets (and
+    the demo, with `demo`) nearest to it once case, "-", "_", "." and spaces are ignored, so
+    "gema_demo" gives gemma_demo and "Gemma2-2B-en" gemma2_2b_en. A Hugging Face repo's name
+    ("gemma-2-2b-it", "google/gemma-2-2b-it") gives the preset of that very model, then its
+    hf:// handle, which loads the same weights from Hugging Face."""
+    wanted = loose(name)
+    cards = _cards()
+    owner, _, repo = name.rpartition("/")
+    # A Hugging Face repo of an official preset (repo names have dashes; a name without one,
+    # "gemma2_2b", is a mistyped preset name).
+    if "-" in name or "/" in name:
+        for card in cards.values():
+            if card.hf_repo is None:
+                continue
+            hf_owner, _, hf_name = card.hf_repo.partition("/")
+            if loose(hf_name) == loose(repo) and owner.lower() in ("", hf_owner.lower()):
+                return [card.name, HF_SCHEME + card.hf_repo]
+    # Each candidate is known by its own name and its Hugging Face repo's name (without the
+    # owner): "gemma-2-2b-i" is nearest gemma-2-2b-it, whose preset is gemma2_instruct_2b_en.
+    spellings = [(card.name, card.name) for card in cards.values()]
+    spellings += [(card.name, card.hf_repo.rpartition("/")[2]) for card in cards.values()
+                  if card.hf_repo is not None]
+    if demo:
+        spellings.append((DEMO_PRESET, DEMO_PRESET))
+    matcher = difflib.SequenceMatcher(b=wanted)
+    scores = {}
+    for preset, spelling in spellings:
+        matcher.set_seq1(loose(spelling))
+        score = matcher.ratio()
+        if score >= _CUTOFF:
+            scores[preset] = max(scores.get(preset, 0.0), score)
+    return sorted(scores, key=lambda preset: (-scores[preset], preset))[:n]
+
+
+# difflib.get_close_matches' default: below it a name shares too little to be a typo.
+_CUTOFF = 0.6
+
+
+def loose(name: str) -> str:
+    """`name` as a person may have meant it: case, "-", "_", "." and spaces left out."""
+    return "".join(c for c in name.lower() if c not in "-_. ")
 
 
 def card_for_handle(handle) -> Optional[PresetCard]:

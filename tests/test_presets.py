@@ -133,6 +133,32 @@ def test_unknown_name_with_nothing_close():
         get_preset_card("llama")
 
 
+@pytest.mark.once("jax")
+@pytest.mark.parametrize("card", CARDS, ids=lambda card: card.name)
+def test_every_preset_is_the_first_suggestion_for_its_own_misspellings(card):
+    from gemma_keras.presets import suggest_presets
+
+    # Case, "-", "_" and "." are how the same name is spelled differently (keras-hub's names
+    # vs Hugging Face's), not typos: the preset itself comes first, whatever its neighbours.
+    for spelling in (card.name.upper(), card.name.replace("_", "-"), card.name.replace(".", ""),
+                     card.name[:-1]):
+        assert suggest_presets(spelling)[0] == card.name, spelling
+    # Its Hugging Face repo, with or without the owner: this very model (an -it repo its
+    # instruct preset), then the hf:// handle of the repo.
+    repo = card.hf_repo
+    for spelling in (repo, repo.split("/")[1], repo.split("/")[1].upper()):
+        assert suggest_presets(spelling)[:2] == [card.name, f"hf://{repo}"], spelling
+    assert card.instruct == repo.endswith("-it")
+
+
+@pytest.mark.once("jax")
+def test_a_card_lookup_suggests_only_cards():
+    # get_preset_card reads cards; the demo has none, so it is never offered there.
+    with pytest.raises(UnknownPresetError) as info:
+        get_preset_card("gema_demo")
+    assert "gemma_demo" not in str(info.value).split("preset.", 1)[1], str(info.value)
+
+
 def test_the_wheel_ships_every_subpackage_and_the_demo_preset(repo_root):
     # An editable install finds any folder; a wheel only what pyproject.toml lists (the
     # generation package was once missing from it).

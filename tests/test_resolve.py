@@ -249,3 +249,64 @@ def test_demo_preset_resolves_to_the_installed_directory_without_network():
 def test_unknown_name_mentions_the_demo_preset():
     with pytest.raises(UnknownPresetError, match="gemma_demo"):
         resolve_preset("no_such_gemma")
+
+
+# ---- what a wrong name suggests (issue 32, item 7) ---------------------------------------------
+# (what was typed, the suggestions that must come first, in order): Python's message and the
+# command line's one line both carry them.
+WRONG_NAMES = [
+    ("gema_demo", ["gemma_demo"]),  # the demo has no card, yet it is a preset
+    ("Gemma2-2B-EN", ["gemma2_2b_en"]),  # case, "-" for "_"
+    ("gemma2_2b", ["gemma2_2b_en"]),
+    ("gemma_1_1_instruct_2b_en", ["gemma_1.1_instruct_2b_en"]),  # "." left out
+    # A Hugging Face repo's name: the preset of that very model (instruct, not base), then the
+    # handle that downloads that repo.
+    ("gemma-2-2b-it", ["gemma2_instruct_2b_en", "hf://google/gemma-2-2b-it"]),
+    ("gemma-2-9b", ["gemma2_9b_en", "hf://google/gemma-2-9b"]),
+    ("codegemma-7b-it", ["code_gemma_instruct_7b_en", "hf://google/codegemma-7b-it"]),
+]
+
+
+def _suggested(message):
+    """The names after "Did you mean:" in `message`, in order."""
+    assert "Did you mean: " in message, message
+    return message.split("Did you mean: ", 1)[1].split("?", 1)[0].split(", ")
+
+
+@pytest.mark.once("jax")
+@pytest.mark.parametrize("name, first", WRONG_NAMES)
+def test_a_wrong_name_suggests_the_preset_meant_first(name, first):
+    with pytest.raises(UnknownPresetError) as info:
+        resolve_preset(name)
+    message = str(info.value)
+    assert _suggested(message)[:len(first)] == first, message
+    assert "gk.list_presets()" in message
+
+
+@pytest.mark.once("jax")
+@pytest.mark.parametrize("name, preset", [("google/gemma-2-2b-it", "gemma2_instruct_2b_en"),
+                                          ("google/gemma-3-1b-it", None)])
+def test_an_hf_repo_id_that_is_no_directory_suggests_its_hf_handle(name, preset):
+    # owner/name is also a relative path: it stays a missing directory, and the message says
+    # how to name the repo (and the built-in preset of the same model, when there is one).
+    with pytest.raises(CheckpointError, match="no such directory") as info:
+        resolve_preset(name)
+    message = str(info.value)
+    assert f"hf://{name}" in message
+    assert (preset in message) if preset else "preset" not in message
+
+
+@pytest.mark.once("jax")
+@pytest.mark.parametrize("name, first", WRONG_NAMES + [("google/gemma-2-2b-it", None)])
+def test_the_command_line_gives_the_same_suggestions_in_one_line(name, first, capsys):
+    from gemma_keras import cli
+
+    # The preset is checked before Keras loads: no model is built here.
+    assert cli.main(["generate", "--preset", name, "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    if first is None:
+        assert f"hf://{name}" in err and "gemma2_instruct_2b_en" in err, err
+    else:
+        assert _suggested(err)[:len(first)] == first, err
+        assert "`gemma-keras presets`" in err and "gk.list_presets" not in err, err

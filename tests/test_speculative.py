@@ -267,3 +267,71 @@ def test_a_warning_says_when_drafts_do_not_pay(models, vocab_size):
         warnings.simplefilter("error", gk.SpeculationWarning)  # too short to judge: quiet
         lm.generate(inputs, max_new_tokens=4, stop_token_ids=None, draft="prompt_lookup",
                     draft_tokens=4)
+
+
+# (draft=, what the message must suggest): a kind spelled another way gives the kind; a name
+# near a preset gives the preset; anything else names the kinds alone.
+WRONG_DRAFTS = [("prompt-lookup", "draft='prompt_lookup'"),
+                ("PromptLookup", "draft='prompt_lookup'"), ("INT4", "draft='int4'"),
+                ("int-8", "draft='int8'"), ("gema_demo", "Did you mean: gemma_demo"),
+                ("foo", None)]
+
+
+@pytest.mark.once("jax")
+def test_the_drafters_named_in_messages_are_the_drafters():
+    from gemma_keras.checkpoints.resolve import DRAFT_KINDS
+    from gemma_keras.generation.drafting import SELF_DRAFT_MODES
+
+    assert set(DRAFT_KINDS) == {"prompt_lookup", *SELF_DRAFT_MODES}
+
+
+@pytest.mark.once("jax")
+@pytest.mark.parametrize("draft, suggestion", WRONG_DRAFTS)
+def test_a_wrong_draft_names_the_drafters(draft, suggestion, models, capsys, monkeypatch):
+    from gemma_keras import cli
+
+    lm, _, _ = models("gemma_mqa")
+    for call in (lambda: lm.generate("a", max_new_tokens=2, draft=draft),
+                 lambda: lm.chat(draft=draft)):
+        with pytest.raises(gk.UnknownPresetError) as info:
+            call()
+        message = str(info.value)
+        for kind in ("'prompt_lookup'", "'int4'", "'int8'", "preset"):
+            assert kind in message, message
+        if suggestion is None:
+            assert "Did you mean" not in message, message
+        else:
+            assert suggestion in message, message
+    # The command line: the same message, one line, exit status 2, before any model loads.
+    def no_load(args):
+        raise AssertionError("a wrong --draft is reported before the model loads")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    capsys.readouterr()  # the fixture's own output
+    assert cli.main(["generate", "--draft", draft, "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'prompt_lookup'" in err and (suggestion or "") in err
+    assert "`gemma-keras presets`" in err, err
+
+
+@pytest.mark.once("jax")
+def test_no_warning_judges_drafts_that_were_never_proposed():
+    from gemma_keras.generation.drafting import PromptLookupDrafter
+    from gemma_keras.generation.speculative import MIN_ROUNDS_TO_JUDGE, Speculation, Stats
+
+    rounds = MIN_ROUNDS_TO_JUDGE * 2
+    speculation = Speculation(PromptLookupDrafter(), 8)
+    # Prompt lookup that found nothing to copy: every pass was plain decoding's one token.
+    speculation.stats = Stats("prompt_lookup", 8, rounds=rounds, row_rounds=rounds,
+                              tokens=rounds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gk.SpeculationWarning)
+        speculation._warn_if_it_did_not_pay()
+    # A few drafts, all kept, still too few per pass: the warning says how many were
+    # proposed and kept, not that the model rejected them.
+    speculation.stats = Stats("prompt_lookup", 8, rounds=rounds, row_rounds=rounds,
+                              drafted=3, accepted=3, tokens=rounds + 3)
+    with pytest.warns(gk.SpeculationWarning) as record:
+        speculation._warn_if_it_did_not_pay()
+    message = str(record[0].message)
+    assert f"proposed 3 drafts over {rounds} passes" in message and "kept 3" in message

@@ -1,7 +1,7 @@
 """Writing a Hugging Face Gemma checkpoint: config.json (model_type gemma / gemma2), safetensors
-(one file, or shards with model.safetensors.index.json), tokenizer.model, tokenizer_config.json
-with Gemma's chat template and tokenizer.json, which transformers' `from_pretrained` /
-`AutoTokenizer` and our own reader load.
+(one file, or shards with model.safetensors.index.json), generation_config.json (the ids that end
+a reply), tokenizer.model, tokenizer_config.json with Gemma's chat template and tokenizer.json,
+which transformers' `from_pretrained` / `AutoTokenizer` and our own reader load.
 
 Our kernels are stored [out, in] with the heads flattened, as HF's Linear weights, so every
 tensor is written as it is; only the names change (hf_format.block_names, shared with the
@@ -48,7 +48,7 @@ def hf_config(config: GemmaConfig, dtype_name: str, tokenizer=None,
               instruct: Optional[bool] = None) -> dict:
     """transformers' config.json; `instruct` (None: unknown, not written) is recorded under a
     "gemma_keras" key for `hf_format.read_instruct` (transformers keeps it as an attribute and
-    otherwise ignores it)."""
+    otherwise ignores it), and decides the eos ids (`eos_token_ids`)."""
     model_type = hf_model_type(config)
     out = {
         "architectures": ["Gemma2ForCausalLM" if model_type == "gemma2" else "GemmaForCausalLM"],
@@ -82,11 +82,27 @@ def hf_config(config: GemmaConfig, dtype_name: str, tokenizer=None,
             final_logit_softcapping=config.final_logit_soft_cap,
         )
     if tokenizer is not None:
-        out.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                   bos_token_id=tokenizer.bos_token_id)
+        out.update(hf_generation_config(tokenizer, instruct))
     if instruct is not None:
         out["gemma_keras"] = {"instruct": bool(instruct)}
     return out
+
+
+def eos_token_ids(tokenizer, instruct: Optional[bool]):
+    """The ids that end a reply, as `generate(stop_token_ids="auto")` chooses them: <eos>, and
+    <end_of_turn> unless the model is known to be a base model. Google's instruct checkpoints
+    say the same ([<eos>, <end_of_turn>]): without <end_of_turn>, transformers' `generate`
+    after `apply_chat_template` runs past the reply into a made-up next turn. One id (an int,
+    as Google's base checkpoints write it) when <eos> is all there is."""
+    ids = tokenizer.stop_token_ids(instruct)
+    return ids if len(ids) > 1 else ids[0]
+
+
+def hf_generation_config(tokenizer, instruct: Optional[bool]) -> dict:
+    """generation_config.json (transformers' `GenerationConfig`, which `generate` reads when
+    not told otherwise): the special ids, read from the tokenizer, never assumed."""
+    return {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": eos_token_ids(tokenizer, instruct)}
 
 
 def hf_tensor_names(config: GemmaConfig) -> dict:
@@ -120,6 +136,9 @@ def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[fl
                           size=sum(_nbytes(v) for _, v in tensors)) as tmp:
         progress.start("writing weights", len(tensors))
         (tmp / "config.json").write_text(json.dumps(config_json, indent=2))
+        if tokenizer is not None:
+            (tmp / "generation_config.json").write_text(
+                json.dumps(hf_generation_config(tokenizer, instruct), indent=2))
         weight_map, total = {}, 0
         for number, shard in enumerate(shards, 1):
             file = ("model.safetensors" if len(shards) == 1

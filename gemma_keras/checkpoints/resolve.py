@@ -17,7 +17,8 @@ from typing import Optional, Union
 from gemma_keras import errors
 from gemma_keras.checkpoints import reading
 from gemma_keras.errors import CheckpointError, PresetAccessError, UnknownPresetError
-from gemma_keras.presets import HF_SCHEME, KAGGLE_SCHEME, get_preset_card, list_presets
+from gemma_keras.presets import (DEMO_PRESET, HF_SCHEME, KAGGLE_SCHEME, card_for_handle,
+                                 did_you_mean, get_preset_card, list_presets, loose)
 
 # What the Hugging Face reader needs; skips the large duplicate formats some repos also hold
 # (*.gguf, original PyTorch *.bin, Flax weights).
@@ -35,9 +36,9 @@ HF_ALLOW_PATTERNS = [
 _KAGGLE_CREDENTIALS = "set KAGGLE_USERNAME and KAGGLE_KEY, or put them in ~/.kaggle/kaggle.json"
 _HF_CREDENTIALS = "set HF_TOKEN, or run `huggingface-cli login`"
 _HF_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
-# The bundled demo: a small Gemma 2 trained by scripts/train_demo_preset.py, shipped inside the
-# package, so that everything runs offline on a fresh install.
-DEMO_PRESET = "gemma_demo"
+# `generate(draft=...)`'s strings that name no checkpoint (generation/drafting.py: the prompt
+# lookup drafter, and the model's own weights quantized); any other string is a preset.
+DRAFT_KINDS = ("prompt_lookup", "int4", "int8")
 
 
 def demo_preset_directory() -> pathlib.Path:
@@ -95,12 +96,46 @@ def _locate(handle):
         return "demo", None
     if handle in list_presets():
         return "kaggle", get_preset_card(handle).kaggle_handle[len(KAGGLE_SCHEME):]
-    close = difflib.get_close_matches(handle, list_presets(), n=5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise UnknownPresetError(
         f"{handle!r} is not a built-in preset, a kaggle:// or hf:// handle, or an existing "
-        f"directory.{hint} {errors.hint('list_presets')}; {DEMO_PRESET!r} is the bundled "
-        f"demo.")
+        f"directory.{did_you_mean(handle)} {_where_presets_are()}")
+
+
+def _where_presets_are() -> str:
+    return f"{errors.hint('list_presets')}; {DEMO_PRESET!r} is the bundled demo."
+
+
+def check_draft(draft: str) -> None:
+    """Raises for a `generate(draft=...)` string that is neither a drafter kind (DRAFT_KINDS)
+    nor a checkpoint `resolve_preset` takes, naming the kinds and what it was nearest to.
+    Imports no Keras (as `check_preset`)."""
+    if draft in DRAFT_KINDS:
+        return
+    try:
+        _locate(draft)
+    except UnknownPresetError:
+        if draft.startswith((KAGGLE_SCHEME, HF_SCHEME)):
+            raise  # a malformed handle: its own message says how handles are written
+        kinds = {loose(kind): kind for kind in DRAFT_KINDS}
+        close = difflib.get_close_matches(loose(draft), list(kinds), n=1)
+        hint = f" Did you mean draft={kinds[close[0]]!r}?" if close else did_you_mean(draft)
+        raise UnknownPresetError(
+            f"draft={draft!r} is not a drafter: draft takes 'prompt_lookup' (drafts copied "
+            f"from the prompt), 'int4' or 'int8' (the model's own weights, quantized), or a "
+            f"smaller model with the same tokenizer (a built-in preset, a kaggle:// or hf:// "
+            f"handle, a directory, or a GemmaCausalLM).{hint} {_where_presets_are()}"
+        ) from None
+
+
+def _hub_hint(path: str) -> str:
+    """For a missing `owner/name` directory, which is also how a Hugging Face repo is named:
+    the hf:// handle that downloads it (and the built-in preset of the same model)."""
+    if not isinstance(path, str) or path.startswith((".", "~", "/")) or not (
+            _HF_REPO_ID.fullmatch(path)):
+        return ""
+    preset = card_for_handle(HF_SCHEME + path)
+    same = f", or the built-in preset {preset.name}" if preset is not None else ""
+    return f" For the Hugging Face repo {path}, pass {HF_SCHEME}{path}{same}."
 
 
 def _looks_like_path(handle: str) -> bool:
@@ -119,7 +154,7 @@ def _local_directory(path: str) -> pathlib.Path:
                 f"{path}: no such directory; an interrupted save left its previous version "
                 f"at {old}. Rename that back to {path} (saving to {path} again also puts it "
                 "back first).")
-        raise CheckpointError(f"{path}: no such directory.")
+        raise CheckpointError(f"{path}: no such directory.{_hub_hint(path)}")
     if not directory.is_dir():
         raise CheckpointError(f"{path}: is a file; from_preset takes a checkpoint directory.")
     return directory

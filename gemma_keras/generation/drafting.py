@@ -21,6 +21,7 @@ import numpy as np
 from keras import ops
 
 from gemma_keras import backends
+from gemma_keras.checkpoints.resolve import check_draft
 from gemma_keras.errors import (ArgumentTypeError, ConfigError, InvalidArgumentError,
                                  SpeculationWarning)
 from gemma_keras.generation import options
@@ -253,6 +254,8 @@ def resolve(lm, draft, draft_tokens):
     if k is not None and k > MAX_DRAFT_TOKENS:
         raise InvalidArgumentError(f"draft_tokens={k}: at most {MAX_DRAFT_TOKENS} drafts per "
                                    "round (4-8 is usual).")
+    if isinstance(draft, str):  # a mistyped kind or preset: said before anything loads
+        check_draft(draft)
     if draft in SELF_DRAFT_MODES and not backends.get().narrow_products_pay():
         warnings.warn(
             f"draft={draft!r}: on this backend and device the {draft} weights are widened to "

@@ -301,13 +301,20 @@ class Speculation:
 
     def _warn_if_it_did_not_pay(self):
         stats, pays = self.stats, self.drafter.pays_above
-        if stats.rounds >= MIN_ROUNDS_TO_JUDGE and stats.tokens_per_round < pays:
+        # Nothing drafted (prompt lookup found no earlier occurrence to copy): there is no
+        # acceptance to judge, and "kept 0 of 0 drafts" would blame drafts that never were.
+        if stats.drafted == 0 or stats.rounds < MIN_ROUNDS_TO_JUDGE:
+            return
+        if stats.tokens_per_round < pays:
+            # Both causes are named: few drafts proposed (prompt lookup on text that does not
+            # repeat) and few kept (a drafter that disagrees with the model).
             warnings.warn(
-                f"draft={stats.draft!r}: the model kept {stats.accepted} of {stats.drafted} "
-                f"drafts ({stats.tokens_per_round:.2f} tokens per pass); below about {pays} "
-                "drafting is slower than plain decoding on CPU (bench/speculative_speed.py). "
-                "Try fewer draft_tokens, another drafter, or none.", SpeculationWarning,
-                stacklevel=4)
+                f"draft={stats.draft!r}: {stats.tokens_per_round:.2f} tokens per pass; the "
+                f"drafter proposed {stats.drafted} drafts over {stats.row_rounds} passes "
+                f"(counted per row; at most {stats.draft_tokens} a pass) and the model kept "
+                f"{stats.accepted} of them. Below about {pays} tokens per pass drafting is "
+                "slower than plain decoding on CPU (bench/speculative_speed.py). Try fewer "
+                "draft_tokens, another drafter, or none.", SpeculationWarning, stacklevel=4)
 
     def _accept(self, out, drafts, live, histories, rows, decoding, rng) -> List[List[int]]:
         """Per row: the kept drafts and then the target's own token."""
