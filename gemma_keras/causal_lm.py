@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import os
+
 import keras
 
 from gemma_keras.backbone import GemmaBackbone
@@ -10,7 +14,13 @@ from gemma_keras.tokenizer import TOKENIZER_FILES, GemmaTokenizer
 
 class GemmaCausalLM(keras.Model):
     """Gemma language model: `lm({"token_ids", "padding_mask"})` gives logits
-    [batch, seq, vocab] (soft-capped for Gemma 2)."""
+    [batch, seq, vocab] (soft-capped for Gemma 2).
+
+    The logits are the backend's tensor in the compute dtype (`dtype_policy.compute_dtype`,
+    bfloat16 for a bfloat16 checkpoint), as any Keras model's call: on PyTorch they carry
+    autograd's graph (a user's own training loop gets gradients), so read them with
+    `keras.ops.convert_to_numpy(logits)`, which works on every backend; `np.asarray` cannot
+    read a torch tensor that requires grad, nor torch's bfloat16."""
 
     def __init__(self, backbone: GemmaBackbone, tokenizer: GemmaTokenizer = None,
                  instruct=None, **kwargs):
@@ -37,6 +47,7 @@ class GemmaCausalLM(keras.Model):
         def quantize(mode=None, config=None, filters=None, block_size=128, **kwargs):
             from gemma_keras.checkpoints import quantizing
 
+            quantizing.check_filters(filters, kwargs)
             mode, config = quantizing.resolve(mode, block_size, config)
             return keras_quantize(mode, config=config, filters=filters, **kwargs)
 
@@ -71,6 +82,9 @@ class GemmaCausalLM(keras.Model):
         """
         from gemma_keras.checkpoints.loading import load_backbone, read_instruct
 
+        _check_path("preset", preset, "a preset name (gk.list_presets()), a kaggle:// or "
+                    "hf:// handle, or a directory")
+        _check_flag("load_tokenizer", load_tokenizer)
         backbone, directory = load_backbone(preset, dtype=dtype, quantize=quantize,
                                             block_size=block_size)
         tokenizer = None
@@ -95,17 +109,24 @@ class GemmaCausalLM(keras.Model):
         from gemma_keras.checkpoints import quantizing
 
         table = self.backbone.token_embedding
+        given, done = filters, None
         if (mode in quantizing.MODES and table.built and table.quantization_mode is None
-                and not table.lora_enabled and should_quantize_layer(table, filters)):
+                and not table.lora_enabled and should_quantize_layer(table, given)):
             # The table in row chunks (Keras quantizes it whole: several float32 copies of
             # a 256k-row table), then Keras' loop for the rest.
             quantizing.quantize_built_table(table, mode, config)
-            given = filters
-            filters = lambda layer: layer is not table and should_quantize_layer(layer, given)  # noqa: E731
+            done = table
             # What Keras does after its loop changed a layer (its loop may change none now):
             # drop the compiled fit/predict functions, retrack torch's parameter lists.
             self.train_function = self.test_function = self.predict_function = None
             self._post_quantize(mode)
+
+        def filters(layer):
+            # Only layers with a quantize() of their own are offered to Keras' loop: it
+            # warns for every other leaf (RMSNorm, Dropout) and quantizes the same layers.
+            return (layer is not done and quantizing.has_quantize(layer)
+                    and should_quantize_layer(layer, given))
+
         super().quantize(mode, config=config, filters=filters, **kwargs)
 
     # ---- training -----------------------------------------------------------------------
@@ -127,24 +148,35 @@ class GemmaCausalLM(keras.Model):
 
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """Keras' fit, also on raw data: a string or list of strings, `{"prompts": [...],
-        "responses": [...]}` (loss on responses only), a tf.data dataset of those, a Python
-        generator yielding them, or `{"token_ids", "padding_mask"}` (labels = next token).
-        Compiles with the defaults of `compile()` when not compiled yet."""
+        "responses": [...]}` (loss on responses only), a list of records
+        `[{"prompt": ..., "response": ...}, ...]` or `[{"text": ...}, ...]` (the lines of a
+        `gemma-keras finetune` JSONL file, read with json.loads), a tf.data dataset of
+        strings or prompts/responses, a Python generator yielding any of these, or
+        `{"token_ids", "padding_mask"}` (labels = next token). Compiles with the defaults of
+        `compile()` when not compiled yet. Any other form, an unknown keyword or a bad count
+        (epochs, batch_size, ...) is a gk.InvalidArgumentError / gk.ArgumentTypeError naming
+        it, before anything runs."""
         return self._run_keras(super().fit, x, y, batch_size, sample_weight, kwargs,
                                is_fit=True)
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """Keras' evaluate on the same inputs as `fit`."""
+        if kwargs.get("_use_cached_eval_dataset"):  # fit's validation: data adapted already
+            return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight,
+                                    **kwargs)
         return self._run_keras(super().evaluate, x, y, batch_size, sample_weight, kwargs)
 
     def _run_keras(self, method, x, y, batch_size, sample_weight, kwargs, is_fit=False):
         from gemma_keras import training
 
-        if not self.compiled:
-            self.compile()
+        # Keras' own arguments checked first too (Keras would raise a bare TypeError for an
+        # unknown keyword, or fail inside its loop for epochs="2").
+        training.check_keras_arguments(method, kwargs)
         x, y, sample_weight, batch_size = training.adapt(self, x, y, sample_weight, batch_size)
         if kwargs.get("validation_data") is not None:  # the same raw forms as x
             kwargs["validation_data"] = training.adapt_validation(self, kwargs["validation_data"])
+        if not self.compiled:
+            self.compile()
         if is_fit and y is None and not isinstance(x, dict):
             # Datasets and generators come in their own order: Keras would warn that its
             # default shuffle=True is ignored.
@@ -173,20 +205,28 @@ class GemmaCausalLM(keras.Model):
 
         lora.disable_lora(self.backbone)
 
-    def chat(self, system=None, draft=None, draft_tokens=None):
+    def chat(self, system=None, draft=None, draft_tokens=None, **unknown):
         """A multi-turn chat session in Gemma's turn format that keeps the KV cache between
         turns: `chat = lm.chat(); chat.send("Hi")`; `chat.send(..., stream=True)` streams.
-        draft, draft_tokens: every reply is decoded speculatively, as `generate`'s."""
+        draft, draft_tokens: every reply is decoded speculatively, as `generate`'s. The
+        sampling keywords go to each `send`."""
+        from gemma_keras.generation import chat as chat_module
         from gemma_keras.generation.chat import ChatSession
+        from gemma_keras.generation.options import refuse_unknown_keywords
+
+        refuse_unknown_keywords(
+            "chat()", unknown, ["system", "draft", "draft_tokens"],
+            {name: f"It is a keyword of each reply: chat.send(message, {name}=...)"
+             for name in chat_module.SEND_KEYWORDS})
 
         return ChatSession(self, system=system, draft=draft, draft_tokens=draft_tokens)
 
-    def generate(self, inputs, max_length=None, max_new_tokens=None, sampler=None,
+    def generate(self, inputs=None, max_length=None, max_new_tokens=None, sampler=None,
                  stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
                  temperature=None, top_k=None, top_p=None, min_new_tokens=0,
                  repetition_penalty=None, chat_template="auto", include_prompt=True,
                  num_beams=None, length_penalty=None, early_stopping=None, return_beams=False,
-                 skip_special_tokens=True, draft=None, draft_tokens=None):
+                 skip_special_tokens=True, draft=None, draft_tokens=None, **unknown):
         """Generates text with a KV cache: the prompt in one pass, then one compiled step per
         token.
 
@@ -242,7 +282,8 @@ class GemmaCausalLM(keras.Model):
 
         Samplers and the logits rules (min_new_tokens, repetition_penalty) run on the host on
         float32 logits: switching them never recompiles. Bad arguments raise
-        `gk.InvalidArgumentError` / `gk.ArgumentTypeError` before any compilation.
+        `gk.InvalidArgumentError` / `gk.ArgumentTypeError` before any compilation; an
+        unknown keyword (`max_tokens=`) is a `gk.ArgumentTypeError` naming the one to use.
         """
         from gemma_keras.generation.generate import generate
 
@@ -254,7 +295,7 @@ class GemmaCausalLM(keras.Model):
                         num_beams=num_beams, length_penalty=length_penalty,
                         early_stopping=early_stopping, return_beams=return_beams,
                         include_prompt=include_prompt, skip_special_tokens=skip_special_tokens,
-                        draft=draft, draft_tokens=draft_tokens)
+                        draft=draft, draft_tokens=draft_tokens, **unknown)
 
     # ---- scoring ------------------------------------------------------------------------
     def score(self, token_ids, padding_mask=None, scoring_mode="logits",
@@ -269,6 +310,9 @@ class GemmaCausalLM(keras.Model):
         and each decoder block's output at i = 0, 1, ...; its return value is what the model
         continues with (keras-hub ignores the value it returns at i = -1). With a hook the
         forward runs eagerly, so it may record activations or sit in a gradient tape.
+        Ids are integer NumPy arrays, nested lists or tensors of any backend, within the
+        vocabulary (text is tokenized first: `np.array([lm.tokenizer.tokenize(text,
+        add_bos=True)])`); anything else is a gk.ArgumentTypeError naming the argument.
         Raises gk.InvalidArgumentError for another scoring_mode, or "loss" without targets.
         """
         from gemma_keras.evaluation import scoring
@@ -315,6 +359,16 @@ class GemmaCausalLM(keras.Model):
         for a float model (quantized kernels are re-quantized with the adapter folded in, as
         keras-hub saves a quantized LoRA model).
         """
+        _check_path("preset_dir", preset_dir, "a directory to write")
+        _check_flag("overwrite", overwrite)
+        if max_shard_size is not None and (
+                isinstance(max_shard_size, bool) or not isinstance(max_shard_size, numbers.Real)
+                or not math.isfinite(max_shard_size) or max_shard_size <= 0):
+            from gemma_keras.errors import InvalidArgumentError
+
+            raise InvalidArgumentError(f"max_shard_size={max_shard_size!r}: pass the largest "
+                                       "shard in GB as a positive number (e.g. 5), or None for "
+                                       "one file.")
         if format == "hf":
             from gemma_keras.checkpoints.hf_writer import write_checkpoint
 
@@ -331,3 +385,18 @@ class GemmaCausalLM(keras.Model):
         write_preset(self.backbone, self.tokenizer, preset_dir, max_shard_size=max_shard_size,
                      sequence_length=self.config.max_sequence_length, overwrite=overwrite,
                      instruct=self.instruct)
+
+
+def _check_path(name, value, what):
+    if not isinstance(value, (str, os.PathLike)):
+        from gemma_keras.errors import ArgumentTypeError
+
+        raise ArgumentTypeError(f"{name} must be {what} (a str or pathlib.Path), got "
+                                f"{type(value).__name__} {value!r:.60}.")
+
+
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        from gemma_keras.errors import ArgumentTypeError
+
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r:.60}.")

@@ -5,12 +5,16 @@ them into the base weights. Built on Keras' own `EinsumDense.enable_lora`; see
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
 import pathlib
 
 import keras
 
 from gemma_keras.checkpoints.atomic import atomic_file
-from gemma_keras.errors import CheckpointError, ConfigError, WeightShapeError
+from gemma_keras.errors import (ArgumentTypeError, CheckpointError, ConfigError,
+                                InvalidArgumentError, WeightShapeError)
 
 # keras-hub's layer names, so `target_names` reads the same as there.
 ATTENTION_TARGETS = ("query", "key", "value", "attention_output")
@@ -34,6 +38,9 @@ def projections(backbone):
 def _check_targets(target_names):
     if isinstance(target_names, str):
         target_names = (target_names,)
+    if not isinstance(target_names, (list, tuple, set, frozenset)):
+        raise ArgumentTypeError(f"target_names must be a list of projection names (from "
+                                f"{list(ALL_TARGETS)}), got {type(target_names).__name__}.")
     target_names = tuple(target_names)
     unknown = [name for name in target_names if name not in ALL_TARGETS]
     if unknown or not target_names:
@@ -57,8 +64,17 @@ def enable_lora(backbone, rank, alpha=None, target_names=DEFAULT_TARGETS):
     """Freezes every weight of `backbone` and adds rank-`rank` adapters (scaled by
     alpha / rank; alpha defaults to rank) to the projections named in `target_names`."""
     target_names = _check_targets(target_names)
-    if not isinstance(rank, int) or rank < 1:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise ConfigError(f"rank={rank!r}: LoRA rank must be a positive integer.")
+    rank = int(rank)
+    if alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+            raise ArgumentTypeError(f"alpha={alpha!r}: the LoRA scale numerator must be a "
+                                    "number (the adapters are scaled by alpha / rank; None: "
+                                    "alpha = rank).")
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise InvalidArgumentError(f"alpha={alpha!r}: the LoRA scale numerator must be a "
+                                       "positive number (None: alpha = rank).")
     state = lora_state(backbone)
     if state is not None:
         raise ConfigError(
@@ -114,12 +130,14 @@ def save_lora_weights(backbone, path, overwrite=False):
     file is refused unless `overwrite`."""
     import h5py
 
+    path = _path("path", path)
+    _flag("overwrite", overwrite)
+    if not path.name.endswith(".h5"):
+        raise ConfigError(f"path must end in .h5: LoRA weights go to an .h5 file (e.g. "
+                          f"'adapter.lora.h5'), got {path}.")
     state = lora_state(backbone)
     if state is None:
         raise ConfigError("No LoRA adapters to save: call backbone.enable_lora(rank) first.")
-    path = pathlib.Path(path).expanduser()
-    if not path.name.endswith(".h5"):
-        raise ConfigError(f"LoRA weights go to an .h5 file (e.g. 'adapter.lora.h5'), got {path}.")
     with atomic_file(path, overwrite) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["state"] = json.dumps(state)
@@ -136,9 +154,17 @@ def load_lora_weights(backbone, path):
     set of targets."""
     import h5py
 
-    path = pathlib.Path(path).expanduser()
+    path = _path("path", path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.h5"))
+        hint = (f" It holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''}: pass "
+                f"one of those, e.g. {path / found[0]}." if found else
+                " Pass the .h5 file that save_lora_weights wrote (e.g. 'adapter.lora.h5').")
+        raise CheckpointError(f"path {path} is a directory; load_lora_weights reads one "
+                              f"LoRA weights file.{hint}")
     if not path.is_file():
-        raise CheckpointError(f"LoRA weights file {path} does not exist.")
+        raise CheckpointError(f"path: the LoRA weights file {path} does not exist; pass the "
+                              ".h5 file save_lora_weights wrote.")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -185,3 +211,15 @@ def _check_same_config(saved, current, path):
                             for key in different)
         raise ConfigError(f"{path} was saved from a model with another config ({details}); "
                           "adapters only load into the architecture they were trained on.")
+
+
+def _path(name, value):
+    if not isinstance(value, (str, os.PathLike)):
+        raise ArgumentTypeError(f"{name} must be a file path (str or pathlib.Path), got "
+                                f"{type(value).__name__}, e.g. 'adapter.lora.h5'.")
+    return pathlib.Path(value).expanduser()
+
+
+def _flag(name, value):
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}.")

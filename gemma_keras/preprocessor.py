@@ -7,7 +7,8 @@ from typing import Optional
 
 import numpy as np
 
-from gemma_keras.tokenizer import format_chat
+from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
+from gemma_keras.tokenizer import GemmaTokenizer, format_chat
 
 # The user turn around a prompt and the close of the model's turn, in Gemma's chat format.
 _PROMPT_OPEN, _PROMPT_CLOSE = format_chat([("user", "\0")]).split("\0")
@@ -18,13 +19,17 @@ class GemmaCausalLMPreprocessor:
     """`preprocessor(x)` -> `({"token_ids", "padding_mask"}, labels, sample_weight)`, each
     [batch, sequence_length].
 
-    x: a string, a list of strings, or `{"prompts": [...], "responses": [...]}`. A text is
+    x: a string, a list of strings, `{"prompts": [...], "responses": [...]}`, or a list of
+    records `{"prompt": ..., "response": ...}` / `{"text": ...}` (JSONL lines). A text is
     packed as `<bos> text <eos>`, a pair as `<bos> prompt response <eos>`, truncated on the
     right to `sequence_length + 1` tokens, then split into inputs and the labels one token
     ahead. `sample_weight` is 0 on padding and, for pairs, on labels inside the prompt, so
     the loss is on responses only. With `chat_format=True` a pair is written as one Gemma
     turn each: `<start_of_turn>user\\n{prompt}<end_of_turn>\\n<start_of_turn>model\\n` then
     `{response}<end_of_turn>`, which teaches an instruct model to close its turn.
+
+    The fields (sequence_length, add_bos, add_eos, chat_format) are checked when set:
+    `preprocessor.sequence_length = -5` raises gk.InvalidArgumentError there.
 
     `tf_map()` gives the same function as TensorFlow ops (tensorflow-text's SentencePiece) for
     `dataset.map`; the NumPy path needs no TensorFlow.
@@ -33,13 +38,40 @@ class GemmaCausalLMPreprocessor:
     def __init__(self, tokenizer, sequence_length: int = 512, add_bos: bool = True,
                  add_eos: bool = True, chat_format: bool = False):
         if tokenizer is None:
-            raise ValueError("A preprocessor needs a tokenizer; the model was loaded without "
-                             "one (load_tokenizer=False or no tokenizer file in the preset).")
+            raise InvalidArgumentError(
+                "A preprocessor needs a tokenizer; the model was loaded without one "
+                "(load_tokenizer=False or no tokenizer file in the preset).")
+        if not isinstance(tokenizer, GemmaTokenizer):
+            raise ArgumentTypeError(f"tokenizer must be a gk.GemmaTokenizer, got "
+                                    f"{type(tokenizer).__name__}.")
         self.tokenizer = tokenizer
         self.sequence_length = sequence_length
         self.add_bos = add_bos
         self.add_eos = add_eos
         self.chat_format = chat_format
+
+    # Settable fields, checked when set (`lm.preprocessor.sequence_length = -5` fails there,
+    # naming the field, not with an error from deep inside the next fit()).
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per training example (inputs; the packed row is one longer for the
+        labels). Longer examples are truncated on the right."""
+        return self._sequence_length
+
+    @sequence_length.setter
+    def sequence_length(self, value):
+        self._sequence_length = _positive_length("sequence_length", value)
+
+    add_bos = property(lambda self: self._add_bos,
+                       lambda self, value: setattr(self, "_add_bos", _flag("add_bos", value)),
+                       doc="Whether each example starts with <bos> (Gemma expects it).")
+    add_eos = property(lambda self: self._add_eos,
+                       lambda self, value: setattr(self, "_add_eos", _flag("add_eos", value)),
+                       doc="Whether each example ends with <eos>.")
+    chat_format = property(
+        lambda self: self._chat_format,
+        lambda self, value: setattr(self, "_chat_format", _flag("chat_format", value)),
+        doc="Whether prompt/response pairs are written as Gemma chat turns.")
 
     # ---- NumPy ------------------------------------------------------------------------
     def __call__(self, x, sequence_length: Optional[int] = None):
@@ -75,10 +107,9 @@ class GemmaCausalLMPreprocessor:
         return response + _RESPONSE_CLOSE if self.chat_format else response
 
     def _length(self, sequence_length):
-        length = self.sequence_length if sequence_length is None else sequence_length
-        if not isinstance(length, (int, np.integer)) or length < 1:
-            raise ValueError(f"sequence_length must be a positive integer, got {length!r}.")
-        return int(length)
+        if sequence_length is None:
+            return self.sequence_length
+        return _positive_length("sequence_length", sequence_length)
 
     # ---- TensorFlow graph -------------------------------------------------------------
     def tf_map(self, sequence_length: Optional[int] = None):
@@ -134,26 +165,83 @@ class GemmaCausalLMPreprocessor:
 
 def _split(x):
     """(prompts, responses) lists; responses are None for plain texts."""
+    x = records_to_columns(x)
     if isinstance(x, dict):
         if set(x) != {"prompts", "responses"}:
-            raise ValueError(f"A dict of training data needs exactly the keys 'prompts' and "
-                             f"'responses', got {sorted(x)}.")
+            raise InvalidArgumentError(
+                f"x: a dict of training data needs exactly the keys 'prompts' and 'responses' "
+                f"(lists of strings), got {sorted(map(str, x))}; one example per dict is a "
+                f"record: pass a list of {{'prompt': ..., 'response': ...}} dicts.")
         prompts, responses = _strings(x["prompts"], "prompts"), _strings(x["responses"],
                                                                          "responses")
         if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses: each "
-                             "prompt needs its response.")
+            raise InvalidArgumentError(f"{len(prompts)} prompts but {len(responses)} "
+                                       "responses: each prompt needs its response.")
         return prompts, responses
     prompts = _strings(x, "x")
     return prompts, [None] * len(prompts)
 
 
+# The record forms, one example per dict: the lines of a `gemma-keras finetune` JSONL file.
+RECORD_FORMS = ("{'text': ...}", "{'prompt': ..., 'response': ...}")
+
+
+def is_records(x) -> bool:
+    """Whether x is a non-empty list (or tuple) of dicts: records, one example each."""
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(v, dict) for v in x)
+
+
+def records_to_columns(x, name="x"):
+    """A list of records (JSONL lines read with json.loads) as fit's columnar forms: texts
+    from {"text": ...}, {"prompts", "responses"} from {"prompt": ..., "response": ...}; one
+    kind per list, as in a JSONL file for `gemma-keras finetune`. Other keys of a record are
+    ignored, as there. Anything else is returned as it is."""
+    if not is_records(x):
+        return x
+    texts, prompts, responses = [], [], []
+    for i, record in enumerate(x):
+        if isinstance(record.get("text"), (str, bytes)):
+            texts.append(record["text"])
+        elif isinstance(record.get("prompt"), (str, bytes)) and isinstance(
+                record.get("response"), (str, bytes)):
+            prompts.append(record["prompt"])
+            responses.append(record["response"])
+        else:
+            raise InvalidArgumentError(
+                f"{name}[{i}] is a dict with keys {sorted(map(str, record))}; a training "
+                f"record is {' or '.join(RECORD_FORMS)} with string values (the lines of a "
+                "JSONL file for `gemma-keras finetune`).")
+        if texts and prompts:
+            raise InvalidArgumentError(
+                f"{name} mixes text records and prompt/response records ({name}[{i}]); pass "
+                "one kind per call.")
+    return texts if texts else {"prompts": prompts, "responses": responses}
+
+
 def _strings(values, name):
     if isinstance(values, (str, bytes)):
         values = [values]
+    if not isinstance(values, (list, tuple, np.ndarray)):
+        raise ArgumentTypeError(f"{name} must be a string or a list of strings, got "
+                                f"{type(values).__name__}.")
     values = [v.decode("utf-8") if isinstance(v, bytes) else v
               for v in np.asarray(values, dtype=object).reshape(-1).tolist()]
     bad = [type(v).__name__ for v in values if not isinstance(v, str)]
     if bad:
-        raise TypeError(f"{name} must hold strings, found {bad[0]}.")
+        raise ArgumentTypeError(f"{name} must hold strings, found {bad[0]}.")
     return values
+
+
+def _positive_length(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name} must be a positive whole number of tokens (e.g. "
+                                f"256), got {value!r}.")
+    if value < 1:
+        raise InvalidArgumentError(f"{name} must be at least 1 token (e.g. 256), got {value}.")
+    return int(value)
+
+
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)

@@ -9,7 +9,7 @@ from typing import Iterable, List, Sequence, Tuple, Union
 import numpy as np
 import sentencepiece as spm
 
-from gemma_keras.errors import CheckpointError
+from gemma_keras.errors import ArgumentTypeError, CheckpointError, InvalidArgumentError
 
 # Where each on-disk layout keeps the SentencePiece model, in the order they are tried.
 TOKENIZER_FILES = ("assets/tokenizer/vocabulary.spm", "tokenizer.model")
@@ -24,6 +24,20 @@ def format_turn(role: str, text: str) -> str:
     if role not in ("user", "model"):
         raise ValueError(f"role must be 'user' or 'model', got {role!r}.")
     return f"<start_of_turn>{role}\n{text}"
+
+
+TURN_OPENER = "<start_of_turn>"
+
+
+def sends_as_chat(instruct, chat_template, text: str) -> bool:
+    """Whether a string prompt goes in as one user turn of the chat format: the rule of
+    `generate`'s chat_template ("auto", True, False), also applied by the exports (their
+    runner and the SavedModel's graph read it from the export's metadata; tests keep them in
+    step). "auto": yes for an instruct model (`instruct is True`), unless the text already has
+    turn markers (written by the caller) or is empty (an empty prompt is <bos> alone)."""
+    if chat_template == "auto":
+        return instruct is True and text != "" and TURN_OPENER not in text
+    return bool(chat_template)
 
 
 def format_chat(messages: List[Tuple[str, str]], add_generation_prompt: bool = True) -> str:
@@ -42,6 +56,11 @@ class GemmaTokenizer:
     """
 
     def __init__(self, proto: Union[bytes, str, os.PathLike]):
+        if not isinstance(proto, (bytes, str, os.PathLike)):
+            raise ArgumentTypeError(
+                f"proto must be the path of a SentencePiece model (str or pathlib.Path) or its "
+                f"bytes, got {type(proto).__name__}; GemmaTokenizer.from_preset(preset) finds "
+                "it in a preset.")
         source = f"{len(proto)} bytes" if isinstance(proto, bytes) else None
         if isinstance(proto, (str, os.PathLike)):
             path = pathlib.Path(proto)
@@ -70,6 +89,10 @@ class GemmaTokenizer:
         """From a built-in preset name, a kaggle:// or hf:// handle, or a local directory."""
         from gemma_keras.checkpoints.resolve import resolve_preset
 
+        if not isinstance(preset, (str, os.PathLike)):
+            raise ArgumentTypeError(f"preset must be a preset name, a kaggle:// or hf:// handle "
+                                    f"or a directory (str or pathlib.Path), got "
+                                    f"{_describe(preset)}.")
         directory = resolve_preset(preset)
         for name in TOKENIZER_FILES:
             if (directory / name).is_file():
@@ -84,6 +107,9 @@ class GemmaTokenizer:
 
     def token_to_id(self, token: str):
         """The id of a piece, or None when the vocabulary does not have it."""
+        if not isinstance(token, str):
+            raise ArgumentTypeError(f"token must be a piece of the vocabulary as a string "
+                                    f"(e.g. '<end_of_turn>'), got {type(token).__name__}.")
         token_id = self._sp.PieceToId(token)
         # SentencePiece maps unknown pieces to unk; tell those apart from "<unk>" itself.
         if token_id == self._sp.unk_id() and token != self._sp.IdToPiece(token_id):
@@ -91,10 +117,22 @@ class GemmaTokenizer:
         return token_id
 
     def id_to_token(self, token_id: int) -> str:
+        token_id = _token_id("token_id", token_id)
         if not 0 <= token_id < self.vocabulary_size:
-            raise ValueError(f"Token id {token_id} is outside the vocabulary "
+            raise InvalidArgumentError(f"token_id={token_id} is outside the vocabulary "
                              f"[0, {self.vocabulary_size}).")
         return self._sp.IdToPiece(int(token_id))
+
+    def stop_token_ids(self, instruct) -> List[int]:
+        """The ids that end a reply by default, <eos> first: also <end_of_turn> unless the
+        model is known to be a base model (`instruct is False`), since instruct models end
+        their turn with it and stopping there is harmless when we cannot tell. The one rule
+        behind `generate(stop_token_ids="auto")`, the exports' stop ids and the eos ids a
+        Hugging Face save writes (Google's instruct checkpoints list both)."""
+        ids = [self.eos_token_id]
+        if instruct is not False and self.end_of_turn_id is not None:
+            ids.append(self.end_of_turn_id)
+        return ids
 
     def _required_id(self, token):
         token_id = self.token_to_id(token)
@@ -107,17 +145,21 @@ class GemmaTokenizer:
     # ---- text <-> ids -------------------------------------------------------------------
     def tokenize(self, text: Union[str, Sequence[str]], add_bos: bool = False,
                  add_eos: bool = False):
-        """A string gives a list of ids; a list of strings gives a list of lists."""
-        if isinstance(text, str):
-            return self._encode(text, add_bos, add_eos)
-        if isinstance(text, bytes):
-            return self._encode(text.decode("utf-8"), add_bos, add_eos)
-        return [self._encode(t.decode("utf-8") if isinstance(t, bytes) else t, add_bos, add_eos)
-                for t in text]
+        """A string gives a list of ids; a list of strings gives a list of lists (bytes are
+        read as UTF-8). Anything else is a gk.ArgumentTypeError naming `text`."""
+        _flag("add_bos", add_bos)
+        _flag("add_eos", add_eos)
+        if isinstance(text, (str, bytes)):
+            return self._encode(_text(text, "text"), add_bos, add_eos)
+        if not isinstance(text, (list, tuple, np.ndarray)) or (
+                isinstance(text, np.ndarray) and text.ndim != 1):
+            raise ArgumentTypeError(
+                f"tokenize() takes text as a string or a list of strings, got "
+                f"{_describe(text)}.")
+        return [self._encode(_text(t, f"text[{i}]"), add_bos, add_eos)
+                for i, t in enumerate(text)]
 
     def _encode(self, text, add_bos, add_eos):
-        if not isinstance(text, str):
-            raise TypeError(f"tokenize() takes strings, got {type(text).__name__}.")
         ids = self._sp.EncodeAsIds(text)
         return ([self.bos_token_id] if add_bos else []) + ids + (
             [self.eos_token_id] if add_eos else [])
@@ -128,10 +170,13 @@ class GemmaTokenizer:
         Never raises on valid-typed input: incomplete byte-fallback sequences decode to
         U+FFFD, and ids beyond the SentencePiece vocabulary (checkpoints pad the embedding to
         256,128 rows) are dropped. With skip_special, pad/bos/eos and turn markers are dropped.
+        Ids that are not integers (strings, floats, None) are a gk.ArgumentTypeError naming
+        `ids`; a tensor of any backend is read as its values.
         """
+        _flag("skip_special", skip_special)
         if isinstance(ids, (list, tuple)) and ids and not np.isscalar(ids[0]):
             return [self.detokenize(row, skip_special) for row in ids]  # batch, maybe ragged
-        array = np.asarray(ids)
+        array = _id_array(ids)
         if array.ndim == 0:
             return self._decode([int(array)], skip_special)
         if array.ndim == 1:
@@ -148,3 +193,56 @@ class GemmaTokenizer:
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "vocabulary.spm").write_bytes(self.proto)
+
+
+# ---- argument checks ------------------------------------------------------------------------
+def _describe(value):
+    return "None" if value is None else f"{type(value).__name__} {value!r:.60}"
+
+
+def _text(value, name):
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidArgumentError(f"{name} is bytes that are not UTF-8 ({e}); pass a "
+                                       "string.") from e
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"tokenize() takes strings; {name} is {_describe(value)}.")
+    return value
+
+
+def _flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be True or False, got {_describe(value)}.")
+
+
+def _token_id(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name} must be an integer token id, got {_describe(value)}.")
+    return int(value)
+
+
+def _id_array(ids):
+    """`ids` (a list, NumPy array or backend tensor of ids) as a NumPy integer array."""
+    if ids is None or isinstance(ids, (str, bytes, dict)):
+        raise ArgumentTypeError(f"detokenize() takes token ids (an int, a list of ints or an "
+                                f"integer array), got {_describe(ids)}; text is already "
+                                "detokenized.")
+    if not isinstance(ids, (int, np.integer, list, tuple, np.ndarray)):
+        try:  # a tensor of any backend (torch tensors that carry gradients included)
+            import keras
+
+            ids = keras.ops.convert_to_numpy(ids)
+        except Exception as e:
+            raise ArgumentTypeError(f"detokenize() takes token ids, got "
+                                    f"{_describe(ids)}.") from e
+    try:
+        array = np.asarray(ids)
+    except ValueError as e:  # a ragged nesting NumPy cannot stack
+        raise ArgumentTypeError(f"ids must be a sequence of ids or of id sequences, got "
+                                f"{_describe(ids)}.") from e
+    if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
+        raise ArgumentTypeError(f"ids must be integers, got {array.dtype} values "
+                                f"{_describe(ids)}.")
+    return array.astype("int64") if array.dtype.kind == "f" else array

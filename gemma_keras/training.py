@@ -5,11 +5,14 @@ generators into (features, labels, sample_weight) batches."""
 from __future__ import annotations
 
 import collections.abc
+import numbers
 import sys
 import types
 
 import keras
 import numpy as np
+
+from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 
 # AdamW learning rates: adapters take a larger step than full fine-tuning (as in the Gemma
 # LoRA guides); weight decay skips norm scales.
@@ -91,12 +94,23 @@ def default_metrics():
 
 
 # ---- data ---------------------------------------------------------------------------------
-def adapt(lm, x, y=None, sample_weight=None, batch_size=None):
-    """Returns the (x, y, sample_weight, batch_size) to hand to keras.Model.fit/evaluate."""
-    _check_data(x)
+def adapt(lm, x, y=None, sample_weight=None, batch_size=None, name="x"):
+    """Returns the (x, y, sample_weight, batch_size) to hand to keras.Model.fit/evaluate.
+    `name` is the argument the data came in (x, validation_data), for the errors."""
+    from gemma_keras.preprocessor import records_to_columns
+
+    x = records_to_columns(x, name)
+    _check_data(x, name)
+    batch_size = _batch_size(batch_size)
     if _is_tf_dataset(x):
         return _dataset(lm, x, batch_size), None, None, None
     if _is_raw(x):
+        for given, value in (("y", y), ("sample_weight", sample_weight)):
+            if value is not None:
+                raise InvalidArgumentError(
+                    f"{given} was passed with text data: the labels and their weights come "
+                    f"from the text itself (the next token, on responses only). Drop {given}, "
+                    "or pass tokenized {'token_ids', 'padding_mask'} arrays with it.")
         features, labels, weights = _preprocessor(lm)(x)
         features, labels, weights = _trim(features, labels, weights)
         return features, labels, weights, batch_size
@@ -108,45 +122,153 @@ def adapt(lm, x, y=None, sample_weight=None, batch_size=None):
     return x, y, sample_weight, batch_size
 
 
-_DATA_FORMS = ("a string, a list of strings, {'prompts': [...], 'responses': [...]}, a tf.data "
-               "dataset, a generator, or {'token_ids', 'padding_mask'} arrays")
+_DATA_FORMS = ("a string, a list of strings, {'prompts': [...], 'responses': [...]}, a list of "
+               "{'prompt': ..., 'response': ...} or {'text': ...} records (JSONL lines), a "
+               "tf.data dataset, a generator, or {'token_ids', 'padding_mask'} arrays")
+_TOKENIZED_KEYS = ("token_ids", "padding_mask")
 
 
-def _check_data(x):
-    """Empty or mixed data as one clear error here, not an exception from deep inside Keras
-    (an empty list used to end in `KeyError: 'pop from an empty set'`)."""
-    from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
-
+def _check_data(x, name="x"):
+    """Every form fit() does not take, as one clear error here, not an exception from deep
+    inside Keras (`ValueError: Unrecognized data type`, or for an empty list
+    `KeyError: 'pop from an empty set'`)."""
     if x is None:
-        raise ArgumentTypeError(f"No training data: pass x as {_DATA_FORMS}.")
+        raise ArgumentTypeError(f"No training data: pass {name} as {_DATA_FORMS}.")
     if isinstance(x, (str, bytes)):
         if not x:
-            raise InvalidArgumentError("The training text is empty; pass some text.")
+            raise InvalidArgumentError(f"The training text ({name}) is empty; pass some text.")
         return
     if isinstance(x, dict):
-        for key in ("prompts", "responses", "token_ids"):
-            if key in x and len(x[key]) == 0:
-                raise InvalidArgumentError(f"x[{key!r}] is empty: there is nothing to train on.")
-        if "prompts" in x and "responses" in x and len(x["prompts"]) != len(x["responses"]):
-            raise InvalidArgumentError(
-                f"x has {len(x['prompts'])} prompts but {len(x['responses'])} responses; "
-                "pass one response per prompt.")
+        _check_dict(x, name)
         return
-    if isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.dtype.kind in "OSU"):
+    if isinstance(x, (list, tuple, np.ndarray)):
         if len(x) == 0:
-            raise InvalidArgumentError(f"x is empty: there is nothing to train on. Pass "
+            raise InvalidArgumentError(f"{name} is empty: there is nothing to train on. Pass "
                                        f"{_DATA_FORMS}.")
-        kinds = {isinstance(v, (str, bytes)) for v in np.asarray(x, dtype=object).reshape(-1)}
+        if isinstance(x, np.ndarray) and x.dtype.kind not in "OSU":
+            values = x.reshape(-1)[:1]  # numbers: refused below, without a copy of them all
+        else:
+            try:
+                values = np.asarray(x, dtype=object).reshape(-1)
+            except ValueError:  # ragged nesting
+                values = list(x)
+        kinds = {isinstance(v, (str, bytes)) for v in values}
         if kinds == {True, False}:
-            raise ArgumentTypeError("x mixes strings with other values; pass a list of "
+            raise ArgumentTypeError(f"{name} mixes strings with other values; pass a list of "
                                     "strings only.")
+        if kinds == {False}:
+            first = next(v for v in values if not isinstance(v, (str, bytes)))
+            raise ArgumentTypeError(
+                f"{name} holds {type(first).__name__} values, not text: fit() takes "
+                f"{_DATA_FORMS}. Token ids go in the dict {{'token_ids': [batch, length] "
+                "ints, 'padding_mask': ...}.")
+        return
+    if isinstance(x, (numbers.Number, np.generic)):
+        raise ArgumentTypeError(f"{name}={x!r} is not training data: pass {_DATA_FORMS}.")
+    # Anything else (generators, tf.data datasets, keras.utils.PyDataset, a torch DataLoader)
+    # is checked item by item, or is Keras' own.
+
+
+def _check_dict(x, name):
+    keys = sorted(map(str, x))
+    if "token_ids" in x:
+        extra = [k for k in keys if k not in _TOKENIZED_KEYS]
+        if extra:
+            raise InvalidArgumentError(f"{name} has the keys {keys}: tokenized data takes only "
+                                       f"{list(_TOKENIZED_KEYS)}.")
+        if isinstance(x["token_ids"], (list, tuple, np.ndarray)):
+            try:
+                ids = np.asarray(x["token_ids"])
+                found = f"{ids.dtype} values of shape {ids.shape}"
+            except ValueError:  # NumPy refuses ragged nesting
+                ids, found = None, "rows of different lengths"
+            if ids is None or ids.ndim != 2 or ids.dtype.kind not in "iu":
+                raise ArgumentTypeError(
+                    f"{name}['token_ids'] must be integer ids [batch, length] (pad rows to one "
+                    f"length and mark the padding in 'padding_mask'), got {found}.")
+            if ids.size == 0:
+                raise InvalidArgumentError(f"{name}['token_ids'] is empty: there is nothing to "
+                                           "train on.")
+        return
+    if "prompts" in x or "responses" in x:
+        if set(x) != {"prompts", "responses"}:
+            raise InvalidArgumentError(
+                f"{name} has the keys {keys}: prompt/response pairs take exactly 'prompts' and "
+                "'responses' (lists of strings, one response per prompt).")
+        for key in ("prompts", "responses"):
+            value = x[key]
+            if isinstance(value, (str, bytes)):
+                continue
+            if not isinstance(value, (list, tuple, np.ndarray)) and not _is_tf_tensor(value):
+                raise ArgumentTypeError(f"{name}[{key!r}] must be a list of strings, got "
+                                        f"{type(value).__name__}.")
+            if len(value) == 0:
+                raise InvalidArgumentError(f"{name}[{key!r}] is empty: there is nothing to "
+                                           "train on.")
+        if len(_as_list(x["prompts"])) != len(_as_list(x["responses"])):
+            raise InvalidArgumentError(
+                f"{name} has {len(_as_list(x['prompts']))} prompts but "
+                f"{len(_as_list(x['responses']))} responses; pass one response per prompt.")
+        return
+    if {"prompt", "response"} & set(x) or "text" in x:
+        # The record's keys (a JSONL line): singular names one example, the dict of lists
+        # takes the plural (keras-hub's names) so that each dict form has one spelling.
+        raise InvalidArgumentError(
+            f"{name} has the keys {keys}: a dict of training data takes the plural "
+            "{'prompts': [...], 'responses': [...]} (keras-hub's names). The singular keys "
+            "are those of one record: pass a list of records [{'prompt': ..., 'response': "
+            "...}, ...] (or [{'text': ...}, ...]), as the lines of a JSONL file read with "
+            "json.loads.")
+    raise InvalidArgumentError(f"{name} has the keys {keys}; fit() takes {_DATA_FORMS}.")
+
+
+def _as_list(value):
+    return [value] if isinstance(value, (str, bytes)) else value
+
+
+def _is_tf_tensor(value):
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(value, tf.Tensor)
+
+
+def _batch_size(batch_size):
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral):
+        raise ArgumentTypeError(f"batch_size must be a whole number of examples, got "
+                                f"{batch_size!r}.")
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}.")
+    return int(batch_size)
+
+
+def check_keras_arguments(method, kwargs):
+    """fit()/evaluate()'s Keras keywords: an unknown one (`epoch=`) and a non-count `epochs`
+    / `steps_per_epoch` / `steps` as gk errors naming them, before any work."""
+    import inspect
+
+    from gemma_keras.generation import options
+
+    valid = [name for name in inspect.signature(method).parameters
+             if name not in ("self", "x", "y", "batch_size", "sample_weight", "kwargs")]
+    unknown = {name for name in kwargs if name not in valid and not name.startswith("_")}
+    options.refuse_unknown_keywords(f"{method.__name__}()", unknown,
+                                    ["x", "y", "batch_size", "sample_weight", *valid])
+    for name, minimum in (("epochs", 1), ("initial_epoch", 0), ("steps_per_epoch", 1),
+                          ("validation_steps", 1), ("steps", 1)):
+        value = kwargs.get(name)
+        if value is not None:
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+                raise ArgumentTypeError(f"{name} must be a whole number, got {value!r}.")
+            if value < minimum:
+                raise InvalidArgumentError(f"{name} must be at least {minimum}, got {value}.")
 
 
 def adapt_validation(lm, data):
     """fit's validation_data in any form `adapt` takes (a tuple is (x, y[, weights]))."""
     if isinstance(data, tuple) and not _is_raw(data):
         return data
-    x, y, weights, _ = adapt(lm, data)
+    x, y, weights, _ = adapt(lm, data, name="validation_data")
     return x if y is None else (x, y, weights)
 
 
@@ -170,8 +292,14 @@ def _is_tf_dataset(x):
 
 def _preprocessor(lm):
     if lm.preprocessor is None:
-        raise ValueError("Training on text needs a tokenizer: load the model with its "
-                         "tokenizer, or pass {'token_ids', 'padding_mask'} arrays.")
+        raise InvalidArgumentError("Training on text needs a tokenizer: load the model with "
+                                   "its tokenizer, or pass {'token_ids', 'padding_mask'} "
+                                   "arrays.")
+    context = lm.backbone.config.max_sequence_length
+    if lm.preprocessor.sequence_length > context:
+        raise InvalidArgumentError(
+            f"lm.preprocessor.sequence_length={lm.preprocessor.sequence_length} is longer "
+            f"than the model's context of {context} tokens; set it to at most {context}.")
     return lm.preprocessor
 
 
@@ -203,10 +331,14 @@ def _dataset(lm, dataset, batch_size):
     spec = dataset.element_spec
     if isinstance(spec, tuple) or (isinstance(spec, dict) and "token_ids" in spec):
         return dataset  # already (features, labels[, weights]) or features
+    if isinstance(spec, dict) and set(spec) != {"prompts", "responses"}:
+        raise InvalidArgumentError(
+            f"A tf.data dataset of dicts for fit() holds {{'prompts', 'responses'}} (plural) "
+            f"or {{'token_ids', 'padding_mask'}}, found the keys {sorted(spec)}.")
     strings = spec["prompts"] if isinstance(spec, dict) else spec
-    if strings.dtype != tf.string:
-        raise TypeError(f"A tf.data dataset for fit() holds strings or {{'prompts', "
-                        f"'responses'}} of strings, found {spec}.")
+    if not isinstance(strings, tf.TensorSpec) or strings.dtype != tf.string:
+        raise ArgumentTypeError(f"A tf.data dataset for fit() holds strings or {{'prompts', "
+                                f"'responses'}} of strings, found {spec}.")
     if strings.shape.rank == 0:  # unbatched examples
         dataset = dataset.batch(batch_size or 32)
     return dataset.map(_preprocessor(lm).tf_map(), num_parallel_calls=tf.data.AUTOTUNE
@@ -216,9 +348,12 @@ def _dataset(lm, dataset, batch_size):
 def _generator(lm, items, batch_size):
     """Each item a string, a list of strings or a prompts/responses dict; single strings are
     grouped into batches of `batch_size`."""
+    from gemma_keras.preprocessor import records_to_columns
+
     preprocessor = _preprocessor(lm)
     pending = []
     for item in items:
+        item = records_to_columns(item, "an item of the generator")
         if isinstance(item, (str, bytes)):
             pending.append(item)
             if len(pending) < batch_size:

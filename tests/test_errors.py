@@ -412,3 +412,64 @@ def test_local_path_is_copied_before_edit(hf_checkpoint, tmp_path):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "a")
     assert gk.GemmaCausalLM.from_preset(tmp_path / "b").config == lm.config
+
+
+# ---- issue 32: the training data forms, LoRA files, quantize's warnings ---------------------
+@pytest.fixture(scope="module")
+def demo():
+    return gk.GemmaCausalLM.from_preset("gemma_demo")
+
+
+def _same_batches(a, b):
+    import numpy as np
+
+    (fa, la, wa, _), (fb, lb, wb, _) = a, b
+    for key in ("token_ids", "padding_mask"):
+        np.testing.assert_array_equal(fa[key], fb[key])
+    np.testing.assert_array_equal(la, lb)
+    np.testing.assert_array_equal(wa, wb)
+
+
+@pytest.mark.once("jax")  # NumPy preprocessing only
+def test_fit_takes_records_as_the_finetune_jsonl_lines_give_them(demo):
+    """A list of {"prompt", "response"} (or {"text"}) dicts, what json.loads gives for each
+    line of a `gemma-keras finetune` JSONL file, trains exactly as the columns do; a dict of
+    columns with the records' singular keys is refused, naming both spellings."""
+    from gemma_keras import training
+
+    pairs = [("What is Keras?", "A deep learning API."), ("And JAX?", "Array computing.")]
+    records = [{"prompt": p, "response": r, "id": i} for i, (p, r) in enumerate(pairs)]
+    columns = {"prompts": [p for p, _ in pairs], "responses": [r for _, r in pairs]}
+    _same_batches(training.adapt(demo, records), training.adapt(demo, columns))
+    texts = ["Module re", "Module json"]
+    _same_batches(training.adapt(demo, [{"text": t} for t in texts]),
+                  training.adapt(demo, texts))
+    batches = list(training.adapt(demo, iter([records]))[0])
+    _same_batches((*batches[0], None), (*demo.preprocessor(columns), None))  # untrimmed
+    with pytest.raises(gk.InvalidArgumentError, match=r"'prompts'.*records \[\{'prompt'"):
+        demo.fit({"prompt": columns["prompts"], "response": columns["responses"]})
+
+
+def test_load_lora_weights_of_a_folder_names_the_file_to_pass(demo, tmp_path):
+    (tmp_path / "adapter.lora.h5").write_bytes(b"")
+    with pytest.raises(gk.CheckpointError, match="is a directory.*adapter.lora.h5") as caught:
+        demo.load_lora_weights(tmp_path)
+    assert "does not exist" not in str(caught.value)
+
+
+@pytest.mark.once("jax")  # Keras' quantize loop, the same on every backend
+def test_quantize_warns_about_nothing_and_quantizes_every_projection(demo):
+    """Keras' Model.quantize warned once per layer without a quantize() (RMSNorm, Dropout);
+    only the layers that have one are offered now, and they are all still quantized."""
+    import warnings
+
+    lm = gk.GemmaCausalLM.from_preset("gemma_demo")
+    offered = [layer for layer in lm._flatten_layers()
+               if len(list(layer._flatten_layers())) == 1
+               and type(layer).quantize is not __import__("keras").layers.Layer.quantize]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm.quantize("int8")
+    said = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
+    assert said == []
+    assert offered and all(layer.quantization_mode == "int8" for layer in offered)

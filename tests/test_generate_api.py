@@ -189,7 +189,7 @@ BAD_CALLS = [
     (dict(inputs=[]), ValueError, "empty batch"),
     (dict(inputs=None), TypeError, "got None"),
     (dict(inputs=[1, 2]), TypeError, "list holds int"),
-    (dict(inputs=5), TypeError, "takes a string"),
+    (dict(inputs=5), TypeError, "takes inputs as a string"),
     (dict(inputs="x", seed="abc"), TypeError, "seed"),
     (dict(inputs="x", seed=-1), ValueError, "seed"),
     (dict(inputs="x", seed=1.5), TypeError, "seed"),
@@ -216,6 +216,18 @@ BAD_CALLS = [
     (dict(inputs={"token_ids": np.array([[2, 10 ** 6]])}), ValueError, "vocabulary"),
     (dict(inputs={"token_ids": np.array([[2, 5]]), "padding_mask": np.array([[0, 0]])}),
      ValueError, "no tokens"),
+    # An unknown keyword names the one meant (Python's own TypeError did not).
+    (dict(inputs="x", max_tokens=5), TypeError, "'max_tokens'. Did you mean max_new_tokens?"),
+    (dict(inputs="x", max_new_token=5), TypeError, "Did you mean max_new_tokens?"),
+    (dict(inputs="x", do_sample=True), TypeError, "temperature=, top_k= or top_p="),
+    # Each combination beam search refuses gives its own reason (repetition_penalty was
+    # refused with the streaming case's "nothing to stream").
+    (dict(inputs="x", num_beams=2, repetition_penalty=1.2), ValueError,
+     "does not take repetition_penalty: gemma_keras's beam search scores each beam"),
+    (dict(inputs="x", num_beams=2, stop_strings=["."]), ValueError,
+     "does not take stop_strings: beams end on stop_token_ids only"),
+    (dict(inputs="x", num_beams=2, stream=True), ValueError,
+     "does not take stream: it picks the best whole sequences only at the end"),
 ]
 
 
@@ -233,9 +245,20 @@ def test_bad_generate_arguments_are_one_gemma_error_before_compiling(
     assert "\n" not in str(caught.value)
 
 
+def test_beam_search_refusals_give_only_their_own_reason(lm):
+    for given, other in [(dict(repetition_penalty=1.2), "stream"),
+                         (dict(stop_strings=["."]), "stream"),
+                         (dict(stream=True), "stop_token_ids")]:
+        with pytest.raises(gk.InvalidArgumentError) as caught:
+            lm.generate("x", num_beams=2, **given)
+        assert other not in str(caught.value), caught.value
+
+
 def test_bad_chat_and_fit_arguments_are_gemma_errors(lm):
     chat = lm.chat()
     for kwargs, kind in [(dict(message=None), TypeError),
+                         (dict(message="Hi", num_beams=2), TypeError),
+                         (dict(message="Hi", max_tokens=5), TypeError),
                          (dict(message="Hi", max_new_tokens=0), ValueError),
                          (dict(message="Hi", seed="abc"), TypeError),
                          (dict(message="Hi", top_p=2.0), ValueError),
@@ -246,10 +269,52 @@ def test_bad_chat_and_fit_arguments_are_gemma_errors(lm):
     assert chat.history == [] and chat.token_ids == []  # nothing was half-sent
     for data, kind in [([], ValueError), (None, TypeError), ({"prompts": [], "responses": []},
                        ValueError), (["a", 3], TypeError),
-                       ({"prompts": ["a", "b"], "responses": ["c"]}, ValueError)]:
+                       ({"prompts": ["a", "b"], "responses": ["c"]}, ValueError),
+                       ([1, 2, 3], TypeError), ({"prompt": ["a"], "response": ["b"]}, ValueError),
+                       ([{"prompt": "a"}], ValueError)]:
         with pytest.raises(gk.GemmaError) as caught:
             lm.fit(data, epochs=1)
         assert isinstance(caught.value, kind), data
+
+
+# ---- logits as the README reads them (issue 32, item 10) --------------------------------------
+def _readme_logits_lines():
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Quickstart", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    lines = [line.split("  #")[0].strip() for line in block.splitlines()]
+    return [line for line in lines if line.startswith(("import", "logits"))]
+
+
+def test_readme_logits_lines_give_numpy_in_the_compute_dtype_on_every_backend(lm, lm32):
+    """The Quickstart's logits lines, as written: what they leave is NumPy that np.asarray
+    reads (on PyTorch `lm(...)` itself is a tensor in autograd's graph, which NumPy refuses,
+    and NumPy cannot read torch's bfloat16 at all), in the dtype the README states, equal to
+    the model's own logits."""
+    lines = _readme_logits_lines()
+    assert any(line.startswith("logits = lm(") for line in lines), lines
+    # The shape of _reference_greedy's first call: JAX's eager ops compiled here serve it.
+    prompt = lm32.tokenizer.tokenize("json.dumps(", add_bos=True)
+    ids = np.zeros((1, len(prompt) + 10), "int32")
+    mask = np.zeros(ids.shape, bool)
+    ids[0, :len(prompt)], mask[0, :len(prompt)] = prompt, True
+    # bfloat16 too where an eager call is cheap (JAX compiles each eager op of a new dtype).
+    for model in [lm32] + ([lm] if keras.backend.backend() == "torch" else []):
+        namespace = {"lm": model, "ids": ids, "mask": mask}
+        for line in lines:
+            exec(line, namespace)
+        logits = np.asarray(namespace["logits"])
+        assert logits.shape == (*ids.shape, model.config.vocabulary_size)
+        assert keras.backend.standardize_dtype(logits.dtype) == model.dtype_policy.compute_dtype
+        raw = model({"token_ids": ids, "padding_mask": mask})
+        np.testing.assert_array_equal(logits, keras.ops.convert_to_numpy(raw))
+        if keras.backend.backend() == "torch":
+            # The call's own tensor stays in autograd's graph: a torch training loop of the
+            # user's gets gradients (what detaching the logits would have broken).
+            assert raw.requires_grad
+            raw.float().logsumexp(-1).sum().backward()
+            table = model.backbone.token_embedding.embeddings.value
+            assert table.grad is not None and float(table.grad.abs().sum()) > 0
+            table.grad = None
 
 
 # ---- the transformers-style keywords ------------------------------------------------------

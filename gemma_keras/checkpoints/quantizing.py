@@ -59,9 +59,35 @@ def resolve(mode, block_size=DEFAULT_BLOCK_SIZE, config=None, argument="mode"):
         raise ConfigError(f"{argument}={mode!r} is not a quantization mode gemma_keras "
                           f"supports; choose one of {MODES} (int8: per output channel; int4: "
                           f"in groups of block_size inputs, default {DEFAULT_BLOCK_SIZE}).")
+    # Checked for int8 too (where it does not apply): a bad value is a mistake either way.
+    block_size = check_block_size(block_size)
     if mode == "int8":
         return mode, None
-    return mode, keras.quantizers.Int4QuantizationConfig(block_size=check_block_size(block_size))
+    return mode, keras.quantizers.Int4QuantizationConfig(block_size=block_size)
+
+
+def check_filters(filters, kwargs=None):
+    """`quantize(filters=...)` as Keras takes it (a regex, a list of regexes, a callable or
+    None) and no other keyword than Keras' `type_check`."""
+    from gemma_keras.errors import ArgumentTypeError
+
+    unknown = sorted(set(kwargs or {}) - {"type_check"})
+    if unknown:
+        raise ArgumentTypeError(f"quantize() got an unknown keyword argument {unknown[0]!r}; "
+                                "it takes mode, config, filters and block_size.")
+    if filters is None or callable(filters) or isinstance(filters, str):
+        return
+    if isinstance(filters, (list, tuple)) and all(isinstance(f, str) for f in filters):
+        return
+    raise ArgumentTypeError(f"filters={filters!r:.60} must be a regex matched against layer "
+                            "names, a list of them, a function layer -> bool, or None.")
+
+
+def has_quantize(layer) -> bool:
+    """Whether `layer`'s class implements `quantize()`. Keras' `Model.quantize` asks every
+    leaf layer and warns for each that has none (Gemma's norms, dropout): asked of only
+    the layers that have one, it quantizes the same layers without the warnings."""
+    return type(layer).quantize is not keras.layers.Layer.quantize
 
 
 def policy_mode(mode, config) -> str:

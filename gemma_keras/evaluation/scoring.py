@@ -37,9 +37,16 @@ DEFAULT_BATCH_SIZE = 16
 def score(lm, token_ids, padding_mask=None, scoring_mode="logits", layer_intercept_fn=None,
           target_ids=None):
     """See `GemmaCausalLM.score`."""
-    if scoring_mode not in SCORING_MODES:
+    if not isinstance(scoring_mode, str) or scoring_mode not in SCORING_MODES:
         raise InvalidArgumentError(
             f"scoring_mode must be one of {SCORING_MODES}, got {scoring_mode!r}.")
+    if layer_intercept_fn is not None and not callable(layer_intercept_fn):
+        raise ArgumentTypeError(f"layer_intercept_fn must be a function f(x, i) or None, got "
+                                f"{type(layer_intercept_fn).__name__}.")
+    vocab = lm.backbone.config.vocabulary_size
+    token_ids = _id_input("token_ids", token_ids, vocab)
+    padding_mask = _id_input("padding_mask", padding_mask, None, mask=True)
+    target_ids = _id_input("target_ids", target_ids, vocab)
     if scoring_mode == "loss" and target_ids is None:
         raise InvalidArgumentError(
             "scoring_mode='loss' needs target_ids ([batch, num_tokens], the token each "
@@ -70,6 +77,50 @@ def score(lm, token_ids, padding_mask=None, scoring_mode="logits", layer_interce
     run = steps.function("score_loss", lambda ids, mask, targets: token_losses(
         logits_of(ids, mask), targets))
     return run(_ints(token_ids), _ints(padding_mask), _ints(target_ids))
+
+
+def _id_input(name, value, vocab, mask=False):
+    """score()'s id arrays checked: a NumPy array, nested lists or a backend tensor of
+    integers (a mask: of numbers or bools); host values also within [0, vocab). Returns host values
+    as a NumPy array, tensors as they are (reading them back would cost a device sync)."""
+    if value is None:
+        return None if name != "token_ids" else _refuse(name, value)
+    if isinstance(value, (str, bytes, dict)) or np.isscalar(value):
+        return _refuse(name, value)
+    if isinstance(value, (list, tuple, np.ndarray)):
+        try:
+            array = np.asarray(value)
+        except ValueError:  # ragged nesting
+            raise ArgumentTypeError(
+                f"{name} must be a [batch, num_tokens] array; its rows have different "
+                "lengths: pad them to one length (and pass padding_mask).") from None
+        if array.dtype.kind in "OUS":
+            return _refuse(name, value)
+        kind = array.dtype.kind
+    elif hasattr(value, "shape") and hasattr(value, "dtype"):  # a tensor of any backend
+        array = None
+        dtype = keras.backend.standardize_dtype(value.dtype)
+        kind = "b" if dtype == "bool" else "i" if "int" in dtype else "f"
+    else:
+        return _refuse(name, value)
+    if kind not in ("iubf" if mask else "iu"):
+        raise ArgumentTypeError(f"{name} must hold {'0/1 or bools' if mask else 'integer ids'}, "
+                                f"got {value.dtype if array is None else array.dtype} values.")
+    if array is None:
+        return value
+    if vocab is not None and array.size and not 0 <= array.min() <= array.max() < vocab:
+        raise InvalidArgumentError(f"{name} must be in [0, {vocab}) (the model's vocabulary), "
+                                   f"found {array.min()}..{array.max()}.")
+    return array
+
+
+def _refuse(name, value):
+    text = (" Tokenize text first: np.array([lm.tokenizer.tokenize(text, add_bos=True)])."
+            if name != "padding_mask" and (isinstance(value, (str, bytes)) or (
+                isinstance(value, (list, tuple)) and value
+                and isinstance(value[0], (str, bytes)))) else "")
+    raise ArgumentTypeError(f"{name} must be token ids [batch, num_tokens] (a NumPy array or "
+                            f"tensor of ints), got {type(value).__name__} {value!r:.60}.{text}")
 
 
 def _ints(x):
@@ -184,7 +235,12 @@ def _pairs(requests):
 
 
 def _fed_row(index, context, continuation, max_length, vocabulary_size):
-    context, continuation = ([int(t) for t in context], [int(t) for t in continuation])
+    try:
+        context, continuation = ([_whole(t) for t in context], [_whole(t) for t in continuation])
+    except (TypeError, ValueError):
+        raise ArgumentTypeError(f"requests[{index}] must be (context ids, continuation ids), "
+                                f"two lists of ints, got {context!r:.40} and "
+                                f"{continuation!r:.40}.") from None
     if not context or not continuation:
         raise InvalidArgumentError(
             f"requests[{index}]: context and continuation must each hold at least one token "
@@ -199,6 +255,12 @@ def _fed_row(index, context, continuation, max_length, vocabulary_size):
     whole = (context + continuation)[-(max_length + 1):]
     fed, n = whole[:-1], len(continuation)
     return _Row(index, tuple(fed[: len(fed) - n]), fed[len(fed) - n:], whole[-n:])
+
+
+def _whole(value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(value)
+    return int(value)
 
 
 def _batches(rows, batch_size):
@@ -292,7 +354,8 @@ def loglikelihood_rolling(lm, texts, batch_size=DEFAULT_BATCH_SIZE, max_length=N
     """See `GemmaCausalLM.loglikelihood_rolling`."""
     tokenizer = _tokenizer(lm)
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-        raise ArgumentTypeError("loglikelihood_rolling takes a list of strings.")
+        raise ArgumentTypeError(f"texts must be a list of strings, got "
+                                f"{type(texts).__name__}.")
     max_length = lm.backbone.config.max_sequence_length if max_length is None else max_length
     max_length = _positive("max_length", max_length)
     windows, owner = [], []

@@ -66,14 +66,25 @@ def plan(sampler, return_beams, args) -> Tuple[object, Optional[BeamSampler]]:
                               sampler.early_stopping, return_all_beams=True)
     elif sampler.num_beams == 1:
         return GreedySampler(), None
-    for name, refused in (("stream=True", args["stream"]),
-                          ("stop_strings", args["stop_strings"]),
-                          ("repetition_penalty", args["repetition_penalty"] is not None)):
-        if refused:
-            raise InvalidArgumentError(
-                f"Beam search does not take {name}: it chooses whole sequences at the end "
-                f"(nothing to stream) and stops beams on stop_token_ids only.")
+    for refused, reason in _REFUSED:
+        if args[refused] not in (None, False):
+            raise InvalidArgumentError(f"Beam search (num_beams={sampler.num_beams}) does not "
+                                       f"take {refused}: {reason}")
     return sampler, sampler
+
+
+# What beam search cannot serve, each with its own reason and what to do instead.
+_REFUSED = (
+    ("stream", "it picks the best whole sequences only at the end, so there is nothing to "
+               "stream. Drop stream=True, or stream with greedy or sampled decoding."),
+    ("stop_strings", "beams end on stop_token_ids only (a stop string can end inside a token, "
+                     "after the beam was ranked). Pass the ids as stop_token_ids, or cut the "
+                     "returned text at the string."),
+    ("repetition_penalty", "gemma_keras's beam search scores each beam by its unchanged "
+                           "log-probabilities (as transformers' without logits processors). "
+                           "Drop repetition_penalty, or use it with greedy or sampled "
+                           "decoding."),
+)
 
 
 @dataclasses.dataclass

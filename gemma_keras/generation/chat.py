@@ -9,6 +9,7 @@ is put before the first user message, as Google's instruct models expect.
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -33,6 +34,9 @@ class ChatSession:
         if tokenizer is None or tokenizer.end_of_turn_id is None:
             raise InvalidArgumentError("chat() needs a tokenizer with Gemma's <start_of_turn> "
                                        "and <end_of_turn> pieces.")
+        if system is not None and not isinstance(system, str):
+            raise ArgumentTypeError(f"system must be a string (the instructions put before "
+                                    f"the first message) or None, got {type(system).__name__}.")
         self.lm, self.system = lm, system
         # Replies are drafted and verified (generate's draft=); fixed for the chat because
         # the cache's rings are sized for the drafts when the session is made.
@@ -83,14 +87,18 @@ class ChatSession:
             session.extend([chunk])
         self._pending = []
 
-    def send(self, message: str, max_new_tokens: int = 256, sampler=None, seed=None,
+    def send(self, message: str = None, max_new_tokens: int = 256, sampler=None, seed=None,
              stream: bool = False, *, temperature=None, top_k=None, top_p=None,
-             min_new_tokens=0, repetition_penalty=None) -> Union[str, Iterator[str]]:
+             min_new_tokens=0, repetition_penalty=None,
+             **unknown) -> Union[str, Iterator[str]]:
         """Adds a user message and returns the reply (or, with stream=True, an iterator of
         its pieces; the reply joins the history when the iterator is exhausted).
 
         The sampling arguments are `generate`'s; repetition_penalty counts every token of
-        the conversation so far. The reply never contains special pieces."""
+        the conversation so far. The reply never contains special pieces. generate's other
+        keywords (beam search, stop strings, drafts, ...) are a gk.ArgumentTypeError that
+        says where they go."""
+        options.refuse_unknown_keywords("chat.send()", unknown, SEND_KEYWORDS, SEND_ADVICE)
         if not isinstance(message, str):
             raise ArgumentTypeError(f"send() takes the message as a string, got "
                                     f"{type(message).__name__}.")
@@ -105,8 +113,9 @@ class ChatSession:
         decoding = Decoding(build_sampler(sampler, temperature, top_k, top_p), stop_ids,
                             min_new_tokens, check_repetition_penalty(repetition_penalty))
         if isinstance(decoding.sampler, BeamSampler):
-            raise InvalidArgumentError("chat.send does not take beam search (a reply is chosen "
-                                       "token by token, as it streams); use generate(num_beams=).")
+            raise InvalidArgumentError("sampler: chat.send does not take beam search (a reply "
+                                       "is chosen token by token, as it streams); use "
+                                       "generate(num_beams=).")
         # Checked above, before the conversation changes: a bad argument leaves it as it was.
         self._prepare(message, max_new_tokens)
         self.history.append(("user", message))
@@ -133,3 +142,26 @@ class ChatSession:
     def token_ids(self) -> List[int]:
         """The whole conversation as token ids, the last reply included."""
         return list(self._tokens)
+
+
+SEND_KEYWORDS = [name for name in inspect.signature(ChatSession.send).parameters
+                 if name not in ("self", "unknown")]
+_BEAM = ("Beam search is generate()'s only: a chat reply is chosen token by token, as it "
+         "streams; use lm.generate(..., num_beams=k)")
+_GENERATE_ONLY = "It is generate()'s; a chat reply is always the model's new turn alone"
+# generate() keywords that chat.send() does not take, and what to do instead.
+SEND_ADVICE = {
+    "num_beams": _BEAM, "length_penalty": _BEAM, "early_stopping": _BEAM,
+    "return_beams": _BEAM,
+    "draft": "Drafting is set for the whole chat: lm.chat(draft=..., draft_tokens=...)",
+    "draft_tokens": "Drafting is set for the whole chat: lm.chat(draft=..., draft_tokens=...)",
+    "system": "The system prompt is set for the whole chat: lm.chat(system=...)",
+    "stop_strings": "A reply ends at the model's <end_of_turn> (or max_new_tokens); "
+                    "stop_strings are generate()'s",
+    "stop_token_ids": "A reply ends at the model's <end_of_turn> or <eos>; stop_token_ids "
+                      "are generate()'s",
+    "max_length": "A reply's length is max_new_tokens=; max_length is generate()'s",
+    "include_prompt": _GENERATE_ONLY,
+    "chat_template": _GENERATE_ONLY,
+    "skip_special_tokens": _GENERATE_ONLY,
+}

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 import numpy as np
 
@@ -13,7 +15,7 @@ from gemma_keras.generation.options import Decoding
 from gemma_keras.generation.samplers import build_sampler, check_repetition_penalty
 from gemma_keras.generation.session import GenerationSession, Stopping
 from gemma_keras.generation.steps import pad_id
-from gemma_keras.tokenizer import format_chat
+from gemma_keras.tokenizer import format_chat, sends_as_chat
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -24,12 +26,7 @@ def resolve_stop_ids(lm, stop_token_ids) -> set:
         if tokenizer is None:
             raise InvalidArgumentError(
                 "stop_token_ids='auto' needs the model's tokenizer; pass ids.")
-        ids = {tokenizer.eos_token_id}
-        # Instruct models end their turn with <end_of_turn>. When we cannot tell whether the
-        # model is instruction-tuned (a plain local directory), stopping there is harmless.
-        if lm.instruct is not False and tokenizer.end_of_turn_id is not None:
-            ids.add(tokenizer.end_of_turn_id)
-        return ids
+        return set(tokenizer.stop_token_ids(lm.instruct))
     if stop_token_ids is None:
         return set()
     if isinstance(stop_token_ids, (str, bytes)) or not isinstance(
@@ -40,19 +37,14 @@ def resolve_stop_ids(lm, stop_token_ids) -> set:
                                  else i, 0) for i in stop_token_ids}
 
 
-_INPUT_FORMS = ("generate() takes a string, a list of strings, or the dict "
+_INPUT_FORMS = ("generate() takes inputs as a string, a list of strings, or the dict "
                 "{'token_ids', 'padding_mask'}")
 
 
 def uses_chat_template(lm, chat_template, text):
-    """Whether a string prompt is sent as one user turn in Gemma's chat format.
-
-    "auto": yes for an instruct model (`lm.instruct is True`), unless the text already has
-    turn markers (written by the caller) or is empty (an empty prompt is <bos> alone).
-    """
-    if chat_template == "auto":
-        return lm.instruct is True and text != "" and "<start_of_turn>" not in text
-    return chat_template
+    """Whether a string prompt is sent as one user turn in Gemma's chat format
+    (gemma_keras.tokenizer.sends_as_chat, the rule's one owner)."""
+    return sends_as_chat(lm.instruct, chat_template, text)
 
 
 def prepare_prompts(lm, inputs, chat_template="auto"):
@@ -60,8 +52,9 @@ def prepare_prompts(lm, inputs, chat_template="auto"):
     prompt strings as given (None for ids)."""
     if isinstance(inputs, dict):
         if "token_ids" not in inputs:
-            raise InvalidArgumentError("Pre-tokenized input must be a dict with 'token_ids' "
-                                       "and 'padding_mask'.")
+            raise InvalidArgumentError(f"inputs is a dict with the keys {sorted(map(str, inputs))}"
+                                       f"; pre-tokenized inputs are the dict {{'token_ids', "
+                                       f"'padding_mask'}}.")
         ids = np.asarray(keras.ops.convert_to_numpy(inputs["token_ids"]))
         mask = inputs.get("padding_mask")
         # A bool mask: an int one would index rows by position instead of selecting tokens.
@@ -157,8 +150,9 @@ def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler=None,
              temperature=None, top_k=None, top_p=None, min_new_tokens=0,
              repetition_penalty=None, chat_template="auto", include_prompt=True,
              num_beams=None, length_penalty=None, early_stopping=None, return_beams=False,
-             skip_special_tokens=True, draft=None, draft_tokens=None):
+             skip_special_tokens=True, draft=None, draft_tokens=None, **unknown):
     # Everything is checked before the first compilation or cache allocation.
+    options.refuse_unknown_keywords("generate()", unknown, KEYWORDS)
     args = check_arguments(max_length, max_new_tokens, min_new_tokens, seed, stream,
                            stop_strings, repetition_penalty, chat_template, include_prompt,
                            skip_special_tokens)
@@ -196,6 +190,11 @@ def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler=None,
     session = GenerationSession(lm, prompts, max(len(p) for p in prompts) + new, speculation)
     session.decode(new, decoding, rng, stopping)
     return _outputs(lm, session, session.rows, kind, texts, args, stopping)
+
+
+# The keywords generate() takes, in its signature's order (named in the error for another).
+KEYWORDS = [name for name in inspect.signature(generate).parameters
+            if name not in ("lm", "unknown")]
 
 
 def _outputs(lm, session, rows, kind, texts, args, stopping):

@@ -9,6 +9,7 @@ Every mistake is one `GemmaError` naming the argument and what to pass instead:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import numbers
 from typing import Optional
 
@@ -62,6 +63,57 @@ def stop_strings_value(stop_strings):
         raise InvalidArgumentError("stop_strings has an empty string, which would end every "
                                    "completion before it starts; remove it.")
     return list(stop_strings) or None
+
+
+# Keywords other libraries use for what `generate` / `chat.send` call otherwise: an unknown
+# keyword is answered with the name to use instead of Python's bare TypeError.
+KEYWORD_ALIASES = {
+    "max_tokens": "max_new_tokens",  # llama.cpp, vLLM, the OpenAI API
+    "max_new_token": "max_new_tokens",
+    "num_tokens": "max_new_tokens",
+    "max_len": "max_length",
+    "prompt": "inputs",
+    "prompts": "inputs",
+    "eos_token_id": "stop_token_ids",
+    "stop_ids": "stop_token_ids",
+    "stop": "stop_strings",  # the OpenAI API, vLLM
+    "stop_sequences": "stop_strings",
+    "skip_special": "skip_special_tokens",
+    "penalty": "repetition_penalty",
+    "rng_seed": "seed",
+    "random_seed": "seed",
+}
+# transformers keywords that have no one-word counterpart here, with what to do instead.
+KEYWORD_ADVICE = {
+    "do_sample": "Sampling is chosen by sampler= ('random', 'top_k', 'top_p') or by giving "
+                 "temperature=, top_k= or top_p=; leave them unset for greedy decoding",
+    "num_return_sequences": "Call generate with the prompt repeated in a list (and a seed) "
+                            "for several samples, or num_beams=k, return_beams=True for k "
+                            "beams",
+    "streamer": "Pass stream=True and iterate over the pieces",
+    "attention_mask": "Pass the dict {'token_ids', 'padding_mask'} as inputs",
+    "input_ids": "Pass the dict {'token_ids', 'padding_mask'} as inputs",
+}
+
+
+def refuse_unknown_keywords(function, unknown, valid, advice=None):
+    """Raises ArgumentTypeError (a TypeError, as Python's own for an unexpected keyword)
+    for the keywords in `unknown`, naming the one to use instead where one is known and
+    listing the keywords `function` takes. advice: {keyword: what to do instead} for
+    keywords that belong elsewhere (e.g. generate's beam search in chat.send)."""
+    if not unknown:
+        return
+    name = sorted(unknown)[0]
+    valid = list(valid)
+    advice = {**KEYWORD_ADVICE, **(advice or {})}
+    if name in advice:
+        hint = f" {advice[name]}."
+    else:
+        close = ([KEYWORD_ALIASES[name]] if KEYWORD_ALIASES.get(name) in valid
+                 else difflib.get_close_matches(name, valid, n=2, cutoff=0.6))
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise ArgumentTypeError(f"{function} got an unknown keyword argument {name!r}.{hint} It "
+                            f"takes: {', '.join(valid)}.")
 
 
 @dataclasses.dataclass
