@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -24,6 +25,8 @@ EPILOG = """examples:
   gemma-keras chat                                          # multi-turn, /reset, /exit
   gemma-keras --backend torch generate --preset ./my_gemma "Hello"
   gemma-keras finetune data.jsonl --epochs 2 --output ./tuned   # LoRA, then a merged preset
+  gemma-keras finetune data.jsonl --adapter a.lora.h5       # the adapters alone
+  gemma-keras generate --adapter a.lora.h5 "Hello"          # ... applied (chat too)
   gemma-keras export ./demo_saved_model                     # SavedModel, generate signature
   gemma-keras export --format litert --quantize int8 ./demo.tflite   # on-device prefill/decode
   gemma-keras convert ./hf_checkpoint ./keras_hub_preset     # HF safetensors -> keras-hub
@@ -40,6 +43,16 @@ hf://org/repo, or a local keras-hub preset or Hugging Face checkpoint directory.
 
 class UsageError(Exception):
     """A mistake in what the user asked for, reported without a traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its mistakes on one line, as every other mistake is: argparse
+    prints the whole usage (up to 15 lines for generate) above the line that matters.
+    Subcommands' parsers are made of the same class (argparse's add_subparsers default)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the "
+                     f"options)\n")
 
 
 # ---- commands ---------------------------------------------------------------------------
@@ -84,7 +97,7 @@ def _inspect(args):
 
 
 def _generate(args):
-    lm = _load(args)
+    lm = _with_adapter(_load(args), args)
     prompts = args.prompt
     options = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop or None,
                    chat_template=args.chat_template, num_beams=args.num_beams,
@@ -104,7 +117,11 @@ def _generate(args):
 
 
 def _chat(args):
-    lm = _load(args)
+    lm = _with_adapter(_load(args), args)
+    limit = lm.backbone.config.max_sequence_length
+    if args.max_new_tokens >= limit:  # send() would refuse every message; say so up front
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message "
+                         f"in the model's context of {limit} tokens; lower it.")
     session = lm.chat(system=args.system, **_drafting(args))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -132,12 +149,24 @@ def _chat(args):
 
 
 def _finetune(args):
+    saved = []  # the targets written so far: what an interrupted run reports
+    try:
+        _train_and_save(args, saved)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted(args, saved)) from None
+
+
+def _train_and_save(args, saved):
     import keras
 
     examples = args.examples  # read and checked by _prepare, before loading
     lm = _load(args)
     if lm.preprocessor is None:
         raise UsageError(f"{args.preset} has no tokenizer; fine-tuning on text needs one.")
+    limit = lm.backbone.config.max_sequence_length
+    if args.sequence_length > limit:
+        raise UsageError(f"--sequence-length {args.sequence_length} is longer than the model's "
+                         f"context of {limit} tokens; lower it.")
     if args.seed is not None:  # LoRA's initial adapters, dropout and the data order
         keras.utils.set_random_seed(args.seed)
     lm.preprocessor.sequence_length = args.sequence_length
@@ -152,11 +181,26 @@ def _finetune(args):
         print(f"loss: {losses[0]:.4f} (epoch 1) -> {losses[-1]:.4f} (epoch {len(losses)})")
     if args.adapter:
         lm.save_lora_weights(args.adapter, overwrite=args.overwrite)
+        saved.append(args.adapter)
         print(f"adapters: {args.adapter}")
     if args.output:
         # merged weights; loadable by keras-hub too
         lm.save_to_preset(args.output, overwrite=args.overwrite)
+        saved.append(args.output)
         print(f"fine-tuned preset (adapters merged): {args.output}")
+
+
+def _interrupted(args, saved):
+    """The line a finetune stopped by Ctrl-C ends with: what was saved where, and that each
+    target not written yet is as it was. Every save is atomic (a temporary name, then one
+    rename: gemma_keras/checkpoints/atomic.py), so an interrupted one leaves its target
+    untouched: the old version where there was one, nothing where there was none."""
+    kinds = {args.adapter: "adapters", args.output: "merged preset"}
+    done = "; ".join(f"{kinds[t]} saved to {t}" for t in saved) or "nothing was saved"
+    untouched = [f"{t} left as it was" if os.path.lexists(t) else f"{t} not created"
+                 for t in (args.adapter, args.output) if t and t not in saved]
+    return f"finetune interrupted: {done}" + (f"; {', '.join(untouched)}" if untouched
+                                               else "") + "."
 
 
 def _convert(args):
@@ -200,6 +244,10 @@ def _export(args):
         print(f"run it (the runner needs the LiteRT interpreter: pip install "
               f"\"gemma-keras[litert]\"): python -m gemma_keras.exporting.runner {args.output} "
               f"\"Your prompt\"")
+    if lm.instruct:  # what the exported signatures / the runner do with a prompt
+        print("an instruct model: the export sends a prompt as one user turn of Gemma's chat "
+              "format, as generate does (runner --no-chat-template, SavedModel signature "
+              "generate_no_chat_template: the text as written)")
 
 
 def _bench(args):
@@ -241,7 +289,7 @@ def _eval(args):
     from lm_eval.tasks import TaskManager
 
     from gemma_keras.checkpoints.atomic import atomic_file
-    from gemma_keras.evaluation.harness import GemmaKerasLM
+    from gemma_keras.evaluation.harness import GemmaKerasLM, quiet_git_hash
 
     with tempfile.TemporaryDirectory(prefix="gemma_keras_eval_") as scratch:
         specs, folders, names = [], [], []
@@ -264,10 +312,11 @@ def _eval(args):
                              f"YAML file or folder, or a JSONL file of multiple-choice items.")
         model = GemmaKerasLM(lm=_load(args), batch_size=args.batch_size)
         model.preset = args.preset  # recorded in the results
-        results = lm_eval.simple_evaluate(
-            model=model, tasks=specs, num_fewshot=args.num_fewshot, limit=args.limit,
-            task_manager=manager, apply_chat_template=args.apply_chat_template,
-            log_samples=False)
+        with quiet_git_hash():  # no "fatal: not a git repository" outside one
+            results = lm_eval.simple_evaluate(
+                model=model, tasks=specs, num_fewshot=args.num_fewshot, limit=args.limit,
+                task_manager=manager, apply_chat_template=args.apply_chat_template,
+                log_samples=False)
     print(f"{'task':30} {'metric':16} {'value':>10} {'stderr':>10}")
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
@@ -359,6 +408,30 @@ def _folder_tasks(folder):
     return found
 
 
+def _check_task_yaml(path):
+    """A task YAML is a mapping (task:, group:, ...): lm-eval's loader raises a bare
+    ValueError for anything else, after the model has loaded."""
+    import yaml  # lm-eval's own dependency
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # lm-eval's tags (!function utils.process_docs) are resolved by lm-eval; here they only
+    # need to parse.
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        with path.open("rb") as f:
+            config = yaml.load(f, Loader=Loader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{path}{where}: not valid YAML ({problem}).") from e
+    if not (isinstance(config, dict) and {"task", "group", "include", "class"} & set(config)):
+        raise UsageError(f"{path}: not an lm-eval task YAML (a mapping with task: or group:, "
+                         f"see lm-eval's task guide).")
+
+
 def _task_list(text):
     """--tasks: [(kind, value)], kind "name", "yaml", "folder" or "jsonl"."""
     specs = []
@@ -373,8 +446,13 @@ def _task_list(text):
         elif path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
             _read_choice_items(path)
             specs.append(("jsonl", path.absolute()))
-        elif path.is_file():
+        elif path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+            _check_task_yaml(path)
             specs.append(("yaml", str(path.absolute())))
+        elif path.is_file():
+            raise UsageError(f"{item}: not a task YAML (.yaml, .yml) or a JSONL file of "
+                             f"multiple-choice items (.jsonl); --tasks takes those, task "
+                             f"folders and lm-eval task names.")
         elif looks_like_path:
             raise UsageError(f"{item}: no such file or folder (--tasks takes lm-eval task "
                              f"names, task YAML files or folders, and JSONL files).")
@@ -419,8 +497,20 @@ def _prepare(args):
                          "gemma-keras generate \"json.dumps(\".")
     if getattr(args, "block_size", None) is not None and getattr(args, "weights", None) != "int4":
         raise UsageError("--block-size sets the int4 group size: use it with --quantize int4.")
+    if args.run in (_generate, _chat):
+        _check_sampling(args)
+        if args.adapter:
+            adapter = pathlib.Path(args.adapter).expanduser()
+            if not adapter.is_file():
+                raise UsageError(f"--adapter {args.adapter}: " + (
+                    "is a directory; give the .lora.h5 file that finetune --adapter wrote."
+                    if adapter.is_dir() else "no such file."))
     if getattr(args, "preset", None) is not None:
         check_preset(args.preset)
+    if getattr(args, "draft", None):
+        from gemma_keras.checkpoints.resolve import check_draft
+
+        check_draft(args.draft)  # a wrong --draft before the model loads, not after
     if args.run is _convert:
         check_preset(args.source)
         check_target(args.output, args.overwrite, directory=True)
@@ -431,6 +521,9 @@ def _prepare(args):
                              "(.lora.h5) and/or --output DIR (a preset with the adapters "
                              "merged); nothing was trained.")
         if args.adapter:
+            if not args.adapter.endswith(".h5"):  # save_lora_weights' rule, before training
+                raise UsageError(f"--adapter {args.adapter}: LoRA adapters are written to an "
+                                 f".h5 file, e.g. --adapter adapter.lora.h5.")
             check_target(args.adapter, args.overwrite)
         if args.output:
             check_target(args.output, args.overwrite, directory=True)
@@ -442,8 +535,16 @@ def _prepare(args):
         if args.output:
             check_target(args.output, args.overwrite)
     if args.run is _export:
-        from gemma_keras.exporting import check_export_target
+        from gemma_keras.exporting import check_export_target, check_tensorflow, resolve_format
 
+        # A .tflite path means LiteRT (a SavedModel is a directory); said the other way it is
+        # refused here, before the model loads.
+        if args.format == "saved_model" and pathlib.Path(args.output).suffix.lower() == ".tflite":
+            raise UsageError(f"{args.output} ends in .tflite, but --format saved_model writes "
+                             "a directory: drop --format (a .tflite path exports LiteRT) or "
+                             "give a directory name.")
+        args.format = resolve_format(args.output, args.format)
+        check_tensorflow(args.format)  # before the model loads (find_spec; no import)
         check_export_target(args.output, args.format, overwrite=args.overwrite)
 
 
@@ -503,6 +604,34 @@ def _load(args):
                                      block_size=None if block_size == -1 else block_size)
 
 
+def _with_adapter(lm, args):
+    """generate / chat --adapter: the LoRA adapters on the loaded model. A float model gets
+    them merged: the weights (so the text) of the preset `finetune --output` writes, and
+    decoding as fast as without. A model quantized while loading keeps them beside its
+    quantized kernels, as QLoRA trains them: merging would re-quantize the kernels, and
+    int4's rounding step can be larger than a small adapter's whole change."""
+    if args.adapter:
+        lm.load_lora_weights(args.adapter)
+        if args.weights is None:
+            lm.merge_lora()
+    return lm
+
+
+def _check_sampling(args):
+    """generate / chat: the sampling options together, as generate checks them (no Keras in
+    these), so `--sampler greedy --temperature 0.5` is refused before the model loads, and
+    chat's before the first message rather than after it."""
+    from gemma_keras.generation.samplers import build_sampler, check_repetition_penalty
+
+    build_sampler(args.sampler, args.temperature, args.top_k, args.top_p,
+                  num_beams=getattr(args, "num_beams", None),
+                  length_penalty=getattr(args, "length_penalty", None))
+    check_repetition_penalty(args.repetition_penalty)
+    if args.min_new_tokens > args.max_new_tokens:
+        raise UsageError(f"--min-new-tokens {args.min_new_tokens} is more than "
+                         f"--max-new-tokens {args.max_new_tokens}; raise --max-new-tokens.")
+
+
 def _sampling(args):
     """generate's sampling keywords, as in Python: --temperature / --top-k / --top-p alone
     pick the sampler; with --sampler they set its parameters."""
@@ -535,13 +664,47 @@ def _read_jsonl(path):
     return texts if texts else {"prompts": prompts, "responses": responses}
 
 
-def _positive(kind):
-    def parse(text):
+def _number(kind, text):
+    """`text` as an int or a finite float; otherwise argparse's one-line error, worded for
+    the person typing (argparse's own would say "invalid parse value: 'abc'")."""
+    try:
         value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+        ) from None
+    if not math.isfinite(value):  # float("nan") passes every comparison below
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive(kind):
+    def positive(text):
+        value = _number(kind, text)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
-    return parse
+    return positive
+
+
+def _finite(text):
+    return _number(float, text)
+
+
+def _probability(text):
+    """--top-p: a probability mass in (0, 1]."""
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _seed(text):
+    """A seed Keras (keras.utils.set_random_seed) and numpy both take: 0 to 2**32 - 1."""
+    value = _number(int, text)
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 4294967295, got {text}")
+    return value
 
 
 def _model_options(parser, preset_help="preset name, handle or directory"):
@@ -552,7 +715,7 @@ def _model_options(parser, preset_help="preset name, handle or directory"):
 
 def _limit(text):
     """lm-eval's --limit: a number of documents per task, or a fraction (< 1) of them."""
-    value = float(text)
+    value = _number(float, text)
     if value <= 0 or (value >= 1 and not value.is_integer()):
         raise argparse.ArgumentTypeError(f"must be a whole number of documents or a fraction "
                                          f"below 1, got {text}")
@@ -560,14 +723,14 @@ def _limit(text):
 
 
 def _count(text):
-    value = int(text)
+    value = _number(int, text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
 
 
 def _block_size(text):
-    value = int(text)
+    value = _number(int, text)
     if value <= 0 and value != -1:
         raise argparse.ArgumentTypeError(f"must be > 0 (or -1: per output channel), got {text}")
     return value
@@ -583,6 +746,12 @@ def _quantize_options(parser):
                              "output channel)")
 
 
+def _adapter_option(parser):
+    parser.add_argument("--adapter", help="LoRA adapters (.lora.h5, from finetune --adapter) "
+                                          "applied to the model: the text of the preset "
+                                          "finetune --output writes, without writing it")
+
+
 def _sampling_options(parser, max_new_tokens):
     parser.add_argument("--max-new-tokens", type=_positive(int), default=max_new_tokens)
     parser.add_argument("--sampler", choices=("greedy", "random", "top_k", "top_p"),
@@ -591,13 +760,13 @@ def _sampling_options(parser, max_new_tokens):
                         "temperature (default 1.0 when sampling)")
     parser.add_argument("--top-k", type=_positive(int), help="sample among the k most likely "
                         "tokens (top_k's default: 50)")
-    parser.add_argument("--top-p", type=_positive(float), help="nucleus sampling with this "
+    parser.add_argument("--top-p", type=_probability, help="nucleus sampling with this "
                         "mass (top_p's default: 0.9)")
-    parser.add_argument("--min-new-tokens", type=int, default=0,
+    parser.add_argument("--min-new-tokens", type=_count, default=0,
                         help="no stop token before this many new tokens")
     parser.add_argument("--repetition-penalty", type=_positive(float),
                         help="> 1 discourages tokens already seen (transformers' semantics)")
-    parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+    parser.add_argument("--seed", type=_seed, help="makes sampling reproducible")
     parser.add_argument("--draft", help="speculative decoding: 'prompt_lookup' (drafts "
                         "copied from the prompt), 'int4' / 'int8' (the model's own quantized "
                         "copy drafts), or a smaller model's preset with the same tokenizer; "
@@ -611,7 +780,7 @@ def _drafting(args):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gemma-keras", description="Gemma models for Keras 3 (JAX, TensorFlow, PyTorch).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["jax", "tensorflow", "torch"],
@@ -624,11 +793,12 @@ def build_parser():
     p.add_argument("prompt", nargs="*", help="prompts (default: read one from stdin)")
     _model_options(p)
     _quantize_options(p)
+    _adapter_option(p)
     _sampling_options(p, 64)
     p.add_argument("--stream", action="store_true", help="print text as it is decoded")
     p.add_argument("--num-beams", type=_positive(int),
                    help="beam search with this many beams (transformers' num_beams; 1: greedy)")
-    p.add_argument("--length-penalty", type=float,
+    p.add_argument("--length-penalty", type=_finite,
                    help="with --num-beams: a finished beam scores its log-probability / "
                         "length ** this (default 1.0; > 1 favours longer completions)")
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
@@ -641,6 +811,7 @@ def build_parser():
     p = commands.add_parser("chat", help="an interactive, multi-turn chat")
     _model_options(p)
     _quantize_options(p)
+    _adapter_option(p)
     _sampling_options(p, 256)
     p.add_argument("--system", help="instructions put before the first message")
     p.set_defaults(run=_chat)
@@ -656,7 +827,7 @@ def build_parser():
                    help="AdamW learning rate (default: 2e-4, the LoRA default)")
     p.add_argument("--adapter", help="write the adapters here (.lora.h5)")
     p.add_argument("--output", help="write a preset with the adapters merged here")
-    p.add_argument("--seed", type=int, help="makes the adapters' start and the data order "
+    p.add_argument("--seed", type=_seed, help="makes the adapters' start and the data order "
                                            "reproducible")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --adapter / --output (atomically)")
@@ -666,7 +837,8 @@ def build_parser():
                                            "on-device generation")
     p.add_argument("output", help="new path: a directory, or a .tflite file for litert")
     _model_options(p)
-    p.add_argument("--format", choices=("saved_model", "litert"), default="saved_model")
+    p.add_argument("--format", choices=("saved_model", "litert"),
+                   help="default: litert for an output ending in .tflite, else saved_model")
     p.add_argument("--quantize", choices=("int8", "float16"),
                    help="LiteRT weight quantization (default: float32)")
     p.add_argument("--max-length", type=_positive(int),
@@ -753,8 +925,10 @@ def main(argv=None):
     except (GemmaError, UsageError) as e:  # user mistakes: a message, not a traceback
         print(f"gemma-keras: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(file=sys.stderr)  # off the line a progress bar or a streamed reply was on
+        if str(e):  # what the command did before it stopped (finetune: what was saved)
+            print(f"gemma-keras: {e}", file=sys.stderr)
         return 130
     except ValueError as e:
         # generate's documented argument errors (a prompt longer than the context, ...)

@@ -311,6 +311,9 @@ def test_cli_eval_runs_a_jsonl_task_and_writes_results(tmp_path):
     assert saved["acc,none"] == pytest.approx(table["acc"][0], abs=1e-4)
     assert saved["acc_norm_stderr,none"] == pytest.approx(table["acc_norm"][1], abs=1e-4)
     assert json.loads(output.read_text())["n-samples"]["my_items"]["effective"] == 2
+    # lm-eval runs `git describe` for the results' git_hash; outside a repository (tmp_path)
+    # git's "fatal: not a git repository" reached the terminal (issue 32).
+    assert "fatal:" not in result.stderr, result.stderr[-3000:]
     # The same output again is refused before anything loads; nothing is changed.
     before = output.read_bytes()
     again = _cli(["eval", "--tasks", str(items), "--output", str(output)], tmp_path)

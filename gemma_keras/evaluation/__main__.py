@@ -33,11 +33,13 @@ def main(argv=None):
     from lm_eval.__main__ import cli_evaluate
 
     from gemma_keras.errors import GemmaError
+    from gemma_keras.evaluation.harness import quiet_git_hash
 
     # lm-eval's CLI reads sys.argv (it inserts "run" when no subcommand is given).
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
     try:
-        cli_evaluate()
+        with quiet_git_hash():  # no git "fatal: not a git repository" line outside one
+            cli_evaluate()
     except GemmaError as e:  # a bad --model_args value, a preset not found: one line
         print(f"python -m gemma_keras.evaluation: error: {e}", file=sys.stderr)
         return 2

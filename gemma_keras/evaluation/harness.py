@@ -27,6 +27,8 @@ run (the tokens are the same); do_sample without top_k samples from the whole di
 
 from __future__ import annotations
 
+import contextlib
+
 from gemma_keras.errors import MissingExtraError
 
 try:
@@ -59,6 +61,43 @@ DEFAULT_SEED = 1234
 MAX_GEN_TOKS_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
 GEN_KWARGS = ("until", "do_sample", "temperature", "top_k", "top_p",
               "repetition_penalty") + MAX_GEN_TOKS_KEYS
+
+
+def _git_commit_hash():
+    """lm-eval's `get_git_commit_hash` (the results' "git_hash": `git describe --always` in
+    the working directory, else the .git folder there), with git's stderr captured: outside
+    a repository lm-eval's own lets git print "fatal: not a git repository" on the
+    terminal, a line that looks like the evaluation failed. The value is the same."""
+    import os
+    import subprocess
+
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        found = subprocess.run(["git", "describe", "--always"], capture_output=True,  # noqa: S607
+                               check=True)
+        return found.stdout.strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
+@contextlib.contextmanager
+def quiet_git_hash():
+    """Within it, lm-eval's `simple_evaluate` records the git hash without git's "fatal:"
+    line (see `_git_commit_hash`). Scoped to `gemma-keras eval` and `python -m
+    gemma_keras.evaluation` (the commands of this package), so importing this module leaves
+    lm-eval as it is for everyone else; an lm-eval without that function is left alone."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:
+        yield
+        return
+    evaluator.get_git_commit_hash = _git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 def _demo_preset():
