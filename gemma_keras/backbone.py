@@ -110,6 +110,22 @@ class GemmaBackbone(keras.Model):
         residual = precision.residual_dtype(x.dtype)
         return ops.cast(x, residual) * ops.cast(normaliser, residual)
 
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Keras' `Model.quantize`, its loop offered only the layers with a `quantize()` of
+        their own (`quantizing.has_quantize`): Keras warns once for every other leaf (the
+        norms, dropout) and quantizes the same layers. `GemmaCausalLM.quantize` does the same
+        for the whole model (with gemma_keras's defaults)."""
+        from keras.src.quantizers.utils import should_quantize_layer  # Keras' filter rule
+
+        from gemma_keras.checkpoints import quantizing
+
+        given = filters
+
+        def offered(layer):
+            return quantizing.has_quantize(layer) and should_quantize_layer(layer, given)
+
+        super().quantize(mode, config=config, filters=offered, **kwargs)
+
     def logits(self, hidden):
         """The tied output head with Gemma 2's final soft-cap: [batch, len, hidden] ->
         [batch, len, vocab] in the compute dtype (the cap itself in float32)."""

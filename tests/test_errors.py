@@ -458,7 +458,8 @@ def test_load_lora_weights_of_a_folder_names_the_file_to_pass(demo, tmp_path):
 
 
 @pytest.mark.once("jax")  # Keras' quantize loop, the same on every backend
-def test_quantize_warns_about_nothing_and_quantizes_every_projection(demo):
+@pytest.mark.parametrize("which", ["lm", "backbone"])
+def test_quantize_warns_about_nothing_and_quantizes_every_projection(demo, which):
     """Keras' Model.quantize warned once per layer without a quantize() (RMSNorm, Dropout);
     only the layers that have one are offered now, and they are all still quantized."""
     import warnings
@@ -469,7 +470,7 @@ def test_quantize_warns_about_nothing_and_quantizes_every_projection(demo):
                and type(layer).quantize is not __import__("keras").layers.Layer.quantize]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lm.quantize("int8")
+        (lm if which == "lm" else lm.backbone).quantize("int8")
     said = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
     assert said == []
     assert offered and all(layer.quantization_mode == "int8" for layer in offered)
