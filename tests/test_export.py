@@ -592,3 +592,32 @@ def test_exports_leave_the_same_pieces_out_of_text_as_generate(spm_path, vocab_s
         assert plain.DecodeIds([i for i in row if i not in hidden]) == \
             tokenizer.detokenize(row, skip_special=True)
     assert hidden  # the turn markers, which plain decoding writes out
+
+
+@conversion_variant
+def test_litert_prefill_in_two_calls_equals_one(lm_of, tmp_path):
+    """`prefill(ids, cache, start)` continues a cache that another call filled, as a runtime
+    does with a prompt that arrives in parts: the prompt prefilled in two calls (the second at
+    start=len(first)) gives the decode logits of a one-call prefill and of the Keras model's
+    forward pass. The splits: inside the first chunk, a second part that starts mid-chunk and
+    whose last chunk is shifted back, and a second part shorter than a chunk that starts less
+    than a chunk before the cache's end (a padded chunk there would run past the cache)."""
+    lm = lm_of("gemma2_gqa")
+    runner = _litert(lm, tmp_path / "parts.tflite", max_length=32, prefill_length=8)
+    rng = np.random.RandomState(0)
+    tokens = [2] + rng.randint(4, lm.config.vocabulary_size, 29).tolist()  # 30: decode at 29
+    whole, _ = runner.decode(tokens[-1], len(tokens) - 1,
+                             runner.prefill(tokens[:-1], runner.new_cache()))
+    np.testing.assert_allclose(whole, _full_logits(lm, tokens)[-1], atol=1e-4)
+    for split in (5, 11, 26):
+        cache = runner.prefill(tokens[:split], runner.new_cache())
+        cache = runner.prefill(tokens[split:-1], cache, start=split)
+        logits, _ = runner.decode(tokens[-1], len(tokens) - 1, cache)
+        np.testing.assert_allclose(logits, whole, atol=1e-5, err_msg=f"split at {split}")
+    # A start the cache cannot take is one clear error, before the interpreter runs.
+    for start, error in ((-1, gk.InvalidArgumentError), (1.5, gk.ArgumentTypeError),
+                         (True, gk.ArgumentTypeError)):
+        with pytest.raises(error, match="start must be"):
+            runner.prefill(tokens[:3], runner.new_cache(), start=start)
+    with pytest.raises(gk.InvalidArgumentError, match="do not fit this export's cache of 32"):
+        runner.prefill(tokens, runner.new_cache(), start=3)

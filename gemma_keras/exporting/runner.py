@@ -101,17 +101,32 @@ class LiteRTGenerator:
         return {name: np.zeros(shape, np.float32) for name in self.metadata["kv_cache"]["names"]}
 
     def prefill(self, ids: List[int], cache, start: int = 0):
-        """Writes `ids` (at positions start..) into the cache; returns the cache."""
+        """Writes `ids` (at positions start..) into the cache; returns the cache. A prompt
+        that arrives in parts is prefilled part by part, each at `start` = the tokens the
+        cache already holds."""
         length = self.prefill_length
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)):
+            raise ArgumentTypeError(f"start must be a whole number (the position of ids[0]), "
+                                    f"got {start!r}.")
+        if start < 0:
+            raise InvalidArgumentError(f"start must be at least 0 (the position of ids[0]), "
+                                       f"got {start}.")
         if start + len(ids) > self.max_length:
-            raise ValueError(f"{start + len(ids)} tokens do not fit this export's cache of "
-                             f"{self.max_length}.")
+            raise InvalidArgumentError(f"{start + len(ids)} tokens do not fit this export's "
+                                       f"cache of {self.max_length}.")
         for offset in range(0, len(ids), length):
             end = min(len(ids), offset + length)
-            # A padded chunk must not run past the cache (its write would be clamped): start
-            # the last one earlier instead. Rewriting earlier slots with the same tokens at
-            # the same positions stores the same keys and values.
-            begin = max(0, min(offset, self.max_length - length - start))
+            # A padded chunk must not run past the cache (its write would be clamped onto
+            # other slots): start the last one earlier instead. Rewriting earlier slots with
+            # the same tokens at the same positions stores the same keys and values.
+            begin = min(offset, self.max_length - length - start)
+            if begin < 0:
+                # Less than a chunk before the cache's end and the tokens before `start` not
+                # ours to rewrite (an earlier call's): one token at a time through `decode`,
+                # which writes one slot.
+                for i in range(offset, end):
+                    _, cache = self.decode(ids[i], start + i, cache)
+                continue
             chunk, first = ids[begin:end], start + begin
             tokens = np.zeros((1, length), np.int32)
             positions = np.full((length,), -1, np.int32)

@@ -17,11 +17,11 @@ def completion_ids(ids: Sequence[int], stop_ids) -> List[int]:
 
 
 def cut_at_stop_strings(text: str, stop_strings) -> str:
-    for s in stop_strings or ():
-        cut = text.find(s)
-        if cut >= 0:
-            text = text[:cut]
-    return text
+    """`text` before the stop string that starts first. (Cutting at each string in turn
+    missed an earlier-starting one that overlaps a later one: "xabcd" with ["cd", "abc"] was
+    cut to "xab", not "x", when one token completed both.)"""
+    cuts = [cut for cut in (text.find(s) for s in stop_strings or ()) if cut >= 0]
+    return text[:min(cuts)] if cuts else text
 
 
 class IncrementalText:
