@@ -223,7 +223,7 @@ class GemmaCausalLM(keras.Model):
 
     def generate(self, inputs=None, max_length=None, max_new_tokens=None, sampler=None,
                  stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
-                 temperature=None, top_k=None, top_p=None, min_new_tokens=0,
+                 temperature=None, top_k=None, top_p=None, min_p=None, min_new_tokens=0,
                  repetition_penalty=None, chat_template="auto", include_prompt=True,
                  num_beams=None, length_penalty=None, early_stopping=None, return_beams=False,
                  skip_special_tokens=True, draft=None, draft_tokens=None, **unknown):
@@ -247,9 +247,12 @@ class GemmaCausalLM(keras.Model):
         max_length: total tokens, prompt included; or max_new_tokens (default 128).
         min_new_tokens: the stop ids cannot end a row before it has this many new tokens.
         sampler: "greedy", "random", "top_k", "top_p" or a `gk.samplers` object; None is
-            greedy unless temperature / top_k / top_p are given, which then pick the sampler
-            (top_p, else top_k, else random) as in transformers; with a sampler name they set
-            its parameters; with a sampler object they are an error.
+            greedy unless temperature / top_k / top_p / min_p are given, which then pick the
+            sampler (top_p, else top_k, else random) as in transformers; with a sampler name
+            they set its parameters; with a sampler object they are an error. min_p (in
+            [0, 1]) keeps the tokens at least min_p times as likely as the most likely one.
+            The rules apply in transformers' order: repetition_penalty and min_new_tokens,
+            then temperature, top_k, top_p, min_p.
         num_beams: beam search (sampler=None or "beam", or a `gk.samplers.BeamSampler`),
             exactly transformers' `generate(num_beams=..., do_sample=False)`: the same
             tokens for the same checkpoint. num_beams=1 is greedy. length_penalty (default
@@ -290,7 +293,8 @@ class GemmaCausalLM(keras.Model):
         return generate(self, inputs, max_length=max_length, max_new_tokens=max_new_tokens,
                         sampler=sampler, stop_token_ids=stop_token_ids, seed=seed,
                         stream=stream, stop_strings=stop_strings, temperature=temperature,
-                        top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
+                        top_k=top_k, top_p=top_p, min_p=min_p,
+                        min_new_tokens=min_new_tokens,
                         repetition_penalty=repetition_penalty, chat_template=chat_template,
                         num_beams=num_beams, length_penalty=length_penalty,
                         early_stopping=early_stopping, return_beams=return_beams,

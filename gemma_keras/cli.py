@@ -623,7 +623,7 @@ def _check_sampling(args):
     chat's before the first message rather than after it."""
     from gemma_keras.generation.samplers import build_sampler, check_repetition_penalty
 
-    build_sampler(args.sampler, args.temperature, args.top_k, args.top_p,
+    build_sampler(args.sampler, args.temperature, args.top_k, args.top_p, min_p=args.min_p,
                   num_beams=getattr(args, "num_beams", None),
                   length_penalty=getattr(args, "length_penalty", None))
     check_repetition_penalty(args.repetition_penalty)
@@ -633,11 +633,11 @@ def _check_sampling(args):
 
 
 def _sampling(args):
-    """generate's sampling keywords, as in Python: --temperature / --top-k / --top-p alone
-    pick the sampler; with --sampler they set its parameters."""
+    """generate's sampling keywords, as in Python: --temperature / --top-k / --top-p /
+    --min-p alone pick the sampler; with --sampler they set its parameters."""
     return dict(sampler=args.sampler, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, min_new_tokens=args.min_new_tokens,
-                repetition_penalty=args.repetition_penalty)
+                top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+                min_new_tokens=args.min_new_tokens, repetition_penalty=args.repetition_penalty)
 
 
 def _read_jsonl(path):
@@ -699,6 +699,14 @@ def _probability(text):
     return value
 
 
+def _fraction(text):
+    """--min-p: a fraction of the top token's probability, in [0, 1]."""
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _seed(text):
     """A seed Keras (keras.utils.set_random_seed) and numpy both take: 0 to 2**32 - 1."""
     value = _number(int, text)
@@ -755,13 +763,16 @@ def _adapter_option(parser):
 def _sampling_options(parser, max_new_tokens):
     parser.add_argument("--max-new-tokens", type=_positive(int), default=max_new_tokens)
     parser.add_argument("--sampler", choices=("greedy", "random", "top_k", "top_p"),
-                        help="default: greedy, or what --temperature/--top-k/--top-p ask for")
+                        help="default: greedy, or what --temperature/--top-k/--top-p/--min-p "
+                        "ask for")
     parser.add_argument("--temperature", type=_positive(float), help="sample at this "
                         "temperature (default 1.0 when sampling)")
     parser.add_argument("--top-k", type=_positive(int), help="sample among the k most likely "
                         "tokens (top_k's default: 50)")
     parser.add_argument("--top-p", type=_probability, help="nucleus sampling with this "
                         "mass (top_p's default: 0.9)")
+    parser.add_argument("--min-p", type=_fraction, help="sample among the tokens at least "
+                        "this fraction as likely as the most likely one (0.05-0.1 is usual)")
     parser.add_argument("--min-new-tokens", type=_count, default=0,
                         help="no stop token before this many new tokens")
     parser.add_argument("--repetition-penalty", type=_positive(float),

@@ -89,7 +89,7 @@ class ChatSession:
 
     def send(self, message: str = None, max_new_tokens: int = 256, sampler=None, seed=None,
              stream: bool = False, *, temperature=None, top_k=None, top_p=None,
-             min_new_tokens=0, repetition_penalty=None,
+             min_p=None, min_new_tokens=0, repetition_penalty=None,
              **unknown) -> Union[str, Iterator[str]]:
         """Adds a user message and returns the reply (or, with stream=True, an iterator of
         its pieces; the reply joins the history when the iterator is exhausted).
@@ -110,8 +110,9 @@ class ChatSession:
         rng = np.random.default_rng(options.seed_value(seed))
         stream = options.flag("stream", stream)
         stop_ids = resolve_stop_ids(self.lm, "auto") | {self.lm.tokenizer.end_of_turn_id}
-        decoding = Decoding(build_sampler(sampler, temperature, top_k, top_p), stop_ids,
-                            min_new_tokens, check_repetition_penalty(repetition_penalty))
+        decoding = Decoding(build_sampler(sampler, temperature, top_k, top_p, min_p=min_p),
+                            stop_ids, min_new_tokens,
+                            check_repetition_penalty(repetition_penalty))
         if isinstance(decoding.sampler, BeamSampler):
             raise InvalidArgumentError("sampler: chat.send does not take beam search (a reply "
                                        "is chosen token by token, as it streams); use "

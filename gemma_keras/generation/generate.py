@@ -147,7 +147,7 @@ def check_arguments(max_length=None, max_new_tokens=None, min_new_tokens=0, seed
 
 def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler=None,
              stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
-             temperature=None, top_k=None, top_p=None, min_new_tokens=0,
+             temperature=None, top_k=None, top_p=None, min_p=None, min_new_tokens=0,
              repetition_penalty=None, chat_template="auto", include_prompt=True,
              num_beams=None, length_penalty=None, early_stopping=None, return_beams=False,
              skip_special_tokens=True, draft=None, draft_tokens=None, **unknown):
@@ -157,7 +157,7 @@ def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler=None,
                            stop_strings, repetition_penalty, chat_template, include_prompt,
                            skip_special_tokens)
     sampler = build_sampler(sampler, temperature=temperature, top_k=top_k, top_p=top_p,
-                            num_beams=num_beams, length_penalty=length_penalty,
+                            min_p=min_p, num_beams=num_beams, length_penalty=length_penalty,
                             early_stopping=early_stopping)
     sampler, beams = beam.plan(sampler, return_beams, args)
     prompts, kind, texts = prepare_prompts(lm, inputs, args["chat_template"])

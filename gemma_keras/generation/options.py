@@ -86,7 +86,8 @@ KEYWORD_ALIASES = {
 # transformers keywords that have no one-word counterpart here, with what to do instead.
 KEYWORD_ADVICE = {
     "do_sample": "Sampling is chosen by sampler= ('random', 'top_k', 'top_p') or by giving "
-                 "temperature=, top_k= or top_p=; leave them unset for greedy decoding",
+                 "temperature=, top_k= or top_p= (or min_p=); leave them unset for greedy "
+                 "decoding",
     "num_return_sequences": "Call generate with the prompt repeated in a list (and a seed) "
                             "for several samples, or num_beams=k, return_beams=True for k "
                             "beams",

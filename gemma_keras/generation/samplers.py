@@ -8,7 +8,14 @@ logits are the same: float32 models, not bfloat16 ones (see `GemmaCausalLM.gener
 
 Besides the samplers, the host-side logits rules that `generate` applies before a sampler
 (`repetition_penalty`, `min_new_tokens`) live here, and `build_sampler` turns generate's
-`temperature=` / `top_k=` / `top_p=` shortcuts into a sampler.
+`temperature=` / `top_k=` / `top_p=` / `min_p=` shortcuts into a sampler.
+
+The rules run in transformers' order (`GenerationMixin._get_logits_processor`): the
+repetition penalty and the min_new_tokens mask on the raw logits (`Decoding.adjust`), then
+the sampler's own: divide by the temperature, keep the top k, keep the top-p nucleus, keep
+the tokens whose probability is at least min_p times the top one's. So the distribution a
+sampler draws from is softmax of transformers' processed scores for the same settings
+(tests/test_sampling_reference.py holds them side by side).
 """
 
 from __future__ import annotations
@@ -37,22 +44,32 @@ class GreedySampler(Sampler):
 
 
 class RandomSampler(Sampler):
-    """Samples from softmax(logits / temperature)."""
+    """Samples from softmax(logits / temperature); with min_p, among the tokens whose
+    probability is at least min_p times the most likely token's (transformers'
+    `MinPLogitsWarper`, applied after the temperature and any top-k / top-p cut)."""
 
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float = 1.0, min_p: float = None):
         self.temperature = _number("temperature", temperature)
         if not self.temperature > 0:
             raise InvalidArgumentError(
                 f"temperature must be > 0, got {temperature!r}; for deterministic decoding "
                 "use greedy (leave sampler and temperature unset).")
+        self.min_p = check_min_p(min_p)
 
     def filter(self, logits):
-        """Logits with the tokens this sampler excludes set to -inf."""
+        """Logits already divided by the temperature, with the tokens this sampler excludes
+        set to -inf: the sampler's own cut (`candidates`), then min_p."""
+        logits = self.candidates(logits)
+        return logits if self.min_p is None else _keep_min_p(logits, self.min_p)
+
+    def candidates(self, logits):
+        """The sampler's own cut before min_p (top-k, top-p); here none."""
         return logits
 
     def probs(self, logits):
         """The distribution this sampler draws from: [batch, vocab] float64, rows sum to 1.
         Speculative sampling accepts drafts against it."""
+        # Divided (not multiplied): a temperature below 1 sharpens the distribution.
         scaled = self.filter(logits.astype(np.float64) / self.temperature)
         scaled -= scaled.max(axis=-1, keepdims=True)
         probs = np.exp(scaled)
@@ -63,13 +80,14 @@ class RandomSampler(Sampler):
 
 
 class TopKSampler(RandomSampler):
-    """Samples among the k most likely tokens."""
+    """Samples among the k most likely tokens (every token tied with the k-th included,
+    as transformers' `TopKLogitsWarper`)."""
 
-    def __init__(self, k: int = 50, temperature: float = 1.0):
-        super().__init__(temperature)
+    def __init__(self, k: int = 50, temperature: float = 1.0, min_p: float = None):
+        super().__init__(temperature, min_p)
         self.k = _positive_int("top_k", k)
 
-    def filter(self, logits):
+    def candidates(self, logits):
         return _keep_top_k(logits, self.k)
 
 
@@ -78,14 +96,15 @@ class TopPSampler(RandomSampler):
     with k (keras-hub's argument), among the k most likely tokens only (transformers'
     `top_k` and `top_p` together)."""
 
-    def __init__(self, p: float = 0.9, temperature: float = 1.0, k: int = None):
-        super().__init__(temperature)
+    def __init__(self, p: float = 0.9, temperature: float = 1.0, k: int = None,
+                 min_p: float = None):
+        super().__init__(temperature, min_p)
         self.p = _number("top_p", p)
         if not 0 < self.p <= 1:
             raise InvalidArgumentError(f"top_p must be in (0, 1], got {p!r}.")
         self.k = None if k is None else _positive_int("top_k", k)
 
-    def filter(self, logits):
+    def candidates(self, logits):
         if self.k is not None:
             logits = _keep_top_k(logits, self.k)
         order = np.argsort(-logits, axis=-1)
@@ -105,6 +124,15 @@ def draw(probs, rng):
     draws = rng.random(probs.shape[0])[:, None]
     cdf = np.cumsum(probs, axis=-1)
     return np.minimum((cdf < draws).sum(axis=-1), probs.shape[-1] - 1)
+
+
+def _keep_min_p(logits, min_p):
+    """logits [batch, vocab] with every token less likely than min_p times the row's most
+    likely one set to -inf (the most likely always stays). As transformers compares
+    probabilities, p(token) < min_p * p(top); here as exp(logit - top logit), the same
+    ratio without the normalisation."""
+    top = logits.max(axis=-1, keepdims=True)
+    return np.where(np.exp(logits - top) < min_p, -np.inf, logits)
 
 
 def _keep_top_k(logits, k):
@@ -155,6 +183,18 @@ def _number(name, value):
     return float(value)
 
 
+def check_min_p(min_p):
+    """None (no min-p cut) or a number in [0, 1], as a float (0 keeps every token)."""
+    if min_p is None:
+        return None
+    value = _number("min_p", min_p)
+    if not 0 <= value <= 1:  # also refuses nan
+        raise InvalidArgumentError(
+            f"min_p must be in [0, 1] (a fraction of the most likely token's probability; "
+            f"0.05-0.1 is usual), got {min_p!r}.")
+    return value
+
+
 def _positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ArgumentTypeError(f"{name} must be a whole number, got {value!r}.")
@@ -166,9 +206,10 @@ def _positive_int(name, value):
 _BY_NAME = {"greedy": GreedySampler, "random": RandomSampler, "top_k": TopKSampler,
             "top_p": TopPSampler, "beam": BeamSampler}
 # The shortcuts each named sampler takes, and the constructor argument each one sets.
-_SHORTCUTS = {"greedy": {}, "random": {"temperature": "temperature"},
-              "top_k": {"temperature": "temperature", "top_k": "k"},
-              "top_p": {"temperature": "temperature", "top_p": "p", "top_k": "k"},
+_SHORTCUTS = {"greedy": {}, "random": {"temperature": "temperature", "min_p": "min_p"},
+              "top_k": {"temperature": "temperature", "top_k": "k", "min_p": "min_p"},
+              "top_p": {"temperature": "temperature", "top_p": "p", "top_k": "k",
+                        "min_p": "min_p"},
               "beam": {k: k for k in ("num_beams", "length_penalty", "early_stopping")}}
 
 
@@ -178,18 +219,19 @@ def get_sampler(sampler) -> Sampler:
 
 
 def build_sampler(sampler=None, temperature=None, top_k=None, top_p=None, num_beams=None,
-                  length_penalty=None, early_stopping=None) -> Sampler:
+                  length_penalty=None, early_stopping=None, min_p=None) -> Sampler:
     """The sampler `generate` uses, from its `sampler=` and the transformers-style shortcuts.
 
     sampler=None picks by the shortcuts given: top_p -> TopPSampler (with top_k, among the
-    top k only), else top_k -> TopKSampler, else temperature -> RandomSampler, else
-    num_beams -> BeamSampler (with length_penalty, early_stopping), else greedy.
+    top k only), else top_k -> TopKSampler, else temperature or min_p -> RandomSampler,
+    else num_beams -> BeamSampler (with length_penalty, early_stopping), else greedy.
+    min_p goes with any of the three sampling ones.
     A sampler name takes the shortcuts it understands (`sampler="top_k", top_k=10`); a
     Sampler object takes none (set them on the object), so nothing is silently ignored.
     """
     given = {name: value for name, value in
              (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
-              ("num_beams", num_beams), ("length_penalty", length_penalty),
+              ("min_p", min_p), ("num_beams", num_beams), ("length_penalty", length_penalty),
               ("early_stopping", early_stopping))
              if value is not None}
     if isinstance(sampler, Sampler):
@@ -200,7 +242,7 @@ def build_sampler(sampler=None, temperature=None, top_k=None, top_p=None, num_be
         return sampler
     if sampler is None:
         name = ("top_p" if "top_p" in given else "top_k" if "top_k" in given
-                else "random" if "temperature" in given
+                else "random" if "temperature" in given or "min_p" in given
                 else "beam" if "num_beams" in given else "greedy")
     elif isinstance(sampler, str):
         if sampler not in _BY_NAME:
