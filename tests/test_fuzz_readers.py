@@ -6,7 +6,10 @@ import pytest
 
 from fuzz_readers import fuzz
 
-CASES = 2000  # a fixed, seeded budget: the same mutations on every run (71 s, 2 idle cores)
+# A fixed, seeded budget: the same mutations on every run (2,000 took 71-96 s of the PyTorch
+# pass; halved to keep the suite within its 25 minutes once issues 32/33's reference tests
+# came in; scripts/fuzz_readers.py --cases 20000 runs the long version).
+CASES = 1000
 
 
 @pytest.mark.once("torch")  # file parsing and NumPy only: no backend code (the lightest pass)
