@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
+from gemma_keras.generation.options import flag, whole_number  # the argument checks' owner
 from gemma_keras.tokenizer import GemmaTokenizer, format_chat
 
 # The user turn around a prompt and the close of the model's turn, in Gemma's chat format.
@@ -63,14 +64,14 @@ class GemmaCausalLMPreprocessor:
         self._sequence_length = _positive_length("sequence_length", value)
 
     add_bos = property(lambda self: self._add_bos,
-                       lambda self, value: setattr(self, "_add_bos", _flag("add_bos", value)),
+                       lambda self, value: setattr(self, "_add_bos", flag("add_bos", value)),
                        doc="Whether each example starts with <bos> (Gemma expects it).")
     add_eos = property(lambda self: self._add_eos,
-                       lambda self, value: setattr(self, "_add_eos", _flag("add_eos", value)),
+                       lambda self, value: setattr(self, "_add_eos", flag("add_eos", value)),
                        doc="Whether each example ends with <eos>.")
     chat_format = property(
         lambda self: self._chat_format,
-        lambda self, value: setattr(self, "_chat_format", _flag("chat_format", value)),
+        lambda self, value: setattr(self, "_chat_format", flag("chat_format", value)),
         doc="Whether prompt/response pairs are written as Gemma chat turns.")
 
     # ---- NumPy ------------------------------------------------------------------------
@@ -233,15 +234,4 @@ def _strings(values, name):
 
 
 def _positive_length(name, value):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ArgumentTypeError(f"{name} must be a positive whole number of tokens (e.g. "
-                                f"256), got {value!r}.")
-    if value < 1:
-        raise InvalidArgumentError(f"{name} must be at least 1 token (e.g. 256), got {value}.")
-    return int(value)
-
-
-def _flag(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise ArgumentTypeError(f"{name} must be True or False, got {value!r}.")
-    return bool(value)
+    return whole_number(name, value, 1, " (a number of tokens, e.g. 256)")

@@ -88,7 +88,7 @@ DEMO_DIR = str(REPO / "presets" / "gemma_demo")
 NOTICE = "gemma_keras: using the"  # how choice.py says which backend it chose, and why
 
 
-@pytest.mark.once("jax")
+@pytest.mark.once("torch")  # spawns its own children; in the lightest pass
 def test_a_backend_chosen_for_a_new_user_is_recorded_and_kept(tmp_path):
     """Issue 32, 1, 2 and 11: only torch installed, no keras.json: `import keras` after
     `import gemma_keras` runs on torch, and keras.json records it (Keras' own keys), said
