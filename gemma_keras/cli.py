@@ -646,22 +646,21 @@ def _read_jsonl(path):
     path = pathlib.Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: no such file.")
-    texts, prompts, responses = [], [], []
-    for number, item in _jsonl_lines(path):
-        if isinstance(item, dict) and isinstance(item.get("text"), str):
-            texts.append(item["text"])
-        elif (isinstance(item, dict) and isinstance(item.get("prompt"), str)
-              and isinstance(item.get("response"), str)):
-            prompts.append(item["prompt"])
-            responses.append(item["response"])
-        else:
+    from gemma_keras.errors import InvalidArgumentError
+    from gemma_keras.preprocessor import records_to_columns  # fit's rule (no Keras import)
+
+    lines = list(_jsonl_lines(path))
+    for number, item in lines:
+        if not isinstance(item, dict):
             raise UsageError(f'{path}:{number}: expected {{"text": ...}} or '
-                             f'{{"prompt": ..., "response": ...}} with string values.')
-    if texts and prompts:
-        raise UsageError(f"{path}: mixes text lines and prompt/response lines; use one kind.")
-    if not (texts or prompts):
+                             f'{{"prompt": ..., "response": ...}}.')
+    if not lines:
         raise UsageError(f"{path}: no examples.")
-    return texts if texts else {"prompts": prompts, "responses": responses}
+    try:
+        return records_to_columns([item for _, item in lines], name=str(path),
+                                  labels=[f"{path}:{number}" for number, _ in lines])
+    except InvalidArgumentError as e:
+        raise UsageError(str(e)) from e
 
 
 def _number(kind, text):

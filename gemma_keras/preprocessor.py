@@ -192,15 +192,17 @@ def is_records(x) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(v, dict) for v in x)
 
 
-def records_to_columns(x, name="x"):
+def records_to_columns(x, name="x", labels=None):
     """A list of records (JSONL lines read with json.loads) as fit's columnar forms: texts
     from {"text": ...}, {"prompts", "responses"} from {"prompt": ..., "response": ...}; one
-    kind per list, as in a JSONL file for `gemma-keras finetune`. Other keys of a record are
-    ignored, as there. Anything else is returned as it is."""
+    kind per list. The one rule for both `fit` and `gemma-keras finetune`'s JSONL file (which
+    passes `labels`, "file:line" per record, for its messages). Other keys of a record are
+    ignored. Anything else is returned as it is."""
     if not is_records(x):
         return x
     texts, prompts, responses = [], [], []
     for i, record in enumerate(x):
+        label = labels[i] if labels is not None else f"{name}[{i}]"
         if isinstance(record.get("text"), (str, bytes)):
             texts.append(record["text"])
         elif isinstance(record.get("prompt"), (str, bytes)) and isinstance(
@@ -209,13 +211,13 @@ def records_to_columns(x, name="x"):
             responses.append(record["response"])
         else:
             raise InvalidArgumentError(
-                f"{name}[{i}] is a dict with keys {sorted(map(str, record))}; a training "
+                f"{label} is a dict with keys {sorted(map(str, record))}; a training "
                 f"record is {' or '.join(RECORD_FORMS)} with string values (the lines of a "
                 "JSONL file for `gemma-keras finetune`).")
         if texts and prompts:
             raise InvalidArgumentError(
-                f"{name} mixes text records and prompt/response records ({name}[{i}]); pass "
-                "one kind per call.")
+                f"{name} mixes text records and prompt/response records ({label}); use "
+                "one kind.")
     return texts if texts else {"prompts": prompts, "responses": responses}
 
 

@@ -83,6 +83,11 @@ class GemmaTokenizer:
         self.unk_token_id = self._sp.unk_id()
         self.start_of_turn_id = self.token_to_id("<start_of_turn>")
         self.end_of_turn_id = self.token_to_id("<end_of_turn>")
+        # What detokenize(skip_special=True) leaves out (and the exports' text with it): built
+        # once, not per call (a stream decodes on every token).
+        self.special_token_ids = frozenset(
+            i for i in (self.pad_token_id, self.bos_token_id, self.eos_token_id,
+                        self.start_of_turn_id, self.end_of_turn_id) if i is not None)
 
     @classmethod
     def from_preset(cls, preset) -> "GemmaTokenizer":
@@ -184,8 +189,7 @@ class GemmaTokenizer:
         return [self.detokenize(row, skip_special) for row in array]
 
     def _decode(self, ids: Iterable[int], skip_special: bool) -> str:
-        special = {self.pad_token_id, self.bos_token_id, self.eos_token_id,
-                   self.start_of_turn_id, self.end_of_turn_id} if skip_special else set()
+        special = self.special_token_ids if skip_special else frozenset()
         kept = [int(i) for i in ids if 0 <= int(i) < self.vocabulary_size and int(i) not in special]
         return self._sp.DecodeIds(kept)
 
