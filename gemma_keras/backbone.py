@@ -177,10 +177,18 @@ class GemmaBackbone(keras.Model):
         # [batch, len, keys] bool per attention kind
         masks = {kind: attention_mask(positions, keys, config.attention_window(kind))
                  for kind, keys in key_positions.items()}
-        rope = rope_tables(positions, config.head_dim, config.rope_max_wavelength)
+        # (sin, cos) per attention kind; kinds with the same RoPE share one table (Gemma 1
+        # and 2: one for every layer; Gemma 3: base and scaling differ by kind).
+        tables, ropes = {}, {}
+        for kind in config.attention_kinds:
+            if config.rope(kind) not in tables:
+                tables[config.rope(kind)] = rope_tables(positions, config.head_dim,
+                                                        *config.rope(kind))
+            ropes[kind] = tables[config.rope(kind)]
         x = self.embed(token_ids, layer_intercept_fn)
         for i, block in enumerate(self.transformer_layers):
-            mask = masks[config.attention_kind(i)]
+            kind = config.attention_kind(i)
+            mask, rope = masks[kind], ropes[kind]
             if update is not None:
                 x, written = block(x, rope, mask, cache=update.layer(i), training=training)
                 update.store(i, written)

@@ -1,4 +1,5 @@
-"""GemmaConfig: one frozen description for every Gemma variant (Gemma 1, 1.1, CodeGemma, Gemma 2).
+"""GemmaConfig: one frozen description for every Gemma variant (Gemma 1, 1.1, CodeGemma, Gemma 2,
+Gemma 3's text model).
 
 Variants differ only in these fields; no code path forks on "is this Gemma 2". Field names are
 keras-hub's `GemmaBackbone` arguments so a keras-hub `config.json` maps onto it one to one.
@@ -30,18 +31,36 @@ class GemmaConfig:
     use_post_attention_norm: bool = False
     attention_logit_soft_cap: Optional[float] = None
     final_logit_soft_cap: Optional[float] = None
-    # When on, layers 0, 2, 4, ... attend to a sliding window, the others globally.
+    # When on, layer i attends globally when (i + 1) % sliding_window_pattern == 0 and to a
+    # sliding window otherwise: Gemma 2 alternates (pattern 2: layers 0, 2, 4, ... local),
+    # Gemma 3 has five local layers to one global (pattern 6).
     use_sliding_window_attention: bool = False
     sliding_window_size: int = 4096
     layer_norm_epsilon: float = 1e-6
     dropout: float = 0.0
+    # RoPE base of the global layers (and of every layer when local_rope_max_wavelength is
+    # None): 10,000 for Gemma 1 and 2; Gemma 3 uses 1,000,000 globally and 10,000 locally.
     rope_max_wavelength: float = 10_000.0
     max_sequence_length: int = 8192
+    # Gemma 3: an RMSNorm ((1 + w) scale, over head_dim) on every query and key head, before
+    # RoPE. keras-hub's Gemma3Backbone argument name.
+    use_query_key_norm: bool = False
+    sliding_window_pattern: int = 2
+    local_rope_max_wavelength: Optional[float] = None
+    # Linear RoPE position scaling (positions divided by the factor) per attention kind:
+    # Gemma 3 4B/12B/27B stretch their global layers x8 to 128k. keras-hub's names.
+    global_rope_scaling_factor: float = 1.0
+    local_rope_scaling_factor: float = 1.0
+    # Queries scaled by query_pre_attn_scalar ** -0.5 when set, overriding
+    # query_head_dim_normalize. Set only for a scalar that is neither head_dim nor
+    # hidden_dim / num_query_heads (transformers' configs can say any); None for every
+    # released Gemma, so the two spellings of one model compare equal.
+    query_pre_attn_scalar: Optional[float] = None
 
     def __post_init__(self):
         for name in ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads",
                      "hidden_dim", "intermediate_dim", "head_dim", "sliding_window_size",
-                     "max_sequence_length"):
+                     "max_sequence_length", "sliding_window_pattern"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"GemmaConfig.{name} must be a positive integer, got {value!r}.")
@@ -65,12 +84,23 @@ class GemmaConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"GemmaConfig.{name} must be positive or None, got {value!r}.")
+        for name in ("rope_max_wavelength", "local_rope_max_wavelength",
+                     "global_rope_scaling_factor", "local_rope_scaling_factor",
+                     "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is None and name in ("local_rope_max_wavelength", "query_pre_attn_scalar"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or value == float("inf"):
+                raise ConfigError(f"GemmaConfig.{name} must be a positive number, got {value!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"GemmaConfig.dropout must be in [0, 1), got {self.dropout!r}.")
 
     # ---- derived quantities: each written here once -------------------------------------
     @property
     def query_scale(self) -> float:
+        if self.query_pre_attn_scalar is not None:
+            return float(self.query_pre_attn_scalar) ** -0.5
         if self.query_head_dim_normalize:
             return self.head_dim ** -0.5
         # keras-hub and the reference JAX code use integer division here.
@@ -81,16 +111,26 @@ class GemmaConfig:
         return self.intermediate_dim // 2
 
     def attention_kind(self, layer_index: int) -> str:
-        """"local" for a sliding-window layer (Gemma 2: every other layer, from layer 0),
-        "global" for full causal attention. Masks and the KV cache are built per kind."""
-        if self.use_sliding_window_attention and layer_index % 2 == 0:
+        """"local" for a sliding-window layer (Gemma 2: every other layer, from layer 0;
+        Gemma 3: all but every sixth), "global" for full causal attention. Masks, RoPE tables
+        and the KV cache are built per kind."""
+        if (self.use_sliding_window_attention
+                and (layer_index + 1) % self.sliding_window_pattern != 0):
             return "local"
         return "global"
 
     @property
     def attention_kinds(self) -> tuple:
-        """The kinds this config's layers use, in a fixed order."""
+        """The kinds this config's layers use, in a fixed order ("global" first: the cache's
+        capacity is read from it, so a config whose layers are all local still has it)."""
         return ("global", "local") if self.use_sliding_window_attention else ("global",)
+
+    def rope(self, kind: str) -> tuple:
+        """(max wavelength, linear position scaling factor) of RoPE on `kind`'s layers."""
+        if kind == "local":
+            wavelength = self.local_rope_max_wavelength or self.rope_max_wavelength
+            return float(wavelength), float(self.local_rope_scaling_factor)
+        return float(self.rope_max_wavelength), float(self.global_rope_scaling_factor)
 
     def attention_window(self, kind: str):
         """How many positions back a query of this kind sees (itself included); None: all."""
@@ -102,12 +142,16 @@ class GemmaConfig:
         attention = h * d * (2 * self.num_query_heads + 2 * self.num_key_value_heads)
         ffn = 3 * h * self.ffn_branch_dim
         norms = h * (2 + int(self.use_post_attention_norm) + int(self.use_post_ffw_norm))
+        norms += 2 * d * int(self.use_query_key_norm)
         per_layer = attention + ffn + norms
         return self.vocabulary_size * h + self.num_layers * per_layer + h
 
     # ---- serialisation ------------------------------------------------------------------
     # Fields keras-hub's GemmaBackbone does not take: it fixes them at Gemma's values.
-    GEMMA_KERAS_ONLY = ("rope_max_wavelength", "max_sequence_length")
+    GEMMA_KERAS_ONLY = ("rope_max_wavelength", "max_sequence_length", "use_query_key_norm",
+                        "sliding_window_pattern", "local_rope_max_wavelength",
+                        "global_rope_scaling_factor", "local_rope_scaling_factor",
+                        "query_pre_attn_scalar")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

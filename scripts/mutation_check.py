@@ -122,7 +122,7 @@ MUTATIONS: List[Mutation] = [
       "chunk, first = ids[begin:end], start + begin",
       "chunk, first = ids[begin:end], begin",
       LITERT, "LiteRT runner's prefill(start=) ignored: positions restart at 0",
-      k="litert or runner"),
+      k="litert or runner", backend="tensorflow"),  # conversion variants run on TF only
     M("B-rope-base-ignored", "gemma_keras/backbone.py",
       "rope_tables(positions, config.head_dim, config.rope_max_wavelength)",
       "rope_tables(positions, config.head_dim)",

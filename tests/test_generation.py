@@ -68,7 +68,7 @@ def _prompt_ids(vocab_size, length, seed=0):
     return ids
 
 
-@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa", "gemma3"])
 def test_cached_decode_logits_equal_full_forward(case, wandering, vocab_size):
     lm, _ = wandering(case)
     prompt = _prompt_ids(vocab_size, 7)[0].tolist()
@@ -87,7 +87,7 @@ def test_cached_decode_logits_equal_full_forward(case, wandering, vocab_size):
         session.step([token])
 
 
-@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa", "gemma3"])
 def test_greedy_matches_transformers(case, wandering, vocab_size):
     import torch
 
@@ -101,6 +101,31 @@ def test_greedy_matches_transformers(case, wandering, vocab_size):
     assert len(set(theirs[0, 7:].tolist())) > NEW // 2  # the check is not trivially passed
     np.testing.assert_array_equal(ours["token_ids"], theirs)
     assert ours["padding_mask"].all()
+
+
+@pytest.mark.parametrize("case", ["gemma2_gqa", "gemma3"])
+def test_greedy_from_a_ragged_batch_matches_transformers(case, wandering, vocab_size):
+    """Left-padded rows of different lengths, in one batch, against transformers' generate
+    on the same batch: positions count real tokens, and the sliding window (5) is passed."""
+    import torch
+
+    lm, model = wandering(case)
+    ids = np.concatenate([_prompt_ids(vocab_size, 9, seed=1), _prompt_ids(vocab_size, 9)])
+    mask = np.ones_like(ids)
+    ids[0, :4], mask[0, :4] = 0, 0  # row 0: 5 real tokens after 4 pads
+    ours = lm.generate({"token_ids": ids, "padding_mask": mask}, max_new_tokens=NEW,
+                       stop_token_ids=None)
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor(ids, dtype=torch.long),
+                                attention_mask=torch.tensor(mask, dtype=torch.long),
+                                max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                                pad_token_id=0).numpy()
+    assert all(len(set(row[9:].tolist())) > NEW // 2 for row in theirs)  # not trivial
+    # Ours come back with each row's padding moved to its end; theirs keep it in front.
+    real = np.concatenate([mask, np.ones((2, NEW), mask.dtype)], axis=1).astype(bool)
+    for r in range(2):
+        assert (ours["token_ids"][r][ours["padding_mask"][r].astype(bool)].tolist()
+                == theirs[r][real[r]].tolist())
 
 
 def test_ragged_batch_equals_one_by_one(wandering):
@@ -260,7 +285,7 @@ def test_prompt_longer_than_context(wandering):
         small.generate("fox " * 5, max_new_tokens=30)
 
 
-@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa", "gemma3"])
 def test_chat_reuses_the_cache_and_equals_a_fresh_generation(case, wandering):
     from gemma_keras.generation.chat import format_chat
 

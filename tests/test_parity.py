@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import gemma_keras as gk
-from conftest import (HF_CASES, hf_logits, keras_hub_logits, logits_of, max_diff_on_real_tokens,
-                      token_batch)
+from conftest import (HF_CASES, HF_ONLY_CASES, hf_logits, keras_hub_logits, logits_of,
+                      max_diff_on_real_tokens, token_batch)
 
 TOL = 1e-4
 
@@ -30,6 +30,12 @@ def test_hf_checkpoint_logits_match_transformers(case, hf_checkpoint, vocab_size
     ("gemma2_gqa", dict(final_logit_soft_cap=None)),
     ("gemma2_gqa", dict(use_sliding_window_attention=False)),
     ("gemma2_27b_style", dict(query_head_dim_normalize=True)),
+    ("gemma3", dict(query_pre_attn_scalar=None)),
+    ("gemma3", dict(global_rope_scaling_factor=1.0)),
+    ("gemma3", dict(local_rope_max_wavelength=None)),
+    ("gemma3", dict(sliding_window_pattern=2)),
+    ("gemma3", dict(use_sliding_window_attention=False)),
+    ("gemma3_mm", dict(rope_max_wavelength=10_000.0)),
 ])
 def test_features_under_test_change_the_logits(case, change, hf_checkpoint, vocab_size):
     """Guards the parity tests: soft-caps, the sliding window and the query scale must matter
@@ -65,6 +71,65 @@ def test_configs_written_by_transformers_4_38_to_4_42_load(case, hf_checkpoint, 
     lm = gk.GemmaCausalLM.from_preset(str(directory))
     assert max_diff_on_real_tokens(logits_of(lm, ids, mask), hf_logits(model, ids, mask),
                                    mask) < TOL
+
+
+def _rename_tensors(directory, rename):
+    """Rewrites every safetensors shard (and the index) of `directory` with names rename(n)."""
+    from safetensors.numpy import load_file, save_file
+
+    for file in directory.glob("*.safetensors"):
+        save_file({rename(k): v for k, v in load_file(file).items()}, file,
+                  metadata={"format": "pt"})
+    index = directory / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {rename(k): v for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("case", ["gemma3", "gemma3_mm"])
+def test_gemma3_as_transformers_4_50_wrote_it_loads(case, hf_checkpoint, vocab_size):
+    """The hub's Gemma 3 files were written by transformers 4.50: rope_theta,
+    rope_local_base_freq, rope_scaling and sliding_window_pattern instead of rope_parameters
+    and layer_types; a multimodal config's text_config omits every default (heads, head dim,
+    vocabulary, ...); multimodal weights under language_model.model.* and vision_tower.*."""
+    directory, model = hf_checkpoint(case)
+    config = json.loads((directory / "config.json").read_text())
+    text = config["text_config"] if case == "gemma3_mm" else config
+    for key in ("rope_parameters", "layer_types", "dtype"):
+        text.pop(key, None)
+    text.update(rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window_pattern=6,
+                torch_dtype="float32", transformers_version="4.50.0.dev0")
+    if case == "gemma3_mm":
+        # 4.50 left out of text_config what equals Gemma3TextConfig's defaults.
+        for key in ("rms_norm_eps", "max_position_embeddings", "hidden_activation",
+                    "final_logit_softcapping", "attn_logit_softcapping"):
+            text.pop(key, None)
+        _rename_tensors(directory, lambda n: n.replace(
+            "model.language_model.", "language_model.model.").replace(
+            "model.vision_tower.", "vision_tower.").replace(
+            "model.multi_modal_projector.", "multi_modal_projector."))
+    (directory / "config.json").write_text(json.dumps(config))
+    ids, mask = token_batch(vocab_size)
+    with pytest.warns(UserWarning, match="image tower is not read") if case == "gemma3_mm" \
+            else _no_warning():
+        lm = gk.GemmaCausalLM.from_preset(str(directory))
+    assert lm.config.global_rope_scaling_factor == 8.0
+    assert lm.config.local_rope_max_wavelength == 10_000.0
+    assert max_diff_on_real_tokens(logits_of(lm, ids, mask), hf_logits(model, ids, mask),
+                                   mask) < TOL
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("error", UserWarning)
+
+    def __exit__(self, *exc):
+        self._catch.__exit__(*exc)
 
 
 @pytest.mark.parametrize("case", ["gemma_mqa", "gemma_mha", "gemma2_gqa"])
@@ -175,7 +240,7 @@ def test_hf_format_save_loads_in_transformers_with_the_same_logits(case, max_sha
     import transformers
 
     # Start from the other layout, so the names and kernels really go through the writer.
-    source = (hf_checkpoint(case)[0] if case == "gemma2_27b_style"  # keras-hub: not a reference
+    source = (hf_checkpoint(case)[0] if case in HF_ONLY_CASES  # keras-hub: not a reference
               else keras_hub_preset(case)[0])
     lm = gk.GemmaCausalLM.from_preset(source, dtype="float32")
     out = tmp_path / "hf_out"
@@ -183,10 +248,13 @@ def test_hf_format_save_loads_in_transformers_with_the_same_logits(case, max_sha
     assert (out / "model.safetensors.index.json").is_file() == (max_shard_size is not None)
     ids, mask = token_batch(vocab_size)
     ours = logits_of(lm, ids, mask)
-    model_class = (transformers.Gemma2ForCausalLM if HF_CASES[case]["model_type"] == "gemma2"
-                   else transformers.GemmaForCausalLM)
-    kwargs = {"attn_implementation": "eager"} if model_class is transformers.Gemma2ForCausalLM \
-        else {}
+    # A multimodal Gemma 3's text part is written as a text-only Gemma 3.
+    model_class = {"gemma": transformers.GemmaForCausalLM,
+                   "gemma2": transformers.Gemma2ForCausalLM,
+                   "gemma3_text": transformers.Gemma3ForCausalLM,
+                   "gemma3": transformers.Gemma3ForCausalLM}[HF_CASES[case]["model_type"]]
+    kwargs = {} if model_class is transformers.GemmaForCausalLM \
+        else {"attn_implementation": "eager"}
     theirs = model_class.from_pretrained(out, torch_dtype=torch.float32, **kwargs).eval()
     assert max_diff_on_real_tokens(hf_logits(theirs, ids, mask), ours, mask) < TOL
     again = gk.GemmaCausalLM.from_preset(out)

@@ -1,4 +1,4 @@
-"""Writing a Hugging Face Gemma checkpoint: config.json (model_type gemma / gemma2), safetensors
+"""Writing a Hugging Face Gemma checkpoint: config.json (model_type gemma, gemma2, gemma3_text), safetensors
 (one file, or shards with model.safetensors.index.json), generation_config.json (the ids that end
 a reply), tokenizer.model, tokenizer_config.json with Gemma's chat template and tokenizer.json,
 which transformers' `from_pretrained` / `AutoTokenizer` and our own reader load.
@@ -30,18 +30,43 @@ _CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 def hf_model_type(config: GemmaConfig) -> str:
-    """"gemma2" or "gemma": the transformers class that computes exactly this config."""
+    """"gemma3_text", "gemma2" or "gemma": the transformers class that computes exactly this
+    config."""
+    rope_by_kind = (config.local_rope_max_wavelength is not None
+                    or config.global_rope_scaling_factor != 1.0
+                    or config.local_rope_scaling_factor != 1.0)
+    post_norms = config.use_post_attention_norm and config.use_post_ffw_norm
+    if config.use_query_key_norm and post_norms:
+        return "gemma3_text"
     gemma2 = (config.use_post_attention_norm, config.use_post_ffw_norm,
               config.use_sliding_window_attention)
-    if all(gemma2):
+    if all(gemma2) and not config.use_query_key_norm and not rope_by_kind:
         return "gemma2"
-    if not any(gemma2) and config.query_head_dim_normalize and (
-            config.attention_logit_soft_cap is None and config.final_logit_soft_cap is None):
+    if not any(gemma2) and config.query_scale == config.head_dim ** -0.5 and not (
+            config.attention_logit_soft_cap or config.final_logit_soft_cap
+            or config.use_query_key_norm or rope_by_kind):
         return "gemma"
     raise ConfigError(
-        f"This config ({config.describe()}) mixes Gemma 1 and Gemma 2 features (post-norms, "
-        "sliding window, soft-caps, query scale); transformers has no class that computes it, "
-        "so it cannot be written as a Hugging Face checkpoint. Save it as a keras-hub preset.")
+        f"This config ({config.describe()}) mixes features of Gemma 1, 2 and 3 (post-norms, "
+        "sliding window, soft-caps, query scale, QK-norm, RoPE per layer kind) in a way no "
+        "transformers class computes, so it cannot be written as a Hugging Face checkpoint. "
+        "Save it as a keras-hub preset.")
+
+
+_ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM"}
+
+
+def _layer_types(config: GemmaConfig):
+    return ["sliding_attention" if config.attention_kind(i) == "local" else "full_attention"
+            for i in range(config.num_layers)]
+
+
+def _rope_entry(config: GemmaConfig, kind: str) -> dict:
+    theta, factor = config.rope(kind)
+    if factor == 1.0:
+        return {"rope_type": "default", "rope_theta": theta}
+    return {"rope_type": "linear", "factor": factor, "rope_theta": theta}
 
 
 def hf_config(config: GemmaConfig, dtype_name: str, tokenizer=None,
@@ -51,7 +76,7 @@ def hf_config(config: GemmaConfig, dtype_name: str, tokenizer=None,
     otherwise ignores it), and decides the eos ids (`eos_token_ids`)."""
     model_type = hf_model_type(config)
     out = {
-        "architectures": ["Gemma2ForCausalLM" if model_type == "gemma2" else "GemmaForCausalLM"],
+        "architectures": [_ARCHITECTURES[model_type]],
         "model_type": model_type,
         "vocab_size": config.vocabulary_size,
         "hidden_size": config.hidden_dim,
@@ -73,13 +98,27 @@ def hf_config(config: GemmaConfig, dtype_name: str, tokenizer=None,
         "initializer_range": 0.02,
         "use_cache": True,
     }
-    if model_type == "gemma2":
+    if model_type != "gemma":
         out.update(
-            query_pre_attn_scalar=(config.head_dim if config.query_head_dim_normalize
-                                   else config.hidden_dim // config.num_query_heads),
+            query_pre_attn_scalar=config.query_scale ** -2,
             sliding_window=config.sliding_window_size,
             attn_logit_softcapping=config.attention_logit_soft_cap,
             final_logit_softcapping=config.final_logit_soft_cap,
+            layer_types=_layer_types(config),
+        )
+        scalar = round(out["query_pre_attn_scalar"])
+        if abs(scalar - out["query_pre_attn_scalar"]) < 1e-6:
+            out["query_pre_attn_scalar"] = scalar  # as Google writes it: 256, 168
+    if model_type == "gemma3_text":
+        # Both spellings: transformers 5 reads rope_parameters, 4.50-4.57 the flat keys.
+        local, full = _rope_entry(config, "local"), _rope_entry(config, "global")
+        out.update(
+            rope_parameters={"sliding_attention": local, "full_attention": full},
+            rope_local_base_freq=local["rope_theta"],
+            rope_scaling=None if full["rope_type"] == "default" else {
+                "rope_type": "linear", "factor": full["factor"]},
+            sliding_window_pattern=config.sliding_window_pattern,
+            use_bidirectional_attention=False,
         )
     if tokenizer is not None:
         out.update(hf_generation_config(tokenizer, instruct))

@@ -56,6 +56,8 @@ _BLOCK_H5 = {
     "key": "attention/key_dense",
     "value": "attention/value_dense",
     "attention_output": "attention/output_dense",
+    "query_norm": "attention/query_norm",  # Gemma 3 (keras-hub's Gemma3Backbone)
+    "key_norm": "attention/key_norm",
     "pre_ffw_norm": "pre_ffw_norm",
     "post_ffw_norm": "post_ffw_norm",
     "ffw_gating": "gating_ffw",

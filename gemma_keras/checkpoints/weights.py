@@ -27,6 +27,8 @@ BLOCK_WEIGHTS = {
     "key": ("attention", "key", "kernel"),
     "value": ("attention", "value", "kernel"),
     "attention_output": ("attention", "attention_output", "kernel"),
+    "query_norm": ("attention", "query_norm", "scale"),
+    "key_norm": ("attention", "key_norm", "scale"),
     "pre_ffw_norm": ("pre_ffw_norm", "scale"),
     "post_ffw_norm": ("post_ffw_norm", "scale"),
     "ffw_gating": ("ffw", "gating", "kernel"),

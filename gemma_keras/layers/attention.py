@@ -1,11 +1,12 @@
 """Gemma self-attention: MQA, MHA or GQA by `num_key_value_heads`, optional logit soft-cap,
-global or sliding-window masking chosen by the caller."""
+optional QK-norm (Gemma 3), global or sliding-window masking chosen by the caller."""
 
 import keras
 from keras import ops
 
 from gemma_keras.layers import precision
 from gemma_keras.layers.linear import Linear
+from gemma_keras.layers.rms_norm import GemmaRMSNorm
 from gemma_keras.layers.rotary import apply_rotary_embedding
 
 # Added to masked logits in float32. Finite, so a row with nothing to attend to (a padding
@@ -30,7 +31,7 @@ def attention_mask(query_positions, key_positions, sliding_window=None):
 
 class GemmaAttention(keras.layers.Layer):
     def __init__(self, num_query_heads, num_key_value_heads, head_dim, hidden_dim, query_scale,
-                 logit_soft_cap=None, dropout=0.0, **kwargs):
+                 logit_soft_cap=None, dropout=0.0, query_key_norm_epsilon=None, **kwargs):
         super().__init__(**kwargs)
         # Keras would cast every float argument to the compute dtype, the float32 RoPE tables
         # included (the bf16 position trap), and walk the cache's structure on every call.
@@ -55,10 +56,22 @@ class GemmaAttention(keras.layers.Layer):
         self.value = projection(num_key_value_heads * head_dim, "value")
         self.attention_output = projection(hidden_dim, "attention_output")
         self.dropout_layer = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
+        # QK-norm (Gemma 3): an RMSNorm over each head's features, its epsilon the model's;
+        # None: no such norms (Gemma 1 and 2), so the parameter count stays exact.
+        self.query_key_norm_epsilon = query_key_norm_epsilon
+        self.query_norm = self.key_norm = None
+        if query_key_norm_epsilon is not None:
+            self.query_norm = GemmaRMSNorm(query_key_norm_epsilon, dtype=self.dtype_policy,
+                                           name="query_norm")
+            self.key_norm = GemmaRMSNorm(query_key_norm_epsilon, dtype=self.dtype_policy,
+                                         name="key_norm")
 
     def build(self, input_shape):
         for dense in (self.query, self.key, self.value):
             dense.build(input_shape)
+        for norm in (self.query_norm, self.key_norm):
+            if norm is not None:
+                norm.build((None, None, None, self.head_dim))
         self.attention_output.build((None, None, self.num_query_heads * self.head_dim))
         self.built = True
 
@@ -77,6 +90,8 @@ class GemmaAttention(keras.layers.Layer):
         query = ops.reshape(self.query(x), heads)     # [batch, len, heads, head_dim]
         key = ops.reshape(self.key(x), kv_heads)      # [batch, len, kv_heads, head_dim]
         value = ops.reshape(self.value(x), kv_heads)  # [batch, len, kv_heads, head_dim]
+        if self.query_norm is not None:  # per head, before RoPE (as Gemma 3 was trained)
+            query, key = self.query_norm(query), self.key_norm(key)
         query = apply_rotary_embedding(query, rope)
         key = apply_rotary_embedding(key, rope)
         written = None
@@ -122,4 +137,4 @@ class GemmaAttention(keras.layers.Layer):
                 "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
                 "hidden_dim": self.hidden_dim, "query_scale": self.query_scale,
                 "logit_soft_cap": self.logit_soft_cap,
-                "dropout": self.dropout}
+                "dropout": self.dropout, "query_key_norm_epsilon": self.query_key_norm_epsilon}

@@ -30,6 +30,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
             query_scale=config.query_scale,
             logit_soft_cap=config.attention_logit_soft_cap,
             dropout=config.dropout,
+            query_key_norm_epsilon=eps if config.use_query_key_norm else None,
             dtype=policy,
             name="attention")
         self.pre_ffw_norm = GemmaRMSNorm(eps, dtype=policy, name="pre_ffw_norm")
