@@ -1,8 +1,15 @@
 """Built-in preset cards: one JSON file per official Keras Gemma preset, shipped in the package.
 
 A card says what a preset is (family, size, base or instruct), where its weights live (Kaggle
-handle, Hugging Face repo), how many parameters it has and its keras-hub `GemmaBackbone` config,
-so a model can be described and built without downloading anything.
+handle, Hugging Face repo), how many parameters it has and its GemmaConfig (keras-hub's backbone
+argument names, plus the Gemma 3 fields keras-hub's GemmaBackbone does not take), so a model can
+be described and built without downloading anything.
+
+Gemma 3's vision-language checkpoints (gemma3_4b, medgemma_instruct_4b, ...) are described by
+their language model, the part gemma_keras loads: the config and the parameter count leave the
+SigLIP image encoder out. Two presets may share a Hugging Face repo: keras-hub publishes the
+language model of google/gemma-3-4b-it both alone (gemma3_instruct_4b_text) and with its image
+encoder (gemma3_instruct_4b).
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from gemma_keras import errors
 from gemma_keras.errors import ConfigError, UnknownPresetError
 
 _CARDS_PACKAGE = "gemma_keras.preset_cards"
-_FAMILIES = ("gemma", "codegemma", "gemma2")
+# Architecture families; relatives keep their base model's (ShieldGemma, VaultGemma and
+# Cell2Sentence-Scale are "gemma2"; MedGemma, FunctionGemma and TranslateGemma "gemma3").
+_FAMILIES = ("gemma", "codegemma", "gemma2", "gemma3")
 KAGGLE_SCHEME = "kaggle://"
 HF_SCHEME = "hf://"
 # The bundled demo: a small Gemma 2 trained by scripts/train_demo_preset.py, shipped inside the
@@ -32,13 +41,13 @@ DEMO_PRESET = "gemma_demo"
 class PresetCard:
     name: str
     description: str
-    family: str  # "gemma", "codegemma" or "gemma2"
+    family: str  # one of _FAMILIES
     # Instruct presets end their turns with <end_of_turn>, which must then stop generation.
     instruct: bool
     kaggle_handle: str
     hf_repo: Optional[str]
     parameter_count: int
-    # keras-hub GemmaBackbone config; read-only because cards are cached and shared.
+    # GemmaConfig fields (the language model's); read-only because cards are cached and shared.
     config: Mapping[str, Any]
 
     def gemma_config(self) -> GemmaConfig:
@@ -63,7 +72,9 @@ def _parse_card(text: str, file_name: str) -> PresetCard:
 @functools.lru_cache(maxsize=None)
 def _cards() -> Mapping[str, PresetCard]:
     cards = {}
-    for entry in resources.files(_CARDS_PACKAGE).iterdir():
+    # Sorted, so that where two cards share a Hugging Face repo the same one is found first on
+    # every file system (directory listings come in no fixed order).
+    for entry in sorted(resources.files(_CARDS_PACKAGE).iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
             card = _parse_card(entry.read_text(encoding="utf-8"), entry.name)
             cards[card.name] = card
@@ -100,19 +111,20 @@ def suggest_presets(name: str, demo: bool = True, n: int = 3) -> list[str]:
     the demo, with `demo`) nearest to it once case, "-", "_", "." and spaces are ignored, so
     "gema_demo" gives gemma_demo and "Gemma2-2B-en" gemma2_2b_en. A Hugging Face repo's name
     ("gemma-2-2b-it", "google/gemma-2-2b-it") gives the preset of that very model, then its
-    hf:// handle, which loads the same weights from Hugging Face."""
+    hf:// handle, which loads the same weights from Hugging Face (every preset of that repo, by
+    name, when several share it: "gemma-3-4b-it" gives gemma3_instruct_4b,
+    gemma3_instruct_4b_text, then hf://google/gemma-3-4b-it)."""
     wanted = loose(name)
     cards = _cards()
     owner, _, repo = name.rpartition("/")
     # A Hugging Face repo of an official preset (repo names have dashes; a name without one,
     # "gemma2_2b", is a mistyped preset name).
     if "-" in name or "/" in name:
-        for card in cards.values():
-            if card.hf_repo is None:
-                continue
-            hf_owner, _, hf_name = card.hf_repo.partition("/")
-            if loose(hf_name) == loose(repo) and owner.lower() in ("", hf_owner.lower()):
-                return [card.name, HF_SCHEME + card.hf_repo]
+        same = [card for card in cards.values() if card.hf_repo is not None
+                and loose(card.hf_repo.partition("/")[2]) == loose(repo)
+                and owner.lower() in ("", card.hf_repo.partition("/")[0].lower())]
+        if same:
+            return [card.name for card in same] + [HF_SCHEME + same[0].hf_repo]
     # Each candidate is known by its own name and its Hugging Face repo's name (without the
     # owner): "gemma-2-2b-i" is nearest gemma-2-2b-it, whose preset is gemma2_instruct_2b_en.
     spellings = [(card.name, card.name) for card in cards.values()]
@@ -141,7 +153,8 @@ def loose(name: str) -> str:
 
 def card_for_handle(handle) -> Optional[PresetCard]:
     """The card of the official preset that `handle` names: a built-in preset name, its
-    `kaggle://` handle (any version) or its `hf://` Hugging Face repo (any revision). None for
+    `kaggle://` handle (any version) or its `hf://` Hugging Face repo (any revision; of two
+    presets of one repo, the first by name, which has the same instruct flag). None for
     anything else (a local directory, another repository)."""
     if not isinstance(handle, str):
         return None

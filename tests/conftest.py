@@ -97,18 +97,13 @@ HF_CASES = {
 }
 HIDDEN, LAYERS, INTERMEDIATE = 64, 3, 96
 # Cases whose reference is transformers alone: keras-hub 0.32 cannot express their query
-# scale (it uses head_dim, or hidden / heads, whatever the config says), or cannot write them
-# yet. TODO(gemma3 keras-hub presets): take gemma3_mm out once they are written.
-HF_ONLY_CASES = ("gemma2_27b_style", "gemma3", "gemma3_mm")
+# scale (it uses head_dim whatever the config says; gemma3's 24 is not even hidden / heads).
+HF_ONLY_CASES = ("gemma2_27b_style", "gemma3")
 
 
-@pytest.fixture(scope="session")
-def spm_path(tmp_path_factory):
-    """A Gemma-style SentencePiece model: <pad>=0 <eos>=1 <bos>=2 <unk>=3, turn markers as
-    pieces, byte fallback, split digits."""
+def _train_spm(directory, special_pieces):
     import sentencepiece as spm
 
-    directory = tmp_path_factory.mktemp("spm")
     corpus = directory / "corpus.txt"
     lines = [f"The quick brown fox {i} jumps over the lazy dog number {i * 7}." for i in range(300)]
     lines += ["Keras is a deep learning API written in Python.",
@@ -118,12 +113,32 @@ def spm_path(tmp_path_factory):
         input=str(corpus), model_prefix=str(directory / "tok"), vocab_size=400,
         model_type="bpe", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
         pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], byte_fallback=True,
+        user_defined_symbols=special_pieces, byte_fallback=True,
         split_digits=True, character_coverage=1.0, minloglevel=2,
         # As Gemma's own model: no dummy "▁" prefix, no normalisation, spaces kept.
         add_dummy_prefix=False, normalization_rule_name="identity",
         remove_extra_whitespaces=False)
     return directory / "tok.model"
+
+
+@pytest.fixture(scope="session")
+def spm_path(tmp_path_factory):
+    """A Gemma-style SentencePiece model: <pad>=0 <eos>=1 <bos>=2 <unk>=3, turn markers as
+    pieces, byte fallback, split digits."""
+    return _train_spm(tmp_path_factory.mktemp("spm"), ["<start_of_turn>", "<end_of_turn>"])
+
+
+# Gemma 3's vocabulary adds the image pieces (keras-hub's Gemma3Tokenizer looks up "<img>",
+# "<start_of_image>" and "<end_of_image>"; transformers' processor "<image_soft_token>").
+GEMMA3_PIECES = ["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                 "<img>", "<image_soft_token>"]
+
+
+@pytest.fixture(scope="session")
+def gemma3_spm_path(tmp_path_factory, spm_path):
+    """spm_path's tokenizer as Gemma 3's: the same size (the tiny checkpoints share one
+    vocabulary size), with Gemma 3's special pieces."""
+    return _train_spm(tmp_path_factory.mktemp("spm3"), GEMMA3_PIECES)
 
 
 @pytest.fixture(scope="session")
@@ -225,7 +240,7 @@ def _copy(source, tmp_path, name):
 
 
 @pytest.fixture(scope="session")
-def pristine_hf(tmp_path_factory, spm_path, vocab_size):
+def pristine_hf(tmp_path_factory, spm_path, gemma3_spm_path, vocab_size):
     """Factory: case -> (shared read-only directory, HF model), written once per session."""
     store = _Pristine(tmp_path_factory.mktemp("pristine_hf"))
 
@@ -235,7 +250,8 @@ def pristine_hf(tmp_path_factory, spm_path, vocab_size):
         def build(directory):
             model = hf_model(case, vocab_size, seed, **model_kwargs)
             model.save_pretrained(directory, max_shard_size=shard)
-            shutil.copy(spm_path, directory / "tokenizer.model")
+            gemma3 = HF_CASES[case]["model_type"].startswith("gemma3")
+            shutil.copy(gemma3_spm_path if gemma3 else spm_path, directory / "tokenizer.model")
             return model
         key = (case, seed, shard, tuple(sorted(model_kwargs.items())))
         return store.get(key, build, f"hf_{case}")
@@ -253,12 +269,23 @@ def hf_checkpoint(tmp_path, pristine_hf):
 
 
 def keras_hub_kwargs(case, vocab_size):
+    """The case's keras-hub backbone arguments: GemmaBackbone's (which are also GemmaConfig's)
+    for Gemma 1 and 2, Gemma3Backbone's (intermediate_dim one GeGLU branch) for Gemma 3."""
     hf = HF_CASES[case]
-    kwargs = dict(vocabulary_size=vocab_size, num_layers=LAYERS,
+    kwargs = dict(vocabulary_size=vocab_size, num_layers=hf.get("num_hidden_layers", LAYERS),
                   num_query_heads=hf["num_attention_heads"],
                   num_key_value_heads=hf["num_key_value_heads"], hidden_dim=HIDDEN,
                   intermediate_dim=2 * INTERMEDIATE, head_dim=hf["head_dim"])
-    if hf["model_type"] == "gemma2":
+    if hf["model_type"].startswith("gemma3"):
+        rope = hf["rope_parameters"]
+        kwargs.update(
+            intermediate_dim=INTERMEDIATE, image_size=28,
+            query_head_dim_normalize=hf["query_pre_attn_scalar"] == hf["head_dim"],
+            use_query_key_norm=True, use_post_ffw_norm=True, use_post_attention_norm=True,
+            use_sliding_window_attention=True, sliding_window_size=hf["sliding_window"],
+            global_rope_scaling_factor=rope["full_attention"].get("factor", 1.0),
+            local_rope_scaling_factor=rope["sliding_attention"].get("factor", 1.0))
+    elif hf["model_type"] == "gemma2":
         kwargs.update(
             query_head_dim_normalize=hf["query_pre_attn_scalar"] == hf["head_dim"],
             use_post_ffw_norm=True, use_post_attention_norm=True,
@@ -268,17 +295,39 @@ def keras_hub_kwargs(case, vocab_size):
     return kwargs
 
 
-def keras_hub_lm(case, vocab_size, spm_path, seed=0):
+def keras_hub_lm(case, vocab_size, spm_path, seed=0, vision=False):
+    """A random keras-hub CausalLM of the case (Gemma3CausalLM for Gemma 3, then `spm_path`
+    should be gemma3_spm_path; with `vision`, beside a tiny Gemma3VisionEncoder: 28 x 28
+    images in 2 x 2 patches, 4 soft tokens each)."""
     import keras_hub
 
-    backbone = keras_hub.models.GemmaBackbone(**keras_hub_kwargs(case, vocab_size))
+    models = keras_hub.models
+    kwargs = keras_hub_kwargs(case, vocab_size)
+    gemma3 = HF_CASES[case]["model_type"].startswith("gemma3")
+    if gemma3:
+        encoder = None
+        if vision:
+            encoder = models.Gemma3VisionEncoder(
+                image_size=28, patch_size=14, num_heads=2, hidden_dim=16, num_layers=1,
+                intermediate_dim=32, output_dim=HIDDEN, pool_size=1)
+        backbone = models.Gemma3Backbone(**kwargs, vision_encoder=encoder)
+    else:
+        assert not vision, "only Gemma 3 has a vision encoder"
+        backbone = models.GemmaBackbone(**kwargs)
     rng = np.random.RandomState(seed)
     for variable in backbone.weights:
         std = 0.5 if "norm" in variable.path else 0.25
         variable.assign(rng.normal(0, std, variable.shape).astype("float32"))
-    tokenizer = keras_hub.models.GemmaTokenizer(proto=str(spm_path))
-    preprocessor = keras_hub.models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=SEQ)
-    return keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+    if not gemma3:
+        tokenizer = models.GemmaTokenizer(proto=str(spm_path))
+        preprocessor = models.GemmaCausalLMPreprocessor(tokenizer, sequence_length=SEQ)
+        return models.GemmaCausalLM(backbone=backbone, preprocessor=preprocessor)
+    tokenizer = models.Gemma3Tokenizer(proto=str(spm_path), has_vision_tokens=vision)
+    converter = keras_hub.layers.Gemma3ImageConverter(image_size=(28, 28)) if vision else None
+    preprocessor = models.Gemma3CausalLMPreprocessor(
+        tokenizer, image_converter=converter, sequence_length=SEQ,
+        num_vision_tokens_per_image=4 if vision else 256)
+    return models.Gemma3CausalLM(backbone=backbone, preprocessor=preprocessor)
 
 
 def keras_hub_logits(lm, ids, mask):
@@ -289,27 +338,30 @@ def keras_hub_logits(lm, ids, mask):
 
 
 @pytest.fixture(scope="session")
-def _pristine_keras_hub(tmp_path_factory, spm_path, vocab_size):
+def _pristine_keras_hub(tmp_path_factory, spm_path, gemma3_spm_path, vocab_size):
     store = _Pristine(tmp_path_factory.mktemp("pristine_keras_hub"))
 
-    def get(case, seed=0, max_shard_size=None):
+    def get(case, seed=0, max_shard_size=None, vision=False):
         def build(directory):
-            lm = keras_hub_lm(case, vocab_size, spm_path, seed)
+            gemma3 = HF_CASES[case]["model_type"].startswith("gemma3")
+            lm = keras_hub_lm(case, vocab_size, gemma3_spm_path if gemma3 else spm_path, seed,
+                              vision)
             if max_shard_size is None:
                 lm.save_to_preset(str(directory))
             else:
                 lm.save_to_preset(str(directory), max_shard_size=max_shard_size)
             return lm
-        return store.get((case, seed, max_shard_size), build, f"kh_{case}")
+        key = (case, seed, max_shard_size, vision)
+        return store.get(key, build, f"kh_{case}" + ("_vision" if vision else ""))
     return get
 
 
 @pytest.fixture
 def keras_hub_preset(tmp_path, _pristine_keras_hub):
-    """Factory: case -> (directory, keras-hub GemmaCausalLM) saved with keras-hub's own saver;
-    the directory is this test's own copy."""
-    def make(case, seed=0, max_shard_size=None):
-        source, lm = _pristine_keras_hub(case, seed, max_shard_size)
+    """Factory: case -> (directory, keras-hub CausalLM) saved with keras-hub's own saver;
+    the directory is this test's own copy. vision=True: a Gemma 3 case with a vision encoder."""
+    def make(case, seed=0, max_shard_size=None, vision=False):
+        source, lm = _pristine_keras_hub(case, seed, max_shard_size, vision)
         return _copy(source, tmp_path, f"kh_{case}"), lm
     return make
 

@@ -36,6 +36,14 @@ CASES = {
         **COMMON, num_query_heads=8, num_key_value_heads=4, head_dim=8,
         use_post_ffw_norm=True, use_post_attention_norm=True, attention_logit_soft_cap=4.0,
         final_logit_soft_cap=6.0, use_sliding_window_attention=True, sliding_window_size=5),
+    # Gemma 3: QK-norms (replicated), RoPE per attention kind with x8 linear scaling on the
+    # global layer, query_pre_attn_scalar, no soft-caps. Two layers: one local, one global.
+    "gemma3": GemmaConfig(
+        **COMMON, num_query_heads=8, num_key_value_heads=4, head_dim=8,
+        use_post_ffw_norm=True, use_post_attention_norm=True, use_query_key_norm=True,
+        use_sliding_window_attention=True, sliding_window_size=5, rope_max_wavelength=1e6,
+        local_rope_max_wavelength=1e4, global_rope_scaling_factor=8.0,
+        query_pre_attn_scalar=24.0),
 }
 # A vocabulary that 8 does not divide: the embedding must fall back to replication.
 ODD_VOCAB = GemmaConfig(**{**COMMON, "vocabulary_size": 250}, num_query_heads=4,

@@ -16,12 +16,13 @@ from gemma_keras.generation.samplers import BeamSampler, GreedySampler
 NEW = 8
 WANDERING = dict(std=0.3, embedding_std=0.01)  # beams that differ, not one token repeated
 LENGTHS = (5, 9)  # a ragged batch: transformers gets it left-padded with a mask
-BEAMS = {"gemma2_gqa": 4, "gemma_mqa": 3}
+BEAMS = {"gemma2_gqa": 4, "gemma_mqa": 3, "gemma3": 3}
 # (case, [(length_penalty, early_stopping), ...]). With the eos chosen below, the Gemma 2
 # settings give transformers four different sets of hypotheses: "never" changes the result
 # at length_penalty 1, early_stopping=True at 2, and the penalty changes it.
 SETTINGS = [("gemma2_gqa", [(1.0, False), (1.0, "never"), (2.0, True), (2.0, False)]),
-            ("gemma_mqa", [(1.0, False), (0.5, True)])]
+            ("gemma_mqa", [(1.0, False), (0.5, True)]),
+            ("gemma3", [(1.0, False)])]  # the ring of a 5:1 model, QK-norm, RoPE per kind
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ TESTS = pathlib.Path(__file__).resolve().parent
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
                               "--xla_backend_optimization_level=0",
                  "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
-CASES = ("gemma_mqa", "gemma2_gqa")
+CASES = ("gemma_mqa", "gemma2_gqa", "gemma3")
 MESHES = ("model_1x8", "data_8", "mixed_2x4")
 MODEL_MESHES = ("model_1x8", "mixed_2x4")
 # Weight name -> the axis split over "model" (see gemma_keras/distribution.py).

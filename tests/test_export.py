@@ -127,13 +127,16 @@ def test_saved_model_in_a_process_without_keras_generates_like_keras(lm_of, demo
     models, paths = {}, {}
     models["gemma2_gqa"] = lm_of("gemma2_gqa")
     models["gemma2_gqa"].instruct = False  # a base model: <end_of_turn> is text, not a stop
+    models["gemma3"] = lm_of("gemma3")  # QK-norm, 5:1 layers, RoPE per kind
+    models["gemma3"].instruct = False
     # Gemma 1 MQA (instruct unknown: no template, as generate), its table padded past the
     # tokenizer's vocabulary.
     models["padded_table"] = _with_padded_table(lm_of("gemma_mqa"), PROMPTS[0])
     models["demo"] = demo  # instruct: `generate` answers in the chat format
     capfd.readouterr()
+    paths_of = {}
     for case in models:
-        path = tmp_path / f"saved_{case}"
+        path = paths_of[case] = tmp_path / f"saved_{case}"
         assert gk.export(models[case], path, format="saved_model", max_length=64) == path
         paths[str(path)] = DEMO_PROMPTS if case == "demo" else PROMPTS
     # TensorFlow's and SentencePiece's C++ logs are kept off the terminal.
@@ -158,9 +161,9 @@ def test_saved_model_in_a_process_without_keras_generates_like_keras(lm_of, demo
                                        logits_of(lm, ids, np.ones_like(ids)), atol=1e-4,
                                        err_msg=case)
         assert "max_length of 64" in got["too_long"]
-    assert all(loaded[list(paths)[2]]["answer"][:2])  # the instruct demo answers
+    assert all(loaded[str(paths_of["demo"])]["answer"][:2])  # the instruct demo answers
     # Ids past the tokenizer's vocabulary were generated, and dropped from the text.
-    assert max(max(ids) for ids in loaded[list(paths)[1]]["ids"]) >= vocab_size
+    assert max(max(ids) for ids in loaded[str(paths_of["padded_table"])]["ids"]) >= vocab_size
 
 
 def _with_padded_table(lm, prompt, extra=8):
@@ -601,8 +604,10 @@ def test_litert_prefill_in_two_calls_equals_one(lm_of, tmp_path):
     start=len(first)) gives the decode logits of a one-call prefill and of the Keras model's
     forward pass. The splits: inside the first chunk, a second part that starts mid-chunk and
     whose last chunk is shifted back, and a second part shorter than a chunk that starts less
-    than a chunk before the cache's end (a padded chunk there would run past the cache)."""
-    lm = lm_of("gemma2_gqa")
+    than a chunk before the cache's end (a padded chunk there would run past the cache).
+    On Gemma 3 (QK-norm, 5:1 layers, RoPE per kind), whose LiteRT export this also proves
+    against the Keras forward pass; Gemma 2's is test_litert_generates_like_keras's."""
+    lm = lm_of("gemma3")
     runner = _litert(lm, tmp_path / "parts.tflite", max_length=32, prefill_length=8)
     rng = np.random.RandomState(0)
     tokens = [2] + rng.randint(4, lm.config.vocabulary_size, 29).tolist()  # 30: decode at 29

@@ -41,7 +41,9 @@ def _stress(model):
         layer.mlp.up_proj.weight.mul_(45.0)
         layer.mlp.down_proj.weight.mul_(30.0)
         if hasattr(layer, "post_feedforward_layernorm"):
-            layer.post_feedforward_layernorm.weight.fill_(2e4)
+            # Gemma 3's residual stream peaked at 65,255 with 2e4: just inside float16.
+            gemma3 = hasattr(layer.self_attn, "q_norm")
+            layer.post_feedforward_layernorm.weight.fill_(3e4 if gemma3 else 2e4)
         # Layer 1's attention output past float16's range too (into its post-norm on Gemma 2).
         model.model.layers[1].self_attn.o_proj.weight.mul_(3e4)
     return model
@@ -76,7 +78,7 @@ def _logits(lm, ids, mask):
     return keras.ops.convert_to_numpy(keras.ops.cast(out, "float32"))
 
 
-@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa", "gemma3"])
 def test_float16_stays_finite_and_close_to_float32_where_transformers_float16_is_nan(
         stress_checkpoint, vocab_size, case):
     import copy

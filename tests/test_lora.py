@@ -62,9 +62,10 @@ def test_trainable_parameters_are_the_adapters_and_match_the_formula(tiny_lm, ta
         assert count == 3 * 3 * ((64 + 64) + (64 + 32))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_lora_fit_lowers_the_loss_and_leaves_base_weights_bit_identical(tiny_lm, dtype):
-    lm = tiny_lm(dtype=dtype)  # bfloat16: frozen base in bfloat16, adapters in float32
+@pytest.mark.parametrize("case,dtype", [("gemma_mqa", "float32"), ("gemma_mqa", "bfloat16"),
+                                        ("gemma3", "bfloat16")])
+def test_lora_fit_lowers_the_loss_and_leaves_base_weights_bit_identical(tiny_lm, case, dtype):
+    lm = tiny_lm(case, dtype=dtype)  # bfloat16: frozen base in bfloat16, adapters in float32
     lm.backbone.enable_lora(rank=4)
     lm.compile(optimizer=keras.optimizers.Adam(3e-3))
     frozen = _base_weights(lm)

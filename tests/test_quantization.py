@@ -151,12 +151,16 @@ def test_the_quantized_tied_head_is_the_float_head_of_the_dequantized_table(
     _close(input_gradient(backbone.logits, hidden, upstream), upstream @ table, 1e-5)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode,case", [("int8", "gemma2_gqa"), ("int4", "gemma2_gqa"),
+                                       ("int8", "gemma3")])
 def test_quantized_generation_equals_the_float_model_of_the_dequantized_weights(
-        mode, vocab_size, spy_fast_path):
+        mode, case, vocab_size, spy_fast_path, hf_checkpoint):
+    config = (gk.GemmaConfig(**keras_hub_kwargs(case, vocab_size)) if case == "gemma2_gqa"
+              else gk.GemmaCausalLM.from_preset(hf_checkpoint(case)[0]).config)
+
     def model():
         keras.utils.set_random_seed(3)
-        return gk.GemmaCausalLM(gk.GemmaBackbone(**keras_hub_kwargs("gemma2_gqa", vocab_size)))
+        return gk.GemmaCausalLM(gk.GemmaBackbone(config))
 
     quantized, reference = model(), model()
     _quantize(quantized.backbone, mode)

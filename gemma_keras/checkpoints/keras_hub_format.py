@@ -1,12 +1,20 @@
 """keras-hub / keras-nlp preset directories: read and write.
 
-Layout: config.json (a serialised `keras_hub>GemmaBackbone`, or `keras_nlp>` in older uploads),
-model.weights.h5 or model.weights.json + model_NNNNN.weights.h5 shards, tokenizer.json,
+Layout: config.json (a serialised `keras_hub>GemmaBackbone`, or `keras_nlp>` in older uploads,
+or `keras_hub>Gemma3Backbone`), model.weights.h5 or model.weights.json + model_NNNNN.weights.h5 shards, tokenizer.json,
 assets/tokenizer/vocabulary.spm, preprocessor.json, task.json, metadata.json.
 
 The h5 file is Keras 3's weights format: one group per layer, keyed by the attribute path
 keras-hub's objects have, each holding `vars/0`. We read and write it with h5py through one
 name table, so neither direction depends on our layers mirroring keras-hub's classes.
+
+Gemma 3. keras-hub's Gemma3Backbone holds the same weights under the same names (its decoder
+block groups are `gemma3_decoder_block_N`, by its class), plus the QK-norms. Its config differs:
+`intermediate_dim` is one GeGLU branch (ours counts both); RoPE is fixed at 10,000 on local and
+1,000,000 on global layers, and layer i is local when i % 6 < 5 (our sliding_window_pattern 6).
+What it cannot say (another pattern or RoPE base, a query_pre_attn_scalar that is neither
+head_dim nor hidden / heads, max_sequence_length) goes into metadata.json as for Gemma 1 and 2.
+A multimodal preset's vision encoder is left unread, with one warning.
 
 Quantized models. keras-hub records each quantized layer's policy in config.json (a Keras
 `DTypePolicyMap` keyed by keras-hub's layer paths) and stores the layer's quantized variables
@@ -27,6 +35,7 @@ from __future__ import annotations
 import datetime
 import json
 import pathlib
+import warnings
 from typing import Dict, Optional, Tuple
 
 import h5py
@@ -46,7 +55,14 @@ from gemma_keras.errors import CheckpointError, ConfigError
 
 WEIGHTS_FILE = "model.weights.h5"
 SHARDED_WEIGHTS_INDEX = "model.weights.json"
-BACKBONE_NAMES = ("keras_hub>GemmaBackbone", "keras_nlp>GemmaBackbone")
+GEMMA3_BACKBONE = "keras_hub>Gemma3Backbone"
+BACKBONE_NAMES = ("keras_hub>GemmaBackbone", "keras_nlp>GemmaBackbone", GEMMA3_BACKBONE)
+# keras-hub's Gemma3Backbone arguments that are also GemmaConfig fields gemma_keras records in
+# metadata.json for a GemmaBackbone (which cannot take them).
+_GEMMA3_TAKES = ("use_query_key_norm", "local_rope_scaling_factor", "global_rope_scaling_factor")
+# Its arguments for what gemma_keras does not model: the image side and embedding models.
+_GEMMA3_NOT_OURS = ("image_size", "vision_encoder", "is_embedding_model",
+                    "use_bidirectional_attention", "pooling_intermediate_dim", "embedding_dim")
 
 # Canonical block-weight suffix -> group path inside keras-hub's decoder block.
 _BLOCK_H5 = {
@@ -96,12 +112,14 @@ def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[str]]:
     if name not in BACKBONE_NAMES:
         raise ConfigError(
             f"{path} describes '{name}', not a Gemma backbone ({' or '.join(BACKBONE_NAMES)}). "
-            "gemma_keras loads Gemma 1, 1.1, CodeGemma and Gemma 2 presets only.")
+            "gemma_keras loads Gemma 1, 1.1, CodeGemma, Gemma 2 and Gemma 3 presets only.")
     values = data.get("config", {})
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: 'config' should hold the backbone's arguments as a JSON "
                           f"object, found {type(values).__name__}.")
     values = dict(values)
+    if name == GEMMA3_BACKBONE:
+        values = _from_gemma3(values, path)
     dtype = _float_dtype_name(values.pop("dtype", None))
     ours = _read_metadata(directory).get("gemma_keras", {})
     extras = ours.get("config", {}) if isinstance(ours, dict) else None
@@ -109,6 +127,31 @@ def read_config(directory: pathlib.Path) -> Tuple[GemmaConfig, Optional[str]]:
         raise ConfigError(f"{directory / 'metadata.json'}: 'gemma_keras' should hold a "
                           "'config' object.")
     return GemmaConfig.from_dict({**values, **extras}, source=str(path)), dtype
+
+
+def _from_gemma3(values: dict, path) -> dict:
+    """A Gemma3Backbone config as GemmaConfig arguments (metadata.json's may still override
+    them: gemma_keras writes there what keras-hub cannot express)."""
+    for key in ("is_embedding_model", "use_bidirectional_attention"):
+        if values.get(key):
+            raise ConfigError(
+                f"{path} describes a Gemma 3 embedding model ({key} is true, as in "
+                "EmbeddingGemma): gemma_keras loads causal language models only. Use "
+                "keras-hub's Gemma3Backbone for embeddings.")
+    values = {k: v for k, v in values.items() if k not in _GEMMA3_NOT_OURS}
+    branch = values.get("intermediate_dim")
+    if isinstance(branch, int) and not isinstance(branch, bool):
+        values["intermediate_dim"] = 2 * branch  # keras-hub: one branch (gate_dim_reduction 1)
+    scaling = values.get("global_rope_scaling_factor", 1.0)
+    stretched = isinstance(scaling, (int, float)) and scaling > 1
+    # What keras-hub fixes in its layers, or defaults to where ours differ; the context length
+    # it does not record: 128k for the checkpoints whose global RoPE is stretched (4B+), 32k
+    # for the others (270M, 1B).
+    fixed = dict(sliding_window_pattern=6, local_rope_max_wavelength=10_000.0,
+                 rope_max_wavelength=1_000_000.0, use_query_key_norm=True,
+                 sliding_window_size=1024,
+                 max_sequence_length=131_072 if stretched else 32_768)
+    return {**fixed, **values}
 
 
 def _float_dtype_name(dtype) -> Optional[str]:
@@ -194,7 +237,12 @@ def _index_datasets(files) -> Dict[str, "_H5Entry"]:
     return found
 
 
-def _block_prefixes(index, num_layers):
+def _block_group(gemma3: bool, i: int) -> str:
+    """Keras names a layer's h5 group after its class, numbered from the second on."""
+    return f"layers/{'gemma3' if gemma3 else 'gemma'}_decoder_block" + (f"_{i}" if i else "")
+
+
+def _block_prefixes(index, num_layers, gemma3):
     """The h5 group of each decoder block: found by layer name, else by keras' class order."""
     by_name = {}
     for key in index:
@@ -202,8 +250,7 @@ def _block_prefixes(index, num_layers):
             name, path = key[1:].split("@", 1)
             if path.count("/") == 2:  # layers/<group>/vars: a top-level layer
                 by_name[name] = path[: -len("/vars")]
-    return [by_name.get(f"decoder_block_{i}",
-                        "layers/gemma_decoder_block" + (f"_{i}" if i else ""))
+    return [by_name.get(f"decoder_block_{i}", _block_group(gemma3, i))
             for i in range(num_layers)]
 
 
@@ -331,11 +378,18 @@ def _quantized_entry(name, mode, layout, group, index, layouts, source):
 
 
 def reader(directory: pathlib.Path, config: GemmaConfig) -> Reader:
+    backbone = read_json(directory / "config.json")
+    gemma3 = backbone.get("registered_name") == GEMMA3_BACKBONE
+    if gemma3 and (backbone.get("config") or {}).get("vision_encoder") is not None:
+        # Its weights sit under layers/gemma3_vision_encoder, which no name below reaches.
+        warnings.warn(f"{directory} is a multimodal Gemma 3: its text model is loaded, its "
+                      "image tower (vision_encoder) is not read (gemma_keras does not take "
+                      "images yet).", stacklevel=2)
     index = _index_datasets(_weight_files(directory))
     layout, quantized = read_quantization(directory, config)
     paths = {"token_embedding": "layers/reversible_embedding",
              "final_normalization": "layers/rms_normalization"}
-    for i, prefix in enumerate(_block_prefixes(index, config.num_layers)):
+    for i, prefix in enumerate(_block_prefixes(index, config.num_layers, gemma3)):
         for suffix, group in _BLOCK_H5.items():
             paths[f"decoder_block_{i}/{suffix}"] = f"{prefix}/{group}"
     layouts = _kernel_layouts(config)
@@ -364,9 +418,44 @@ def _policy(dtype_name):
             "registered_name": None}
 
 
-def _serialized(module, class_name, config):
-    return {"module": f"keras_hub.src.models.gemma.{module}", "class_name": class_name,
+def _serialized(kind, module, class_name, config):
+    return {"module": f"keras_hub.src.models.{package}.{module}", "class_name": class_name,
             "config": config, "registered_name": f"keras_hub>{class_name}"}
+
+
+def writes_gemma3(config: GemmaConfig) -> bool:
+    """Whether `config` is written as keras-hub's Gemma3Backbone: it has QK-norm or RoPE set
+    per attention kind, which GemmaBackbone cannot take. Every Gemma 1 and 2 config is
+    written as a GemmaBackbone, as before Gemma 3."""
+    return (config.use_query_key_norm or config.sliding_window_pattern != 2
+            or config.local_rope_max_wavelength is not None
+            or config.global_rope_scaling_factor != 1.0
+            or config.local_rope_scaling_factor != 1.0)
+
+
+def _gemma3_backbone_config(config: GemmaConfig) -> dict:
+    """Gemma3Backbone's arguments, as its get_config writes them for a text-only model."""
+    values = config.to_keras_hub()
+    values["intermediate_dim"] = config.ffn_branch_dim  # one GeGLU branch
+    values.update({name: getattr(config, name) for name in _GEMMA3_TAKES})
+    values.update(image_size=None, vision_encoder=None, use_bidirectional_attention=False,
+                  is_embedding_model=False, pooling_intermediate_dim=None, embedding_dim=None)
+    return values
+
+
+def _metadata_config(config: GemmaConfig) -> dict:
+    """The fields keras-hub's backbone class for `config` does not take, for read_config."""
+    names = [n for n in config.GEMMA_KERAS_ONLY
+             if not (writes_gemma3(config) and n in _GEMMA3_TAKES)]
+    return {n: getattr(config, n) for n in names}
+
+
+def _has_vision_pieces(tokenizer) -> bool:
+    """Whether keras-hub's Gemma3Tokenizer may look up its image pieces in this vocabulary
+    (it raises on a missing one unless told has_vision_tokens=False)."""
+    return tokenizer is not None and all(
+        tokenizer.token_to_id(p) is not None
+        for p in ("<img>", "<start_of_image>", "<end_of_image>"))
 
 
 def _policy_map(config: GemmaConfig, dtype_name: str, quantized: Dict[str, str]):
@@ -384,22 +473,35 @@ def _policy_map(config: GemmaConfig, dtype_name: str, quantized: Dict[str, str])
             "registered_name": None}
 
 
-def _configs(config: GemmaConfig, dtype_name: str, sequence_length: int, dtype_policy=None):
-    backbone = _serialized("gemma_backbone", "GemmaBackbone", {
-        "name": "gemma_backbone", "trainable": True,
-        "dtype": dtype_policy or _policy(dtype_name), **config.to_keras_hub()})
-    tokenizer = _serialized("gemma_tokenizer", "GemmaTokenizer", {
-        "name": "gemma_tokenizer", "trainable": True, "dtype": _policy("int32"),
+def _configs(config: GemmaConfig, dtype_name: str, sequence_length: int, dtype_policy=None,
+             tokenizer=None):
+    """config.json, tokenizer.json, preprocessor.json and task.json, as keras-hub's
+    Gemma (or Gemma3, text-only) CausalLM.save_to_preset writes them."""
+    gemma3 = writes_gemma3(config)
+    kind, title = ("gemma3", "Gemma3") if gemma3 else ("gemma", "Gemma")  # module, class
+    arguments = _gemma3_backbone_config(config) if gemma3 else config.to_keras_hub()
+    backbone = _serialized(kind, f"{kind}_backbone", f"{title}Backbone", {
+        "name": f"{kind}_backbone", "trainable": True,
+        "dtype": dtype_policy or _policy(dtype_name), **arguments})
+    tokenizer_config = {
+        "name": f"{kind}_tokenizer", "trainable": True, "dtype": _policy("int32"),
         "config_file": "tokenizer.json", "proto": None, "sequence_length": None,
-        "add_bos": False, "add_eos": False})
-    preprocessor = _serialized("gemma_causal_lm_preprocessor", "GemmaCausalLMPreprocessor", {
-        "name": "gemma_causal_lm_preprocessor", "trainable": True,
-        "dtype": _policy("float32"), "tokenizer": tokenizer,
+        "add_bos": False, "add_eos": False}
+    if gemma3:
+        tokenizer_config["has_vision_tokens"] = _has_vision_pieces(tokenizer)
+    tokenizer_json = _serialized(kind, f"{kind}_tokenizer", f"{title}Tokenizer", tokenizer_config)
+    preprocessor_config = {
+        "name": f"{kind}_causal_lm_preprocessor", "trainable": True,
+        "dtype": _policy("float32"), "tokenizer": tokenizer_json,
         "config_file": "preprocessor.json", "sequence_length": sequence_length,
-        "add_start_token": True, "add_end_token": True})
-    task = _serialized("gemma_causal_lm", "GemmaCausalLM", {
-        "backbone": backbone, "preprocessor": preprocessor, "name": "gemma_causal_lm"})
-    return backbone, tokenizer, preprocessor, task
+        "add_start_token": True, "add_end_token": True}
+    if gemma3:  # keras-hub's defaults, which it writes for a text-only model too
+        preprocessor_config.update(num_vision_tokens_per_image=256, max_images_per_prompt=2)
+    preprocessor = _serialized(kind, f"{kind}_causal_lm_preprocessor",
+                               f"{title}CausalLMPreprocessor", preprocessor_config)
+    task = _serialized(kind, f"{kind}_causal_lm", f"{title}CausalLM", {
+        "backbone": backbone, "preprocessor": preprocessor, "name": f"{kind}_causal_lm"})
+    return backbone, tokenizer_json, preprocessor, task
 
 
 def _h5_groups(config: GemmaConfig):
@@ -408,7 +510,7 @@ def _h5_groups(config: GemmaConfig):
     groups = {"token_embedding": ("layers/reversible_embedding", "token_embedding"),
               "final_normalization": ("layers/rms_normalization", "final_normalization")}
     for i in range(config.num_layers):
-        prefix = "layers/gemma_decoder_block" + (f"_{i}" if i else "")
+        prefix = _block_group(writes_gemma3(config), i)
         for suffix, group in _BLOCK_H5.items():
             groups[f"decoder_block_{i}/{suffix}"] = (f"{prefix}/{group}", suffix)
         groups[f"@block{i}"] = (prefix, f"decoder_block_{i}")
@@ -453,7 +555,9 @@ def _write_weights(backbone, directory: pathlib.Path, max_shard_bytes: Optional[
                 else f"model_{len(shards):05d}.weights.h5")
         shards.append(name)
         h5, size = h5py.File(directory / name, "w"), 0
-        h5.create_group("vars").attrs["name"] = "gemma_backbone"
+        h5.create_group("vars").attrs["name"] = ("gemma3_backbone"
+                                                 if writes_gemma3(backbone.config)
+                                                 else "gemma_backbone")
 
     new_shard()
     table = list(layer_table(backbone))
@@ -495,7 +599,7 @@ def _itemsize(variable) -> int:
 def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
                  max_shard_size: Optional[float] = None, overwrite: bool = False,
                  instruct: Optional[bool] = None):
-    """Writes a keras-hub GemmaCausalLM preset. `max_shard_size` in GB, as keras-hub. An
+    """Writes a keras-hub GemmaCausalLM (Gemma3CausalLM for a Gemma 3 config) preset. `max_shard_size` in GB, as keras-hub. An
     existing `directory` is refused unless `overwrite` (then replaced atomically). `instruct`
     (True / False; None: unknown, not written) goes into metadata.json for `read_instruct`."""
     check_target(directory, overwrite, directory=True)  # before any work
@@ -510,8 +614,8 @@ def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
     policy = (_policy_map(config, dtype_name, quantized)
               if quantized and layout == "keras_hub" else None)
     backbone_json, tokenizer_json, preprocessor_json, task_json = _configs(
-        config, dtype_name, sequence_length, policy)
-    ours = {"config": {k: getattr(config, k) for k in config.GEMMA_KERAS_ONLY}}
+        config, dtype_name, sequence_length, policy, tokenizer)
+    ours = {"config": _metadata_config(config)}
     if instruct is not None:
         ours["instruct"] = bool(instruct)
     if layout == "gemma_keras":
