@@ -285,7 +285,8 @@ def test_a_wrong_name_suggests_the_preset_meant_first(name, first):
 
 @pytest.mark.once("jax")
 @pytest.mark.parametrize("name, preset", [("google/gemma-2-2b-it", "gemma2_instruct_2b_en"),
-                                          ("google/gemma-3-1b-it", None)])
+                                          ("google/gemma-3-1b-it", "gemma3_instruct_1b"),
+                                          ("google/embeddinggemma-300m", None)])
 def test_an_hf_repo_id_that_is_no_directory_suggests_its_hf_handle(name, preset):
     # owner/name is also a relative path: it stays a missing directory, and the message says
     # how to name the repo (and the built-in preset of the same model, when there is one).
