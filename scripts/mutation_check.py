@@ -124,7 +124,8 @@ MUTATIONS: List[Mutation] = [
       LITERT, "LiteRT runner's prefill(start=) ignored: positions restart at 0",
       k="litert or runner", backend="tensorflow"),  # conversion variants run on TF only
     M("B-rope-base-ignored", "gemma_keras/backbone.py",
-      "rope_tables(positions, config.head_dim, config.rope_max_wavelength)",
+      "rope_tables(positions, config.head_dim,\n"
+      "                                                        *config.rope(kind))",
       "rope_tables(positions, config.head_dim)",
       NUMERICS, "RoPE base ignored (always 10,000)"),
     M("L-rmsnorm-epsilon-dropped", "gemma_keras/layers/rms_norm.py",
@@ -176,8 +177,45 @@ MUTATIONS: List[Mutation] = [
       "delta = delta * self.lora_alpha",
       LORA, "LoRA adapter scaled by alpha instead of alpha / rank in the forward pass"),
     M("C-local-layers-odd", "gemma_keras/config.py",
-      "layer_index % 2 == 0", "layer_index % 2 == 1",
+      "(layer_index + 1) % self.sliding_window_pattern != 0",
+      "layer_index % self.sliding_window_pattern != 0",
       NUMERICS, "Gemma 2's sliding-window layers are the odd ones (should start at layer 0)"),
+
+    # ---- Gemma 3 ---------------------------------------------------------------------------------
+    M("L-qk-norm-after-rope", "gemma_keras/layers/attention.py",
+      "            query, key = self.query_norm(query), self.key_norm(key)\n"
+      "        query = apply_rotary_embedding(query, rope)\n"
+      "        key = apply_rotary_embedding(key, rope)",
+      "            pass\n"
+      "        query = apply_rotary_embedding(query, rope)\n"
+      "        key = apply_rotary_embedding(key, rope)\n"
+      "        if self.query_norm is not None:\n"
+      "            query, key = self.query_norm(query), self.key_norm(key)",
+      NUMERICS, "Gemma 3's QK-norm applied after RoPE instead of before"),
+    M("C-local-rope-base-is-global", "gemma_keras/config.py",
+      "wavelength = self.local_rope_max_wavelength or self.rope_max_wavelength",
+      "wavelength = self.rope_max_wavelength",
+      NUMERICS, "Gemma 3's local layers rotate with the global RoPE base (1M, not 10k)"),
+    M("L-rope-linear-scaling-ignored", "gemma_keras/layers/rotary.py",
+      "inverse_frequency = inverse_frequency / scaling_factor",
+      "inverse_frequency = inverse_frequency",
+      NUMERICS, "linear RoPE scaling (x8 on Gemma 3's global layers) ignored"),
+    M("K-hf-gemma3-local-base-ignored", "gemma_keras/checkpoints/hf_format.py",
+      'theta = hf["rope_local_base_freq"] if local else hf.get("rope_theta", default_theta)',
+      'theta = hf.get("rope_theta", default_theta)',
+      ("tests/test_parity.py",), "a 4.50-style Gemma 3 config's rope_local_base_freq ignored",
+      k="gemma3"),
+    M("K-hf-gemma3-defaults-ignored", "gemma_keras/checkpoints/hf_format.py",
+      'return {**_GEMMA3_DEFAULTS, **inner}, "gemma3_text"',
+      'return dict(inner), "gemma3_text"',
+      ("tests/test_gemma3_configs.py", "tests/test_parity.py"), "a multimodal Gemma 3's text_config read without "
+      "transformers' defaults (the hub's 4B omits its heads, head dim and vocabulary)",
+      k="gemma3"),
+    M("K-hf-gemma3-old-prefix-dropped", "gemma_keras/checkpoints/hf_format.py",
+      'GEMMA3_TEXT_PREFIXES = ("language_model.model.", "model.language_model.")',
+      'GEMMA3_TEXT_PREFIXES = ("model.language_model.",)',
+      ("tests/test_parity.py",), "the hub's language_model.model.* weight prefix not read",
+      k="gemma3"),
 
     # ---- gemma_keras/backbone.py -----------------------------------------------------------------
     M("B-padding-positions-unmasked", "gemma_keras/backbone.py",
@@ -286,7 +324,8 @@ MUTATIONS: List[Mutation] = [
 
     # ---- gemma_keras/checkpoints --------------------------------------------------------------------
     M("K-hf-query-scale-always-head-dim", "gemma_keras/checkpoints/hf_format.py",
-      "query_head_dim_normalize=(scalar == head_dim)", "query_head_dim_normalize=True",
+      'values["query_head_dim_normalize"] = scalar == head_dim',
+      'values["query_head_dim_normalize"] = True',
       NUMERICS, "HF Gemma 2 config: query_pre_attn_scalar ignored (the 27B query scale)"),
     M("K-hf-rms-eps-ignored", "gemma_keras/checkpoints/hf_format.py",
       "layer_norm_epsilon=float(hf.get(\"rms_norm_eps\", 1e-6))",
@@ -297,10 +336,8 @@ MUTATIONS: List[Mutation] = [
       "lambda a: a.reshape(heads * h, d)",
       NUMERICS, "keras-hub q/k/v kernels reshaped where they must be transposed"),
     M("K-hf-writer-query-scalar-swapped", "gemma_keras/checkpoints/hf_writer.py",
-      "query_pre_attn_scalar=(config.head_dim if config.query_head_dim_normalize\n"
-      "                                   else config.hidden_dim // config.num_query_heads)",
-      "query_pre_attn_scalar=(config.hidden_dim // config.num_query_heads\n"
-      "                                   if config.query_head_dim_normalize else config.head_dim)",
+      "query_pre_attn_scalar=config.query_scale ** -2,",
+      "query_pre_attn_scalar=config.head_dim,",
       ("tests/test_parity.py", "tests/test_config_numerics.py"),
       "HF save writes the other query_pre_attn_scalar"),
     M("K-atomic-removes-running-saves", "gemma_keras/checkpoints/atomic.py",
