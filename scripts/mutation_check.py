@@ -367,9 +367,7 @@ MUTATIONS: List[Mutation] = [
       "weight = (keras.ops.ones_like(losses) if sample_weight is None\n"
       "                  else keras.ops.cast(sample_weight, \"float32\"))",
       "weight = keras.ops.ones_like(losses)",
-      LORA, "perplexity counts padding and prompt labels",
-      survives="no test compares the perplexity metric with exp(loss) (the tests only check "
-               "that it is reported and finite)"),
+      LORA, "perplexity counts padding and prompt labels"),
     M("A-alpha-argument-dropped", "gemma_keras/lora.py",
       "layer.enable_lora(rank, lora_alpha=rank if alpha is None else alpha)",
       "layer.enable_lora(rank, lora_alpha=rank)",

@@ -107,8 +107,10 @@ def test_prompt_response_loss_is_on_responses_only(tiny_lm):
     picked = np.take_along_axis(log_probs, y[..., None], -1)[..., 0]
     expected = -(picked * w).sum() / w.sum()
     lm.compile()
-    loss = lm.evaluate(PAIRS, batch_size=2, return_dict=True, verbose=0)["loss"]
-    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    reported = lm.evaluate(PAIRS, batch_size=2, return_dict=True, verbose=0)
+    np.testing.assert_allclose(reported["loss"], expected, rtol=1e-5)
+    # The perplexity metric is exp of that same mean, over the same labels (one batch).
+    np.testing.assert_allclose(reported["perplexity"], np.exp(expected), rtol=1e-5)
 
 
 @pytest.mark.parametrize("chat_format", [False, True])
