@@ -9,7 +9,7 @@ import numpy as np
 
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation.options import flag, whole_number  # the argument checks' owner
-from gemma_keras.tokenizer import GemmaTokenizer, format_chat
+from gemma_keras.tokenizer import GemmaTokenizer, format_chat, strip_graph
 
 # The user turn around a prompt and the close of the model's turn, in Gemma's chat format.
 _PROMPT_OPEN, _PROMPT_CLOSE = format_chat([("user", "\0")]).split("\0")
@@ -101,11 +101,13 @@ class GemmaCausalLMPreprocessor:
     def _ids(self, text, bos=False, eos=False):
         return self.tokenizer.tokenize(text, add_bos=bos, add_eos=eos)
 
+    # In the chat format, prompt and response are trimmed as format_chat trims a turn's text
+    # (Google's template): what a model is tuned on is what `generate` and `chat` send it.
     def _prompt_text(self, prompt):
-        return _PROMPT_OPEN + prompt + _PROMPT_CLOSE if self.chat_format else prompt
+        return _PROMPT_OPEN + prompt.strip() + _PROMPT_CLOSE if self.chat_format else prompt
 
     def _response_text(self, response):
-        return response + _RESPONSE_CLOSE if self.chat_format else response
+        return response.strip() + _RESPONSE_CLOSE if self.chat_format else response
 
     def _length(self, sequence_length):
         if sequence_length is None:
@@ -125,6 +127,8 @@ class GemmaCausalLMPreprocessor:
                          self.tokenizer.pad_token_id)
 
         def tokens(strings, prefix, suffix):  # [batch] strings -> ragged [batch, None]
+            if self.chat_format:  # trimmed, as _prompt_text / _response_text
+                strings = strip_graph(strings)
             return sp.tokenize(tf.strings.join([prefix, strings, suffix]))
 
         def constant(strings, token_id, present):  # [batch, 0 or 1] ragged

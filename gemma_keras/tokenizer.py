@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Iterable, List, Sequence, Tuple, Union
+import re
+from typing import Iterable, List, Sequence, Union
 
 import numpy as np
 import sentencepiece as spm
@@ -17,16 +18,20 @@ TOKENIZER_FILES = ("assets/tokenizer/vocabulary.spm", "tokenizer.model")
 
 # ---- Gemma's chat format: the one place it is written -----------------------------------
 #     <bos><start_of_turn>user\n{message}<end_of_turn>\n<start_of_turn>model\n{reply}<end_of_turn>\n
-# Used by `generate` (a string sent to an instruct model), chat sessions and the
-# preprocessor's prompt/response pairs.
+# Used by `generate` (a string sent to an instruct model), chat sessions, the preprocessor's
+# prompt/response pairs and, as Jinja, the chat template of a Hugging Face save
+# (checkpoints/hf_writer.py), whose tests hold the two equal.
 def format_turn(role: str, text: str) -> str:
     """One turn, opened; `format_turn("model", "")` opens the model's turn."""
     if role not in ("user", "model"):
-        raise ValueError(f"role must be 'user' or 'model', got {role!r}.")
+        raise InvalidArgumentError(f"role must be 'user' or 'model', got {role!r}.")
     return f"<start_of_turn>{role}\n{text}"
 
 
 TURN_OPENER = "<start_of_turn>"
+# The turn marker's name for each role a conversation may use: transformers (and so most chat
+# front ends) call the model's turn "assistant".
+TURN_ROLES = {"user": "user", "model": "model", "assistant": "model"}
 
 
 def sends_as_chat(instruct, chat_template, text: str) -> bool:
@@ -40,11 +45,83 @@ def sends_as_chat(instruct, chat_template, text: str) -> bool:
     return bool(chat_template)
 
 
-def format_chat(messages: List[Tuple[str, str]], add_generation_prompt: bool = True) -> str:
-    """A conversation [(role, text), ...] as Gemma's prompt text (without <bos>); with
-    add_generation_prompt the model's turn is opened at the end, ready for its reply."""
-    text = "".join(format_turn(role, t) + "<end_of_turn>\n" for role, t in messages)
+def format_chat(messages, add_generation_prompt: bool = True) -> str:
+    """A conversation as Gemma's prompt text (without <bos>); with add_generation_prompt the
+    model's turn is opened at the end, ready for its reply.
+
+    `messages`: (role, text) pairs, or {"role": ..., "content": text} dicts as transformers
+    takes them. The text is what Google's chat template for its instruct checkpoints writes
+    (google/gemma-3-*-it's tokenizer_config.json; Gemma 1 and 2's templates write the same
+    turns), so the ids equal `apply_chat_template`'s on those checkpoints:
+    - turns alternate user, model, user, ... ("assistant" is another name for "model");
+    - Gemma has no system turn: a first "system" message is written at the start of the first
+      turn, followed by a blank line (Gemma 1 and 2's templates refuse one; 3's does this);
+    - each message's text is trimmed of surrounding whitespace (the templates' `| trim`, which
+      is Python's str.strip); the system text is not, as in Google's template.
+    """
+    if not isinstance(messages, (list, tuple)):
+        raise ArgumentTypeError(f"messages must be a list of (role, text) pairs, got "
+                                f"{_describe(messages)}.")
+    turns = [_message(i, message) for i, message in enumerate(messages)]
+    first_prefix, offset = "", 0
+    if turns and turns[0][0] == "system":
+        first_prefix, offset = turns.pop(0)[1] + "\n\n", 1
+    text = ""
+    for i, (role, t) in enumerate(turns):
+        role = TURN_ROLES.get(role, role)
+        expected = ("user", "model")[i % 2]
+        if role != expected:
+            where = "only first" if role == "system" else f"{expected!r} expected"
+            raise InvalidArgumentError(
+                f"messages[{i + offset}] has role {turns[i][0]!r} ({where}): Gemma's turns "
+                "alternate user, model, user, ..., starting with the user, after at most one "
+                "system message; join consecutive messages of one role into one.")
+        t = (first_prefix if i == 0 else "") + t.strip()
+        text += format_turn(role, t) + "<end_of_turn>\n"
     return text + (format_turn("model", "") if add_generation_prompt else "")
+
+
+def _message(i, message):
+    """messages[i] as (role, text), checked."""
+    if isinstance(message, dict):
+        role, text = message.get("role"), message.get("content")
+    elif isinstance(message, (list, tuple)) and len(message) == 2:
+        role, text = message
+    else:
+        raise ArgumentTypeError(f"messages[{i}] must be a (role, text) pair or a dict with "
+                                f"'role' and 'content', got {_describe(message)}.")
+    if role != "system" and role not in TURN_ROLES:
+        raise InvalidArgumentError(f"messages[{i}]: role must be 'system', 'user', 'model' or "
+                                   f"'assistant', got {role!r}.")
+    if not isinstance(text, str):
+        raise ArgumentTypeError(f"messages[{i}]: the text must be a string, got "
+                                f"{_describe(text)}.")
+    return role, text
+
+
+# The characters str.strip() (the templates' `| trim`) removes, as an RE2 class for TensorFlow
+# graphs (tf.strings.regex_replace), which must trim as format_chat does: the SavedModel's chat
+# template (exporting/signatures.py) and the preprocessor's tf.data path.
+STRIP_RE2 = ("[\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x{85}\\x{a0}\\x{1680}\\x{2000}-\\x{200a}"
+             "\\x{2028}\\x{2029}\\x{202f}\\x{205f}\\x{3000}]")
+
+
+def strip_graph(strings):
+    """tf.strings `strings` with what str.strip removes removed (see STRIP_RE2)."""
+    import tensorflow as tf
+
+    return tf.strings.regex_replace(strings, f"^{STRIP_RE2}+|{STRIP_RE2}+$", "")
+
+
+# Gemma's special pieces besides <pad>, <eos>, <bos> and <unk>, by name (their ids differ
+# between vocabularies; a vocabulary may lack some): the turn markers; Gemma 3's image markers
+# around an image's soft tokens, <start_of_image> and <end_of_image>, with the placeholder of
+# one soft token (<image_soft_token> in transformers, <img> in keras-hub); and <mask>. They mark
+# structure, not text: detokenize(skip_special=True) leaves them out (as transformers'
+# skip_special_tokens), tokenize never splits one written in a text, and a Hugging Face save
+# declares them special tokens.
+SPECIAL_PIECES = ("<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                  "<image_soft_token>", "<img>", "<mask>")
 
 
 class GemmaTokenizer:
@@ -83,11 +160,20 @@ class GemmaTokenizer:
         self.unk_token_id = self._sp.unk_id()
         self.start_of_turn_id = self.token_to_id("<start_of_turn>")
         self.end_of_turn_id = self.token_to_id("<end_of_turn>")
+        # SPECIAL_PIECES this vocabulary has, in that order.
+        self.special_pieces = tuple(p for p in SPECIAL_PIECES if self.token_to_id(p) is not None)
         # What detokenize(skip_special=True) leaves out (and the exports' text with it): built
         # once, not per call (a stream decodes on every token).
         self.special_token_ids = frozenset(
-            i for i in (self.pad_token_id, self.bos_token_id, self.eos_token_id,
-                        self.start_of_turn_id, self.end_of_turn_id) if i is not None)
+            [self.pad_token_id, self.bos_token_id, self.eos_token_id]
+            + [self.token_to_id(p) for p in self.special_pieces])
+        # SentencePiece reads a user-defined piece written in a text as that piece, but a
+        # control piece as characters: special pieces of the control type (a vocabulary may
+        # make them so) are matched here before SentencePiece sees the text, as transformers
+        # matches its special tokens, so that they are never split whatever their type.
+        control = [p for p in self.special_pieces if self._sp.IsControl(self.token_to_id(p))]
+        self._control_pieces = re.compile(
+            "(" + "|".join(map(re.escape, control)) + ")") if control else None
 
     @classmethod
     def from_preset(cls, preset) -> "GemmaTokenizer":
@@ -165,7 +251,12 @@ class GemmaTokenizer:
                 for i, t in enumerate(text)]
 
     def _encode(self, text, add_bos, add_eos):
-        ids = self._sp.EncodeAsIds(text)
+        if self._control_pieces is None:
+            ids = self._sp.EncodeAsIds(text)
+        else:  # split on them: re.split puts each matched piece at an odd index
+            parts = self._control_pieces.split(text)
+            ids = [i for k, part in enumerate(parts) for i in (
+                [self._sp.PieceToId(part)] if k % 2 else self._sp.EncodeAsIds(part))]
         return ([self.bos_token_id] if add_bos else []) + ids + (
             [self.eos_token_id] if add_eos else [])
 
@@ -174,7 +265,8 @@ class GemmaTokenizer:
 
         Never raises on valid-typed input: incomplete byte-fallback sequences decode to
         U+FFFD, and ids beyond the SentencePiece vocabulary (checkpoints pad the embedding to
-        256,128 rows) are dropped. With skip_special, pad/bos/eos and turn markers are dropped.
+        256,128 rows) are dropped. With skip_special, pad/bos/eos and SPECIAL_PIECES (turn and
+        image markers) are dropped.
         Ids that are not integers (strings, floats, None) are a gk.ArgumentTypeError naming
         `ids`; a tensor of any backend is read as its values.
         """

@@ -556,7 +556,7 @@ def test_export_chat_template_is_generates(spm_path):
 
     tokenizer = gk.GemmaTokenizer(spm_path)
     texts = ["Keras is", "", "<start_of_turn>user\nHi<end_of_turn>\n", "a <start_of_turn> b",
-             "two\nlines ", "<end_of_turn> only"]
+             "two\nlines ", "<end_of_turn> only", "  padded \n", "\u3000x\xa0", "   "]
     for instruct in (True, False, None):
         lm = types.SimpleNamespace(tokenizer=tokenizer, instruct=instruct)
         metadata = {"instruct": instruct, "chat_template": chat_template_metadata()}
@@ -576,7 +576,7 @@ def test_saved_model_chat_wrap_is_apply_chat_template():
     from gemma_keras.exporting.signatures import chat_wrap
 
     texts = ["Keras is", "", "<start_of_turn>user\nHi", "x\n<start_of_turn>", "a.*b\n\\E",
-             "<start_of_turnx"]
+             "<start_of_turnx", "  padded \n", "\u3000x\xa0\x1c", " \t ", "a\n\nb"]
     metadata = {"instruct": True, "chat_template": chat_template_metadata()}
     got = [t.decode() for t in chat_wrap(tf.constant(texts), metadata["chat_template"]).numpy()]
     assert got == [apply_chat_template(metadata, t) for t in texts]

@@ -191,29 +191,45 @@ def write_checkpoint(backbone, tokenizer, directory, max_shard_size: Optional[fl
             write_hf_tokenizer(tokenizer, tmp)
 
 
-# Gemma's turn format, `<start_of_turn>{role}\n{text}<end_of_turn>\n` after one <bos>, as a
-# Jinja chat template for transformers' `apply_chat_template`. Gemma has no system role: as
-# `lm.chat(system=...)` does, a system message is put before the first user message, separated
-# by a blank line. transformers calls the model's role "assistant"; Gemma's turn marker says
-# "model".
+# Gemma's turn format as a Jinja chat template for transformers' `apply_chat_template`: the
+# behaviour of Google's template for Gemma 3 (google/gemma-3-*-it's tokenizer_config.json), as
+# `gemma_keras.tokenizer.format_chat` writes it (tests hold the three equal): turns alternate
+# user, model, ... (transformers' "assistant" is the "model" turn), a first system message opens
+# the first turn followed by a blank line, each message's text is trimmed. A message's content
+# may also be a list of parts, as multimodal chats send it: an image part writes
+# <start_of_image> (the processor puts the image's soft tokens after it), a text part its text.
+# One template for every Gemma: Gemma 1 and 2's write the same turns and refuse a system turn.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{%- set state = namespace(system='') -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{%- set state.system = message['content'] -%}"
+    "{%- set state = namespace(first='', turns=messages) -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}"
+    "{%- set state.first = (system if system is string else system[0]['text']) + '\\n\\n' -%}"
+    "{%- set state.turns = messages[1:] -%}"
+    "{%- endif -%}"
+    "{%- for message in state.turns -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 is even) -%}"
+    "{{ raise_exception(\"Gemma's turns alternate user/assistant/user/assistant/..., after "
+    "at most one system message.\") }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (state.first if loop.first else '') }}"
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] | trim }}"
     "{%- else -%}"
-    "{%- set role = 'model' if message['role'] in ('assistant', 'model') else message['role'] -%}"
-    "{%- set text = message['content'] -%}"
-    "{%- if state.system and role == 'user' -%}"
-    "{%- set text = state.system + '\\n\\n' + text -%}"
-    "{%- set state.system = '' -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] | trim }}"
     "{%- endif -%}"
-    "{{ '<start_of_turn>' + role + '\\n' + text + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
     "{%- endif -%}"
+    "{{ '<end_of_turn>\\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )
+# transformers' names of Gemma 3's image pieces (its Gemma 3 processor reads them).
+HF_NAMED_PIECES = {"<start_of_image>": "boi_token", "<end_of_image>": "eoi_token",
+                   "<image_soft_token>": "image_token"}
 
 
 def write_hf_tokenizer(tokenizer, directory: pathlib.Path):
@@ -221,15 +237,23 @@ def write_hf_tokenizer(tokenizer, directory: pathlib.Path):
     tokens, <bos> added, the chat template) and, when transformers is installed, tokenizer.json
     (the same tokenizer in the `tokenizers` format, which transformers loads without
     converting). Without transformers the first two are enough: transformers converts
-    tokenizer.model when it loads the directory."""
+    tokenizer.model when it loads the directory.
+
+    The special tokens are the tokenizer's own (`special_pieces`: turn and image markers,
+    <mask>), those its vocabulary has: transformers then never splits them and
+    skip_special_tokens drops them, as our detokenize(skip_special=True). mask_token is null
+    without a <mask> piece: transformers' Gemma tokenizer would otherwise add one past the
+    vocabulary."""
     directory = pathlib.Path(directory)
+    pieces = tokenizer.special_pieces
     (directory / "tokenizer.model").write_bytes(tokenizer.proto)
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GemmaTokenizer", "add_bos_token": True,
         "add_eos_token": False, "bos_token": "<bos>", "eos_token": "<eos>",
         "pad_token": "<pad>", "unk_token": "<unk>", "padding_side": "left",
-        "additional_special_tokens": [t for t in ("<start_of_turn>", "<end_of_turn>")
-                                      if tokenizer.token_to_id(t) is not None],
+        "mask_token": "<mask>" if "<mask>" in pieces else None,
+        "additional_special_tokens": [p for p in pieces if p != "<mask>"],
+        **{name: piece for piece, name in HF_NAMED_PIECES.items() if piece in pieces},
         "chat_template": CHAT_TEMPLATE}, indent=2))
     try:
         import transformers

@@ -416,31 +416,25 @@ class GemmaKerasLM(lm_eval.api.model.TemplateLM):
         goes before the next user message, after a blank line), "assistant" is the "model"
         turn; without add_generation_prompt the last message is left open, to be continued
         (transformers' continue_final_message)."""
-        from gemma_keras.tokenizer import format_chat, format_turn
+        from gemma_keras.tokenizer import format_chat
 
         self._check_chat_pieces()
-        turns, system = [], ""
+        messages = []
         for i, message in enumerate(chat_history):
             if not isinstance(message, dict) or not isinstance(message.get("content"), str):
                 raise ArgumentTypeError(f"chat_history[{i}] must be a dict with a string "
                                         f"'content', got {message!r:.80}.")
-            role = message.get("role")
-            if role == "system":
-                system = message["content"]
-                continue
-            if role not in ("user", "assistant", "model"):
+            if message.get("role") not in ("system", "user", "assistant", "model"):
                 raise InvalidArgumentError(f"chat_history[{i}]: role must be system, user or "
-                                           f"assistant, got {role!r}.")
-            role = "model" if role in ("assistant", "model") else "user"
-            text = message["content"]
-            if system and role == "user":
-                text, system = f"{system}\n\n{text}", ""
-            turns.append((role, text))
+                                           f"assistant, got {message.get('role')!r}.")
+            messages.append({"role": message["role"], "content": message["content"]})
         bos = self._tokenizer.id_to_token(self.prefix_token_id)
-        if add_generation_prompt or not turns:
-            return bos + format_chat(turns, add_generation_prompt=add_generation_prompt)
-        return (bos + format_chat(turns[:-1], add_generation_prompt=False)
-                + format_turn(*turns[-1]))
+        if add_generation_prompt or not messages or messages[-1]["role"] == "system":
+            return bos + format_chat(messages, add_generation_prompt=add_generation_prompt)
+        # The last message left open, as transformers' continue_final_message: the
+        # conversation in the chat format, without the last turn's closing marker.
+        closed = format_chat(messages, add_generation_prompt=False)
+        return bos + closed[: -len("<end_of_turn>\n")]
 
     def _check_chat_pieces(self):
         if self._tokenizer.start_of_turn_id is None or self._tokenizer.end_of_turn_id is None:

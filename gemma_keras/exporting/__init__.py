@@ -215,12 +215,13 @@ def chat_template_metadata():
 
     probe = "\ue000"  # a private-use character: not in the template's own text
     prefix, suffix = format_chat([("user", probe)]).split(probe)
-    for text in ("", "a\nb ", probe * 2):
-        if format_chat([("user", text)]) != prefix + text + suffix:
+    for text in ("", "a\nb ", probe * 2, "\u3000 x\t\n"):
+        # The text is trimmed as Google's template trims it (str.strip).
+        if format_chat([("user", text)]) != prefix + text.strip() + suffix:
             raise ExportError("gemma_keras.tokenizer.format_chat no longer puts the user's "
                               "text between a fixed prefix and suffix; the export's chat "
                               "template (gemma_keras/exporting) needs updating.")
-    return {"prefix": prefix, "suffix": suffix,
+    return {"prefix": prefix, "suffix": suffix, "strip": True,
             "unless_contains": TURN_OPENER}
 
 
@@ -248,7 +249,9 @@ def apply_chat_template(metadata, text, chat_template="auto"):
         raise InvalidArgumentError(
             "chat_template=True: this export has no chat template (it was exported before "
             "exports recorded one): export it again.")
-    return template["prefix"] + text + template["suffix"]
+    # "strip": exports from before format_chat trimmed the text do not have it.
+    body = text.strip() if template.get("strip") else text
+    return template["prefix"] + body + template["suffix"]
 
 
 def check_export_target(target, format, tokenizer_proto=None, overwrite=False):

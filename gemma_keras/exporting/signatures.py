@@ -20,6 +20,7 @@ from keras import ops
 from gemma_keras.backends.tensorflow import exporting
 from gemma_keras.generation.cache import Mode, from_per_layer, init_cache, per_layer
 from gemma_keras.generation.steps import greedy_loop, hits_stop, model_step
+from gemma_keras.tokenizer import strip_graph
 
 
 def cache_names(config):
@@ -84,7 +85,9 @@ def chat_wrap(prompts, template):
     # \Q...\E: RE2 reads the marker literally; (?s): "." also matches newlines.
     has_turns = tf.strings.regex_full_match(prompts, f"(?s).*\\Q{marker}\\E.*")
     keep = tf.logical_or(tf.equal(prompts, ""), has_turns)
-    wrapped = tf.strings.join([template["prefix"], prompts, template["suffix"]])
+    # Trimmed as format_chat trims (exports made before it did record no "strip").
+    body = strip_graph(prompts) if template.get("strip") else prompts
+    wrapped = tf.strings.join([template["prefix"], body, template["suffix"]])
     return tf.where(keep, prompts, wrapped)
 
 

@@ -4,7 +4,8 @@
 
 Each new message is fed as one chunk after what the cache already holds, so a turn costs
 its own tokens, not the whole conversation again. Gemma has no system role; a system prompt
-is put before the first user message, as Google's instruct models expect.
+is put before the first user message, as Google's chat template does (`format_chat`, the
+format's owner, writes every turn).
 """
 
 from __future__ import annotations
@@ -53,9 +54,8 @@ class ChatSession:
     def _turn_tokens(self, message: str) -> List[int]:
         tokenizer = self.lm.tokenizer
         if not self.history:
-            if self.system:
-                message = f"{self.system}\n\n{message}"
-            return tokenizer.tokenize(format_chat([("user", message)]), add_bos=True)
+            system = [("system", self.system)] if self.system else []
+            return tokenizer.tokenize(format_chat(system + [("user", message)]), add_bos=True)
         # Close the model's last turn (its <end_of_turn> was sampled but never fed), then ask.
         closing = [] if self._pending[-1:] == [tokenizer.end_of_turn_id] else \
             [tokenizer.end_of_turn_id]
