@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import gemma_keras as gk
-from conftest import (HF_CASES, HF_ONLY_CASES, hf_logits, keras_hub_logits, logits_of,
-                      max_diff_on_real_tokens, token_batch)
+from conftest import (HF_CASES, HF_ONLY_CASES, hf_logits, keras_hub_kwargs, keras_hub_lm,
+                      keras_hub_logits, logits_of, max_diff_on_real_tokens, token_batch)
 
 TOL = 1e-4
 
@@ -132,7 +132,7 @@ class _no_warning:
         self._catch.__exit__(*exc)
 
 
-@pytest.mark.parametrize("case", ["gemma_mqa", "gemma_mha", "gemma2_gqa"])
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma_mha", "gemma2_gqa", "gemma3_mm"])
 @pytest.mark.parametrize("sharded", [False, True])
 def test_keras_hub_preset_logits_match_keras_hub(case, sharded, keras_hub_preset, vocab_size):
     directory, reference_lm = keras_hub_preset(case, max_shard_size=1e-4 if sharded else None)
@@ -142,6 +142,70 @@ def test_keras_hub_preset_logits_match_keras_hub(case, sharded, keras_hub_preset
     assert lm.tokenizer is not None
     assert max_diff_on_real_tokens(logits_of(lm, ids, mask),
                                    keras_hub_logits(reference_lm, ids, mask), mask) < TOL
+
+
+def _keras_hub_text_logits(lm, ids, mask):
+    """keras-hub's logits of a Gemma3CausalLM with a vision encoder for a prompt without
+    images: its layers in the order its Gemma3CausalLM.call_with_cache runs them when there
+    are no images (its graph, given zero images, equals this on JAX, but TensorFlow's Conv2D
+    refuses an empty batch)."""
+    backbone = lm.backbone
+    x = backbone.token_embedding(ids)
+    x = x * keras.ops.cast(keras.ops.sqrt(backbone.hidden_dim), x.dtype)
+    for block in backbone.transformer_layers:
+        x = block(x, padding_mask=mask)
+    hidden = backbone.layer_norm(x)
+    return keras.ops.convert_to_numpy(backbone.token_embedding(hidden, reverse=True))
+
+
+def test_keras_hub_gemma3_preset_with_a_vision_encoder_loads_its_text_part(keras_hub_preset,
+                                                                           vocab_size):
+    import warnings
+
+    directory, reference_lm = keras_hub_preset("gemma3_mm", vision=True)
+    assert json.loads((directory / "config.json").read_text())["config"]["vision_encoder"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm = gk.GemmaCausalLM.from_preset(directory)
+    said = [w for w in caught if issubclass(w.category, UserWarning)
+            and "image tower (vision_encoder) is not read" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in caught]
+    assert lm.backbone.count_params() == lm.config.parameter_count()  # the text model alone
+    ids, mask = token_batch(vocab_size)
+    assert max_diff_on_real_tokens(logits_of(lm, ids, mask),
+                                   _keras_hub_text_logits(reference_lm, ids, mask), mask) < TOL
+
+
+def test_keras_hub_gemma3_config_maps_onto_ours(keras_hub_preset):
+    """keras-hub's Gemma3Backbone: one GeGLU branch, RoPE 10k local / 1M global fixed, five
+    local layers to one global; no context length recorded (128k when the global RoPE is
+    stretched, 32k otherwise); embedding models refused."""
+    directory, reference_lm = keras_hub_preset("gemma3_mm")
+    config = gk.GemmaCausalLM.from_preset(directory).config
+    theirs = reference_lm.backbone
+    assert config.intermediate_dim == 2 * theirs.intermediate_dim
+    assert config.ffn_branch_dim == theirs.transformer_layers[0].gating_ffw.kernel.shape[1]
+    assert (config.sliding_window_pattern, config.rope_max_wavelength,
+            config.local_rope_max_wavelength) == (6, 1_000_000.0, 10_000.0)
+    assert [config.attention_kind(i) == "local" for i in range(config.num_layers)] == [
+        layer.attention.use_sliding_window_attention for layer in theirs.transformer_layers]
+    assert [config.rope(config.attention_kind(i)) for i in range(config.num_layers)] == [
+        (layer.attention.rope_wavelength, layer.attention.rope_scaling_factor)
+        for layer in theirs.transformer_layers]
+    assert config.use_query_key_norm and config.query_pre_attn_scalar is None
+    assert config.max_sequence_length == 131_072  # global_rope_scaling_factor 8
+
+    path = directory / "config.json"
+    data = json.loads(path.read_text())
+    data["config"]["global_rope_scaling_factor"] = 1.0
+    path.write_text(json.dumps(data))
+    assert gk.GemmaCausalLM.from_preset(directory).config.max_sequence_length == 32_768
+    for key in ("is_embedding_model", "use_bidirectional_attention"):
+        changed = json.loads(json.dumps(data))
+        changed["config"][key] = True
+        path.write_text(json.dumps(changed))
+        with pytest.raises(gk.ConfigError, match=f"embedding model \\({key} is true"):
+            gk.GemmaCausalLM.from_preset(directory)
 
 
 def test_keras_hub_27b_style_preset_keeps_its_query_scale(keras_hub_preset, hf_checkpoint,
@@ -173,7 +237,7 @@ def test_old_keras_nlp_registered_name_loads(keras_hub_preset, vocab_size):
                                    keras_hub_logits(reference_lm, ids, mask), mask) < TOL
 
 
-@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa"])
+@pytest.mark.parametrize("case", ["gemma_mqa", "gemma2_gqa", "gemma3_mm"])
 @pytest.mark.parametrize("max_shard_size", [None, 1e-4])
 def test_save_to_preset_round_trips_through_keras_hub(case, max_shard_size, hf_checkpoint,
                                                       tmp_path, vocab_size):
@@ -186,7 +250,14 @@ def test_save_to_preset_round_trips_through_keras_hub(case, max_shard_size, hf_c
     ids, mask = token_batch(vocab_size)
     ours = logits_of(lm, ids, mask)
 
-    theirs = keras_hub.models.GemmaCausalLM.from_preset(str(out))
+    gemma3 = case.startswith("gemma3")
+    title = "Gemma3" if gemma3 else "Gemma"
+    written = json.loads((out / "config.json").read_text())
+    assert written["registered_name"] == f"keras_hub>{title}Backbone"
+    assert written["module"] == f"keras_hub.src.models.{title.lower()}.{title.lower()}_backbone"
+    if gemma3:  # its vocabulary has the image pieces keras-hub's tokenizer looks up
+        assert json.loads((out / "tokenizer.json").read_text())["config"]["has_vision_tokens"]
+    theirs = getattr(keras_hub.models, f"{title}CausalLM").from_preset(str(out))
     assert max_diff_on_real_tokens(keras_hub_logits(theirs, ids, mask), ours, mask) < TOL
     # keras-hub's tokenizer reads the same vocabulary we wrote.
     assert theirs.preprocessor.tokenizer.vocabulary_size() == lm.tokenizer.vocabulary_size
@@ -195,6 +266,91 @@ def test_save_to_preset_round_trips_through_keras_hub(case, max_shard_size, hf_c
     assert again.config == lm.config
     for a, b in zip(again.backbone.get_weights(), lm.backbone.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_gemma3_fields_keras_hub_cannot_take_survive_its_preset(hf_checkpoint, tmp_path):
+    """A query_pre_attn_scalar that is neither head_dim nor hidden / heads (the gemma3 case's
+    24), another local / global pattern, other RoPE bases and context length: keras-hub's
+    Gemma3Backbone cannot say them, metadata.json does, and they load back exactly."""
+    lm = gk.GemmaCausalLM.from_preset(hf_checkpoint("gemma3")[0])
+    assert lm.config.query_pre_attn_scalar == 24
+    changed = gk.GemmaCausalLM(gk.GemmaBackbone(lm.config.replace(
+        sliding_window_pattern=3, local_rope_max_wavelength=5_000.0,
+        rope_max_wavelength=500_000.0, max_sequence_length=4096)), tokenizer=lm.tokenizer)
+    changed.backbone.set_weights(lm.backbone.get_weights())
+    for model, name in ((lm, "as_read"), (changed, "changed")):
+        model.save_to_preset(tmp_path / name)
+        assert json.loads((tmp_path / name / "config.json").read_text())[
+            "registered_name"] == "keras_hub>Gemma3Backbone"
+        again = gk.GemmaCausalLM.from_preset(tmp_path / name)
+        assert again.config == model.config
+        for a, b in zip(again.backbone.get_weights(), model.backbone.get_weights()):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_keras_hub_gemma3_27b_style_preset_keeps_its_query_scale(tmp_path, gemma3_spm_path,
+                                                                 vocab_size):
+    """Gemma 3 27B scales queries by (hidden / heads) ** -0.5 (keras-hub's
+    query_head_dim_normalize=False, which its layers ignore): read, kept through our keras-hub
+    preset, and computed as transformers does (query_pre_attn_scalar 16 here, head_dim 32)."""
+    import keras_hub
+    import torch
+    import transformers
+
+    reference = keras_hub_lm("gemma3_mm", vocab_size, gemma3_spm_path)
+    kwargs = dict(keras_hub_kwargs("gemma3_mm", vocab_size), head_dim=32,
+                  query_head_dim_normalize=False)
+    backbone = keras_hub.models.Gemma3Backbone(**kwargs)
+    rng = np.random.RandomState(0)
+    for variable in backbone.weights:
+        variable.assign(rng.normal(0, 0.5 if "norm" in variable.path else 0.25,
+                                   variable.shape).astype("float32"))
+    keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=reference.preprocessor
+                                    ).save_to_preset(str(tmp_path / "kh"))
+    lm = gk.GemmaCausalLM.from_preset(tmp_path / "kh")
+    assert lm.config.query_head_dim_normalize is False
+    assert lm.config.query_scale == pytest.approx(1 / 4)
+    lm.save_to_preset(tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["config"][
+        "query_head_dim_normalize"] is False
+    assert gk.GemmaCausalLM.from_preset(tmp_path / "ours").config == lm.config
+    lm.save_to_preset(tmp_path / "hf", format="hf")
+    theirs = transformers.Gemma3ForCausalLM.from_pretrained(
+        tmp_path / "hf", torch_dtype=torch.float32, attn_implementation="eager").eval()
+    assert theirs.config.query_pre_attn_scalar == 16
+    ids, mask = token_batch(vocab_size)
+    assert max_diff_on_real_tokens(hf_logits(theirs, ids, mask), logits_of(lm, ids, mask),
+                                   mask) < TOL
+
+
+@pytest.mark.once("jax")
+def test_keras_hub_gemma3_int8_presets_load_both_ways(keras_hub_preset, tmp_path):
+    """int8 Gemma 3 as for Gemma 1 and 2: keras-hub's quantize("int8") preset loads here as
+    our quantize("int8") of the float preset, and ours loads in keras-hub as its own."""
+    import keras_hub
+
+    directory, _ = keras_hub_preset("gemma3_mm")
+
+    def variables(backbone):
+        return {v.path: keras.ops.convert_to_numpy(v) for v in backbone.weights}
+
+    theirs = keras_hub.models.Gemma3CausalLM.from_preset(str(directory))
+    theirs.backbone.quantize("int8")
+    theirs.save_to_preset(str(tmp_path / "kh_int8"))
+    expected = gk.GemmaCausalLM.from_preset(directory)
+    expected.quantize("int8")
+    got = variables(gk.GemmaCausalLM.from_preset(tmp_path / "kh_int8").backbone)
+    want = variables(expected.backbone)
+    assert got.keys() == want.keys() and any(v.dtype == np.int8 for v in want.values())
+    for path in want:
+        assert got[path].dtype == want[path].dtype and np.array_equal(got[path], want[path])
+
+    expected.save_to_preset(tmp_path / "ours_int8")
+    got = variables(keras_hub.models.Gemma3CausalLM.from_preset(
+        str(tmp_path / "ours_int8")).backbone)
+    assert got.keys() == (want := variables(theirs.backbone)).keys()
+    for path in want:
+        assert got[path].dtype == want[path].dtype and np.array_equal(got[path], want[path])
 
 
 def test_27b_style_config_survives_round_trip(hf_checkpoint, tmp_path):

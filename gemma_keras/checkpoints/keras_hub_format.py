@@ -1,8 +1,9 @@
 """keras-hub / keras-nlp preset directories: read and write.
 
 Layout: config.json (a serialised `keras_hub>GemmaBackbone`, or `keras_nlp>` in older uploads,
-or `keras_hub>Gemma3Backbone`), model.weights.h5 or model.weights.json + model_NNNNN.weights.h5 shards, tokenizer.json,
-assets/tokenizer/vocabulary.spm, preprocessor.json, task.json, metadata.json.
+or `keras_hub>Gemma3Backbone`), model.weights.h5 or model.weights.json + model_NNNNN.weights.h5
+shards, tokenizer.json, assets/tokenizer/vocabulary.spm, preprocessor.json, task.json,
+metadata.json.
 
 The h5 file is Keras 3's weights format: one group per layer, keyed by the attribute path
 keras-hub's objects have, each holding `vars/0`. We read and write it with h5py through one
@@ -380,7 +381,8 @@ def _quantized_entry(name, mode, layout, group, index, layouts, source):
 def reader(directory: pathlib.Path, config: GemmaConfig) -> Reader:
     backbone = read_json(directory / "config.json")
     gemma3 = backbone.get("registered_name") == GEMMA3_BACKBONE
-    if gemma3 and (backbone.get("config") or {}).get("vision_encoder") is not None:
+    arguments = backbone.get("config")
+    if gemma3 and isinstance(arguments, dict) and arguments.get("vision_encoder") is not None:
         # Its weights sit under layers/gemma3_vision_encoder, which no name below reaches.
         warnings.warn(f"{directory} is a multimodal Gemma 3: its text model is loaded, its "
                       "image tower (vision_encoder) is not read (gemma_keras does not take "
@@ -418,7 +420,7 @@ def _policy(dtype_name):
             "registered_name": None}
 
 
-def _serialized(kind, module, class_name, config):
+def _serialized(package, module, class_name, config):
     return {"module": f"keras_hub.src.models.{package}.{module}", "class_name": class_name,
             "config": config, "registered_name": f"keras_hub>{class_name}"}
 
@@ -599,9 +601,10 @@ def _itemsize(variable) -> int:
 def write_preset(backbone, tokenizer, directory, sequence_length: int = 8192,
                  max_shard_size: Optional[float] = None, overwrite: bool = False,
                  instruct: Optional[bool] = None):
-    """Writes a keras-hub GemmaCausalLM (Gemma3CausalLM for a Gemma 3 config) preset. `max_shard_size` in GB, as keras-hub. An
-    existing `directory` is refused unless `overwrite` (then replaced atomically). `instruct`
-    (True / False; None: unknown, not written) goes into metadata.json for `read_instruct`."""
+    """Writes a keras-hub GemmaCausalLM preset (Gemma3CausalLM for a Gemma 3 config, see
+    `writes_gemma3`). `max_shard_size` in GB, as keras-hub. An existing `directory` is refused
+    unless `overwrite` (then replaced atomically). `instruct` (True / False; None: unknown, not
+    written) goes into metadata.json for `read_instruct`."""
     check_target(directory, overwrite, directory=True)  # before any work
     config: GemmaConfig = backbone.config
     dtype_name = backbone.dtype_policy.name
