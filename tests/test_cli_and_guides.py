@@ -367,3 +367,53 @@ def test_readme_evaluation_block_runs_as_written(capsys):
     assert len(rolling) == 1 and rolling[0] < 0
     assert tuple(namespace["logits"].shape) == (1, 8, 4096)
     assert tuple(namespace["losses"].shape) == (1, 8)
+
+
+@pytest.mark.once("tensorflow")  # the export runs in this process there (no TF child)
+def test_every_cli_command_on_a_gemma3_checkpoint(hf_checkpoint, tmp_path, capsys, monkeypatch):
+    """Each command once on a tiny Gemma 3 checkpoint (QK-norm, 5:1 layers, RoPE per kind),
+    in this process: generate prints what `lm.generate` returns, a fine-tuned and a converted
+    preset load back as Gemma 3, the export and the evaluation write their files."""
+    import io
+
+    import gemma_keras as gk
+    from gemma_keras import cli
+
+    directory, _ = hf_checkpoint("gemma3")
+    preset = str(directory)
+    monkeypatch.chdir(tmp_path)
+
+    def run(*words, stdin=None):
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        code = cli.main(list(words))
+        out, err = capsys.readouterr()
+        assert code == 0, (words, err[-2000:])
+        assert out.strip() or stdin, words  # a random model's chat reply may be blank
+        return out
+
+    assert "use_query_key_norm" in run("inspect", preset)
+    lm = gk.GemmaCausalLM.from_preset(preset)
+    prompt = "The quick brown fox"
+    assert run("generate", "--preset", preset, "--max-new-tokens", "6", prompt) == \
+        lm.generate(prompt, max_new_tokens=6) + "\n"
+    run("chat", "--preset", preset, "--max-new-tokens", "4", stdin="Hello\n")
+    (tmp_path / "data.jsonl").write_text("\n".join(
+        json.dumps({"prompt": f"Say {w}.", "response": f"{w} {w}"}) for w in ("red", "blue")))
+    assert "loss:" in run("finetune", "data.jsonl", "--preset", preset, "--epochs", "1",
+                          "--sequence-length", "24", "--output", "tuned")
+    for converted in ("tuned", "kh", "hf"):
+        if converted != "tuned":
+            to = "keras_hub" if converted == "kh" else "hf"
+            run("convert", preset, converted, "--to", to)
+        again = gk.GemmaCausalLM.from_preset(str(tmp_path / converted))
+        assert again.config.use_query_key_norm and again.config.sliding_window_pattern == 6
+    run("export", "--preset", preset, "--format", "saved_model", "--max-length", "32", "sm")
+    assert (tmp_path / "sm" / "saved_model.pb").is_file()
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(
+        {"query": f"The quick brown fox {i}", "choices": [" jumps", " Keras"], "gold": i % 2})
+        + "\n" for i in range(4)))
+    assert "acc" in run("eval", "--preset", preset, "--tasks", "items.jsonl", "--limit", "2")
+    assert "tokens/s" in run("bench", "--preset", preset, "--max-new-tokens", "3",
+                             "--prompt-length", "4", "--runs", "1")
