@@ -45,6 +45,24 @@ def test_score_equals_keras_hub_score_and_transformers(case, keras_hub_preset, h
     assert max_diff_on_real_tokens(losses, expected, mask) < TOL
 
 
+def test_score_and_loglikelihood_on_gemma3_equal_transformers(hf_checkpoint, vocab_size):
+    """keras-hub's Gemma3CausalLM has no score(): transformers is the reference. Logits and
+    per-token losses of a Gemma 3 (QK-norm, 5:1 layers, RoPE per kind) against its own."""
+    import torch
+
+    directory, model = hf_checkpoint("gemma3")
+    lm = gk.GemmaCausalLM.from_preset(directory, dtype="float32")
+    ids, mask = token_batch(vocab_size)
+    targets = np.roll(ids, -1, axis=1)
+    theirs = hf_logits(model, ids, mask)
+    assert max_diff_on_real_tokens(_numpy(lm.score(ids, mask)), theirs, mask) < TOL
+    expected = torch.nn.functional.cross_entropy(
+        torch.tensor(theirs).permute(0, 2, 1), torch.tensor(targets, dtype=torch.long),
+        reduction="none").numpy()
+    losses = _numpy(lm.score(ids, mask, scoring_mode="loss", target_ids=targets))
+    assert max_diff_on_real_tokens(losses, expected, mask) < TOL
+
+
 def test_score_hook_sees_what_keras_hub_shows_and_steers_the_model(keras_hub_preset, vocab_size):
     directory, reference = keras_hub_preset("gemma_mqa")
     lm = gk.GemmaCausalLM.from_preset(directory, dtype="float32")
