@@ -81,6 +81,10 @@ HF_CASES = {
     "gemma2_27b_style": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2,
                              head_dim=32, query_pre_attn_scalar=16, sliding_window=5,
                              attn_logit_softcapping=4.0, final_logit_softcapping=6.0),
+    # VaultGemma: Gemma 2 without its post-norms.
+    "vaultgemma": dict(model_type="vaultgemma", num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+                       attn_logit_softcapping=4.0, final_logit_softcapping=6.0),
     # Gemma 3: QK-norm, five local layers to one global (6 layers), RoPE 10k local / 1M
     # global with x8 linear scaling on the global layer, window 5 < SEQ, and a query scale
     # that is neither head_dim nor hidden / heads (24 against 16), which only transformers
@@ -98,7 +102,7 @@ HF_CASES = {
 HIDDEN, LAYERS, INTERMEDIATE = 64, 3, 96
 # Cases whose reference is transformers alone: keras-hub 0.32 cannot express their query
 # scale (it uses head_dim whatever the config says; gemma3's 24 is not even hidden / heads).
-HF_ONLY_CASES = ("gemma2_27b_style", "gemma3")
+HF_ONLY_CASES = ("gemma2_27b_style", "vaultgemma", "gemma3")
 
 
 def _train_spm(directory, special_pieces):
@@ -185,6 +189,9 @@ def hf_model(case, vocab_size, seed=0, std=0.25, embedding_std=None):
     elif model_type == "gemma2":
         model = transformers.Gemma2ForCausalLM(
             transformers.Gemma2Config(**common, attn_implementation="eager"))
+    elif model_type == "vaultgemma":
+        model = transformers.VaultGemmaForCausalLM(
+            transformers.VaultGemmaConfig(**common, attn_implementation="eager"))
     elif model_type == "gemma3_text":
         model = transformers.Gemma3ForCausalLM(
             transformers.Gemma3TextConfig(**common, attn_implementation="eager"))

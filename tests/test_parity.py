@@ -407,6 +407,7 @@ def test_hf_format_save_loads_in_transformers_with_the_same_logits(case, max_sha
     # A multimodal Gemma 3's text part is written as a text-only Gemma 3.
     model_class = {"gemma": transformers.GemmaForCausalLM,
                    "gemma2": transformers.Gemma2ForCausalLM,
+                   "vaultgemma": transformers.VaultGemmaForCausalLM,
                    "gemma3_text": transformers.Gemma3ForCausalLM,
                    "gemma3": transformers.Gemma3ForCausalLM}[HF_CASES[case]["model_type"]]
     kwargs = {} if model_class is transformers.GemmaForCausalLM \

@@ -22,7 +22,8 @@ from gemma_keras.checkpoints.weights import Reader, read_chunked
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
 
-SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+# "vaultgemma": Gemma 2 without the post-norms (VaultGemma 1B).
+SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "vaultgemma", "gemma3_text", "gemma3")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "F64": np.float64}
@@ -54,7 +55,7 @@ def text_config(hf: dict, path) -> Tuple[dict, str]:
         raise ConfigError(
             f"{path} has model_type '{model_type}'; gemma_keras loads only "
             f"{', '.join(SUPPORTED_MODEL_TYPES)} checkpoints (Gemma 1, 1.1, CodeGemma, Gemma 2, "
-            "Gemma 3). Use the model's own library for other families.")
+            "VaultGemma, Gemma 3). Use the model's own library for other families.")
     if model_type == "gemma3":
         inner = hf.get("text_config")
         if not isinstance(inner, dict):
@@ -195,6 +196,8 @@ def _sliding_values(hf, values, path, model_type):
         values["local_rope_scaling_factor"] = local_factor
     if gemma3:
         values["use_query_key_norm"] = True
+    if model_type == "vaultgemma":
+        values.update(use_post_attention_norm=False, use_post_ffw_norm=False)
 
 
 def read_instruct(directory: pathlib.Path) -> Optional[bool]:
@@ -319,6 +322,9 @@ def block_names(model_type: str):
     if model_type == "gemma":
         norms = {"input_layernorm": "pre_attention_norm",
                  "post_attention_layernorm": "pre_ffw_norm"}
+    elif model_type == "vaultgemma":  # Gemma 2's pre-norms only
+        norms = {"input_layernorm": "pre_attention_norm",
+                 "pre_feedforward_layernorm": "pre_ffw_norm"}
     elif model_type in ("gemma3_text", "gemma3"):  # Gemma 2's, and the QK-norms
         norms = {"input_layernorm": "pre_attention_norm",
                  "post_attention_layernorm": "post_attention_norm",

@@ -30,8 +30,8 @@ _CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
 def hf_model_type(config: GemmaConfig) -> str:
-    """"gemma3_text", "gemma2" or "gemma": the transformers class that computes exactly this
-    config."""
+    """"gemma3_text", "gemma2", "vaultgemma" or "gemma": the transformers class that computes
+    exactly this config."""
     rope_by_kind = (config.local_rope_max_wavelength is not None
                     or config.global_rope_scaling_factor != 1.0
                     or config.local_rope_scaling_factor != 1.0)
@@ -42,6 +42,12 @@ def hf_model_type(config: GemmaConfig) -> str:
               config.use_sliding_window_attention)
     if all(gemma2) and not config.use_query_key_norm and not rope_by_kind:
         return "gemma2"
+    if (not config.use_post_attention_norm and not config.use_post_ffw_norm
+            and not config.use_query_key_norm and not rope_by_kind
+            and (config.use_sliding_window_attention or config.attention_logit_soft_cap
+                 or config.final_logit_soft_cap
+                 or config.query_scale != config.head_dim ** -0.5)):
+        return "vaultgemma"  # Gemma 2 without post-norms
     if not any(gemma2) and config.query_scale == config.head_dim ** -0.5 and not (
             config.attention_logit_soft_cap or config.final_logit_soft_cap
             or config.use_query_key_norm or rope_by_kind):
@@ -54,7 +60,7 @@ def hf_model_type(config: GemmaConfig) -> str:
 
 
 _ARCHITECTURES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                  "gemma3_text": "Gemma3ForCausalLM"}
+                  "vaultgemma": "VaultGemmaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def _layer_types(config: GemmaConfig):
