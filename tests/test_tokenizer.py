@@ -56,6 +56,14 @@ def test_detokenize_never_crashes_on_partial_bytes_or_padding_rows(tokenizer):
     assert "\ufffd" in tokenizer.detokenize(fox[:2])  # half a character: replaced, no crash
     # Ids past the SentencePiece table (checkpoints pad the embedding) are dropped.
     assert tokenizer.detokenize([*tokenizer.tokenize("fox"), 10 ** 6]) == "fox"
+    # At the boundary, as SentencePiece itself counts its pieces: the first padded row (id =
+    # its piece count, which SentencePiece cannot decode) is dropped, the last piece is kept.
+    import sentencepiece as spm
+
+    size = spm.SentencePieceProcessor(model_proto=tokenizer.proto).GetPieceSize()
+    assert tokenizer.detokenize([*tokenizer.tokenize("fox"), size]) == "fox"
+    last = spm.SentencePieceProcessor(model_proto=tokenizer.proto).DecodeIds([size - 1])
+    assert tokenizer.detokenize([size - 1]) == last
     rows = [tokenizer.tokenize("the fox"), tokenizer.tokenize("a dog")]
     width = max(map(len, rows)) + 2
     batch = np.array([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
