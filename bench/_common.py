@@ -1,10 +1,12 @@
 """The benchmarks' shared harness. Each bench/*.py script is a driver that runs its cases in
 fresh worker processes of itself and renders a markdown report; what they share is here:
 processes (run / run_case, Worker and Workers, the worker side serve / reply), measuring
-(timed / times, the memory-bandwidth probe, RSS and its peak), the random checkpoints, the
-command line (parser, --only, --output / --json / --from-json) and the report (report,
-machine_lines, tables, number formats, error lines). `python bench/_common.py --bandwidth` is
-the bandwidth probe's own process."""
+(timed / times, the memory-bandwidth probe, RSS and its peak), the benchmark models and their
+random checkpoints (MODELS: the Gemma 3 shapes every script's `--model` offers), which workers
+live together (live_groups), the command line (parser, --only, --output / --json /
+--from-json) and the report (report, machine_lines, tables, number formats, error lines).
+`python bench/_common.py --bandwidth` is the bandwidth probe's own process; `--make` builds a
+MODELS checkpoint (see `model_checkpoints`)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import re
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CACHE = REPO / "bench" / ".cache"  # git-ignored
@@ -164,6 +167,27 @@ class Workers:
             worker.close()
 
 
+def live_groups(cases, key) -> list:
+    """`cases` as groups whose workers live together, one group after another, for models
+    too big for every case's process to be alive at once. `key(case)` is a tuple: cases with
+    the same key form a group (groups in the order their first case comes); a case whose key
+    has None in some places (a reference every implementation is set against, such as
+    transformers) joins every group that matches it in the others, so it is interleaved with
+    each of them, and stays alive from the first of them to the last when they are
+    consecutive. Cases that join no group form a last one."""
+    keys = []
+    for case in cases:
+        k = key(case)
+        if None not in k and k not in keys:
+            keys.append(k)
+
+    def joins(case, k):
+        return all(mine is None or mine == theirs for mine, theirs in zip(key(case), k))
+    groups = [[c for c in cases if joins(c, k)] for k in keys]
+    left = [c for c in cases if not any(c in g for g in groups)]
+    return groups + ([left] if left else [])
+
+
 def reply(result: dict):
     """The worker side: prints `result` as the 'RESULT ' line its driver reads."""
     print("RESULT " + json.dumps(result), flush=True)
@@ -276,18 +300,135 @@ def reset_peak() -> bool:
         return False
 
 
+# ---- the benchmark models -----------------------------------------------------------------
+class BenchModel(NamedTuple):
+    """A random benchmark model: the fields of its transformers config (`hf`), which
+    transformers / keras-hub classes hold it (`architecture`), and the standard deviation of its
+    tied embedding (None: transformers' initialisation)."""
+    name: str
+    architecture: str  # "gemma": GemmaForCausalLM / GemmaBackbone; "gemma3": Gemma3*
+    hf: dict
+    embedding_std: float | None
+    label: str  # how reports name it, e.g. "Gemma-3-1B-shaped"
+
+    def params(self) -> int:
+        """The parameter count, from the shape (the embedding tied with the head)."""
+        m = self.hf
+        h, d, inner = m["hidden_size"], m["head_dim"], m["intermediate_size"]
+        gemma3 = self.architecture == "gemma3"
+        per_layer = (h * d * (2 * m["num_attention_heads"] + 2 * m["num_key_value_heads"])
+                     + 3 * h * inner + (4 if gemma3 else 2) * h  # pre (and post) norms
+                     + (2 * d if gemma3 else 0))  # QK-norm scales
+        return m["vocab_size"] * h + m["num_hidden_layers"] * per_layer + h
+
+    def big(self) -> bool:
+        """Whether a process holding it in float32 is too big (> 2 GB of weights) for all of a
+        benchmark's cases to be alive at once on this 24 GiB machine (`live_groups`)."""
+        return self.params() * 4 > 2e9
+
+    def hf_class(self):
+        import transformers
+
+        return getattr(transformers, {"gemma": "GemmaForCausalLM",
+                                      "gemma3": "Gemma3ForCausalLM"}[self.architecture])
+
+    def keras_hub_classes(self) -> tuple:
+        """(Backbone, CausalLM) of keras-hub."""
+        import keras_hub
+
+        prefix = {"gemma": "Gemma", "gemma3": "Gemma3"}[self.architecture]
+        return (getattr(keras_hub.models, f"{prefix}Backbone"),
+                getattr(keras_hub.models, f"{prefix}CausalLM"))
+
+    def layer_kinds(self) -> list:
+        """'local' / 'global' per layer: Gemma 3's five sliding-window layers, then one global
+        (transformers' default layer_types); every layer global for Gemma 1."""
+        n = self.hf["num_hidden_layers"]
+        if self.architecture != "gemma3":
+            return ["global"] * n
+        return ["global" if (i + 1) % 6 == 0 else "local" for i in range(n)]
+
+    def description(self, params=None) -> str:
+        """'Model: ...' for a report."""
+        m = self.hf
+        params = params or self.params()
+        text = (f"Model: {self.label}, random weights (identical for every implementation), "
+                f"{params:,} parameters ({params * 4 / 1e6:,.0f} MB in float32): vocab "
+                f"{m['vocab_size']}, hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
+                f"{m['num_attention_heads']} query heads / {m['num_key_value_heads']} kv head, "
+                f"head_dim {m['head_dim']}, GeGLU branches {m['intermediate_size']}")
+        if self.architecture == "gemma3":
+            kinds = self.layer_kinds()
+            rope = m["rope_parameters"]
+            text += (f"; Gemma 3: QK-norm, {kinds.count('local')} sliding-window layers "
+                     f"(window {m['sliding_window']}) and {kinds.count('global')} global (every "
+                     f"6th), RoPE base {rope['sliding_attention']['rope_theta']:,.0f} local / "
+                     f"{rope['full_attention']['rope_theta']:,.0f} global, query scale "
+                     f"{m['query_pre_attn_scalar']}^-0.5, max positions "
+                     f"{m['max_position_embeddings']}")
+        return text + "."
+
+
+GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+               "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}}
+# The `--model` choices the benchmarks share (each script also keeps its own Gemma-1-shaped
+# default). query_pre_attn_scalar = head_dim, as in the real 1B: keras-hub's Gemma3Backbone
+# can only scale queries by head_dim ** -0.5.
+MODELS = {
+    # Gemma 3 1B's text model (DESIGN.md section 2), ~1.0B parameters, ~4.0 GB in float32.
+    # Embedding std: at transformers' 0.02 every greedy row repeats 1-3 tokens (the last
+    # token's own embedding wins the tied head); measured on this shape with a 1152-wide FFN
+    # (the post-FFN norm makes the width irrelevant), 8 rows x 48 greedy tokens: 0.02 gave 1-3
+    # distinct tokens per row, 0.006 gave 4-27 with the smallest top-2 logit gap 2e-4, 0.002
+    # gave 21-42 but gaps down to 7e-6, as small as float32 differences between libraries.
+    "gemma3-1b": BenchModel(
+        "gemma3-1b", "gemma3",
+        dict(vocab_size=262144, hidden_size=1152, num_hidden_layers=26, num_attention_heads=4,
+             num_key_value_heads=1, head_dim=256, intermediate_size=6912, sliding_window=512,
+             query_pre_attn_scalar=256, max_position_embeddings=32768,
+             rope_parameters=GEMMA3_ROPE),
+        0.006, "Gemma-3-1B-shaped"),
+    # For smoke runs: seven layers (five local, one global, one local) and a window of 32, so
+    # a prompt of a few hundred tokens already fills the rings. Embedding std 0.02: 8 rows x
+    # 128 greedy tokens had 26-51 distinct tokens per row, smallest top-2 gap 3e-4 (0.1: 1-3).
+    "gemma3-tiny": BenchModel(
+        "gemma3-tiny", "gemma3",
+        dict(vocab_size=2048, hidden_size=128, num_hidden_layers=7, num_attention_heads=4,
+             num_key_value_heads=1, head_dim=64, intermediate_size=256, sliding_window=32,
+             query_pre_attn_scalar=64, max_position_embeddings=2048,
+             rope_parameters=GEMMA3_ROPE),
+        0.02, "tiny Gemma-3-shaped"),
+}
+MODEL_SHARD_SIZE = "200MB"  # the safetensors shards of MODELS' HF checkpoints
+
+
+def model_checkpoints(model: BenchModel) -> dict:
+    """{'hf': dir, 'keras_hub': dir} of one of MODELS, built once under bench/.cache/models/
+    and shared by every benchmark script (a 1B checkpoint takes minutes and 8 GB to build)."""
+    key = json.dumps({"architecture": model.architecture, **model.hf, "seed": 0,
+                      "embedding_std": model.embedding_std, "shards": MODEL_SHARD_SIZE},
+                     sort_keys=True)
+    return ensure_checkpoints(CACHE / "models" / model.name, key, __file__,
+                              ["--model", model.name])
+
+
 # ---- checkpoints --------------------------------------------------------------------------
-def make_hf(directory: pathlib.Path, model: dict, embedding_std=None, max_shard_size=None):
-    """A random transformers GemmaForCausalLM of `model`'s shape, saved as safetensors."""
+def make_hf(directory: pathlib.Path, model: dict, embedding_std=None, max_shard_size=None,
+            architecture="gemma"):
+    """A random transformers GemmaForCausalLM (Gemma3ForCausalLM for "gemma3") of `model`'s
+    shape, saved as safetensors."""
     import torch
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.GemmaConfig(
-        **model, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
-        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
-        pad_token_id=0)
-    hf = transformers.GemmaForCausalLM(config).to(torch.float32)
+    special = dict(rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1,
+                   pad_token_id=0, hidden_activation="gelu_pytorch_tanh")
+    if architecture == "gemma3":
+        hf = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**model, **special))
+    else:
+        hf = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+            **model, **special, max_position_embeddings=8192))
+    hf = hf.to(torch.float32)
     with torch.no_grad():  # non-trivial norm scales, so a norm mix-up would show
         for name, p in hf.named_parameters():
             if name.endswith("norm.weight"):
@@ -524,5 +665,23 @@ def error_line(text: str) -> str:
     return (lines[-1] if lines else "unknown error")[:240].replace("|", "\\|")
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--bandwidth"]:
-    reply(read_bandwidth())
+def _main(argv=None) -> int:
+    """This file as a process: the bandwidth probe, or a builder of a MODELS checkpoint."""
+    p = argparse.ArgumentParser(description="The benchmarks' helper processes (internal).")
+    p.add_argument("--bandwidth", action="store_true", help="Measure the read bandwidth.")
+    p.add_argument("--model", choices=sorted(MODELS), help="with --make: which checkpoint")
+    add_checkpoint_args(p)
+    args = p.parse_args(argv)
+    if args.bandwidth:
+        reply(read_bandwidth())
+        return 0
+    if not (args.make and args.model):
+        p.error("give --bandwidth, or --make with --model")
+    model = MODELS[args.model]
+    make_checkpoint(args, model.hf, embedding_std=model.embedding_std,
+                    max_shard_size=MODEL_SHARD_SIZE, architecture=model.architecture)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -5,6 +5,9 @@
     python bench/load_memory.py --size small        # ~12M parameters, a quick smoke run
     python bench/load_memory.py --quantize int4,int8 --shape gemma2_2b,gemma2_9b --backend jax
                                                     # quantizing while loading (issue 17)
+    python bench/load_memory.py --model gemma3-1b --rounds 2
+                                                    # the Gemma 3 1B shape (~1 h)
+    python bench/load_memory.py --model gemma3-tiny --backend jax   # its smoke run
 
 What it does:
   1. Once, caches a Gemma-shaped checkpoint with random weights under bench/.cache/: a Hugging
@@ -15,7 +18,19 @@ What it does:
      the kernel's high-water mark (`/proc/self/clear_refs`), load, then read the high-water
      mark (VmHWM). "Load cost" = peak - baseline: what the load itself needed at its worst
      moment. It includes the loaded model, so an ideal loader costs 1.0x the model's size.
-  3. Prints a markdown table and writes it to bench/results/load_memory.md.
+  3. With --rounds N, does all of that N times, the order of the rows rotating each round
+     (this machine's speed drifts: a slow minute then falls on every loader alike); a row
+     shows the median peak and the best load time (median in parentheses).
+  4. Prints a markdown table, the ratios of gemma_keras to keras-hub (loading the same
+     keras-hub preset) and to transformers (the same safetensors files), and writes it to
+     bench/results/load_memory.md.
+
+--model gemma3-1b / gemma3-tiny measure the Gemma 3 shapes of bench/_common.py MODELS
+(checkpoints shared with the other scripts under bench/.cache/models/; --size is then unused)
+with keras-hub's `Gemma3CausalLM` and transformers' `Gemma3ForCausalLM`, and every loader in
+both float32 and bfloat16 (the default model keeps its rows: keras-hub and transformers in
+float32 only). Results: load_memory_<model>.md. One load at a time, so even the 1B model's
+float32 loads (~4 GB of weights, peaks up to ~2-3x that) fit in this machine's 24 GiB.
 
 With --quantize, it measures `gk.GemmaCausalLM.from_preset(dir, dtype=..., quantize=...)` on
 full-size Gemma 2 shapes instead (--shape): the checkpoint is a Hugging Face one in bfloat16
@@ -35,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import statistics
 import sys
 import threading
 import time
@@ -66,6 +82,36 @@ CASES = [
     ("kh_kh_f32", "(e) keras-hub `GemmaCausalLM.from_preset`", True, "keras_hub", "float32"),
     ("hf_hf_f32", "(f) transformers `from_pretrained`", False, "hf", "float32"),
 ]
+# The Gemma 3 models also load the peers (and our keras-hub reader) in bfloat16.
+BFLOAT16_PEERS = [
+    ("gk_kh_bf16", "(d) gemma_keras `from_preset` keras-hub preset", True, "keras_hub",
+     "bfloat16"),
+    ("kh_kh_bf16", "(e) keras-hub `Gemma3CausalLM.from_preset`", True, "keras_hub",
+     "bfloat16"),
+    ("hf_hf_bf16", "(f) transformers `from_pretrained`", False, "hf", "bfloat16"),
+]
+# The default model, --size picks its shape; the others are common.MODELS.
+MODELS = {"gemma": None, **common.MODELS}
+
+
+def model_cases(model) -> list:
+    """CASES (keras-hub's label naming Gemma3CausalLM for Gemma 3), plus BFLOAT16_PEERS for
+    the Gemma 3 models, each dtype's rows together."""
+    if model.architecture == "gemma":
+        return CASES
+    cases = [(c, label.replace("GemmaCausalLM", "Gemma3CausalLM"), *rest)
+             for c, label, *rest in CASES] + BFLOAT16_PEERS
+    order = ["baseline", "gk_hf_f32", "gk_kh_f32", "kh_kh_f32", "hf_hf_f32",
+             "gk_hf_bf16", "gk_kh_bf16", "kh_kh_bf16", "hf_hf_bf16"]
+    return sorted(cases, key=lambda c: order.index(c[0]))
+
+
+def bench_model_of(name: str, size: str) -> common.BenchModel:
+    """--model's model; for 'gemma', the Gemma-1-shaped one of --size."""
+    if name != "gemma":
+        return common.MODELS[name]
+    return common.BenchModel("gemma", "gemma", SIZES[size], None,
+                             "Gemma-shaped" if size == "default" else f"Gemma-shaped ({size})")
 
 
 # ---- quantizing while loading (--quantize) -----------------------------------------------
@@ -314,17 +360,16 @@ def _touch(model):
         keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.sum(variable), "float32"))
 
 
-def _import(case: str):
+def _import(case: str, bench_model):
     """Imports what `case` needs and initialises the backend; returns the load function."""
-    if case == "hf_hf_f32":
+    if case.startswith("hf_"):
         import torch
-        import transformers
 
+        hf_class = bench_model.hf_class()  # imports transformers
         torch.zeros(1)
 
         def load(directory, dtype):
-            model = transformers.GemmaForCausalLM.from_pretrained(
-                directory, dtype=getattr(torch, dtype))
+            model = hf_class.from_pretrained(directory, dtype=getattr(torch, dtype))
             return model
 
         def describe(model):
@@ -340,11 +385,10 @@ def _import(case: str):
 
     common.start_backend()
     if case.startswith("kh_"):
-        import keras_hub
+        _, causal_lm_class = bench_model.keras_hub_classes()
 
         def load(directory, dtype):
-            return keras_hub.models.GemmaCausalLM.from_preset(
-                str(directory), preprocessor=None, dtype=dtype)
+            return causal_lm_class.from_preset(str(directory), preprocessor=None, dtype=dtype)
 
         return load, lambda lm: _describe(lm, lambda block: block.ffw_linear)
 
@@ -367,10 +411,10 @@ def _describe(lm, ffw_linear):
         _mean_abs(keras.ops.convert_to_numpy(ffw_linear(backbone.transformer_layers[-1]).kernel))]
 
 
-def worker(case: str, directory: str, dtype: str, trace: str = None) -> dict:
+def worker(case: str, directory: str, dtype: str, trace: str = None, bench_model=None) -> dict:
     import gc
 
-    load, describe = _import(case)
+    load, describe = _import(case, bench_model or bench_model_of("gemma", "default"))
     gc.collect()
     before = common.proc_status()
     import_peak = before["VmHWM"]
@@ -411,34 +455,68 @@ def worker(case: str, directory: str, dtype: str, trace: str = None) -> dict:
     return result
 
 
-def ensure_checkpoints(cache: pathlib.Path, size: str) -> dict:
-    """{'hf': dir, 'keras_hub': dir}, built on the first run and reused afterwards."""
+def ensure_checkpoints(cache: pathlib.Path, size: str, model=None) -> dict:
+    """{'hf': dir, 'keras_hub': dir}, built on the first run and reused afterwards (a Gemma 3
+    model's where every script shares them, `common.model_checkpoints`)."""
+    if model is not None and model.name != "gemma":
+        return common.model_checkpoints(model)
     return common.ensure_checkpoints(cache / size, json.dumps(SIZES[size], sort_keys=True),
                                      __file__, ["--size", size])
 
 
 # ---- the driver -------------------------------------------------------------------------
-def measure(case, backend, directory, dtype, trace_dir=None) -> dict:
-    """The case's results, or {"error": ...} (`common.run_case`)."""
-    argv = [__file__, "--worker", case, "--dir", str(directory or ""), "--dtype", dtype or ""]
+def measure(case, backend, directory, dtype, trace_dir=None, model_args=()) -> dict:
+    """The case's results, or {"error": ...} (`common.run_case`). model_args: --model and
+    --size, so the worker knows the model's classes."""
+    argv = [__file__, "--worker", case, "--dir", str(directory or ""), "--dtype", dtype or "",
+            *model_args]
     if trace_dir:
         argv += ["--trace-file", str(trace_dir / f"{case}_{backend or 'torch'}.json")]
     return common.run_case(argv, env={"KERAS_BACKEND": backend} if backend else {})
 
 
-def render(rows, size, args_line) -> str:
+def merge_runs(row: dict) -> dict:
+    """A row measured in several rounds (`row["runs"]`, one result or error each): the fields
+    of its median-peak run, the best load time with the median beside it, and every
+    round's load time (None where it failed) for paired ratios."""
+    runs = row["runs"]
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        row["error"] = runs[0]["error"]
+        return row
+    if "peak" not in ok[0]:  # the baseline row
+        row.update(ok[0])
+        return row
+    row.update(sorted(ok, key=lambda r: r["peak"] - r["baseline"])[(len(ok) - 1) // 2])
+    times = [r["seconds"] for r in ok]
+    row.update(seconds=min(times), seconds_median=statistics.median(times),
+               round_seconds=[r.get("seconds") for r in runs], failed_rounds=len(runs) - len(ok))
+    return row
 
+
+def _header(model, params, preset_files) -> str:
+    if model.architecture == "gemma":
+        cfg = model.hf
+        return (f"Model: Gemma-shaped, random weights, {params:,} parameters "
+                f"(vocab {cfg['vocab_size']}, hidden {cfg['hidden_size']}, "
+                f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads / "
+                f"{cfg['num_key_value_heads']} kv head, head_dim {cfg['head_dim']}, "
+                f"FFN {cfg['intermediate_size']}); HF checkpoint as safetensors shards of <= "
+                "200 MB, keras-hub preset as one `model.weights.h5`.")
+    files = preset_files or []
+    return (model.description(params).replace(" (identical for every implementation)", "")
+            + " HF checkpoint as safetensors shards of <= 200 MB (a bigger tensor, such as "
+            "the embedding, in a shard of its own), keras-hub preset (written by gemma_keras' "
+            "`save_to_preset`) as " + (", ".join(f"`{f}`" for f in files) or "-") + ".")
+
+
+def render(rows, model, args_line, rounds=1, preset_files=None) -> str:
     params = next((r["params"] for r in rows if "params" in r), None)
-    cfg = SIZES[size]
     lines = [
-        "# Checkpoint load: peak memory and time",
+        "# Checkpoint load: peak memory and time" + ("" if model.architecture == "gemma"
+                                                     else f", {model.label}"),
         "",
-        f"Model: Gemma-shaped, random weights, {params:,} parameters "
-        f"(vocab {cfg['vocab_size']}, hidden {cfg['hidden_size']}, "
-        f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads / "
-        f"{cfg['num_key_value_heads']} kv head, head_dim {cfg['head_dim']}, "
-        f"FFN {cfg['intermediate_size']}); HF checkpoint as safetensors shards of <= 200 MB, "
-        "keras-hub preset as one `model.weights.h5`." if params else "",
+        _header(model, params, preset_files) if params else "",
         "",
         "Each row is a fresh process. *Baseline* = RSS after imports and backend start-up. "
         "*Peak cost* = the kernel's high-water mark of RSS during the load (VmHWM, reset after "
@@ -447,7 +525,10 @@ def render(rows, size, args_line) -> str:
         "same for anonymous memory only (sampled every 5 ms, so approximate; it leaves out "
         "mmap'd file pages). *Kept* = RSS minus baseline right after the load; *in use* = the "
         "same after reading every weight once (a lazily mmap'd checkpoint becomes resident "
-        "then). MiB = 2^20 bytes.",
+        "then). MiB = 2^20 bytes."
+        + (f" {rounds} rounds, each loading every row once in a fresh process, the order "
+           "rotating by one row per round; a row shows the round with its median peak cost, "
+           "and the best load time with the median in parentheses." if rounds > 1 else ""),
         "",
     ]
     columns = ["loader", "backend", "dtype", "model (MiB)", "baseline RSS (MiB)",
@@ -465,15 +546,57 @@ def render(rows, size, args_line) -> str:
         else:
             cost = r["peak"] - r["baseline"]
             anon = r["peak_anon_sampled"] - r["baseline_anon"]
+            seconds = f"{r['seconds']:.1f}" + (f" ({r['seconds_median']:.1f})"
+                                               if rounds > 1 else "")
             lines.append(
                 f"| {r['label']} | {r['backend']} | {r['dtype']} | {_mib(r['model_bytes'])} | "
                 f"{_mib(r['baseline'])} | {_mib(cost)} | **{cost / r['model_bytes']:.2f}x** | "
                 f"{anon / r['model_bytes']:.2f}x | {_mib(r['retained'] - r['baseline'])} | "
-                f"{_mib(r['in_use'] - r['baseline'])} | {r['seconds']:.1f} |")
+                f"{_mib(r['in_use'] - r['baseline'])} | {seconds} |")
+    lines += _ratio_lines(rows, rounds)
     lines += [
         "",
     ] + common.machine_lines(args_line)
     return "\n".join(lines)
+
+
+# (our case, the peer's case, what the peer loads): each peer loads the very files we do.
+PEERS = [("gk_kh", "kh_kh", "keras-hub (same keras-hub preset)"),
+         ("gk_hf", "hf_hf", "transformers (same safetensors)")]
+
+
+def _ratio_lines(rows, rounds) -> list:
+    """gemma_keras against keras-hub and transformers loading the same files, per backend and
+    dtype: peer / gemma_keras of the peak cost and of the load time (higher: gemma_keras
+    needs less), and with several rounds the median of the round-by-round time ratios."""
+    by = {(r["case"], r["backend"]): r for r in rows if "peak" in r}
+    keras_backends = list(dict.fromkeys(r["backend"] for r in rows if r["case"] == "baseline"))
+    out = []
+    for backend in keras_backends:
+        for suffix, dtype in (("f32", "float32"), ("bf16", "bfloat16")):
+            for mine_prefix, peer_prefix, vs in PEERS:
+                mine = by.get((f"{mine_prefix}_{suffix}", backend))
+                peer = by.get((f"{peer_prefix}_{suffix}",
+                               backend if peer_prefix == "kh_kh" else "torch (HF)"))
+                if not mine or not peer:
+                    continue
+                cost, peer_cost = (mine["peak"] - mine["baseline"],
+                                   peer["peak"] - peer["baseline"])
+                paired = [b / a for a, b in zip(mine.get("round_seconds") or [],
+                                                peer.get("round_seconds") or []) if a and b]
+                out.append(common.table_row(
+                    [backend, dtype, vs, _mib(cost), _mib(peer_cost),
+                     common.ratio(peer_cost, cost), common.ratio(peer["seconds"],
+                                                                 mine["seconds"]),
+                     f"{statistics.median(paired):.2f}x" if rounds > 1 and paired else "-"]))
+    if not out:
+        return []
+    return ["", "gemma_keras against the peers loading the same files (peer / gemma_keras: "
+            "higher means gemma_keras needs less memory or time; *paired* = the median over "
+            "rounds of that round's load-time ratio).", ""] + common.table_head(
+        ["gemma_keras", "dtype", "vs", "our peak cost (MiB)", "peer's peak cost (MiB)",
+         "peak cost", "load time (best)", "load time, paired rounds (median)"],
+        "lll" + "r" * 5) + out
 
 
 def check_weights(rows, log):
@@ -494,13 +617,23 @@ def check_weights(rows, log):
 def main(argv=None):
     p = common.parser(__doc__)
     common.add_backend_arg(p)
+    p.add_argument("--model", choices=list(MODELS), default="gemma",
+                   help="'gemma' (default): the Gemma-1-shaped model of --size; 'gemma3-1b': "
+                   "the Gemma 3 1B shape (~1.0B parameters, ~4 GB in float32); 'gemma3-tiny': "
+                   "a 7-layer Gemma 3 for smoke runs.")
     p.add_argument("--size", choices=sorted(SIZES), default="default",
-                   help="'default' ~153M params (~610 MB f32); 'small' ~12M for a smoke run.")
+                   help="With --model gemma: 'default' ~153M params (~610 MB f32); 'small' "
+                   "~12M for a smoke run.")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="Load every row this many times, the order rotating each round "
+                   "(default 1).")
     p.add_argument("--cache-dir", type=pathlib.Path, default=DEFAULT_CACHE,
-                   help="Where the random checkpoints are built once (git-ignored).")
+                   help="Where the default model's random checkpoints are built once "
+                   "(git-ignored; the Gemma 3 models' are shared under bench/.cache/models/).")
     common.add_report_args(
         p, "Markdown file for the table (default: bench/results/load_memory.md for the "
-        "default size, load_memory_small.md for --size small).")
+        "default size, load_memory_small.md for --size small, load_memory_<model>.md for a "
+        "Gemma 3 --model).")
     p.add_argument("--no-hf", action="store_true", help="Skip the transformers row.")
     p.add_argument("--trace", action="store_true",
                    help="Also save each load's RSS timeline (JSON) next to the checkpoints.")
@@ -527,41 +660,56 @@ def main(argv=None):
         return common.report(args.output or QUANTIZED_OUTPUT,
                              lambda: measure_quantized(args, argv),
                              lambda raw: render_quantized(raw["rows"], raw["args_line"]))
+    model = bench_model_of(args.model, args.size)
+    model_args = ["--model", args.model, "--size", args.size]
     if args.worker:
-        common.reply(worker(args.worker, args.dir, args.dtype, args.trace_file))
+        common.reply(worker(args.worker, args.dir, args.dtype, args.trace_file, model))
         return 0
     if common.make_checkpoint(args, SIZES[args.size], max_shard_size="200MB"):
         return 0
 
     def measure_all():
-        dirs = ensure_checkpoints(args.cache_dir, args.size)
-        trace_dir = args.cache_dir / args.size / "traces" if args.trace else None
+        dirs = ensure_checkpoints(args.cache_dir, args.size, model)
+        trace_root = args.cache_dir / (args.size if args.model == "gemma" else args.model)
+        trace_dir = trace_root / "traces" if args.trace else None
         if trace_dir:
             trace_dir.mkdir(parents=True, exist_ok=True)
         backends = common.backends(args)
+        cases = model_cases(model)
         plan = [(case, label, b, ckpt, dtype)
-                for b in backends for case, label, keras_case, ckpt, dtype in CASES if keras_case]
+                for b in backends for case, label, keras_case, ckpt, dtype in cases if keras_case]
         if not args.no_hf:
             plan += [(case, label, None, ckpt, dtype)
-                     for case, label, keras_case, ckpt, dtype in CASES if not keras_case]
-        rows = []
-        for case, label, backend, ckpt, dtype in plan:
-            shown = backend or "torch (HF)"
-            log(f"{label} [{shown}{', ' + dtype if dtype else ''}] ...")
-            r = measure(case, backend, dirs.get(ckpt), dtype, trace_dir)
-            r.update(case=case, label=label, backend=shown, dtype=dtype)
-            rows.append(r)
-            if "peak" in r:
-                log(f"  cost {_mib(r['peak'] - r['baseline'])} MiB = "
-                    f"{(r['peak'] - r['baseline']) / r['model_bytes']:.2f}x model, "
-                    f"{r['seconds']:.1f} s")
+                     for case, label, keras_case, ckpt, dtype in cases if not keras_case]
+        rows = [{"case": case, "label": label, "backend": backend or "torch (HF)",
+                 "dtype": dtype, "runs": []} for case, label, backend, _, dtype in plan]
+        for round_ in range(args.rounds):
+            shift = round_ % len(plan)
+            order = list(range(len(plan)))[shift:] + list(range(len(plan)))[:shift]
+            for i in order:
+                case, label, backend, ckpt, dtype = plan[i]
+                shown = rows[i]["backend"]
+                log((f"round {round_ + 1}/{args.rounds}: " if args.rounds > 1 else "")
+                    + f"{label} [{shown}{', ' + dtype if dtype else ''}] ...")
+                r = measure(case, backend, dirs.get(ckpt), dtype, trace_dir, model_args)
+                rows[i]["runs"].append(r)
+                if "peak" in r:
+                    log(f"  cost {_mib(r['peak'] - r['baseline'])} MiB = "
+                        f"{(r['peak'] - r['baseline']) / r['model_bytes']:.2f}x model, "
+                        f"{r['seconds']:.1f} s")
+        rows = [merge_runs(row) for row in rows]
         check_weights(rows, log)
-        return {"rows": rows, "args_line": common.args_line(__file__, argv)}
+        preset = pathlib.Path(dirs["keras_hub"])
+        return {"rows": rows, "args_line": common.args_line(__file__, argv),
+                "model": args.model, "rounds": args.rounds,
+                "preset_files": sorted(f.name for f in preset.glob("*.weights.*"))}
 
-    output = args.output or (DEFAULT_OUTPUT if args.size == "default"
-                             else DEFAULT_OUTPUT.with_name(f"load_memory_{args.size}.md"))
+    name = args.size if args.model == "gemma" else args.model
+    output = args.output or (DEFAULT_OUTPUT if name == "default"
+                             else DEFAULT_OUTPUT.with_name(f"load_memory_{name}.md"))
     return common.report(output, measure_all,
-                         lambda raw: render(raw["rows"], args.size, raw["args_line"]))
+                         lambda raw: render(raw["rows"], model, raw["args_line"],
+                                            raw.get("rounds", 1), raw.get("preset_files")))
 
 
 if __name__ == "__main__":
