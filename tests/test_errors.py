@@ -292,7 +292,7 @@ def test_corrupt_config_json(hf_checkpoint):
 def test_other_family_hf_config(hf_checkpoint):
     directory, _ = hf_checkpoint("gemma_mqa")
     _edit_config(directory, lambda c: c.update(model_type="llama"))
-    with pytest.raises(gk.ConfigError, match="model_type 'llama'.*gemma and gemma2"):
+    with pytest.raises(gk.ConfigError, match="model_type 'llama'.*gemma, gemma2, vaultgemma, gemma3_text"):
         gk.GemmaCausalLM.from_preset(directory)
 
 

@@ -125,9 +125,9 @@ def test_saved_model_in_a_process_without_keras_generates_like_keras(lm_of, demo
     ids = np.random.RandomState(0).randint(4, vocab_size, size=(2, 9)).astype("int32")
     ids[:, 0] = 2
     models, paths = {}, {}
-    models["gemma2_gqa"] = lm_of("gemma2_gqa")
-    models["gemma2_gqa"].instruct = False  # a base model: <end_of_turn> is text, not a stop
-    models["gemma3"] = lm_of("gemma3")  # QK-norm, 5:1 layers, RoPE per kind
+    # Gemma 3 (QK-norm, 5:1 layers, RoPE per kind) as a base model: <end_of_turn> is text,
+    # not a stop. Gemma 2's layout (window, soft-caps, post-norms) is the demo's.
+    models["gemma3"] = lm_of("gemma3")
     models["gemma3"].instruct = False
     # Gemma 1 MQA (instruct unknown: no template, as generate), its table padded past the
     # tokenizer's vocabulary.
