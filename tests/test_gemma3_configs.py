@@ -98,3 +98,20 @@ def test_written_gemma3_configs_mean_the_same_to_transformers(preset):
     assert rope["sliding_attention"].get("rope_type", "default") == "default"
     assert theirs.query_pre_attn_scalar ** -0.5 == pytest.approx(card.query_scale)
     assert theirs.sliding_window == card.sliding_window_size
+
+
+@pytest.mark.once("jax")
+@pytest.mark.parametrize("preset, window", [("gemma3_instruct_1b", 512),
+                                            ("gemma3_instruct_27b_text", 1024)])
+def test_a_full_context_cache_rings_the_local_layers(preset, window):
+    """At the model's whole context the local layers keep one window of slots (a ring), the
+    global ones a slot per column: for the 1B at 32k, 22 layers of 512 slots and 4 of 32,768,
+    not 26 of 32,768 (speculative decoding's lookahead adds its few slots to the ring)."""
+    from gemma_keras.generation.cache import cache_slots
+
+    config = get_preset_card(preset).gemma_config()
+    context = config.max_sequence_length
+    assert cache_slots(config, context) == {"global": context, "local": window}
+    assert cache_slots(config, context, lookahead=8) == {"global": context,
+                                                         "local": window + 8}
+    assert cache_slots(config, context, ring=False) == {"global": context, "local": context}
