@@ -118,6 +118,8 @@ def _rope(hf, kind, default_theta, path):
     rope_local_base_freq and rope_scaling (global layers only); 5.x writes rope_parameters,
     nested by layer kind for Gemma 3 and flat for Gemma 1 and 2."""
     parameters = hf.get("rope_parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise ConfigError(f"{path}: rope_parameters {parameters!r} is not an object.")
     if isinstance(parameters, dict) and kind in parameters:
         parameters = parameters[kind]
     if isinstance(parameters, dict) and parameters:
