@@ -125,6 +125,14 @@ class GemmaConfig:
         capacity is read from it, so a config whose layers are all local still has it)."""
         return ("global", "local") if self.use_sliding_window_attention else ("global",)
 
+    @property
+    def rope_varies_by_kind(self) -> bool:
+        """Whether local and global layers rotate differently (Gemma 3): a local base of their
+        own or linear scaling on either kind. Gemma 1 and 2 checkpoint classes cannot say so."""
+        return (self.local_rope_max_wavelength is not None
+                or self.global_rope_scaling_factor != 1.0
+                or self.local_rope_scaling_factor != 1.0)
+
     def rope(self, kind: str) -> tuple:
         """(max wavelength, linear position scaling factor) of RoPE on `kind`'s layers."""
         if kind == "local":

@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import pathlib
 import struct
-import warnings
 from typing import Dict, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
 
-from gemma_keras.checkpoints.reading import listed_file, read_json, recorded_instruct
+from gemma_keras.checkpoints.reading import (listed_file, read_json, recorded_instruct,
+                                             warn_image_tower_unread)
 from gemma_keras.checkpoints.weights import Reader, read_chunked
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
@@ -357,9 +357,7 @@ def reader(directory: pathlib.Path, model_type: str) -> Reader:
     if model_type == "gemma3":
         text = {k: v for k, v in tensors.items() if not k.startswith(_GEMMA3_OTHER_PREFIXES)}
         if len(text) < len(tensors):
-            warnings.warn(f"{directory} is a multimodal Gemma 3: its text model is loaded, its "
-                          "image tower is not read (gemma_keras does not take images yet).",
-                          stacklevel=2)
+            warn_image_tower_unread(directory)
         tensors, prefixes = text, GEMMA3_TEXT_PREFIXES
     else:
         prefixes = ("model.",)

@@ -32,9 +32,7 @@ _CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 def hf_model_type(config: GemmaConfig) -> str:
     """"gemma3_text", "gemma2", "vaultgemma" or "gemma": the transformers class that computes
     exactly this config."""
-    rope_by_kind = (config.local_rope_max_wavelength is not None
-                    or config.global_rope_scaling_factor != 1.0
-                    or config.local_rope_scaling_factor != 1.0)
+    rope_by_kind = config.rope_varies_by_kind
     post_norms = config.use_post_attention_norm and config.use_post_ffw_norm
     if config.use_query_key_norm and post_norms:
         return "gemma3_text"

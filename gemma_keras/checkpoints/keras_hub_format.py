@@ -36,7 +36,6 @@ from __future__ import annotations
 import datetime
 import json
 import pathlib
-import warnings
 from typing import Dict, Optional, Tuple
 
 import h5py
@@ -47,7 +46,8 @@ import numpy as np
 from gemma_keras.checkpoints import progress
 from gemma_keras.checkpoints.atomic import atomic_directory, check_target
 from gemma_keras.checkpoints.quantizing import check_policy_mode, layer_policy_mode
-from gemma_keras.checkpoints.reading import listed_file, read_json, recorded_instruct
+from gemma_keras.checkpoints.reading import (listed_file, read_json, recorded_instruct,
+                                             warn_image_tower_unread)
 from gemma_keras.checkpoints.weights import (BLOCK_WEIGHTS, QuantizedEntry, Reader, Transformed,
                                              layer_table, own_variables, quantized_layers,
                                              read_chunked)
@@ -384,9 +384,7 @@ def reader(directory: pathlib.Path, config: GemmaConfig) -> Reader:
     arguments = backbone.get("config")
     if gemma3 and isinstance(arguments, dict) and arguments.get("vision_encoder") is not None:
         # Its weights sit under layers/gemma3_vision_encoder, which no name below reaches.
-        warnings.warn(f"{directory} is a multimodal Gemma 3: its text model is loaded, its "
-                      "image tower (vision_encoder) is not read (gemma_keras does not take "
-                      "images yet).", stacklevel=2)
+        warn_image_tower_unread(directory)
     index = _index_datasets(_weight_files(directory))
     layout, quantized = read_quantization(directory, config)
     paths = {"token_embedding": "layers/reversible_embedding",
@@ -430,9 +428,7 @@ def writes_gemma3(config: GemmaConfig) -> bool:
     per attention kind, which GemmaBackbone cannot take. Every Gemma 1 and 2 config is
     written as a GemmaBackbone, as before Gemma 3."""
     return (config.use_query_key_norm or config.sliding_window_pattern != 2
-            or config.local_rope_max_wavelength is not None
-            or config.global_rope_scaling_factor != 1.0
-            or config.local_rope_scaling_factor != 1.0)
+            or config.rope_varies_by_kind)
 
 
 def _gemma3_backbone_config(config: GemmaConfig) -> dict:

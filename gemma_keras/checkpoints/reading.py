@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import warnings
 from typing import Optional
 
 from gemma_keras.errors import CheckpointError
@@ -95,3 +96,10 @@ def refuse_outside_links(directory: pathlib.Path) -> pathlib.Path:
                     "(refused: nothing was read). A checkpoint may only hold its own files; "
                     "copy the file in if you trust it.")
     return directory
+
+
+def warn_image_tower_unread(directory) -> None:
+    """Said once per load of a multimodal Gemma 3 (either format): only its text model is
+    read until images are supported."""
+    warnings.warn(f"{directory} is a multimodal Gemma 3: its text model is loaded, its image "
+                  "tower is not read (gemma_keras does not take images yet).", stacklevel=3)
