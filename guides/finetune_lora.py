@@ -67,6 +67,7 @@ def main(argv=None):
     print(f"Keras {keras.__version__}, {keras.backend.backend()} backend")
 
     train, test = make_task()
+    keras.utils.set_random_seed(0)  # the adapters' initialisation and fit's shuffling
     # float32 for training: the demo preset is stored in bfloat16.
     lm = gk.GemmaCausalLM.from_preset(args.preset, dtype="float32")
     lm.preprocessor.sequence_length = 48  # room for the turn markers, prompt, answer, <eos>

@@ -78,7 +78,9 @@ def test_chat_guide_runs(repo_root):
 
 @pytest.mark.once("torch")
 def test_lora_guide_improves_held_out_accuracy(repo_root):
-    result = _run(["guides/finetune_lora.py", "--epochs", "3"], repo_root)
+    # 5 epochs: at 3 the held-out accuracy sat at 0-10% (CI's host once measured 0%, a red
+    # run); at 5, seeded, it is 32% on PyTorch (50% on JAX), ~15 s more.
+    result = _run(["guides/finetune_lora.py", "--epochs", "5"], repo_root)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "improved held-out accuracy: True" in result.stdout
     assert "accuracy before: held-out 0%" in result.stdout
