@@ -249,9 +249,10 @@ def test_lora_on_a_quantized_projection_adds_the_low_rank_product(mode):
                                atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_qlora_fit_trains_adapters_on_frozen_quantized_weights(tiny_lm, mode):
-    lm = tiny_lm()
+@pytest.mark.parametrize("case,mode", [("gemma_mqa", "int8"), ("gemma_mqa", "int4"),
+                                       ("gemma3", "int4")])
+def test_qlora_fit_trains_adapters_on_frozen_quantized_weights(tiny_lm, case, mode):
+    lm = tiny_lm(case)
     lm.quantize(mode)
     keras.utils.set_random_seed(0)
     lm.backbone.enable_lora(rank=4)
