@@ -91,7 +91,7 @@ def worker(backend: str, hf_dir: str, batch: int, steps: int, use_py_spy: bool) 
     import numpy as np
 
     import gemma_keras as gk
-    from gemma_keras.generation.cache import Mode
+    from gemma_keras.layers.kv_cache import Mode
     from gemma_keras.generation.samplers import GreedySampler
     from gemma_keras.generation.session import GenerationSession
 
@@ -167,7 +167,7 @@ def _jax_extras(lm, compiled, ids, positions, state, start, steps):
 
     variables = list(lm.variables)
     values = [v.value for v in variables]
-    from gemma_keras.generation.cache import Mode
+    from gemma_keras.layers.kv_cache import Mode
     from gemma_keras.generation.steps import model_step
 
     def fn(token_ids, positions, cache, start):
@@ -222,7 +222,7 @@ def keras_stateless(variables, values):
 def _tf_extras(compiled, ids, positions, state, start, steps):
     import tensorflow as tf
 
-    from gemma_keras.generation.cache import Mode
+    from gemma_keras.layers.kv_cache import Mode
 
     fn = compiled._steps[Mode.DECODE]
     res = {"tracing_count": int(fn.experimental_get_tracing_count())}
@@ -306,7 +306,7 @@ def summarise_py_spy(text: str) -> dict:
         "gemma_keras attention": "gemma_keras/layers/attention.py",
         "gemma_keras rotary": "gemma_keras/layers/rotary.py",
         "gemma_keras rms_norm": "gemma_keras/layers/rms_norm.py",
-        "gemma_keras cache.write": "write (gemma_keras/generation/cache.py",
+        "gemma_keras cache.write": "write (gemma_keras/layers/kv_cache.py",
         "torch.einsum": "einsum (torch/functional.py",
         "native aten/mkl (any native frame)": "libtorch",
     }

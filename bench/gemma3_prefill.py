@@ -34,7 +34,7 @@ What it does:
      sliding-window ("local") and global layers: *tensors* = the bytes of the key and value
      tensors' shapes; *held* = the bytes of the memory behind them, each buffer once (a
      PyTorch slice of a bigger tensor keeps all of it alive). gemma_keras: the session's
-     cache arrays (gemma_keras/generation/cache.py: a local layer keeps a ring of `window`
+     cache arrays (gemma_keras/layers/kv_cache.py: a local layer keeps a ring of `window`
      slots, a global layer one slot per column of the session, bucketed to 128 columns; the
      int32 position arrays are left out). transformers: its DynamicCache's layers' `keys` /
      `values` (transformers 5 keeps the last window - 1 tokens of a sliding layer as a view
@@ -345,7 +345,7 @@ def render(raw) -> str:
         "slice keeps its whole storage alive). *Slots*: layers x positions per layer. "
         "gemma_keras keeps a ring of `window` slots in each sliding-window (local) layer and "
         "one slot per session column (bucketed to 128) in each global layer "
-        "(gemma_keras/generation/cache.py); transformers 5 keeps the last window - 1 tokens "
+        "(gemma_keras/layers/kv_cache.py); transformers 5 keeps the last window - 1 tokens "
         "of a sliding layer, as a view of the prefill's full-length tensor, and all tokens of "
         f"a global one. Window {m['sliding_window']}; {kinds.count('local')} local and "
         f"{kinds.count('global')} global layers; {m['num_key_value_heads']} kv head(s) x "

@@ -6,7 +6,7 @@ from keras import ops
 from gemma_keras import backends, quantization
 from gemma_keras.backends.common import int4_nibbles
 from gemma_keras.config import GemmaConfig
-from gemma_keras.generation.cache import CacheUpdate
+from gemma_keras.layers.kv_cache import CacheUpdate
 from gemma_keras.layers import precision
 from gemma_keras.layers.attention import attention_mask
 from gemma_keras.layers.decoder_block import GemmaDecoderBlock
@@ -22,8 +22,11 @@ class GemmaBackbone(keras.Model):
     `GemmaBackbone(config)` or `GemmaBackbone(vocabulary_size=..., num_layers=..., ...)`.
     """
 
-    def __init__(self, config=None, dtype=None, name="gemma_backbone", checkpoint=None,
+    def __init__(self, config=None, dtype=None, name="gemma_backbone", build_now=True,
                  **config_kwargs):
+        """build_now=False leaves the variables to `build_weights()`, for a loader that first
+        points each layer's initializer at its checkpoint tensor
+        (`checkpoints.weights.backbone_from_checkpoint`)."""
         if config is None:
             config = GemmaConfig(**config_kwargs)
         elif config_kwargs:
@@ -44,27 +47,18 @@ class GemmaBackbone(keras.Model):
             for i in range(config.num_layers)]
         self.final_normalization = GemmaRMSNorm(
             config.layer_norm_epsilon, dtype=policy, name="final_normalization")
-        self.build_weights(checkpoint)
+        if build_now:
+            self.build_weights()
 
-    def build_weights(self, checkpoint=None):
-        """Creates every variable now, so the model is usable before any call.
-
-        checkpoint: optional `(reader, source)` from gemma_keras.checkpoints; each variable is
-        then created directly from its checkpoint tensor (never random, never a zero copy
-        overwritten later), which keeps a load's peak memory near one model.
-        """
-        from gemma_keras.checkpoints import weights
-
-        if checkpoint is not None:
-            weights.install_checkpoint(self, *checkpoint)
+    def build_weights(self):
+        """Creates every variable now, so the model is usable before any call; each from its
+        layer's initializer (a checkpoint tensor when a loader has set them)."""
         shape = (None, None, self.config.hidden_dim)
         self.token_embedding.build((None, None))
         for block in self.transformer_layers:
             block.build(shape)
         self.final_normalization.build(shape)
         self.built = True
-        if checkpoint is not None:
-            weights.release_checkpoint(self)
 
     # ---- LoRA and rematerialisation (transformations of the built model) ------------------
     def enable_lora(self, rank, alpha=None, target_names=("query", "value")):
@@ -159,8 +153,8 @@ class GemmaBackbone(keras.Model):
         mask when absent, so left and right padding are both exact).
 
         Without `cache` returns hidden states [batch, len, hidden]. With a cache from
-        `gemma_keras.generation.cache.init_cache`, the tokens are columns start.. of the stream
-        and `mode` (a `generation.cache.Mode`) says how they use it; returns (hidden, updated
+        `gemma_keras.layers.kv_cache.init_cache`, the tokens are columns start.. of the stream
+        and `mode` (a `layers.kv_cache.Mode`) says how they use it; returns (hidden, updated
         cache). Training, prefill, decode and chunked prefill all run through this one path.
         """
         token_ids = inputs["token_ids"]  # [batch, len]

@@ -9,6 +9,10 @@ import os
 import keras
 
 from gemma_keras.backbone import GemmaBackbone
+from gemma_keras.checkpoints import quantizing
+from gemma_keras.checkpoints.weights import copied_backbone, quantized_layers
+from gemma_keras.errors import ArgumentTypeError, ConfigError, InvalidArgumentError
+from gemma_keras.generation.drafting import SELF_DRAFT_MODES
 from gemma_keras.tokenizer import TOKENIZER_FILES, GemmaTokenizer
 
 
@@ -221,6 +225,13 @@ class GemmaCausalLM(keras.Model):
 
         return ChatSession(self, system=system, draft=draft, draft_tokens=draft_tokens)
 
+    def draft_model(self, draft):
+        """The GemmaCausalLM that drafts for this model under `generate(draft=...)`: `draft`
+        itself (checked to share the tokenizer), this model's weights quantized ("int4",
+        "int8"), or a preset loaded in this model's dtype. Built ones are kept on the model
+        (rebuilt when its variables change: quantize(), enable_lora())."""
+        return _draft_model(self, draft)
+
     def generate(self, inputs=None, max_length=None, max_new_tokens=None, sampler=None,
                  stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
                  temperature=None, top_k=None, top_p=None, min_p=None, min_new_tokens=0,
@@ -404,3 +415,71 @@ def _check_flag(name, value):
         from gemma_keras.errors import ArgumentTypeError
 
         raise ArgumentTypeError(f"{name} must be True or False, got {value!r:.60}.")
+
+
+# ---- draft models for generate(draft=...) -------------------------------------------------
+def _draft_model(lm, draft):
+    """`GemmaCausalLM.draft_model`."""
+    if isinstance(draft, GemmaCausalLM):
+        if draft is lm:
+            raise InvalidArgumentError(
+                "draft= is the model itself: drafting with it costs a full step per draft and "
+                "gains nothing. Pass a smaller model, draft='int4' or draft='prompt_lookup'.")
+        _check_compatible(lm, draft)
+        return draft
+    if not isinstance(draft, str):
+        raise ArgumentTypeError(
+            f"draft must be a GemmaCausalLM, a preset name or path, 'int4', 'int8' or "
+            f"'prompt_lookup'; got {type(draft).__name__}.")
+    signature = tuple(id(v) for v in lm.variables)
+    drafts = getattr(lm, "_drafts", None)
+    if drafts is None or drafts.signature != signature:
+        drafts = lm._drafts = _Drafts(signature)
+    if draft not in drafts.models:
+        if draft in SELF_DRAFT_MODES:
+            model = _self_draft(lm, draft)
+        else:
+            model = GemmaCausalLM.from_preset(draft, dtype=lm.backbone.dtype_policy.name)
+            _check_compatible(lm, model, draft)
+        drafts.models[draft] = model
+    return drafts.models[draft]
+
+
+class _Drafts:
+    """The draft models built for one model. A plain object: Keras would track a dict or
+    tuple holding models as the target's own layers, adding their weights to its variables
+    (and so to every compiled step's inputs)."""
+
+    def __init__(self, signature):
+        self.signature, self.models = signature, {}
+
+
+def _self_draft(lm, mode):
+    """A copy of `lm` with its weights quantized to `mode` (LoRA adapters merged), built one
+    tensor at a time from the target's: the float copy never exists whole."""
+    found = sorted(set(quantized_layers(lm.backbone).values()))
+    if found:
+        raise ConfigError(
+            f"draft={mode!r}: this model is already {'/'.join(found)}-quantized, so a "
+            f"{mode} copy of it would draft at nearly its own speed. Draft from the float "
+            "model, or pass a smaller model or draft='prompt_lookup'.")
+    copy = copied_backbone(lm.backbone, None, "the target model",
+                           quantizing.requested(mode, quantizing.DEFAULT_BLOCK_SIZE))
+    return GemmaCausalLM(copy, lm.tokenizer, instruct=lm.instruct)
+
+
+def _check_compatible(lm, draft, source="draft"):
+    """The drafter must speak the target's tokens: the same vocabulary, piece for piece."""
+    ours, theirs = lm.backbone.config.vocabulary_size, draft.backbone.config.vocabulary_size
+    if ours != theirs:
+        raise ConfigError(f"{source}: its vocabulary has {theirs} entries and the model's "
+                          f"{ours}; a draft model must share the target's tokenizer.")
+    if lm.tokenizer is not None and draft.tokenizer is not None:
+        if lm.tokenizer.proto != draft.tokenizer.proto and _pieces(lm) != _pieces(draft):
+            raise ConfigError(f"{source}: its tokenizer's pieces differ from the model's; a "
+                              "draft model must share the target's tokenizer.")
+
+
+def _pieces(lm):
+    tokenizer = lm.tokenizer
+    return [tokenizer.id_to_token(i) for i in range(tokenizer.vocabulary_size)]

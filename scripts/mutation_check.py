@@ -228,14 +228,14 @@ MUTATIONS: List[Mutation] = [
       NUMERICS, "final logit soft-cap computes cap * tanh(x) instead of cap * tanh(x / cap)"),
 
     # ---- gemma_keras/generation: cache, samplers, options, stopping, session, chat ---------------
-    M("C-ring-without-lookahead", "gemma_keras/generation/cache.py",
+    M("C-ring-without-lookahead", "gemma_keras/layers/kv_cache.py",
       "min(total_columns, window + lookahead)", "min(total_columns, window)",
       CACHE, "sliding-window ring loses the speculative lookahead slots"),
-    M("C-truncate-off-by-one", "gemma_keras/generation/cache.py",
+    M("C-truncate-off-by-one", "gemma_keras/layers/kv_cache.py",
       "ops.where(part[\"positions\"] > keep, -1, part[\"positions\"])",
       "ops.where(part[\"positions\"] >= keep, -1, part[\"positions\"])",
       CACHE, "truncate also forgets the last position it should keep"),
-    M("C-write-skips-first-column", "gemma_keras/generation/cache.py",
+    M("C-write-skips-first-column", "gemma_keras/layers/kv_cache.py",
       "written = column >= start", "written = column > start",
       CACHE, "a chunk's write skips the slot of its first column"),
     M("S-top-p-excludes-crossing-token", "gemma_keras/generation/samplers.py",
@@ -290,7 +290,7 @@ MUTATIONS: List[Mutation] = [
     # Drafting bugs that only change which drafts are proposed leave the output exact (each
     # draft is verified; even a sampled draft judged as one-hot keeps the target's
     # distribution), so the one here is in what a drafter is allowed to be.
-    M("D-draft-with-larger-vocabulary-accepted", "gemma_keras/generation/drafting.py",
+    M("D-draft-with-larger-vocabulary-accepted", "gemma_keras/causal_lm.py",
       "    if ours != theirs:\n", "    if ours > theirs:\n",
       SPECULATIVE, "a draft model whose vocabulary is larger than the target's is accepted"),
 

@@ -32,7 +32,7 @@ def test_write_slot_in_place_only_into_a_donated_buffer_nothing_else_reads():
     class Weightless:
         variables = []
 
-    from gemma_keras.generation.cache import write as cache_write  # reads .shape too
+    from gemma_keras.layers.kv_cache import write as cache_write  # reads .shape too
 
     def write(buffer, update, slot):
         return cache_write(buffer, update, slot) * 1.0

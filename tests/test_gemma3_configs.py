@@ -107,7 +107,7 @@ def test_a_full_context_cache_rings_the_local_layers(preset, window):
     """At the model's whole context the local layers keep one window of slots (a ring), the
     global ones a slot per column: for the 1B at 32k, 22 layers of 512 slots and 4 of 32,768,
     not 26 of 32,768 (speculative decoding's lookahead adds its few slots to the ring)."""
-    from gemma_keras.generation.cache import cache_slots
+    from gemma_keras.layers.kv_cache import cache_slots
 
     config = get_preset_card(preset).gemma_config()
     context = config.max_sequence_length

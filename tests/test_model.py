@@ -207,7 +207,7 @@ def test_decoder_block_config_round_trips(vocab_size):
 
 def test_a_cached_forward_names_a_wrong_mode(vocab_size):
     from gemma_keras.config import GemmaConfig
-    from gemma_keras.generation.cache import init_cache
+    from gemma_keras.layers.kv_cache import init_cache
 
     backbone = gk.GemmaBackbone(GemmaConfig(**keras_hub_kwargs("gemma_mqa", vocab_size)))
     cache = init_cache(backbone.config, 1, 8, "float32")

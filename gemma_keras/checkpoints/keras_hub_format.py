@@ -49,10 +49,10 @@ from gemma_keras.checkpoints.quantizing import check_policy_mode, layer_policy_m
 from gemma_keras.checkpoints.reading import (listed_file, read_json, recorded_instruct,
                                              warn_image_tower_unread)
 from gemma_keras.checkpoints.weights import (BLOCK_WEIGHTS, QuantizedEntry, Reader, Transformed,
-                                             layer_table, own_variables, quantized_layers,
-                                             read_chunked)
+                                             layer_table, quantized_layers, read_chunked)
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
+from gemma_keras.layers.linear import own_variables
 
 WEIGHTS_FILE = "model.weights.h5"
 SHARDED_WEIGHTS_INDEX = "model.weights.json"

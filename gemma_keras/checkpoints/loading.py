@@ -9,7 +9,7 @@ from gemma_keras.checkpoints import hf_format, keras_hub_format, quantizing
 from gemma_keras.checkpoints.quantizing import DEFAULT_BLOCK_SIZE
 from gemma_keras.checkpoints.reading import read_json
 from gemma_keras.checkpoints.resolve import is_local, resolve_preset
-from gemma_keras.checkpoints.weights import QuantizedEntry
+from gemma_keras.checkpoints.weights import QuantizedEntry, backbone_from_checkpoint
 from gemma_keras.config import GemmaConfig
 from gemma_keras.errors import CheckpointError, ConfigError
 from gemma_keras.presets import card_for_handle
@@ -68,8 +68,6 @@ def load_backbone(preset, dtype: Optional[str] = None, quantize: Optional[str] =
     quantized as soon as it is read, so the float model never exists whole. A preset saved
     quantized loads quantized (quantize may then name the same quantization, or be None).
     """
-    from gemma_keras.backbone import GemmaBackbone
-
     _check_dtype(dtype)
     wanted = quantizing.requested(quantize, block_size)  # bad arguments fail before any I/O
     directory = resolve_preset(preset)
@@ -89,6 +87,5 @@ def load_backbone(preset, dtype: Optional[str] = None, quantize: Optional[str] =
                 "Load it without quantize=, or quantize its float original instead.")
         wanted = None  # already as asked
     chosen = dtype or (saved_dtype if saved_dtype in DTYPES else "float32")
-    backbone = GemmaBackbone(config, dtype=chosen,
-                             checkpoint=(reader, str(directory), wanted))
+    backbone = backbone_from_checkpoint(config, chosen, reader, str(directory), wanted)
     return backbone, directory

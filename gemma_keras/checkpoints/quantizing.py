@@ -17,8 +17,8 @@ from typing import Optional, Tuple
 import keras
 import numpy as np
 
-from gemma_keras.errors import ConfigError
-from gemma_keras.layers.linear import DropsVariablesQuietly, drop_variable
+from gemma_keras.errors import ArgumentTypeError, ConfigError
+from gemma_keras.layers.linear import DropsVariablesQuietly, drop_variable, own_variables
 
 MODES = ("int8", "int4")
 DEFAULT_BLOCK_SIZE = 128
@@ -69,8 +69,6 @@ def resolve(mode, block_size=DEFAULT_BLOCK_SIZE, config=None, argument="mode"):
 def check_filters(filters, kwargs=None):
     """`quantize(filters=...)` as Keras takes it (a regex, a list of regexes, a callable or
     None) and no other keyword than Keras' `type_check`."""
-    from gemma_keras.errors import ArgumentTypeError
-
     unknown = sorted(set(kwargs or {}) - {"type_check"})
     if unknown:
         raise ArgumentTypeError(f"quantize() got an unknown keyword argument {unknown[0]!r}; "
@@ -220,8 +218,6 @@ def quantize_built_table(layer, mode, config) -> None:
     table and one chunk's temporaries instead. The steps are Keras' own
     (`ReversibleEmbedding.quantize`: check, drop the float variable, `quantized_build`, the
     policy "<mode>_from_<float policy>"), with the same integers and scales, bit for bit."""
-    from gemma_keras.checkpoints.weights import own_variables
-
     layer._check_quantize_args(mode, layer.compute_dtype)  # Keras' own errors, first
     float_policy = layer.dtype_policy
     table = np.asarray(keras.ops.convert_to_numpy(layer._embeddings))  # [vocab, hidden]

@@ -15,8 +15,11 @@ import keras
 import ml_dtypes
 import numpy as np
 
-from gemma_keras.checkpoints import progress
+from gemma_keras import backends
+from gemma_keras.backbone import GemmaBackbone
+from gemma_keras.checkpoints import progress, quantizing
 from gemma_keras.errors import CheckpointError, ConfigError, WeightShapeError
+from gemma_keras.layers.linear import own_variables
 
 # Sub-weights of a decoder block: canonical suffix -> attribute path from the block; the last
 # attribute is the variable, the ones before it lead to the layer that owns it.
@@ -88,11 +91,10 @@ def weight_table(backbone) -> Iterator[Tuple[str, object]]:
 
 def quantized_layers(backbone) -> Dict[str, str]:
     """canonical name -> quantization ("int8", "int4/128", ...) of each quantized layer."""
-    from gemma_keras.checkpoints.quantizing import layer_policy_mode
 
     found = {}
     for name, layer, _ in layer_table(backbone):
-        mode = layer_policy_mode(layer)
+        mode = quantizing.layer_policy_mode(layer)
         if mode is not None:
             found[name] = mode
     return found
@@ -107,14 +109,6 @@ def refuse_quantized(backbone, what: str) -> None:
             "Save it with format='keras_hub' (keeps the quantized weights; "
             "GemmaCausalLM.from_preset loads them back), or save the float model before "
             "quantize() and pass from_preset(..., quantize=...) to quantize while loading.")
-
-
-def own_variables(layer) -> Dict[str, object]:
-    """What Keras' `save_own_variables` writes for `layer` ("0", "1", ...: kernel, scale,
-    ...), LoRA adapters merged into quantized kernels as Keras merges them when saving."""
-    store = {}
-    layer.save_own_variables(store)
-    return store
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -133,8 +127,6 @@ class _FromCheckpoint(keras.initializers.Initializer):
     # large weight's initializer under jax.jit to shard it, embedding the tensor read from
     # the file in the compiled program as a constant.
     def __call__(self, shape, dtype=None, layout=None):
-        from gemma_keras.backends import get as backend
-
         # Shapes are reported in the file's own layout, which is what its owner knows.
         found = tuple(getattr(self.entry, "file_shape", self.entry.shape))
         wanted = tuple(getattr(self.entry, "expected_file_shape", shape))
@@ -144,7 +136,7 @@ class _FromCheckpoint(keras.initializers.Initializer):
                 f"the config calls for {wanted}. The config and the weights do not match.")
         array = self.entry.read(numpy_dtype(keras.backend.standardize_dtype(dtype)))
         progress.step()
-        return backend().host_array_to_tensor(array, layout)
+        return backends.get().host_array_to_tensor(array, layout)
 
 
 class QuantizedEntry:
@@ -199,8 +191,6 @@ def _load_quantized(name, entry, source):
 
 
 def _quantize_table(name, entry, source, float_policy, quantize):
-    from gemma_keras.checkpoints import quantizing
-
     def load(layer):
         shape = (layer.input_dim, layer.output_dim)
         if tuple(entry.shape) != shape:
@@ -216,6 +206,37 @@ def _quantize_table(name, entry, source, float_policy, quantize):
     return load
 
 
+def backbone_from_checkpoint(config, dtype, reader: Reader, source: str, quantize=None):
+    """A GemmaBackbone for `config` whose variables are created directly from `reader`'s
+    tensors (never random, never a zero copy overwritten later), which keeps a load's peak
+    memory near one model: the layers are made, their initializers pointed at the
+    checkpoint, then built. quantize: as `install_checkpoint`."""
+    backbone = GemmaBackbone(config, dtype=dtype, build_now=False)
+    install_checkpoint(backbone, reader, source, quantize)
+    backbone.build_weights()
+    release_checkpoint(backbone)
+    return backbone
+
+
+def copied_backbone(backbone, dtype=None, source="the model", quantize=None):
+    """A new GemmaBackbone with `backbone`'s weights (LoRA adapters merged, as
+    `weight_table` gives them) in `dtype` (default: its own), built one tensor at a time;
+    quantize: as `install_checkpoint`'s (a quantized self-draft)."""
+    reader = {name: _LoadedTensor(value) for name, value in weight_table(backbone)}
+    return backbone_from_checkpoint(backbone.config, dtype or backbone.dtype_policy.name,
+                                    reader, source, quantize)
+
+
+class _LoadedTensor:
+    """A weight of a loaded model as a checkpoint entry, converted when it is read."""
+
+    def __init__(self, value):
+        self.value, self.shape = value, tuple(value.shape)
+
+    def read(self, dtype):
+        return np.asarray(keras.ops.convert_to_numpy(self.value)).astype(dtype, copy=False)
+
+
 def install_checkpoint(backbone, reader: Reader, source: str, quantize=None) -> None:
     """Points every layer's initializer at its checkpoint entry; call before building.
 
@@ -223,8 +244,6 @@ def install_checkpoint(backbone, reader: Reader, source: str, quantize=None) -> 
     quantized variables, which are then loaded right after the layer is built. `quantize`
     ((mode, Keras config) from `quantizing.resolve`) quantizes each float projection and the
     embedding right after it is built from its float tensor, as `Model.quantize` would."""
-    from gemma_keras.checkpoints import quantizing
-
     table = list(layer_table(backbone))
     expected = {name for name, _, _ in table}
     missing = sorted(expected - set(reader))
@@ -272,8 +291,6 @@ def release_checkpoint(backbone) -> None:
     No gc.collect() here: the readers hold no reference cycles (each read opens and closes
     its file), so dropping them frees them, while a full collection cost ~1 s per load in a
     process with the three backends imported (44% of the parity tests' time)."""
-    from gemma_keras.checkpoints import quantizing
-
     for _, layer, attr in layer_table(backbone):
         setattr(layer, _INITIALIZER_ATTR[attr], keras.initializers.Zeros())
         quantizing.undo_after_build(layer)

@@ -24,7 +24,7 @@ from keras import ops
 
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation import options
-from gemma_keras.generation.cache import Mode, init_cache, select_rows
+from gemma_keras.layers.kv_cache import Mode, init_cache, select_rows
 from gemma_keras.generation.session import power_of_two_bucket, prompt_bucket
 from gemma_keras.generation.steps import CompiledSteps, pad_id
 

@@ -22,44 +22,20 @@ is `gemma_keras.exporting.runner.LiteRTGenerator`.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import json
 import os
 import pathlib
 import subprocess
 import sys
 import tempfile
-from typing import Optional
 
 from gemma_keras.errors import (ArgumentTypeError, ConfigError, ExportError,
-                                InvalidArgumentError, MissingExtraError)
-
-FORMATS = ("saved_model", "litert")
-QUANTIZE = (None, "int8", "float16")
-# A FlatBuffer addresses its contents with 32-bit offsets.
-FLATBUFFER_LIMIT = 2 ** 31
-DEFAULT_MAX_LENGTH = 1024
-DEFAULT_PREFILL_LENGTH = 128
-METADATA_FILE = "gemma_export.json"
-# The SavedModel signature that continues the text as written (generate's chat_template=False).
-NO_TEMPLATE_SIGNATURE = "generate_no_chat_template"
-TENSORFLOW_EXTRA = ("pip install \"gemma-keras[tensorflow]\" (and \"gemma-keras[litert]\" to run "
-                    "a .tflite with gemma_keras.exporting.runner)")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportSpec:
-    path: str
-    format: str
-    quantize: Optional[str]
-    max_length: int
-    prefill_length: int
-    allow_large_file: bool
-    overwrite: bool = False
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
+                                MissingExtraError)
+# The shared definitions, importable from here as before (tests, the CLI, other runtimes).
+from gemma_keras.exporting.spec import (  # noqa: F401
+    DEFAULT_MAX_LENGTH, DEFAULT_PREFILL_LENGTH, FLATBUFFER_LIMIT, FORMATS, METADATA_FILE,
+    NO_TEMPLATE_SIGNATURE, QUANTIZE, TENSORFLOW_EXTRA, ExportSpec, apply_chat_template,
+    chat_template_metadata, chat_template_value, litert_paths)
 
 
 def export(lm, path, format=None, quantize=None, max_length=None,
@@ -203,57 +179,6 @@ def _installed(module):
         return False
 
 
-def chat_template_metadata():
-    """Gemma's one-user-turn prompt as the strings around the user's text, for the export's
-    metadata: {"prefix", "suffix", "unless_contains"}. Taken from `format_chat`, the format's
-    one owner, and checked to be prefix + text + suffix for any text, so the SavedModel's
-    graph and the runner (which have no gemma_keras) build exactly the string `generate`
-    tokenizes. "unless_contains": the turn-opening piece; a prompt holding it already has
-    turns and is sent as it is (generate's "auto" rule, sends_as_chat in
-    gemma_keras/tokenizer.py)."""
-    from gemma_keras.tokenizer import TURN_OPENER, format_chat
-
-    probe = "\ue000"  # a private-use character: not in the template's own text
-    prefix, suffix = format_chat([("user", probe)]).split(probe)
-    for text in ("", "a\nb ", probe * 2, "\u3000 x\t\n"):
-        # The text is trimmed as Google's template trims it (str.strip).
-        if format_chat([("user", text)]) != prefix + text.strip() + suffix:
-            raise ExportError("gemma_keras.tokenizer.format_chat no longer puts the user's "
-                              "text between a fixed prefix and suffix; the export's chat "
-                              "template (gemma_keras/exporting) needs updating.")
-    return {"prefix": prefix, "suffix": suffix, "strip": True,
-            "unless_contains": TURN_OPENER}
-
-
-def chat_template_value(chat_template):
-    """generate's chat_template values: "auto", True or False."""
-    if isinstance(chat_template, bool) or (isinstance(chat_template, str)
-                                           and chat_template == "auto"):
-        return chat_template
-    raise (InvalidArgumentError if isinstance(chat_template, str) else ArgumentTypeError)(
-        f"chat_template must be 'auto', True or False, got {chat_template!r}.")
-
-
-def apply_chat_template(metadata, text, chat_template="auto"):
-    """The prompt string an export sends for `text`: `lm.generate`'s rule, from the export's
-    metadata. "auto": an instruct model's non-empty text without turn markers becomes one
-    user turn; True: always; False: never. Pure Python, the reference for other runtimes."""
-    from gemma_keras.tokenizer import sends_as_chat
-
-    template = metadata.get("chat_template")
-    if chat_template == "auto" and template is None:
-        chat_template = False  # an export from before exports recorded the template
-    if not sends_as_chat(metadata.get("instruct"), chat_template, text):
-        return text
-    if template is None:
-        raise InvalidArgumentError(
-            "chat_template=True: this export has no chat template (it was exported before "
-            "exports recorded one): export it again.")
-    # "strip": exports from before format_chat trimmed the text do not have it.
-    body = text.strip() if template.get("strip") else text
-    return template["prefix"] + body + template["suffix"]
-
-
 def check_export_target(target, format, tokenizer_proto=None, overwrite=False):
     """Refuses existing export files unless `overwrite` (the policy of checkpoints/atomic.py).
     A LiteRT export is three files; a tokenizer.model already beside it with the same bytes
@@ -262,8 +187,6 @@ def check_export_target(target, format, tokenizer_proto=None, overwrite=False):
 
     if format != "litert":
         return check_target(target, overwrite, directory=True)
-    from gemma_keras.exporting.build import litert_paths
-
     model_path, tokenizer_path, metadata_path = litert_paths(target)
     check_target(model_path, overwrite)
     check_target(metadata_path, overwrite)

@@ -12,26 +12,27 @@ LiteRT (path ending in .tflite, or a directory holding model.tflite):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import pathlib
-import re
 import sys
 import tempfile
 
-import numpy as np
+import keras
 
+import gemma_keras
+from gemma_keras.causal_lm import GemmaCausalLM
 from gemma_keras.checkpoints.atomic import atomic_directory, atomic_file
-from gemma_keras.errors import ExportError
-from gemma_keras.exporting import (FLATBUFFER_LIMIT, METADATA_FILE, NO_TEMPLATE_SIGNATURE,
-                                   ExportSpec, chat_template_metadata)
+from gemma_keras.checkpoints.weights import copied_backbone
+from gemma_keras.errors import ExportError, GemmaError
+from gemma_keras.exporting.spec import (FLATBUFFER_LIMIT, METADATA_FILE, NO_TEMPLATE_SIGNATURE,
+                                        ExportSpec, chat_template_metadata, litert_paths,
+                                        native_logs_hidden)
+from gemma_keras.generation.generate import resolve_stop_ids
+from gemma_keras.lora import lora_state
 
 
 def export_model(lm, spec: ExportSpec):
-    from gemma_keras.generation.generate import resolve_stop_ids
-
     stop_ids = sorted(resolve_stop_ids(lm, "auto"))
     # LiteRT runs float32 activations whatever the weights are stored in.
     dtype = "float32" if spec.format == "litert" else None
@@ -44,82 +45,17 @@ def export_model(lm, spec: ExportSpec):
             write_litert(lm, spec, metadata)
 
 
-# TensorFlow's C++ logs (absl's "I0000 00:00:... file.cc:12] ...", TensorFlow's older
-# "2025-01-01 12:00:00.0: W tensorflow/...", SentencePiece's "normalizer.cc(51) LOG(INFO)",
-# the LiteRT interpreter's "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."):
-# the converter alone writes a dozen lines per export. TF_CPP_MIN_LOG_LEVEL does not reach
-# absl's logs, nor a TensorFlow imported before it was set, so they are filtered from the
-# file descriptor.
-_NATIVE_LOG = re.compile(
-    r"^(?:[IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w./-]+:\d+\] "
-    r"|WARNING: All log messages before absl::InitializeLog\(\) is called"
-    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] \S+:\d+\] "
-    r"|[\w./-]+\.cc\(\d+\) LOG\(\w+\) "
-    r"|INFO: Created TensorFlow Lite \w+ delegate for )")
-
-
-@contextlib.contextmanager
-def native_logs_hidden():
-    """Runs the body with file descriptor 2 captured; afterwards writes back every line that
-    is not a native (C++) log line, or everything when the body raised (the logs may explain
-    it). Python's own warnings and errors still reach the terminal."""
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr at all: nothing to keep quiet
-        yield
-        return
-    failed = True
-    with tempfile.TemporaryFile() as log:
-        sys.stderr.flush()
-        os.dup2(log.fileno(), 2)
-        try:
-            yield
-            failed = False
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            log.seek(0)
-            lines = log.read().decode("utf-8", "replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines
-                           if failed or not _NATIVE_LOG.match(line))
-            if kept:
-                sys.stderr.write(kept)
-                sys.stderr.flush()
-
-
 def _plain_model(lm, dtype=None):
     """`lm` itself, or a copy with LoRA merged (and cast to `dtype`): what is exported. The
     user's model keeps its adapters."""
-    from gemma_keras.backbone import GemmaBackbone
-    from gemma_keras.causal_lm import GemmaCausalLM
-    from gemma_keras.checkpoints.weights import weight_table
-    from gemma_keras.lora import lora_state
-
     backbone = lm.backbone
     if lora_state(backbone) is None and dtype in (None, backbone.dtype_policy.name):
         return lm
-    import keras
-
-    reader = {name: _ArrayEntry(np.asarray(keras.ops.convert_to_numpy(value)))
-              for name, value in weight_table(backbone)}
-    copy = GemmaBackbone(backbone.config, dtype=dtype or backbone.dtype_policy.name,
-                         checkpoint=(reader, "the model being exported"))
-    return GemmaCausalLM(copy, lm.tokenizer, instruct=lm.instruct)
-
-
-class _ArrayEntry:
-    def __init__(self, array):
-        self.array, self.shape = array, array.shape
-
-    def read(self, dtype):
-        return self.array.astype(dtype, copy=False)
+    return GemmaCausalLM(copied_backbone(backbone, dtype, "the model being exported"),
+                         lm.tokenizer, instruct=lm.instruct)
 
 
 def _metadata(lm, spec, stop_ids):
-    import keras
-
-    import gemma_keras
     from gemma_keras.exporting.signatures import cache_names
 
     config, tokenizer = lm.backbone.config, lm.tokenizer
@@ -148,7 +84,6 @@ def _metadata(lm, spec, stop_ids):
 
 
 def write_saved_model(lm, spec, stop_ids, metadata):
-    import keras
     import tensorflow as tf
 
     from gemma_keras.exporting.signatures import generate_fns, logits_fn
@@ -179,15 +114,7 @@ def write_saved_model(lm, spec, stop_ids, metadata):
         (extra / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
 
 
-def litert_paths(path):
-    """(model file, tokenizer file, metadata file) for a LiteRT export path."""
-    path = pathlib.Path(path)
-    model = path if path.suffix == ".tflite" else path / "model.tflite"
-    return model, model.parent / "tokenizer.model", model.with_suffix(".json")
-
-
 def write_litert(lm, spec, metadata):
-    import keras
     import tensorflow as tf
 
     from gemma_keras.exporting.signatures import litert_signature, litert_step
@@ -246,7 +173,6 @@ def _die_with_parent():
     replace the target after the user had moved on (even over a newer export of theirs).
     Linux only (prctl PR_SET_PDEATHSIG); elsewhere the child finishes on its own."""
     import ctypes
-    import os
     import signal
 
     parent = os.environ.get("GEMMA_KERAS_EXPORT_PARENT")
@@ -262,9 +188,6 @@ def _die_with_parent():
 
 def _main(argv):
     """The child process: argv = [preset directory, spec JSON]."""
-    from gemma_keras.causal_lm import GemmaCausalLM
-    from gemma_keras.errors import GemmaError
-
     preset, spec = argv
     spec = ExportSpec(**json.loads(spec))
     try:

@@ -34,7 +34,8 @@ import numpy as np
 
 # Keras-free: the stop rules GemmaCausalLM.generate follows, and its chat-template rule.
 from gemma_keras.errors import ArgumentTypeError, ExportError, GemmaError, InvalidArgumentError
-from gemma_keras.exporting import apply_chat_template, chat_template_value
+from gemma_keras.exporting.spec import (apply_chat_template, chat_template_value, litert_paths,
+                                        native_logs_hidden)
 from gemma_keras.generation.stopping import completion_ids
 
 
@@ -72,8 +73,6 @@ class LiteRTGenerator:
     """Greedy generation from a LiteRT export written by `gk.export(..., format="litert")`."""
 
     def __init__(self, path, num_threads: Optional[int] = None):
-        from gemma_keras.exporting.build import litert_paths  # no TensorFlow import
-
         model_path, tokenizer_path, metadata_path = litert_paths(path)
         for required in (model_path, metadata_path, tokenizer_path):
             if not required.is_file():
@@ -243,8 +242,6 @@ def main(argv=None):
     problem = _check_model_path(path)
     try:
         if problem is None:
-            from gemma_keras.exporting.build import native_logs_hidden
-
             with native_logs_hidden():  # the interpreter's C++ "INFO: Created ... delegate"
                 text = LiteRTGenerator(path).generate(args.prompt, args.max_new_tokens,
                                                       chat_template=args.chat_template)

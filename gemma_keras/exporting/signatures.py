@@ -18,7 +18,7 @@ import tensorflow as tf
 from keras import ops
 
 from gemma_keras.backends.tensorflow import exporting
-from gemma_keras.generation.cache import Mode, from_per_layer, init_cache, per_layer
+from gemma_keras.layers.kv_cache import Mode, from_per_layer, init_cache, per_layer
 from gemma_keras.generation.steps import greedy_loop, hits_stop, model_step
 from gemma_keras.tokenizer import strip_graph
 

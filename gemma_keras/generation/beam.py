@@ -38,7 +38,7 @@ import numpy as np
 
 from gemma_keras.errors import InvalidArgumentError
 from gemma_keras.generation import options
-from gemma_keras.generation.cache import Mode, select_rows
+from gemma_keras.layers.kv_cache import Mode, select_rows
 from gemma_keras.generation.samplers import BeamSampler, GreedySampler, suppress
 from gemma_keras.generation.session import GenerationSession, _Row
 from gemma_keras.generation.steps import model_step

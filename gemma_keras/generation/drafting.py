@@ -22,10 +22,9 @@ from keras import ops
 
 from gemma_keras import backends
 from gemma_keras.checkpoints.resolve import check_draft
-from gemma_keras.errors import (ArgumentTypeError, ConfigError, InvalidArgumentError,
-                                 SpeculationWarning)
+from gemma_keras.errors import InvalidArgumentError, SpeculationWarning
 from gemma_keras.generation import options
-from gemma_keras.generation.cache import Mode, truncate
+from gemma_keras.layers.kv_cache import Mode, truncate
 from gemma_keras.generation.samplers import draw
 from gemma_keras.generation.steps import CompiledSteps, model_step, pad_id
 
@@ -265,98 +264,9 @@ def resolve(lm, draft, draft_tokens):
             SpeculationWarning, stacklevel=4)
     if isinstance(draft, str) and draft == "prompt_lookup":
         return Speculation(PromptLookupDrafter(), k or DEFAULT_DRAFT_TOKENS["prompt_lookup"])
-    return Speculation(ModelDrafter(draft_model(lm, draft), _name(draft)),
+    return Speculation(ModelDrafter(lm.draft_model(draft), _name(draft)),
                        k or DEFAULT_DRAFT_TOKENS["model"])
 
 
 def _name(draft):
     return draft if isinstance(draft, str) else type(draft).__name__
-
-
-def draft_model(lm, draft):
-    """The GemmaCausalLM that drafts for `lm`: `draft` itself, the target's weights quantized
-    ("int4", "int8"), or a preset loaded in the target's dtype. Built ones are kept on `lm`
-    (rebuilt when its variables change: quantize(), enable_lora())."""
-    from gemma_keras.causal_lm import GemmaCausalLM
-
-    if isinstance(draft, GemmaCausalLM):
-        if draft is lm:
-            raise InvalidArgumentError(
-                "draft= is the model itself: drafting with it costs a full step per draft and "
-                "gains nothing. Pass a smaller model, draft='int4' or draft='prompt_lookup'.")
-        check_compatible(lm, draft)
-        return draft
-    if not isinstance(draft, str):
-        raise ArgumentTypeError(
-            f"draft must be a GemmaCausalLM, a preset name or path, 'int4', 'int8' or "
-            f"'prompt_lookup'; got {type(draft).__name__}.")
-    signature = tuple(id(v) for v in lm.variables)
-    drafts = getattr(lm, "_drafts", None)
-    if drafts is None or drafts.signature != signature:
-        drafts = lm._drafts = _Drafts(signature)
-    if draft not in drafts.models:
-        if draft in SELF_DRAFT_MODES:
-            model = self_draft(lm, draft)
-        else:
-            model = GemmaCausalLM.from_preset(draft, dtype=lm.backbone.dtype_policy.name)
-            check_compatible(lm, model, draft)
-        drafts.models[draft] = model
-    return drafts.models[draft]
-
-
-class _Drafts:
-    """The draft models built for one model. A plain object: Keras would track a dict or
-    tuple holding models as the target's own layers, adding their weights to its variables
-    (and so to every compiled step's inputs)."""
-
-    def __init__(self, signature):
-        self.signature, self.models = signature, {}
-
-
-def self_draft(lm, mode):
-    """A copy of `lm` with its weights quantized to `mode` (LoRA adapters merged), built one
-    tensor at a time from the target's: the float copy never exists whole."""
-    from gemma_keras.backbone import GemmaBackbone
-    from gemma_keras.causal_lm import GemmaCausalLM
-    from gemma_keras.checkpoints import quantizing
-    from gemma_keras.checkpoints.weights import quantized_layers, weight_table
-
-    found = sorted(set(quantized_layers(lm.backbone).values()))
-    if found:
-        raise ConfigError(
-            f"draft={mode!r}: this model is already {'/'.join(found)}-quantized, so a "
-            f"{mode} copy of it would draft at nearly its own speed. Draft from the float "
-            "model, or pass a smaller model or draft='prompt_lookup'.")
-    backbone = lm.backbone
-    reader = {name: _TensorEntry(value) for name, value in weight_table(backbone)}
-    copy = GemmaBackbone(backbone.config, dtype=backbone.dtype_policy.name,
-                         checkpoint=(reader, "the target model",
-                                     quantizing.requested(mode, quantizing.DEFAULT_BLOCK_SIZE)))
-    return GemmaCausalLM(copy, lm.tokenizer, instruct=lm.instruct)
-
-
-class _TensorEntry:
-    """A weight of a loaded model as a checkpoint entry, converted when it is read."""
-
-    def __init__(self, value):
-        self.value, self.shape = value, tuple(value.shape)
-
-    def read(self, dtype):
-        return np.asarray(keras.ops.convert_to_numpy(self.value)).astype(dtype, copy=False)
-
-
-def check_compatible(lm, draft, source="draft"):
-    """The drafter must speak the target's tokens: the same vocabulary, piece for piece."""
-    ours, theirs = lm.backbone.config.vocabulary_size, draft.backbone.config.vocabulary_size
-    if ours != theirs:
-        raise ConfigError(f"{source}: its vocabulary has {theirs} entries and the model's "
-                          f"{ours}; a draft model must share the target's tokenizer.")
-    if lm.tokenizer is not None and draft.tokenizer is not None:
-        if lm.tokenizer.proto != draft.tokenizer.proto and _pieces(lm) != _pieces(draft):
-            raise ConfigError(f"{source}: its tokenizer's pieces differ from the model's; a "
-                              "draft model must share the target's tokenizer.")
-
-
-def _pieces(lm):
-    tokenizer = lm.tokenizer
-    return [tokenizer.id_to_token(i) for i in range(tokenizer.vocabulary_size)]

@@ -16,7 +16,7 @@ import numpy as np
 
 from gemma_keras import backends
 from gemma_keras.errors import InvalidArgumentError
-from gemma_keras.generation.cache import Mode, init_cache
+from gemma_keras.layers.kv_cache import Mode, init_cache
 from gemma_keras.generation.options import Decoding
 from gemma_keras.generation.samplers import Sampler
 from gemma_keras.generation.steps import CompiledSteps, pad_id, stop_id_array

@@ -35,7 +35,7 @@ import numpy as np
 from keras import ops
 
 from gemma_keras.errors import InvalidArgumentError, SpeculationWarning
-from gemma_keras.generation.cache import Mode, truncate
+from gemma_keras.layers.kv_cache import Mode, truncate
 from gemma_keras.generation.samplers import draw
 from gemma_keras.generation.steps import hits_stop, pad_id, stop_id_array
 

@@ -11,7 +11,7 @@ import numpy as np
 from keras import ops
 
 from gemma_keras import backends
-from gemma_keras.generation.cache import Mode, capacity
+from gemma_keras.layers.kv_cache import Mode, capacity
 
 
 def pad_id(lm) -> int:

@@ -80,7 +80,7 @@ class GemmaAttention(keras.layers.Layer):
         `rope_tables`; mask: [batch, len, keys] bool.
 
         Without a cache the keys are this call's tokens. With one (this layer's view,
-        `generation.cache.LayerCache`) the new keys and values go through `cache.update`,
+        `layers.kv_cache.LayerCache`) the new keys and values go through `cache.update`,
         which returns what to attend over (the backbone built `mask` for the same keys).
         Returns (output [batch, len, hidden], updated (key, value) buffers or None).
         """

@@ -20,6 +20,14 @@ def drop_variable(layer, name):
     super(keras.layers.Layer, layer).__delattr__(name)
 
 
+def own_variables(layer):
+    """What Keras' `save_own_variables` writes for `layer` ("0", "1", ...: kernel, scale,
+    ...), LoRA adapters merged into quantized kernels as Keras merges them when saving."""
+    store = {}
+    layer.save_own_variables(store)
+    return store
+
+
 class DropsVariablesQuietly:
     """Mixin (before the Keras layer class): `del self.<variable>` goes to `drop_variable`."""
 

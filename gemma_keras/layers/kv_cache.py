@@ -184,7 +184,7 @@ class CacheUpdate:
         except ValueError:
             raise InvalidArgumentError(
                 f"mode={mode!r}: a forward pass with a cache is one of "
-                f"{[m.value for m in Mode]} (gemma_keras.generation.cache.Mode).") from None
+                f"{[m.value for m in Mode]} (gemma_keras.layers.kv_cache.Mode).") from None
         self.start, self._places = start, _layer_places(config)
         self._cache = cache
         self._new = {}
