@@ -1,4 +1,4 @@
-"""gemma_keras: Google's Gemma models (Gemma 1, 1.1, CodeGemma, Gemma 2) for Keras 3 on JAX,
+"""gemma_keras: Google's Gemma models (Gemma 1, 1.1, CodeGemma, Gemma 2, Gemma 3) for Keras 3 on JAX,
 TensorFlow and PyTorch. Everything public is importable from here.
 
 Names are resolved on first use, so `import gemma_keras` (and the command line) does not

@@ -226,22 +226,22 @@ def test_cli_help_lists_every_command(repo_root):
         assert command in result.stdout
 
 
-def _readme_block(section):
-    """The first ```bash block after the README heading `section`, one command per line with
-    its trailing comment removed."""
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    after = readme[readme.index(section):]
+def _doc_bash_block(page, section):
+    """The first ```bash block after the heading `section` of `page` (in the repository), one
+    command per line with its trailing comment removed."""
+    text = (pathlib.Path(__file__).resolve().parents[1] / page).read_text()
+    after = text[text.index(section):]
     block = after[after.index("```bash\n") + len("```bash\n"):]
     block = block[: block.index("```")]
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 
-# The CLI's `generate` default (gemma_keras/cli.py), which the README's generate lines use.
+# The CLI's `generate` default (gemma_keras/cli.py), which docs/cli.md's generate lines use.
 CLI_GENERATE_MAX_NEW_TOKENS = 64
 
 
 def _expected_generate(lm, command):
-    """What `lm.generate` returns for a README `gemma-keras generate ... "prompt"` line: its
+    """What `lm.generate` returns for a docs/cli.md `gemma-keras generate ... "prompt"` line: its
     flags mapped to the Python keywords by hand (not by the CLI's own parser)."""
     import shlex
 
@@ -264,8 +264,9 @@ def _expected_generate(lm, command):
 
 
 @pytest.mark.once("torch")
-def test_readme_cli_block_runs_as_written(tmp_path, capsys, monkeypatch):
-    """Every line of the README's command-line block, as written, in a fresh directory on the
+def test_docs_cli_block_runs_as_written(tmp_path, capsys, monkeypatch):
+    """Every line of docs/cli.md's command-line block (the README's command lines are lines of
+    it: tests/test_docs.py), as written, in a fresh directory on the
     bundled demo preset: rc 0 and output, each generate line's text equal to `lm.generate`'s
     with the same options in this process (greedy with and without the chat template, and
     seeded top-p sampling streamed), then what each writing command wrote. The files the
@@ -281,7 +282,7 @@ def test_readme_cli_block_runs_as_written(tmp_path, capsys, monkeypatch):
     import gemma_keras as gk
     from gemma_keras import cli
 
-    commands = _readme_block("## Command line")
+    commands = _doc_bash_block("docs/cli.md", "# Command line")
     assert len(commands) >= 10 and all(c.split()[0] in ("gemma-keras", "echo") for c in commands)
     (tmp_path / "data.jsonl").write_text("\n".join(
         json.dumps({"prompt": f"Say {w}.", "response": f"{w} {w}"})
@@ -343,7 +344,7 @@ def test_readme_cli_block_runs_as_written(tmp_path, capsys, monkeypatch):
     tuned = gk.GemmaCausalLM.from_preset(str(tmp_path / "tuned"))
     changed = [not np.array_equal(a, b) for a, b in zip(tuned.get_weights(), demo.get_weights())]
     assert any(changed) and not all(changed)  # the merged projections moved, the rest did not
-    # The LiteRT file runs, and the targets are refused as the README says.
+    # The LiteRT file runs, and the targets are refused as docs/cli.md says.
     ran = bash("python -m gemma_keras.exporting.runner demo.tflite 'json.dumps(' "
                "--max-new-tokens 6")
     assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr[-2000:]
@@ -357,13 +358,13 @@ def test_readme_cli_block_runs_as_written(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.once("jax")
-def test_readme_evaluation_block_runs_as_written(capsys):
-    """The README's evaluation example, as written, on the bundled demo preset."""
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Evaluation"):]
+def test_docs_evaluation_block_runs_as_written(capsys):
+    """docs/evaluation.md's example, as written, on the bundled demo preset."""
+    page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    section = page[page.index("# Evaluation"):]
     block = section.split("```python\n", 1)[1].split("```", 1)[0]
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/evaluation.md", "exec"), namespace)
     choices, rolling = [eval(line) for line in capsys.readouterr().out.splitlines()]
     assert choices[0][0] > choices[1][0]  # the right docstring line is the likelier one
     assert len(rolling) == 1 and rolling[0] < 0

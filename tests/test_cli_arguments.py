@@ -2,7 +2,7 @@
 exit status 2, never a traceback, never a run that goes ahead. Also `--adapter` for generate
 and chat, and what an interrupted `finetune` says.
 
-Everything runs in this process (`cli.main`, as the README block's test does): most mistakes
+Everything runs in this process (`cli.main`, as the docs/cli.md block's test does): most mistakes
 are refused before Keras loads, and the rest after loading the bundled demo, which is cached
 after the first load (~0.1 s a row). The code paths do not depend on the backend: once."""
 

@@ -117,7 +117,7 @@ print(json.dumps(results))
 
 
 # The SavedModel's graph is TensorFlow code whichever backend built the model; the hand-over
-# from JAX and torch (a TensorFlow child process) is the LiteRT tests' and the README CLI
+# from JAX and torch (a TensorFlow child process) is the LiteRT tests' and the docs/cli.md
 # block's (`gemma-keras export`) there, so this one runs where the export is in-process.
 @conversion_variant
 def test_saved_model_in_a_process_without_keras_generates_like_keras(lm_of, demo, tmp_path,

@@ -263,7 +263,7 @@ def test_cli_stdin_prompt(demo):
     one_line_error(_cli(["generate"], stdin=""), "no prompt")
     one_line_error(_cli(["generate", ""]), "empty prompt")
     # The piped prompt, its trailing newline dropped, is what `generate("x(")` completes (the
-    # CLI's prompt-as-argument path is compared to lm.generate in the README CLI block's test,
+    # CLI's prompt-as-argument path is compared to lm.generate in the docs/cli.md block's test,
     # which also checks that a chat-templated answer shows no turn markers).
     piped = _cli(["generate", "--max-new-tokens", "6"], stdin="x(\n")
     assert piped.returncode == 0, piped.stderr[-2000:]

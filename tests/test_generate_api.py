@@ -76,10 +76,14 @@ def test_chat_template_false_and_base_models_continue_the_text(lm):
 
 
 class _Recorder:
-    """Stands in for `lm` (and its chats) while README lines run; records each completion."""
+    """Stands in for `lm` (and its chats) while README and docs lines run; records each
+    completion."""
 
     def __init__(self, lm):
         self.lm, self.completions = lm, []
+
+    def __getattr__(self, name):  # everything but generate and chat: the model's own
+        return getattr(self.lm, name)
 
     def generate(self, inputs, **kwargs):
         out = self.lm.generate(inputs, **kwargs)
@@ -116,29 +120,61 @@ class _Recorder:
         return Chat()
 
 
-def _readme_quickstart_calls():
-    readme = (REPO / "README.md").read_text()
-    block = readme.split("## Quickstart", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    lines = [line.split("  #")[0].strip() for line in block.splitlines()]
-    return [line for line in lines if "lm.generate(" in line or ".send(" in line]
+def _doc_python_block(path, heading):
+    """The first ```python block after the heading `heading` of `path` (in the repository)."""
+    text = (REPO / path).read_text()
+    return text.split(heading + "\n", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+
+
+def _api_page_lines():
+    """docs/api.md's every-call block (the README's Quickstart block before issue 35), one
+    line each with its trailing comment removed."""
+    block = _doc_python_block("docs/api.md", "## Every call in one screen")
+    return [line.split("  #")[0].strip() for line in block.splitlines()]
+
+
+def _check_completions(recorder, source, at_least):
+    assert len(recorder.completions) >= at_least, (source, recorder.completions)
+    for prompt, completion in recorder.completions:
+        for text in completion if isinstance(completion, list) else [completion]:
+            assert text.strip(), f"{source}: empty completion for {prompt!r}"
+            assert "<start_of_turn>" not in text and "<end_of_turn>" not in text
 
 
 @pytest.mark.once("torch")  # smoke: each call's feature has its own every-backend tests
-def test_every_readme_quickstart_generate_call_completes_on_the_demo(lm, capsys):
-    calls = _readme_quickstart_calls()
+def test_readme_quickstart_runs_as_written_on_the_demo(lm, tmp_path, monkeypatch, capsys):
+    """The README's Quickstart block, whole and as written, in a fresh directory: it loads
+    `gemma_demo` (the module's `lm`, loaded by the same call, stands in so that its compiled
+    steps serve here too), every completion it prints is text, and the preset is saved."""
+    block = _doc_python_block("README.md", "## Quickstart")
+    recorder, loaded = _Recorder(lm), []
+
+    def from_preset(preset, **kwargs):
+        loaded.append((preset, kwargs))
+        return recorder
+
+    monkeypatch.setattr(gk.GemmaCausalLM, "from_preset", staticmethod(from_preset))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    assert loaded == [("gemma_demo", {})]  # the fixture's own call
+    _check_completions(recorder, "README.md Quickstart", at_least=5)
+    printed = capsys.readouterr().out
+    for _, completion in recorder.completions:
+        if isinstance(completion, str):
+            assert completion in printed, (completion, printed)
+    assert (tmp_path / "my_gemma" / "config.json").is_file()
+
+
+@pytest.mark.once("torch")  # smoke: each call's feature has its own every-backend tests
+def test_every_api_page_generate_call_completes_on_the_demo(lm):
+    calls = [line for line in _api_page_lines() if "lm.generate(" in line or ".send(" in line]
     assert len(calls) >= 5, calls
-    recorder = _Recorder(lm)
     ids = np.array([lm.tokenizer.tokenize("json.dumps(", add_bos=True)])
     for line in calls:
-        before = len(recorder.completions)
+        recorder = _Recorder(lm)
         exec(line, {"lm": recorder, "gk": gk, "ids": ids, "mask": np.ones_like(ids),
                     "print": lambda *a, **k: None})
-        made = recorder.completions[before:]
-        assert made, line
-        for prompt, completion in made:
-            for text in completion if isinstance(completion, list) else [completion]:
-                assert text.strip(), f"{line}: empty completion for {prompt!r}"
-                assert "<start_of_turn>" not in text and "<end_of_turn>" not in text
+        _check_completions(recorder, line, at_least=1)
 
 
 # ---- defect 5: empty prompts and special pieces -------------------------------------------
@@ -277,20 +313,17 @@ def test_bad_chat_and_fit_arguments_are_gemma_errors(lm):
         assert isinstance(caught.value, kind), data
 
 
-# ---- logits as the README reads them (issue 32, item 10) --------------------------------------
-def _readme_logits_lines():
-    readme = (REPO / "README.md").read_text()
-    block = readme.split("## Quickstart", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    lines = [line.split("  #")[0].strip() for line in block.splitlines()]
-    return [line for line in lines if line.startswith(("import", "logits"))]
+# ---- logits as docs/api.md reads them (issue 32, item 10) --------------------------------------
+def _api_page_logits_lines():
+    return [line for line in _api_page_lines() if line.startswith(("import", "logits"))]
 
 
-def test_readme_logits_lines_give_numpy_in_the_compute_dtype_on_every_backend(lm, lm32):
-    """The Quickstart's logits lines, as written: what they leave is NumPy that np.asarray
+def test_api_page_logits_lines_give_numpy_in_the_compute_dtype_on_every_backend(lm, lm32):
+    """docs/api.md's logits lines, as written: what they leave is NumPy that np.asarray
     reads (on PyTorch `lm(...)` itself is a tensor in autograd's graph, which NumPy refuses,
-    and NumPy cannot read torch's bfloat16 at all), in the dtype the README states, equal to
+    and NumPy cannot read torch's bfloat16 at all), in the dtype docs/api.md states, equal to
     the model's own logits."""
-    lines = _readme_logits_lines()
+    lines = _api_page_logits_lines()
     assert any(line.startswith("logits = lm(") for line in lines), lines
     # The shape of _reference_greedy's first call: JAX's eager ops compiled here serve it.
     prompt = lm32.tokenizer.tokenize("json.dumps(", add_bos=True)
@@ -489,7 +522,7 @@ def test_cli_sampling_flags_equal_the_python_keywords(lm):
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout == lm.generate(QUESTION, max_new_tokens=10, top_p=0.9, seed=1,
                                      min_new_tokens=3, repetition_penalty=1.3) + "\n"
-    # --no-chat-template against chat_template=False: the README CLI block's test
+    # --no-chat-template against chat_template=False: the docs/cli.md block's test
     # (test_cli_and_guides.py) compares its `generate --no-chat-template` line to lm.generate.
     bad = cli("generate", "--sampler", "greedy", "--temperature", "0.5", "x")
     assert bad.returncode == 2 and "takes no temperature" in bad.stderr

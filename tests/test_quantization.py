@@ -208,13 +208,13 @@ def test_int4_embedding_lookup_takes_rows_before_unpacking(vocab_size):
 
 
 @pytest.mark.once("torch")
-def test_readme_quantization_block_runs_as_written(tmp_path, monkeypatch, capsys):
+def test_docs_quantization_block_runs_as_written(tmp_path, monkeypatch, capsys):
     import pathlib
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Quantization and low precision"):]
+    page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "quantization.md").read_text()
+    section = page[page.index("# Quantization and low precision"):]
     block = section.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {"gk": gk})
+    exec(compile(block, "docs/quantization.md", "exec"), {"gk": gk})
     assert "What does str.join do?" in capsys.readouterr().out
     assert (tmp_path / "demo_int4" / "config.json").is_file()
