@@ -3,8 +3,9 @@
 import keras
 from keras import ops
 
-from gemma_keras import backends, quantization
+from gemma_keras import backends, keras_internals, quantization
 from gemma_keras.backends.common import int4_nibbles
+from gemma_keras.checkpoints import quantizing
 from gemma_keras.config import GemmaConfig
 from gemma_keras.layers.kv_cache import CacheUpdate
 from gemma_keras.layers import precision
@@ -109,14 +110,11 @@ class GemmaBackbone(keras.Model):
         their own (`quantizing.has_quantize`): Keras warns once for every other leaf (the
         norms, dropout) and quantizes the same layers. `GemmaCausalLM.quantize` does the same
         for the whole model (with gemma_keras's defaults)."""
-        from keras.src.quantizers.utils import should_quantize_layer  # Keras' filter rule
-
-        from gemma_keras.checkpoints import quantizing
-
         given = filters
 
         def offered(layer):
-            return quantizing.has_quantize(layer) and should_quantize_layer(layer, given)
+            return (quantizing.has_quantize(layer)
+                    and keras_internals.quantize_filter(layer, given))
 
         super().quantize(mode, config=config, filters=offered, **kwargs)
 
@@ -130,12 +128,12 @@ class GemmaBackbone(keras.Model):
             logits = backends.get().linear(hidden, embedding.embeddings)
         elif embedding.quantization_mode == "int8":
             # Weight-only, as the projections: the table is [out, in] for the head too.
-            logits = backends.get().int8_linear(hidden, embedding._embeddings,
+            logits = backends.get().int8_linear(hidden, keras_internals.embedding_table(embedding),
                                                 embedding.embeddings_scale)
         elif _int4_table_fits(embedding):
             # Keras' grouped int4 table is gemma_keras.quantization's layout: the fused
             # product of the projections reads it as it is.
-            logits = backends.get().int4_linear(hidden, embedding._embeddings,
+            logits = backends.get().int4_linear(hidden, keras_internals.embedding_table(embedding),
                                                 embedding.embeddings_scale,
                                                 embedding.embeddings_zero)
         else:  # per-channel int4: Keras' own reverse path dequantizes the table
@@ -211,7 +209,8 @@ class GemmaBackbone(keras.Model):
 def _int4_rows(embedding, token_ids):
     """[batch, seq] ids -> [batch, seq, hidden] dequantized rows of a grouped int4 table."""
     ids = ops.cast(token_ids, "int32")
-    packed = ops.take(embedding._embeddings, ids, axis=0)  # [batch, seq, hidden / 2]
+    table = keras_internals.embedding_table(embedding)
+    packed = ops.take(table, ids, axis=0)  # [batch, seq, hidden / 2]
     scale = ops.take(embedding.embeddings_scale, ids, axis=0)[..., None]  # [b, s, groups, 1]
     zero = ops.cast(ops.take(embedding.embeddings_zero, ids, axis=0), scale.dtype)[..., None]
     low, high = int4_nibbles(packed)  # even and odd columns

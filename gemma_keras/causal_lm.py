@@ -8,6 +8,7 @@ import os
 
 import keras
 
+from gemma_keras import keras_internals
 from gemma_keras.backbone import GemmaBackbone
 from gemma_keras.checkpoints import quantizing
 from gemma_keras.checkpoints.weights import copied_backbone, quantized_layers
@@ -42,21 +43,9 @@ class GemmaCausalLM(keras.Model):
             self.preprocessor = GemmaCausalLMPreprocessor(tokenizer, chat_format=bool(instruct))
         self._steps = None
         self.built = True
-        # Keras wraps `quantize` on each instance and resolves `config` from `mode` before
-        # the method runs (so "int4" would be block 128 whatever block_size said, and a bad
-        # mode a bare ValueError): our arguments are checked first, and Keras' wrapper gets
-        # the resolved config.
-        keras_quantize = self.quantize
-
-        def quantize(mode=None, config=None, filters=None, block_size=128, **kwargs):
-            from gemma_keras.checkpoints import quantizing
-
-            quantizing.check_filters(filters, kwargs)
-            mode, config = quantizing.resolve(mode, block_size, config)
-            return keras_quantize(mode, config=config, filters=filters, **kwargs)
-
-        quantize.__doc__ = GemmaCausalLM.quantize.__doc__
-        self.quantize = quantize
+        # Our arguments (block_size, filters) are checked and resolved before Keras' own
+        # per-instance wrapper of `quantize` resolves `config` from `mode`.
+        keras_internals.check_quantize_arguments_first(self, _quantize_arguments)
 
     @property
     def config(self):
@@ -108,14 +97,10 @@ class GemmaCausalLM(keras.Model):
         another mode or a bad block size."""
         # The instance's `quantize` (set in __init__) resolves the arguments and calls this
         # through Keras' wrapper with `config` already resolved.
-        from keras.src.quantizers.utils import should_quantize_layer  # Keras' filter rule
-
-        from gemma_keras.checkpoints import quantizing
-
         table = self.backbone.token_embedding
         given, done = filters, None
         if (mode in quantizing.MODES and table.built and table.quantization_mode is None
-                and not table.lora_enabled and should_quantize_layer(table, given)):
+                and not table.lora_enabled and keras_internals.quantize_filter(table, given)):
             # The table in row chunks (Keras quantizes it whole: several float32 copies of
             # a 256k-row table), then Keras' loop for the rest.
             quantizing.quantize_built_table(table, mode, config)
@@ -123,13 +108,13 @@ class GemmaCausalLM(keras.Model):
             # What Keras does after its loop changed a layer (its loop may change none now):
             # drop the compiled fit/predict functions, retrack torch's parameter lists.
             self.train_function = self.test_function = self.predict_function = None
-            self._post_quantize(mode)
+            keras_internals.after_quantize(self, mode)
 
         def filters(layer):
             # Only layers with a quantize() of their own are offered to Keras' loop: it
             # warns for every other leaf (RMSNorm, Dropout) and quantizes the same layers.
             return (layer is not done and quantizing.has_quantize(layer)
-                    and should_quantize_layer(layer, given))
+                    and keras_internals.quantize_filter(layer, given))
 
         super().quantize(mode, config=config, filters=filters, **kwargs)
 
@@ -400,6 +385,12 @@ class GemmaCausalLM(keras.Model):
         write_preset(self.backbone, self.tokenizer, preset_dir, max_shard_size=max_shard_size,
                      sequence_length=self.config.max_sequence_length, overwrite=overwrite,
                      instruct=self.instruct)
+
+
+def _quantize_arguments(mode, config, filters, block_size, kwargs):
+    """`quantize()`'s arguments checked and resolved to Keras' (mode, config)."""
+    quantizing.check_filters(filters, kwargs)
+    return quantizing.resolve(mode, block_size, config)
 
 
 def _check_path(name, value, what):

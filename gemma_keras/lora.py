@@ -12,6 +12,7 @@ import pathlib
 
 import keras
 
+from gemma_keras import keras_internals
 from gemma_keras.checkpoints.atomic import atomic_file
 from gemma_keras.errors import (ArgumentTypeError, CheckpointError, ConfigError,
                                 InvalidArgumentError, WeightShapeError)
@@ -29,7 +30,7 @@ def projections(backbone):
     found = {}
     for block in backbone.transformer_layers:
         for owner in (block.attention, block.ffw):
-            for layer in owner._flatten_layers(include_self=False, recursive=False):
+            for layer in keras_internals.sublayers(owner, recursive=False):
                 if layer.name in ALL_TARGETS:
                     found[f"{block.name}/{owner.name}/{layer.name}"] = layer
     return found
@@ -81,7 +82,7 @@ def enable_lora(backbone, rank, alpha=None, target_names=DEFAULT_TARGETS):
             f"LoRA is already enabled (rank {state['rank']}, targets {state['target_names']}). "
             "To start a new adapter, first fold this one in with lm.merge_lora() or drop it "
             "with lm.disable_lora().")
-    for layer in backbone._flatten_layers(include_self=False):
+    for layer in keras_internals.sublayers(backbone):
         layer.trainable = False
     for layer in projections(backbone).values():
         if layer.name in target_names:
@@ -120,7 +121,7 @@ def disable_lora(backbone):
 
 
 def _unfreeze(backbone):
-    for layer in backbone._flatten_layers(include_self=False):
+    for layer in keras_internals.sublayers(backbone):
         layer.trainable = True
 
 

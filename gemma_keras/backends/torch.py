@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import torch
 
+from gemma_keras import keras_internals
 from gemma_keras.backends import common
 from gemma_keras.backends.common import shard_cache  # noqa: F401  (no keras.distribution)
 
@@ -229,7 +230,7 @@ def _real_value(variable):
     """The stored tensor of a Keras variable, even inside a StatelessScope (a trace maps
     variables to graph inputs; derived tensors are made from what is stored)."""
     if isinstance(variable, keras.Variable):
-        return variable._value
+        return keras_internals.stored_value(variable)
     return keras.ops.convert_to_tensor(variable)
 
 

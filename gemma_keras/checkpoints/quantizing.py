@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import keras
 import numpy as np
 
+from gemma_keras import keras_internals
 from gemma_keras.errors import ArgumentTypeError, ConfigError
 from gemma_keras.layers.linear import DropsVariablesQuietly, drop_variable, own_variables
 
@@ -126,38 +127,6 @@ def check_policy_mode(value, source) -> str:
 QUANTIZABLE = ("kernel", "embeddings")  # the variable attributes whose layers quantize
 
 
-def _retrack(layer):
-    # Keras' torch layers keep a ParameterDict of their variables, made when built: without
-    # this the dropped float kernel would stay referenced (Keras' Model.quantize does the
-    # same after quantizing).
-    track = getattr(layer, "_track_variables", None)
-    if track is not None:
-        track()
-
-
-def after_build(layer, action) -> None:
-    """Runs `action(layer)` once, right after `layer` is built (before its parents finish
-    building). Keras already wraps each layer's `build` in an instance attribute; this wraps
-    that wrapper and puts it back after the first call."""
-    original = layer.build
-
-    def build(*args, **kwargs):
-        original(*args, **kwargs)
-        layer.build = original
-        action(layer)
-        _retrack(layer)
-
-    build.gemma_keras_original = original
-    layer.build = build
-
-
-def undo_after_build(layer) -> None:
-    """Removes a hook `after_build` left (when the layer was never built)."""
-    original = getattr(layer.build, "gemma_keras_original", None)
-    if original is not None:
-        layer.build = original
-
-
 def quantizer(mode, config):
     """The `after_build` action that quantizes a layer as `Model.quantize` would."""
     def quantize(layer):
@@ -218,23 +187,21 @@ def quantize_built_table(layer, mode, config) -> None:
     table and one chunk's temporaries instead. The steps are Keras' own
     (`ReversibleEmbedding.quantize`: check, drop the float variable, `quantized_build`, the
     policy "<mode>_from_<float policy>"), with the same integers and scales, bit for bit."""
-    layer._check_quantize_args(mode, layer.compute_dtype)  # Keras' own errors, first
+    keras_internals.check_quantize_args(layer, mode)  # Keras' own errors, first
     float_policy = layer.dtype_policy
-    table = np.asarray(keras.ops.convert_to_numpy(layer._embeddings))  # [vocab, hidden]
+    # [vocab, hidden]
+    table = np.asarray(keras.ops.convert_to_numpy(keras_internals.embedding_table(layer)))
     layer.quantization_config = config
-    layer._tracker.unlock()  # as Keras' quantize wrapper: variables change while unlocked
-    try:
-        drop_variable(layer, "_embeddings")
+    with keras_internals.variables_unlocked(layer):  # as Keras' quantize wrapper
+        drop_variable(layer, keras_internals.EMBEDDINGS_ATTR)
         layer.quantized_build((layer.input_dim, layer.output_dim), mode, config)
-    finally:
-        layer._tracker.lock()
     layer.dtype_policy = keras.dtype_policies.get(
         f"{policy_mode(mode, config)}_from_{float_policy.name}")
     # (The policy first: it decides which variables the layer saves and loads.)
     values = quantize_table(table, float_policy, mode, config, own_variables(layer))
     del table
     layer.load_own_variables(values)
-    _retrack(layer)
+    keras_internals.retrack_variables(layer)
 
 
 def requested(quantize, block_size) -> Optional[Tuple[str, object]]:

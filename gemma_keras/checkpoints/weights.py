@@ -15,7 +15,7 @@ import keras
 import ml_dtypes
 import numpy as np
 
-from gemma_keras import backends
+from gemma_keras import backends, keras_internals
 from gemma_keras.backbone import GemmaBackbone
 from gemma_keras.checkpoints import progress, quantizing
 from gemma_keras.errors import CheckpointError, ConfigError, WeightShapeError
@@ -266,7 +266,7 @@ def install_checkpoint(backbone, reader: Reader, source: str, quantize=None) -> 
             layer.dtype_policy = keras.dtype_policies.get(
                 f"{entry.mode}_from_{layer.dtype_policy.name}")
             layer.quantization_config = quantizing.config_for(entry.mode)[1]
-            quantizing.after_build(layer, _load_quantized(name, entry, source))
+            keras_internals.after_build(layer, _load_quantized(name, entry, source))
             continue
         if quantize is not None and attr == "embeddings":
             # Built quantized, its values quantized from the float table in row chunks
@@ -276,12 +276,12 @@ def install_checkpoint(backbone, reader: Reader, source: str, quantize=None) -> 
             layer.dtype_policy = keras.dtype_policies.get(
                 f"{quantizing.policy_mode(*quantize)}_from_{float_policy.name}")
             layer.quantization_config = quantize[1] or quantizing.config_for("int8")[1]
-            quantizing.after_build(layer, _quantize_table(name, entry, source, float_policy,
+            keras_internals.after_build(layer, _quantize_table(name, entry, source, float_policy,
                                                           quantize))
             continue
         setattr(layer, _INITIALIZER_ATTR[attr], _FromCheckpoint(name, entry, source))
         if quantize is not None and attr in quantizing.QUANTIZABLE:
-            quantizing.after_build(layer, quantizing.quantizer(*quantize))
+            keras_internals.after_build(layer, quantizing.quantizer(*quantize))
     progress.start(f"reading {source}", len(table))
 
 
@@ -293,7 +293,7 @@ def release_checkpoint(backbone) -> None:
     process with the three backends imported (44% of the parity tests' time)."""
     for _, layer, attr in layer_table(backbone):
         setattr(layer, _INITIALIZER_ATTR[attr], keras.initializers.Zeros())
-        quantizing.undo_after_build(layer)
+        keras_internals.undo_after_build(layer)
 
 
 def read_chunked(out: np.ndarray, read_rows, rows: int) -> np.ndarray:

@@ -83,6 +83,8 @@ def export(lm, path, format=None, quantize=None, max_length=None,
 
 def _spec(lm, path, format, quantize, max_length, prefill_length, allow_large_file,
           overwrite=False):
+    # Here, not at the top: the LiteRT runner imports this package and no Keras.
+    from gemma_keras import keras_internals
     from gemma_keras.causal_lm import GemmaCausalLM
 
     if not isinstance(lm, GemmaCausalLM):
@@ -117,7 +119,7 @@ def _spec(lm, path, format, quantize, max_length, prefill_length, allow_large_fi
     if not isinstance(prefill_length, int) or not 1 <= prefill_length <= max_length:
         raise ConfigError(f"prefill_length={prefill_length!r} must be an integer in "
                           f"[1, max_length={max_length}].")
-    for layer in lm.backbone._flatten_layers(include_self=False):
+    for layer in keras_internals.sublayers(lm.backbone):
         mode = getattr(layer, "quantization_mode", None)
         if mode is not None:
             raise ExportError(

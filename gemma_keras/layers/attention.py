@@ -4,6 +4,7 @@ optional QK-norm (Gemma 3), global or sliding-window masking chosen by the calle
 import keras
 from keras import ops
 
+from gemma_keras import keras_internals
 from gemma_keras.layers import precision
 from gemma_keras.layers.linear import Linear
 from gemma_keras.layers.rms_norm import GemmaRMSNorm
@@ -36,7 +37,7 @@ class GemmaAttention(keras.layers.Layer):
         # Keras would cast every float argument to the compute dtype, the float32 RoPE tables
         # included (the bf16 position trap), and walk the cache's structure on every call.
         # Inputs arrive in the right dtypes from the backbone.
-        self._convert_input_args = False
+        keras_internals.keep_input_dtypes(self)
         self.num_query_heads = num_query_heads
         self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim

@@ -4,6 +4,7 @@
 import keras
 from keras import ops
 
+from gemma_keras import keras_internals
 from gemma_keras.config import GemmaConfig
 from gemma_keras.layers import precision
 from gemma_keras.layers.attention import GemmaAttention
@@ -17,7 +18,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
         # Keras would cast every float argument to the compute dtype, the float32 RoPE tables
         # included (the bf16 position trap), and walk the cache's structure on every call.
         # Inputs arrive in the right dtypes from the backbone.
-        self._convert_input_args = False
+        keras_internals.keep_input_dtypes(self)
         self.config = config
         self.layer_index = layer_index
         eps, policy = config.layer_norm_epsilon, self.dtype_policy
@@ -45,7 +46,7 @@ class GemmaDecoderBlock(keras.layers.Layer):
             if config.use_post_ffw_norm else None)
         self.residual_dropout = keras.layers.Dropout(config.dropout, dtype=policy)
         # It sees the residual branch, float32 under float16 (layers/precision.py): no cast.
-        self.residual_dropout._convert_input_args = False
+        keras_internals.keep_input_dtypes(self.residual_dropout)
 
     def build(self, input_shape):
         for layer in (self.pre_attention_norm, self.attention, self.pre_ffw_norm, self.ffw,

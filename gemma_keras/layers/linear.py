@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from gemma_keras import backends, quantization
+from gemma_keras import backends, keras_internals, quantization
 
 
 def drop_variable(layer, name):
@@ -16,7 +16,7 @@ def drop_variable(layer, name):
     suite's 267 s in-process CPU, profiled with py-spy). Dropping the last reference frees
     the buffer just the same: untrack it as Keras does, then skip to the backend layer's own
     __delattr__ (torch.nn.Module's on torch)."""
-    layer._untrack_variable(getattr(layer, name))
+    keras_internals.untrack_variable(layer, getattr(layer, name))
     super(keras.layers.Layer, layer).__delattr__(name)
 
 
@@ -91,11 +91,9 @@ class Linear(DropsVariablesQuietly, keras.layers.EinsumDense):
         return self.quantization_mode == "int4" and getattr(self, "_int4_own_layout", False)
 
     def _int4_build(self, kernel_shape, config=None):
-        from keras.src.quantizers.quantization_config import get_block_size_for_layer
-
         out_features, in_features = kernel_shape
         block_size = quantization.int4_group(in_features,
-                                             get_block_size_for_layer(self, config))
+                                             keras_internals.int4_block_size(self, config))
         if block_size is None:  # an odd width: Keras' own int4
             self._int4_own_layout = False
             return super()._int4_build(kernel_shape, config)
@@ -186,9 +184,7 @@ class Linear(DropsVariablesQuietly, keras.layers.EinsumDense):
         # exact here.
         if mode != "int4":
             return super().quantize(mode, type_check=False, config=config)
-        from keras.src.quantizers.quantization_config import get_block_size_for_layer
-
-        requested = get_block_size_for_layer(self, config)
+        requested = keras_internals.int4_block_size(self, config)
         block_size = quantization.int4_group(self._kernel.shape[1], requested)
         if block_size is None:
             return super().quantize(mode, type_check=False, config=config)

@@ -3,13 +3,15 @@
 import keras
 from keras import ops
 
+from gemma_keras import keras_internals
+
 
 class GemmaRMSNorm(keras.layers.Layer):
     def __init__(self, epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
         # Keras would cast the input to the compute dtype first: under float16 the float32
         # residual stream (layers/precision.py) would overflow before it is normalised.
-        self._convert_input_args = False
+        keras_internals.keep_input_dtypes(self)
         self.epsilon = epsilon
         # Stored as an offset from 1 (the checkpoints' convention), so zeros is the identity.
         self.scale_initializer = keras.initializers.Zeros()
