@@ -42,6 +42,7 @@ _EXPORTS = {
     "TargetExistsError": "gemma_keras.errors",
     "MissingExtraError": "gemma_keras.errors",
     "SpeculationWarning": "gemma_keras.errors",
+    "GenerateOptions": "gemma_keras.generation.options",
     "export": "gemma_keras.exporting",  # the function; the package is gemma_keras.exporting
 }
 # Modules that import no Keras: names from them resolve without settling a backend, so that

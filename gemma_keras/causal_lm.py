@@ -13,7 +13,11 @@ from gemma_keras.backbone import GemmaBackbone
 from gemma_keras.checkpoints import quantizing
 from gemma_keras.checkpoints.weights import copied_backbone, quantized_layers
 from gemma_keras.errors import ArgumentTypeError, ConfigError, InvalidArgumentError
+from gemma_keras.generation import options as options_module
 from gemma_keras.generation.drafting import SELF_DRAFT_MODES
+from gemma_keras.generation import chat as chat_module
+from gemma_keras.generation import generate as generate_module
+from gemma_keras.generation.options import GenerateOptions
 from gemma_keras.tokenizer import TOKENIZER_FILES, GemmaTokenizer
 
 
@@ -199,16 +203,12 @@ class GemmaCausalLM(keras.Model):
         turns: `chat = lm.chat(); chat.send("Hi")`; `chat.send(..., stream=True)` streams.
         draft, draft_tokens: every reply is decoded speculatively, as `generate`'s. The
         sampling keywords go to each `send`."""
-        from gemma_keras.generation import chat as chat_module
-        from gemma_keras.generation.chat import ChatSession
-        from gemma_keras.generation.options import refuse_unknown_keywords
-
-        refuse_unknown_keywords(
+        options_module.refuse_unknown_keywords(
             "chat()", unknown, ["system", "draft", "draft_tokens"],
             {name: f"It is a keyword of each reply: chat.send(message, {name}=...)"
              for name in chat_module.SEND_KEYWORDS})
-
-        return ChatSession(self, system=system, draft=draft, draft_tokens=draft_tokens)
+        return chat_module.ChatSession(self, system=system, draft=draft,
+                                       draft_tokens=draft_tokens)
 
     def draft_model(self, draft):
         """The GemmaCausalLM that drafts for this model under `generate(draft=...)`: `draft`
@@ -217,12 +217,7 @@ class GemmaCausalLM(keras.Model):
         (rebuilt when its variables change: quantize(), enable_lora())."""
         return _draft_model(self, draft)
 
-    def generate(self, inputs=None, max_length=None, max_new_tokens=None, sampler=None,
-                 stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
-                 temperature=None, top_k=None, top_p=None, min_p=None, min_new_tokens=0,
-                 repetition_penalty=None, chat_template="auto", include_prompt=True,
-                 num_beams=None, length_penalty=None, early_stopping=None, return_beams=False,
-                 skip_special_tokens=True, draft=None, draft_tokens=None, **unknown):
+    def generate(self, inputs=None, *args, **kwargs):
         """Generates text with a KV cache: the prompt in one pass, then one compiled step per
         token.
 
@@ -283,19 +278,16 @@ class GemmaCausalLM(keras.Model):
         float32 logits: switching them never recompiles. Bad arguments raise
         `gk.InvalidArgumentError` / `gk.ArgumentTypeError` before any compilation; an
         unknown keyword (`max_tokens=`) is a `gk.ArgumentTypeError` naming the one to use.
+        options: a `gk.GenerateOptions` holding any of these (keywords given beside it
+        override its values).
         """
-        from gemma_keras.generation.generate import generate
+        return generate_module.generate(
+            self, inputs, GenerateOptions.from_call("generate()", args, kwargs))
 
-        return generate(self, inputs, max_length=max_length, max_new_tokens=max_new_tokens,
-                        sampler=sampler, stop_token_ids=stop_token_ids, seed=seed,
-                        stream=stream, stop_strings=stop_strings, temperature=temperature,
-                        top_k=top_k, top_p=top_p, min_p=min_p,
-                        min_new_tokens=min_new_tokens,
-                        repetition_penalty=repetition_penalty, chat_template=chat_template,
-                        num_beams=num_beams, length_penalty=length_penalty,
-                        early_stopping=early_stopping, return_beams=return_beams,
-                        include_prompt=include_prompt, skip_special_tokens=skip_special_tokens,
-                        draft=draft, draft_tokens=draft_tokens, **unknown)
+    # The keywords are GenerateOptions' fields (their one definition); this signature
+    # shows them to help(), IDEs and inspect.
+    generate.__signature__ = options_module.signature_of(
+        generate, "inputs", options_module.FIELDS, options_module.POSITIONAL)
 
     # ---- scoring ------------------------------------------------------------------------
     def score(self, token_ids, padding_mask=None, scoring_mode="logits",

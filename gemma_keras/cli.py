@@ -99,20 +99,20 @@ def _inspect(args):
 def _generate(args):
     lm = _with_adapter(_load(args), args)
     prompts = args.prompt
-    options = dict(max_new_tokens=args.max_new_tokens, stop_strings=args.stop or None,
-                   chat_template=args.chat_template, num_beams=args.num_beams,
-                   length_penalty=args.length_penalty, **_drafting(args), **_sampling(args))
+    options = _options(args, stop_strings=args.stop or None, chat_template=args.chat_template,
+                       num_beams=args.num_beams, length_penalty=args.length_penalty,
+                       **_drafting(args))
     if args.stream:
         if (args.num_beams or 1) > 1:  # before a prompt is printed
             raise UsageError("--stream cannot show beam search: it chooses whole "
                              "completions at the end. Drop --stream or --num-beams.")
         for prompt in prompts:
             print(prompt, end="", flush=True)
-            for piece in lm.generate(prompt, stream=True, **options):
+            for piece in lm.generate(prompt, stream=True, options=options):
                 print(piece, end="", flush=True)
             print()
         return
-    for text in lm.generate(prompts, **options):
+    for text in lm.generate(prompts, options=options):
         print(text)
 
 
@@ -123,6 +123,7 @@ def _chat(args):
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message "
                          f"in the model's context of {limit} tokens; lower it.")
     session = lm.chat(system=args.system, **_drafting(args))
+    options = _options(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"Chatting with {args.preset}. /reset starts over, /exit (or Ctrl-D) ends.")
@@ -140,8 +141,7 @@ def _chat(args):
             print("(conversation cleared)")
             continue
         try:
-            for piece in session.send(message, max_new_tokens=args.max_new_tokens,
-                                      stream=True, **_sampling(args)):
+            for piece in session.send(message, stream=True, options=options):
                 print(piece, end="", flush=True)
         except ValueError as e:  # the conversation outgrew the context
             raise UsageError(str(e)) from e
@@ -632,12 +632,18 @@ def _check_sampling(args):
                          f"--max-new-tokens {args.max_new_tokens}; raise --max-new-tokens.")
 
 
-def _sampling(args):
-    """generate's sampling keywords, as in Python: --temperature / --top-k / --top-p /
-    --min-p alone pick the sampler; with --sampler they set its parameters."""
-    return dict(sampler=args.sampler, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-                min_new_tokens=args.min_new_tokens, repetition_penalty=args.repetition_penalty)
+def _options(args, **more):
+    """The generate options of `generate` and `chat`: --max-new-tokens and the sampling
+    options, as in Python (--temperature / --top-k / --top-p / --min-p alone pick the
+    sampler; with --sampler they set its parameters), and `more`."""
+    # Here: the CLI's start (help, argument errors) imports nothing but the standard library.
+    from gemma_keras.generation.options import GenerateOptions
+
+    return GenerateOptions(
+        max_new_tokens=args.max_new_tokens, sampler=args.sampler,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        seed=args.seed, min_new_tokens=args.min_new_tokens,
+        repetition_penalty=args.repetition_penalty, **more)
 
 
 def _read_jsonl(path):

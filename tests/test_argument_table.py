@@ -120,6 +120,9 @@ TABLE = [
     ("draft_tokens", _gen(draft_tokens=4)),
     ("max_tokens", _gen(max_tokens=5)),
     ("do_sample", _gen(do_sample=True)),
+    ("options", _gen(options={"max_new_tokens": 4})),
+    ("max_length", lambda e: e.lm.generate("x", 4, max_length=4)),
+    ("positional", lambda e: e.lm.generate("x", *([None] * 8))),
     # ---- chat -------------------------------------------------------------------------------
     ("system", lambda e: e.lm.chat(system=5)),
     ("max_new_tokens", lambda e: e.lm.chat(max_new_tokens=5)),
@@ -128,6 +131,7 @@ TABLE = [
     ("max_new_tokens", _send(max_new_tokens=0)),
     ("min_new_tokens", _send(max_new_tokens=4, min_new_tokens=8)),
     ("seed", _send(seed="abc")),
+    ("options", _send(options=5)),
     ("stream", _send(stream="yes")),
     ("top_p", _send(top_p=2.0)),
     ("min_p", _send(min_p=-0.5)),

@@ -186,7 +186,7 @@ def test_bad_beam_arguments_are_one_gemma_error_before_compiling(
 
 @pytest.mark.once("jax")
 def test_one_beam_is_greedy_and_chat_refuses_beams(models):
-    args = generate_module.check_arguments()
+    args = gk.GenerateOptions().checked()
     sampler, beams = beam.plan(BeamSampler(num_beams=1), False, args)
     assert isinstance(sampler, GreedySampler) and beams is None
     assert gk.samplers.get_sampler("beam").num_beams == 5  # keras-hub's default

@@ -3,6 +3,8 @@ what comes back (prompt, completion, special pieces), the transformers-style key
 (temperature / top_k / top_p, min_new_tokens, repetition_penalty) checked against
 transformers' own logits processors, seeds, and one clear GemmaError per bad argument."""
 
+import dataclasses
+import inspect
 import json
 import os
 import pathlib
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 import gemma_keras as gk
+from gemma_keras.generation import chat as chat_module
 from gemma_keras.generation import generate as generate_module
 from gemma_keras.generation.samplers import (GreedySampler, TopPSampler,
                                              apply_repetition_penalty, build_sampler)
@@ -466,6 +469,28 @@ def test_chat_send_takes_the_same_keywords(lm):
     assert a == b and a.strip()
     reply = lm.chat().send(QUESTION, max_new_tokens=12, min_new_tokens=12)
     assert len(lm.tokenizer.tokenize(reply)) >= 6
+
+
+def test_generate_options_are_the_keywords_in_one_object(lm):
+    # The signatures are made from the one definition: every field, in order.
+    fields = [f.name for f in dataclasses.fields(gk.GenerateOptions)]
+    names = list(inspect.signature(gk.GemmaCausalLM.generate).parameters)
+    assert names == ["self", "inputs", *fields, "options"]
+    send = list(inspect.signature(chat_module.ChatSession.send).parameters)
+    assert send[:2] == ["self", "message"] and set(send[2:-1]) <= set(fields)
+    prompts = [QUESTION, "def f(x):"]
+    opts = gk.GenerateOptions(max_new_tokens=10, top_p=0.9, seed=4, repetition_penalty=1.2)
+    by_keywords = lm.generate(prompts, max_new_tokens=10, top_p=0.9, seed=4,
+                              repetition_penalty=1.2)
+    assert lm.generate(prompts, options=opts) == by_keywords
+    # A keyword beside options overrides its field; positional ones keep keras-hub's order.
+    assert lm.generate(prompts, options=opts, seed=5) == lm.generate(
+        prompts, max_new_tokens=10, top_p=0.9, seed=5, repetition_penalty=1.2)
+    assert lm.generate(prompts[1], 12, chat_template=False) == lm.generate(
+        prompts[1], max_length=12, chat_template=False)
+    # chat.send takes the fields a reply has from the same object.
+    assert lm.chat().send(QUESTION, options=opts) == lm.chat().send(
+        QUESTION, max_new_tokens=10, top_p=0.9, seed=4, repetition_penalty=1.2)
 
 
 # ---- defect 6: reproducibility ------------------------------------------------------------

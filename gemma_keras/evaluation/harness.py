@@ -28,6 +28,7 @@ run (the tokens are the same); do_sample without top_k samples from the whole di
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from gemma_keras.errors import MissingExtraError
 
@@ -52,6 +53,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
+from gemma_keras.generation.options import GenerateOptions, whole_number
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MAX_GEN_TOKS = 256
@@ -318,14 +320,14 @@ class GemmaKerasLM(lm_eval.api.model.TemplateLM):
         with tqdm(total=len(requests), disable=disable_tqdm,
                   desc="Running generate_until requests") as bar:
             for indices in groups.values():
-                options = self._generation_options(requests[indices[0]].args[1])
-                until = options.pop("until")
+                until, options = self._generation_options(requests[indices[0]].args[1])
                 contexts = {i: self.tok_encode(requests[i].args[0]) for i in indices}
                 indices = sorted(indices, key=lambda i: -len(contexts[i]))
                 for start in range(0, len(indices), self._batch_size):
                     batch = indices[start:start + self._batch_size]
                     seed = int(rng.integers(2 ** 31))
-                    texts = self._generate([contexts[i] for i in batch], until, seed, **options)
+                    texts = self._generate([contexts[i] for i in batch], until,
+                                           dataclasses.replace(options, seed=seed))
                     for i, text in zip(batch, texts):
                         results[i] = text
                         self.cache_hook.add_partial("generate_until", requests[i].args, text)
@@ -333,7 +335,9 @@ class GemmaKerasLM(lm_eval.api.model.TemplateLM):
         return results
 
     def _generation_options(self, gen_kwargs):
-        """gen_kwargs as lm-eval normalizes them -> generate's keywords."""
+        """gen_kwargs as lm-eval normalizes them -> (the stop strings, generate's options):
+        the completion alone, the context as it is (lm-eval applies the chat template
+        itself with --apply_chat_template)."""
         if not isinstance(gen_kwargs, dict):
             raise ArgumentTypeError(f"generate_until: gen_kwargs must be a dict, got "
                                     f"{type(gen_kwargs).__name__}.")
@@ -359,21 +363,23 @@ class GemmaKerasLM(lm_eval.api.model.TemplateLM):
         temperature = float(gen_kwargs.get("temperature") or 0.0)
         do_sample = gen_kwargs.get("do_sample")
         sample = temperature > 0.0 if do_sample is None else bool(do_sample)
-        options = dict(until=[s for s in until if s], max_new_tokens=new)
+        until = [s for s in until if s]
         if sample and temperature > 0.0:
             # generate picks the sampler from these, as transformers does (top_p, else
             # top_k, else plain sampling at the temperature).
-            options.update(temperature=temperature, top_k=gen_kwargs.get("top_k"),
-                           top_p=gen_kwargs.get("top_p"))
+            sampling = dict(temperature=temperature, top_k=gen_kwargs.get("top_k"),
+                            top_p=gen_kwargs.get("top_p"))
         else:
             # Greedy: do_sample False, or a temperature of 0 (the limit of sampling).
-            options.update(sampler="greedy")
-        options["repetition_penalty"] = gen_kwargs.get("repetition_penalty")
-        return options
+            sampling = dict(sampler="greedy")
+        return until, GenerateOptions(
+            max_new_tokens=new, stop_strings=until or None, include_prompt=False,
+            chat_template=False, repetition_penalty=gen_kwargs.get("repetition_penalty"),
+            **sampling)
 
-    def _generate(self, contexts, until, seed, max_new_tokens, **sampling):
+    def _generate(self, contexts, until, options):
         # Contexts lose their oldest tokens to leave room for the new ones, as HFLM's.
-        room = self._max_length - max_new_tokens
+        room = self._max_length - options.max_new_tokens
         contexts = [c[-room:] for c in contexts]
         width = max(len(c) for c in contexts)
         ids = np.zeros((len(contexts), width), "int32")
@@ -386,11 +392,8 @@ class GemmaKerasLM(lm_eval.api.model.TemplateLM):
             # An instruct model ends its turn with <end_of_turn> (transformers' generation
             # config for Gemma's instruct checkpoints stops on it too).
             stop_ids.append(self._tokenizer.end_of_turn_id)
-        # chat_template=False: lm-eval applies the chat template itself (--apply_chat_template).
         out = self.lm.generate({"token_ids": ids, "padding_mask": mask},
-                               max_new_tokens=max_new_tokens, stop_strings=until or None,
-                               stop_token_ids=stop_ids, seed=seed, include_prompt=False,
-                               chat_template=False, **sampling)
+                               options=dataclasses.replace(options, stop_token_ids=stop_ids))
         texts = []
         for row, keep in zip(np.asarray(out["token_ids"]), np.asarray(out["padding_mask"])):
             text = self.tok_decode(row[keep].tolist())
@@ -459,8 +462,6 @@ def _freeze(value):
 
 
 def _whole(name, value):
-    from gemma_keras.generation.options import whole_number
-
     return whole_number(f"model_args {name}",
                         value.item() if isinstance(value, np.generic) else value, 1)
 

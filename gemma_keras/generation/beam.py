@@ -50,8 +50,9 @@ EXCLUDED = np.float32(-1.0e9)
 
 def plan(sampler, return_beams, args) -> Tuple[object, Optional[BeamSampler]]:
     """(the sampler to decode with, the BeamSampler of a beam search or None), with every
-    combination beam search cannot serve refused before anything compiles. num_beams=1 is
-    greedy decoding (as in transformers) unless all beams are asked for."""
+    combination beam search cannot serve refused before anything compiles (args: the
+    checked `GenerateOptions`). num_beams=1 is greedy decoding (as in transformers) unless
+    all beams are asked for."""
     return_beams = options.flag("return_beams", return_beams)
     if not isinstance(sampler, BeamSampler):
         if return_beams:
@@ -67,7 +68,7 @@ def plan(sampler, return_beams, args) -> Tuple[object, Optional[BeamSampler]]:
     elif sampler.num_beams == 1:
         return GreedySampler(), None
     for refused, reason in _REFUSED:
-        if args[refused] not in (None, False):
+        if getattr(args, refused) not in (None, False):
             raise InvalidArgumentError(f"Beam search (num_beams={sampler.num_beams}) does not "
                                        f"take {refused}: {reason}")
     return sampler, sampler

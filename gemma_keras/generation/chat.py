@@ -10,7 +10,6 @@ format's owner, writes every turn).
 
 from __future__ import annotations
 
-import inspect
 from typing import Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -18,7 +17,7 @@ import numpy as np
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation import drafting, options
 from gemma_keras.generation.generate import resolve_stop_ids
-from gemma_keras.generation.options import Decoding
+from gemma_keras.generation.options import Decoding, GenerateOptions
 from gemma_keras.generation.samplers import (BeamSampler, build_sampler,
                                              check_repetition_penalty)
 from gemma_keras.generation.session import GenerationSession, Stopping, cache_bucket
@@ -87,10 +86,7 @@ class ChatSession:
             session.extend([chunk])
         self._pending = []
 
-    def send(self, message: str = None, max_new_tokens: int = 256, sampler=None, seed=None,
-             stream: bool = False, *, temperature=None, top_k=None, top_p=None,
-             min_p=None, min_new_tokens=0, repetition_penalty=None,
-             **unknown) -> Union[str, Iterator[str]]:
+    def send(self, message: str = None, *args, **kwargs) -> Union[str, Iterator[str]]:
         """Adds a user message and returns the reply (or, with stream=True, an iterator of
         its pieces; the reply joins the history when the iterator is exhausted).
 
@@ -98,21 +94,25 @@ class ChatSession:
         the conversation so far. The reply never contains special pieces. generate's other
         keywords (beam search, stop strings, drafts, ...) are a gk.ArgumentTypeError that
         says where they go."""
-        options.refuse_unknown_keywords("chat.send()", unknown, SEND_KEYWORDS, SEND_ADVICE)
+        given = GenerateOptions.from_call(
+            "chat.send()", args, kwargs, fields=options.SEND_FIELDS,
+            positional=options.SEND_POSITIONAL, defaults=options.SEND_DEFAULTS,
+            advice=SEND_ADVICE, first="message")
         if not isinstance(message, str):
             raise ArgumentTypeError(f"send() takes the message as a string, got "
                                     f"{type(message).__name__}.")
-        max_new_tokens = options.whole_number("max_new_tokens", max_new_tokens, 1)
-        min_new_tokens = options.whole_number("min_new_tokens", min_new_tokens, 0)
+        max_new_tokens = options.whole_number("max_new_tokens", given.max_new_tokens, 1)
+        min_new_tokens = options.whole_number("min_new_tokens", given.min_new_tokens, 0)
         if min_new_tokens > max_new_tokens:
             raise InvalidArgumentError(f"min_new_tokens={min_new_tokens} is more than "
                                        f"max_new_tokens={max_new_tokens}.")
-        rng = np.random.default_rng(options.seed_value(seed))
-        stream = options.flag("stream", stream)
+        rng = np.random.default_rng(options.seed_value(given.seed))
+        stream = options.flag("stream", given.stream)
         stop_ids = resolve_stop_ids(self.lm, "auto") | {self.lm.tokenizer.end_of_turn_id}
-        decoding = Decoding(build_sampler(sampler, temperature, top_k, top_p, min_p=min_p),
+        decoding = Decoding(build_sampler(given.sampler, given.temperature, given.top_k,
+                                          given.top_p, min_p=given.min_p),
                             stop_ids, min_new_tokens,
-                            check_repetition_penalty(repetition_penalty))
+                            check_repetition_penalty(given.repetition_penalty))
         if isinstance(decoding.sampler, BeamSampler):
             raise InvalidArgumentError("sampler: chat.send does not take beam search (a reply "
                                        "is chosen token by token, as it streams); use "
@@ -145,8 +145,12 @@ class ChatSession:
         return list(self._tokens)
 
 
-SEND_KEYWORDS = [name for name in inspect.signature(ChatSession.send).parameters
-                 if name not in ("self", "unknown")]
+# The keywords are GenerateOptions' (their one definition): this signature shows
+# chat.send's to help(), IDEs and inspect.
+ChatSession.send.__signature__ = options.signature_of(
+    ChatSession.send, "message", options.SEND_FIELDS, options.SEND_POSITIONAL,
+    options.SEND_DEFAULTS)
+SEND_KEYWORDS = ["message"] + options.SEND_FIELDS
 _BEAM = ("Beam search is generate()'s only: a chat reply is chosen token by token, as it "
          "streams; use lm.generate(..., num_beams=k)")
 _GENERATE_ONLY = "It is generate()'s; a chat reply is always the model's new turn alone"

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import inspect
-
 import keras
 import numpy as np
 
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation import drafting, options
 from gemma_keras.generation import beam
-from gemma_keras.generation.options import Decoding
-from gemma_keras.generation.samplers import build_sampler, check_repetition_penalty
+from gemma_keras.generation.options import Decoding, GenerateOptions
+from gemma_keras.generation.samplers import build_sampler
 from gemma_keras.generation.session import GenerationSession, Stopping
 from gemma_keras.generation.steps import pad_id
 from gemma_keras.tokenizer import format_chat, sends_as_chat
@@ -128,61 +126,34 @@ def plan_lengths(lm, prompts, max_length, max_new_tokens):
     return new
 
 
-def check_arguments(max_length=None, max_new_tokens=None, min_new_tokens=0, seed=None,
-                    stream=False, stop_strings=None, repetition_penalty=None,
-                    chat_template="auto", include_prompt=True, skip_special_tokens=True):
-    """The scalar arguments of generate, checked and normalized before any work."""
-    return dict(
-        max_length=options.whole_number("max_length", max_length, 1),
-        max_new_tokens=options.whole_number("max_new_tokens", max_new_tokens, 1),
-        min_new_tokens=options.whole_number("min_new_tokens", min_new_tokens, 0),
-        seed=options.seed_value(seed),
-        stream=options.flag("stream", stream),
-        stop_strings=options.stop_strings_value(stop_strings),
-        repetition_penalty=check_repetition_penalty(repetition_penalty),
-        chat_template=options.chat_template_value(chat_template),
-        include_prompt=options.flag("include_prompt", include_prompt),
-        skip_special_tokens=options.flag("skip_special_tokens", skip_special_tokens))
-
-
-def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler=None,
-             stop_token_ids="auto", seed=None, stream=False, stop_strings=None, *,
-             temperature=None, top_k=None, top_p=None, min_p=None, min_new_tokens=0,
-             repetition_penalty=None, chat_template="auto", include_prompt=True,
-             num_beams=None, length_penalty=None, early_stopping=None, return_beams=False,
-             skip_special_tokens=True, draft=None, draft_tokens=None, **unknown):
+def generate(lm, inputs, options: GenerateOptions):
+    """`GemmaCausalLM.generate` with its options gathered (`GenerateOptions.from_call`)."""
     # Everything is checked before the first compilation or cache allocation.
-    options.refuse_unknown_keywords("generate()", unknown, KEYWORDS)
-    args = check_arguments(max_length, max_new_tokens, min_new_tokens, seed, stream,
-                           stop_strings, repetition_penalty, chat_template, include_prompt,
-                           skip_special_tokens)
-    sampler = build_sampler(sampler, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, num_beams=num_beams, length_penalty=length_penalty,
-                            early_stopping=early_stopping)
-    sampler, beams = beam.plan(sampler, return_beams, args)
-    prompts, kind, texts = prepare_prompts(lm, inputs, args["chat_template"])
-    new = plan_lengths(lm, prompts, args["max_length"], args["max_new_tokens"])
-    if args["min_new_tokens"] > new:
-        raise InvalidArgumentError(f"min_new_tokens={args['min_new_tokens']} is more than the "
+    args = options.checked()
+    sampler = build_sampler(args.sampler, **args.sampling())
+    sampler, beams = beam.plan(sampler, args.return_beams, args)
+    prompts, kind, texts = prepare_prompts(lm, inputs, args.chat_template)
+    new = plan_lengths(lm, prompts, args.max_length, args.max_new_tokens)
+    if args.min_new_tokens > new:
+        raise InvalidArgumentError(f"min_new_tokens={args.min_new_tokens} is more than the "
                                    f"{new} new tokens asked for; raise max_new_tokens.")
-    stop_ids = resolve_stop_ids(lm, stop_token_ids)
-    stop_strings = args["stop_strings"]
-    if stop_strings and lm.tokenizer is None:
+    stop_ids = resolve_stop_ids(lm, args.stop_token_ids)
+    if args.stop_strings and lm.tokenizer is None:
         raise InvalidArgumentError("stop_strings need the model's tokenizer.")
-    decoding = Decoding(sampler, stop_ids, args["min_new_tokens"], args["repetition_penalty"])
-    speculation = drafting.resolve(lm, draft, draft_tokens)
-    rng = np.random.default_rng(args["seed"])
-    stopping = Stopping(frozenset(stop_ids), stop_strings, args["skip_special_tokens"])
+    decoding = Decoding(sampler, stop_ids, args.min_new_tokens, args.repetition_penalty)
+    speculation = drafting.resolve(lm, args.draft, args.draft_tokens)
+    rng = np.random.default_rng(args.seed)
+    stopping = Stopping(frozenset(stop_ids), args.stop_strings, args.skip_special_tokens)
     if beams is not None:  # see generation/beam.py
         if speculation is not None:
             raise InvalidArgumentError("Beam search does not take draft=: drafts are checked "
                                        "against one sequence per prompt, not num_beams.")
         session = GenerationSession(lm, prompts, max(len(p) for p in prompts) + new)
-        ranked = beam.search(session, new, beams, stop_ids, args["min_new_tokens"])
+        ranked = beam.search(session, new, beams, stop_ids, args.min_new_tokens)
         if beams.return_all_beams:
             return _all_beams(lm, session, ranked, kind, texts, args, stopping)
         return _outputs(lm, session, session.rows, kind, texts, args, stopping)
-    if args["stream"]:
+    if args.stream:
         if kind != "text":
             raise InvalidArgumentError("stream=True takes one string prompt.")
         session = GenerationSession(lm, prompts, len(prompts[0]) + new, speculation)
@@ -192,18 +163,13 @@ def generate(lm, inputs, max_length=None, max_new_tokens=None, sampler=None,
     return _outputs(lm, session, session.rows, kind, texts, args, stopping)
 
 
-# The keywords generate() takes, in its signature's order (named in the error for another).
-KEYWORDS = [name for name in inspect.signature(generate).parameters
-            if name not in ("lm", "unknown")]
-
-
 def _outputs(lm, session, rows, kind, texts, args, stopping):
     """What generate returns for `rows`, one per prompt."""
     if kind == "ids":
-        return _as_ids(lm, rows, args["include_prompt"])
+        return _as_ids(lm, rows, args.include_prompt)
     # The prompt exactly as given (not re-detokenized, not the chat-template markup), so
     # `text[len(prompt):]` is always the completion.
-    outputs = [(text if args["include_prompt"] else "") + session.completion_text(row, stopping)
+    outputs = [(text if args.include_prompt else "") + session.completion_text(row, stopping)
                for text, row in zip(texts, rows)]
     return outputs[0] if kind == "text" else outputs
 
@@ -213,7 +179,7 @@ def _all_beams(lm, session, ranked, kind, texts, args, stopping):
     output is a prompt's text as generate returns it, or its ids (prompt and new tokens, or
     the new tokens alone) as a 1-D array. One string prompt gives its list alone."""
     per_prompt = [
-        [(_as_ids(lm, [row], args["include_prompt"])["token_ids"][0] if kind == "ids" else
+        [(_as_ids(lm, [row], args.include_prompt)["token_ids"][0] if kind == "ids" else
           _outputs(lm, session, [row], "text", [texts[b]], args, stopping), score)
          for row, score in hypotheses]
         for b, hypotheses in enumerate(ranked)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import numbers
 from typing import Optional
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation.samplers import (GreedySampler, Sampler, apply_repetition_penalty,
-                                             suppress)
+                                             check_repetition_penalty, suppress)
 
 
 def whole_number(name, value, minimum, hint=""):
@@ -115,6 +116,121 @@ def refuse_unknown_keywords(function, unknown, valid, advice=None):
         hint = f" Did you mean {' or '.join(close)}?" if close else ""
     raise ArgumentTypeError(f"{function} got an unknown keyword argument {name!r}.{hint} It "
                             f"takes: {', '.join(valid)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    """Everything `generate` takes besides its inputs, with its defaults: the one definition
+    of those keywords. `GemmaCausalLM.generate`'s signature is made from these fields (the
+    first seven are also positional after the inputs, in keras-hub's order), `chat.send`
+    takes the subset `SEND_FIELDS`, and the CLI and the lm-eval model build one and pass it
+    as `options=`. What each means is in `GemmaCausalLM.generate`'s docstring. `checked()`
+    validates and normalises every scalar before anything compiles."""
+
+    max_length: Optional[int] = None
+    max_new_tokens: Optional[int] = None
+    sampler: object = None
+    stop_token_ids: object = "auto"
+    seed: Optional[int] = None
+    stream: bool = False
+    stop_strings: object = None
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None
+    min_new_tokens: int = 0
+    repetition_penalty: Optional[float] = None
+    chat_template: object = "auto"
+    include_prompt: bool = True
+    num_beams: Optional[int] = None
+    length_penalty: Optional[float] = None
+    early_stopping: object = None
+    return_beams: bool = False
+    skip_special_tokens: bool = True
+    draft: object = None
+    draft_tokens: Optional[int] = None
+
+    def checked(self) -> "GenerateOptions":
+        """The scalar options checked and normalised (the sampler's own arguments and the
+        drafts are checked where they are built: samplers.build_sampler, drafting.resolve).
+        Raises InvalidArgumentError / ArgumentTypeError naming the option."""
+        return dataclasses.replace(
+            self,
+            max_length=whole_number("max_length", self.max_length, 1),
+            max_new_tokens=whole_number("max_new_tokens", self.max_new_tokens, 1),
+            min_new_tokens=whole_number("min_new_tokens", self.min_new_tokens, 0),
+            seed=seed_value(self.seed),
+            stream=flag("stream", self.stream),
+            stop_strings=stop_strings_value(self.stop_strings),
+            repetition_penalty=check_repetition_penalty(self.repetition_penalty),
+            chat_template=chat_template_value(self.chat_template),
+            include_prompt=flag("include_prompt", self.include_prompt),
+            skip_special_tokens=flag("skip_special_tokens", self.skip_special_tokens))
+
+    def sampling(self) -> dict:
+        """The keywords `samplers.build_sampler` takes."""
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                    min_p=self.min_p, num_beams=self.num_beams,
+                    length_penalty=self.length_penalty, early_stopping=self.early_stopping)
+
+    @classmethod
+    def from_call(cls, function, args, kwargs, fields=None, positional=None, defaults=None,
+                  advice=None, first="inputs"):
+        """The options of a call `function(first, *args, **kwargs)`: positional `args` in
+        the order of `positional`, keywords among `fields` (default: every field), others
+        refused by name (`refuse_unknown_keywords`, with `advice`); an `options=`
+        GenerateOptions gives the values not passed. defaults: other defaults than the
+        fields' (chat.send's max_new_tokens)."""
+        fields = list(FIELDS if fields is None else fields)
+        positional = list(POSITIONAL if positional is None else positional)
+        kwargs = dict(kwargs)
+        base = kwargs.pop("options", None)
+        if base is not None and not isinstance(base, GenerateOptions):
+            raise ArgumentTypeError(f"options must be a gk.GenerateOptions, got "
+                                    f"{type(base).__name__}.")
+        if len(args) > len(positional):
+            raise ArgumentTypeError(
+                f"{function} takes {first} and at most {len(positional)} more positional "
+                f"arguments ({', '.join(positional)}), got {1 + len(args)}; pass the others "
+                "by keyword.")
+        values = dict(zip(positional, args))
+        for name in kwargs:
+            if name in values:
+                raise ArgumentTypeError(f"{function} got two values for {name!r} (by "
+                                        "position and by keyword).")
+        refuse_unknown_keywords(function, {k: v for k, v in kwargs.items() if k not in fields},
+                                [first] + fields + ["options"], advice)
+        given = dict(defaults or {})
+        if base is not None:
+            given.update({name: getattr(base, name) for name in fields})
+        return cls(**{**given, **values, **kwargs})
+
+
+FIELDS = [field.name for field in dataclasses.fields(GenerateOptions)]
+# generate's positional arguments after the inputs, in keras-hub's order.
+POSITIONAL = FIELDS[:7]
+# The options chat.send takes (a reply's own), positional in this order after the message.
+SEND_FIELDS = ["max_new_tokens", "sampler", "seed", "stream", "temperature", "top_k",
+               "top_p", "min_p", "min_new_tokens", "repetition_penalty"]
+SEND_POSITIONAL = SEND_FIELDS[:4]
+SEND_DEFAULTS = {"max_new_tokens": 256}
+
+
+def signature_of(function, first, fields, positional, defaults=None):
+    """An `inspect.Signature` for `function(self, first, *args, **kwargs)` that lists the
+    options it takes (for help(), IDEs and inspect): positional-or-keyword, then
+    keyword-only, with their defaults, and `options=None`."""
+    defaults = {**{f.name: f.default for f in dataclasses.fields(GenerateOptions)},
+                **(defaults or {})}
+    kind = inspect.Parameter
+    parameters = [kind("self", kind.POSITIONAL_OR_KEYWORD),
+                  kind(first, kind.POSITIONAL_OR_KEYWORD, default=None)]
+    parameters += [kind(name, kind.POSITIONAL_OR_KEYWORD, default=defaults[name])
+                   for name in positional]
+    parameters += [kind(name, kind.KEYWORD_ONLY, default=defaults[name])
+                   for name in fields if name not in positional]
+    parameters.append(kind("options", kind.KEYWORD_ONLY, default=None))
+    return inspect.Signature(parameters)
 
 
 @dataclasses.dataclass
