@@ -18,6 +18,7 @@ from gemma_keras.generation.drafting import SELF_DRAFT_MODES
 from gemma_keras.generation import chat as chat_module
 from gemma_keras.generation import generate as generate_module
 from gemma_keras.generation.options import GenerateOptions
+from gemma_keras.generation.steps import CompiledSteps
 from gemma_keras.tokenizer import TOKENIZER_FILES, GemmaTokenizer
 
 
@@ -45,7 +46,10 @@ class GemmaCausalLM(keras.Model):
 
             # Plain texts for a base model; pairs in the chat format for an instruct one.
             self.preprocessor = GemmaCausalLMPreprocessor(tokenizer, chat_format=bool(instruct))
-        self._steps = None
+        self._steps = None  # compiled_steps(), and the variables they were made for
+        self._steps_signature = None
+        # What the drafts of the last speculative generate / chat reply achieved.
+        self.last_speculation = None
         self.built = True
         # Our arguments (block_size, filters) are checked and resolved before Keras' own
         # per-instance wrapper of `quantize` resolves `config` from `mode`.
@@ -208,7 +212,20 @@ class GemmaCausalLM(keras.Model):
             {name: f"It is a keyword of each reply: chat.send(message, {name}=...)"
              for name in chat_module.SEND_KEYWORDS})
         return chat_module.ChatSession(self, system=system, draft=draft,
-                                       draft_tokens=draft_tokens)
+                                       draft_tokens=draft_tokens,
+                                       on_speculation=self._keep_speculation)
+
+    def compiled_steps(self) -> CompiledSteps:
+        """This model's compiled decoding functions (generation/steps.py), made again when
+        its variables changed: they take the variables as inputs, and quantize() or
+        enable_lora() replace or add variables."""
+        signature = tuple(id(v) for v in self.variables)
+        if self._steps is None or self._steps_signature != signature:
+            self._steps, self._steps_signature = CompiledSteps(self), signature
+        return self._steps
+
+    def _keep_speculation(self, stats):
+        self.last_speculation = stats
 
     def draft_model(self, draft):
         """The GemmaCausalLM that drafts for this model under `generate(draft=...)`: `draft`
@@ -281,8 +298,10 @@ class GemmaCausalLM(keras.Model):
         options: a `gk.GenerateOptions` holding any of these (keywords given beside it
         override its values).
         """
+        self.last_speculation = None
         return generate_module.generate(
-            self, inputs, GenerateOptions.from_call("generate()", args, kwargs))
+            self, inputs, GenerateOptions.from_call("generate()", args, kwargs),
+            on_speculation=self._keep_speculation)
 
     # The keywords are GenerateOptions' fields (their one definition); this signature
     # shows them to help(), IDEs and inspect.

@@ -18,7 +18,6 @@ import pytest
 
 import gemma_keras as gk
 from gemma_keras import exporting
-from gemma_keras.evaluation import scoring
 from gemma_keras.generation import chat as chat_module
 from gemma_keras.generation import generate as generate_module
 
@@ -42,7 +41,7 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(generate_module, "GenerationSession", tripped)
     monkeypatch.setattr(chat_module, "GenerationSession", tripped)
-    monkeypatch.setattr(scoring.CompiledSteps, "of", tripped)
+    monkeypatch.setattr(gk.GemmaCausalLM, "compiled_steps", tripped)
     monkeypatch.setattr(keras.Model, "fit", tripped)
     monkeypatch.setattr(keras.Model, "evaluate", tripped)
     monkeypatch.setattr(exporting, "_export_in_tensorflow_process", tripped)

@@ -294,9 +294,8 @@ def test_chat_reuses_the_cache_and_equals_a_fresh_generation(case, wandering):
     chat = lm.chat(system="Be brief.")
     prefills = []
     from gemma_keras.layers.kv_cache import Mode
-    from gemma_keras.generation.steps import CompiledSteps
 
-    steps = CompiledSteps.of(lm)
+    steps = lm.compiled_steps()
     original = steps.__call__
 
     class Spy:

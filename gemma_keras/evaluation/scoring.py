@@ -26,7 +26,7 @@ from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation import options
 from gemma_keras.layers.kv_cache import Mode, init_cache, select_rows
 from gemma_keras.generation.session import power_of_two_bucket, prompt_bucket
-from gemma_keras.generation.steps import CompiledSteps, pad_id
+from gemma_keras.generation.steps import pad_id
 
 SCORING_MODES = ("logits", "loss")
 MIN_CONTINUATION_BUCKET = 4
@@ -71,7 +71,7 @@ def score(lm, token_ids, padding_mask=None, scoring_mode="logits", layer_interce
         # Eager: the hook may record activations or watch them in a gradient tape.
         logits = logits_of(token_ids, padding_mask, layer_intercept_fn)
         return logits if scoring_mode == "logits" else token_losses(logits, target_ids)
-    steps = CompiledSteps.of(lm)
+    steps = lm.compiled_steps()
     if scoring_mode == "logits":
         return steps.function("score_logits", logits_of)(_ints(token_ids), _ints(padding_mask))
     run = steps.function("score_loss", lambda ids, mask, targets: token_losses(
@@ -293,7 +293,7 @@ def _score_batch(lm, batch, batch_size):
                       config.max_sequence_length)
     groups = power_of_two_bucket(len(prefixes))
     rows = min(power_of_two_bucket(len(batch)), power_of_two_bucket(batch_size))
-    steps = CompiledSteps.of(lm)
+    steps = lm.compiled_steps()
     cache = init_cache(config, groups, width + chunk_width,
                        lm.backbone.dtype_policy.compute_dtype)
     if width:

@@ -29,7 +29,8 @@ class ChatSession:
     """`chat = lm.chat(); chat.send("Hi")` returns the model's reply; the conversation and its
     cache carry over to the next `send`. `history` holds (role, text) pairs."""
 
-    def __init__(self, lm, system: Optional[str] = None, draft=None, draft_tokens=None):
+    def __init__(self, lm, system: Optional[str] = None, draft=None, draft_tokens=None,
+                 on_speculation=None):
         tokenizer = lm.tokenizer
         if tokenizer is None or tokenizer.end_of_turn_id is None:
             raise InvalidArgumentError("chat() needs a tokenizer with Gemma's <start_of_turn> "
@@ -40,7 +41,7 @@ class ChatSession:
         self.lm, self.system = lm, system
         # Replies are drafted and verified (generate's draft=); fixed for the chat because
         # the cache's rings are sized for the drafts when the session is made.
-        self._speculation = drafting.resolve(lm, draft, draft_tokens)
+        self._speculation = drafting.resolve(lm, draft, draft_tokens, on_speculation)
         self.history: List[Tuple[str, str]] = []
         self._session: Optional[GenerationSession] = None
         self._tokens: List[int] = []  # everything the conversation holds, cached or not

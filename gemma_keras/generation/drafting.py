@@ -26,7 +26,7 @@ from gemma_keras.errors import InvalidArgumentError, SpeculationWarning
 from gemma_keras.generation import options
 from gemma_keras.layers.kv_cache import Mode, truncate
 from gemma_keras.generation.samplers import draw
-from gemma_keras.generation.steps import CompiledSteps, model_step, pad_id
+from gemma_keras.generation.steps import model_step, pad_id
 
 # Drafts per round when `draft_tokens` is not given. Prompt lookup's drafts cost only the
 # verify pass's extra columns, so it drafts further ahead.
@@ -211,7 +211,7 @@ class ModelDrafter:
             fed[r] = positions[r] - 1, positions[r]
         start = (newest - 1).astype("int32")
         keep = (positions - 2).astype("int32")  # the older token is read again
-        steps = CompiledSteps.of(self.lm)
+        steps = self.lm.compiled_steps()
         if decoding.greedy:
             run = steps.function(("greedy_drafts", k), _greedy_drafts(self.lm.backbone, k))
             out, session.cache = run(ids, fed, session.cache, start, keep)
@@ -240,8 +240,9 @@ class ModelDrafter:
 
 
 # ---- generate(draft=...) -----------------------------------------------------------------
-def resolve(lm, draft, draft_tokens):
-    """`generate`'s draft= and draft_tokens= -> a `speculative.Speculation`, or None."""
+def resolve(lm, draft, draft_tokens, on_speculation=None):
+    """`generate`'s draft= and draft_tokens= -> a `speculative.Speculation`, or None.
+    on_speculation(stats): called with each decoding's `speculative.Stats`."""
     from gemma_keras.generation.speculative import Speculation
 
     if draft is None:
@@ -263,9 +264,10 @@ def resolve(lm, draft, draft_tokens):
             f"{draft} self-drafting, a smaller draft model, or draft='prompt_lookup'.",
             SpeculationWarning, stacklevel=4)
     if isinstance(draft, str) and draft == "prompt_lookup":
-        return Speculation(PromptLookupDrafter(), k or DEFAULT_DRAFT_TOKENS["prompt_lookup"])
+        return Speculation(PromptLookupDrafter(), k or DEFAULT_DRAFT_TOKENS["prompt_lookup"],
+                           on_speculation)
     return Speculation(ModelDrafter(lm.draft_model(draft), _name(draft)),
-                       k or DEFAULT_DRAFT_TOKENS["model"])
+                       k or DEFAULT_DRAFT_TOKENS["model"], on_speculation)
 
 
 def _name(draft):

@@ -126,8 +126,9 @@ def plan_lengths(lm, prompts, max_length, max_new_tokens):
     return new
 
 
-def generate(lm, inputs, options: GenerateOptions):
-    """`GemmaCausalLM.generate` with its options gathered (`GenerateOptions.from_call`)."""
+def generate(lm, inputs, options: GenerateOptions, on_speculation=None):
+    """`GemmaCausalLM.generate` with its options gathered (`GenerateOptions.from_call`).
+    on_speculation(stats): told what the drafts achieved, when draft= decodes."""
     # Everything is checked before the first compilation or cache allocation.
     args = options.checked()
     sampler = build_sampler(args.sampler, **args.sampling())
@@ -141,7 +142,7 @@ def generate(lm, inputs, options: GenerateOptions):
     if args.stop_strings and lm.tokenizer is None:
         raise InvalidArgumentError("stop_strings need the model's tokenizer.")
     decoding = Decoding(sampler, stop_ids, args.min_new_tokens, args.repetition_penalty)
-    speculation = drafting.resolve(lm, args.draft, args.draft_tokens)
+    speculation = drafting.resolve(lm, args.draft, args.draft_tokens, on_speculation)
     rng = np.random.default_rng(args.seed)
     stopping = Stopping(frozenset(stop_ids), args.stop_strings, args.skip_special_tokens)
     if beams is not None:  # see generation/beam.py

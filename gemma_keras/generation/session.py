@@ -19,7 +19,7 @@ from gemma_keras.errors import InvalidArgumentError
 from gemma_keras.layers.kv_cache import Mode, init_cache
 from gemma_keras.generation.options import Decoding
 from gemma_keras.generation.samplers import Sampler
-from gemma_keras.generation.steps import CompiledSteps, pad_id, stop_id_array
+from gemma_keras.generation.steps import pad_id, stop_id_array
 from gemma_keras.generation.stopping import RowText, completion_ids, cut_at_stop_strings, growth
 
 MIN_PROMPT_BUCKET = 16
@@ -86,7 +86,7 @@ class GenerationSession:
         self.speculation = speculation
         if speculation is not None:
             lookahead = speculation.lookahead
-        self.steps = CompiledSteps.of(lm)
+        self.steps = lm.compiled_steps()
         config = lm.backbone.config
         self.rows = [_Row(list(p)) for p in prompts]
         width = prompt_bucket(max(len(p) for p in prompts), config.max_sequence_length)

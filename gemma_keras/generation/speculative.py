@@ -46,7 +46,8 @@ MIN_ROUNDS_TO_JUDGE = 8
 
 @dataclasses.dataclass
 class Stats:
-    """What the drafts of one decoding achieved: `lm.last_speculation` after `generate`."""
+    """What the drafts of one decoding achieved: `lm.last_speculation` after `generate`
+    (the model keeps what `on_speculation` is told)."""
     draft: str
     draft_tokens: int  # k: drafts per round
     rounds: int = 0  # target passes after the first token
@@ -171,8 +172,10 @@ class Speculation:
     """Decodes a `GenerationSession` after its first token with `drafter` proposing
     `draft_tokens` tokens per round (see the module docstring)."""
 
-    def __init__(self, drafter, draft_tokens: int):
+    def __init__(self, drafter, draft_tokens: int, on_speculation=None):
+        """on_speculation(stats): told each decoding's `Stats` when it ends."""
         self.drafter, self.k = drafter, draft_tokens
+        self.on_speculation = on_speculation
         # Columns a round may write past what it keeps: the newest token and k drafts.
         self.lookahead = draft_tokens + 1
         self.stats = None
@@ -191,7 +194,8 @@ class Speculation:
         else:
             yield from self._rounds_on_host(session, tokens, max_new_tokens, decoding, rng,
                                             stopping)
-        session.lm.last_speculation = self.stats
+        if self.on_speculation is not None:
+            self.on_speculation(self.stats)
         self._warn_if_it_did_not_pay()
 
     def _rounds_on_device(self, session, tokens, max_new_tokens, stopping):

@@ -2,7 +2,8 @@
 
 `model_step` is the one decode step: the host loop, the compiled greedy loop, chat, the
 SavedModel's generate and the LiteRT signatures all run the model through it. `CompiledSteps`
-keeps each model's compiled steps, built on first use by the backend's `compile_step`.
+keeps each model's compiled steps, built on first use by the backend's `compile_step`; the
+model holds its own (`GemmaCausalLM.compiled_steps()`).
 """
 
 from __future__ import annotations
@@ -83,16 +84,6 @@ class CompiledSteps:
     def __init__(self, lm):
         self.lm = lm
         self._steps = {}
-
-    @classmethod
-    def of(cls, lm):
-        """lm's compiled steps, built again when its variables changed: they take the
-        variables as inputs, and quantize() or enable_lora() replace or add variables."""
-        signature = tuple(id(v) for v in lm.variables)
-        steps = getattr(lm, "_steps", None)
-        if steps is None or getattr(lm, "_steps_signature", None) != signature:
-            lm._steps, lm._steps_signature = cls(lm), signature
-        return lm._steps
 
     def __call__(self, mode: Mode, token_ids, positions, cache, start):
         if mode not in self._steps:
