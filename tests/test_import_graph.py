@@ -136,3 +136,25 @@ def test_the_cycle_finder_sees_a_cycle_through_a_function_import(tmp_path):
     edges = {name: imported(name, path, known) for name, path in known.items()}
     assert edges["gemma_keras.b"] == [("gemma_keras.a", 2, True)]
     assert cycles(edges) == [["gemma_keras.a", "gemma_keras.b"]]
+
+
+DECODE_STATE = ("cache", "column", "next_position", "logits")
+
+
+def test_decode_state_is_written_by_its_owner_only():
+    # GenerationSession owns a running decode's cache, column, positions and logits (read-only
+    # properties); strategies hand back what their compiled loops return through its methods.
+    found = []
+    for name, path in modules().items():
+        if name == "gemma_keras.generation.session":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = (node.targets if isinstance(node, ast.Assign) else
+                       [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+            for target in targets:
+                for item in ast.walk(target):
+                    if (isinstance(item, ast.Attribute)
+                            and item.attr.lstrip("_") in DECODE_STATE
+                            and "session" in ast.unparse(item.value)):
+                        found.append(f"{path.name}:{node.lineno}: {ast.unparse(target)}")
+    assert not found, f"decode state written outside generation/session.py: {found}"

@@ -232,12 +232,12 @@ def search(session: GenerationSession, max_new_tokens, sampler: BeamSampler, sto
                                token.reshape(-1, 1), positions + step,
                                np.asarray(session.column + step, "int32"))
         logits = np.asarray(keras.ops.convert_to_numpy(logits), "float32")
-    session.cache = cache
+    session.adopt_cache(cache)
     ranked = []
     for b, row in enumerate(session.rows):
         hypotheses = [(_Row(row.prompt, beams.finished_tokens[b, j, :n].tolist(), True),
                        float(beams.finished_scores[b, j]))
                       for j, n in enumerate(beams.finished_lengths[b])]
-        row.generated, row.done = hypotheses[0][0].generated, True
+        session.finish_row(b, hypotheses[0][0].generated)
         ranked.append(hypotheses)
     return ranked

@@ -81,10 +81,7 @@ class ChatSession:
                                               self._speculation)
         else:
             # The row's context is now the whole conversation (repetition_penalty reads it).
-            session.rows[0].prompt = list(self._tokens)
-            session.rows[0].generated = []
-            session.rows[0].done = False
-            session.extend([chunk])
+            session.restart_row(self._tokens, chunk)
         self._pending = []
 
     def send(self, message: str = None, *args, **kwargs) -> Union[str, Iterator[str]]:

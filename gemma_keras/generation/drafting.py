@@ -198,7 +198,7 @@ class ModelDrafter:
         return (self.session.cache, np.asarray(self.column0, "int32"), self.position0)
 
     def keep_device_state(self, state):
-        self.session.cache = state[0]
+        self.session.adopt_cache(state[0])
 
     def propose(self, histories, positions, live, k, decoding, rng) -> Drafts:
         session = self.session
@@ -214,7 +214,7 @@ class ModelDrafter:
         steps = self.lm.compiled_steps()
         if decoding.greedy:
             run = steps.function(("greedy_drafts", k), _greedy_drafts(self.lm.backbone, k))
-            out, session.cache = run(ids, fed, session.cache, start, keep)
+            out = session.with_cache(lambda cache: run(ids, fed, cache, start, keep))
             out = np.asarray(keras.ops.convert_to_numpy(out))
             return Drafts([out[r].tolist() if live[r] else [] for r in range(batch)])
         # Sampling: each draft drawn on the host from the sampler's distribution of the
@@ -224,7 +224,8 @@ class ModelDrafter:
         probs = None
         never = np.full(batch, np.iinfo("int32").max, "int32")
         for j in range(k):
-            logits, session.cache = step(ids, fed, session.cache, start, keep)
+            logits = session.with_cache(
+                lambda cache: step(ids, fed, cache, start, keep))
             logits = np.asarray(keras.ops.convert_to_numpy(logits), "float32")
             contexts = [h + tokens[r, :j].tolist() for r, h in enumerate(histories)]
             counts = [0] * batch  # min_new_tokens is the target's rule; q only guides

@@ -75,6 +75,10 @@ class GenerationSession:
 
     `GemmaCausalLM.generate` runs one to completion; a chat keeps one alive across turns and
     extends it with each new message instead of re-reading the conversation.
+
+    The decode state (cache, column, next_position, logits) is read-only outside this class:
+    strategies that run a compiled loop of their own (speculative rounds, beams, a drafter)
+    hand back what the loop returned through `with_cache` / `adopt_cache` / `moved_to`.
     """
 
     def __init__(self, lm, prompts: Sequence[Sequence[int]], total_columns: int,
@@ -94,41 +98,91 @@ class GenerationSession:
         self.capacity = cache_bucket(
             width + total_columns + lookahead - max(len(p) for p in prompts),
             config.max_sequence_length + lookahead)
-        self.cache = init_cache(config, len(prompts), self.capacity,
-                                lm.backbone.dtype_policy.compute_dtype, lookahead=lookahead)
-        self.column = 0  # next free column
-        self.next_position = np.zeros(len(prompts), "int32")
-        self.logits = self._feed([list(p) for p in prompts], Mode.PREFILL)
+        self._cache = init_cache(config, len(prompts), self.capacity,
+                                 lm.backbone.dtype_policy.compute_dtype, lookahead=lookahead)
+        self._column = 0  # next free column
+        self._next_position = np.zeros(len(prompts), "int32")
+        self._logits = self._feed([list(p) for p in prompts], Mode.PREFILL)
+
+    # ---- the decode state, read-only outside -----------------------------------------------
+    @property
+    def cache(self):
+        return self._cache
+
+    @property
+    def column(self) -> int:
+        """The next free column (the same for every row: prompts are left-padded)."""
+        return self._column
+
+    @property
+    def next_position(self) -> np.ndarray:
+        """[batch] the position the next token of each row takes (a copy)."""
+        return self._next_position.copy()
+
+    @property
+    def logits(self):
+        """[batch, vocab] float32 after each row's last token, or None after a compiled loop
+        (which keeps its logits)."""
+        return self._logits
+
+    def with_cache(self, fn):
+        """fn(cache) -> (result, new cache): runs a compiled function that takes this
+        session's cache (donated: only the returned one is used), keeps the new cache and
+        returns the result."""
+        result, self._cache = fn(self._cache)
+        return result
+
+    def adopt_cache(self, cache):
+        """The cache a compiled loop returned for this session's (which it donated)."""
+        self._cache = cache
+
+    def moved_to(self, column, next_position):
+        """After a compiled loop of a strategy's own: the next free column and each row's
+        next position. The loop keeps its logits."""
+        self._column = int(column)
+        self._next_position = np.asarray(next_position, "int32").copy()
+        self._logits = None
+
+    def restart_row(self, context, chunk):
+        """Row 0 (a chat's) starts a new completion after `context`, everything its
+        conversation holds (repetition_penalty reads it); `chunk` is fed after the cache."""
+        row = self.rows[0]
+        row.prompt, row.generated, row.done = list(context), [], False
+        self.extend([chunk])
+
+    def finish_row(self, r, generated):
+        """Row r's completion is `generated` (a strategy's result, e.g. the best beam)."""
+        self.rows[r].generated, self.rows[r].done = list(generated), True
 
     def _feed(self, chunks, mode: Mode):
         """Feeds one chunk per row, left-padded to a common bucketed width; returns the logits
         [batch, vocab] after each row's last token."""
         width = (1 if mode is Mode.DECODE
                  else prompt_bucket(max(len(c) for c in chunks), self.capacity))
-        if self.column + width > self.capacity:
+        if self._column + width > self.capacity:
             raise InvalidArgumentError(
-                f"The conversation needs {self.column + width} cache columns but this session "
+                f"The conversation needs {self._column + width} cache columns but this session "
                 f"holds {self.capacity}; start a new one with a larger max_length.")
         ids = np.full((len(chunks), width), pad_id(self.lm), "int32")
         positions = np.full((len(chunks), width), -1, "int32")
         for r, chunk in enumerate(chunks):
             if chunk:
                 ids[r, width - len(chunk):] = chunk
-                positions[r, width - len(chunk):] = self.next_position[r] + np.arange(len(chunk))
-                self.next_position[r] += len(chunk)
-        logits, self.cache = self.steps(mode, ids, positions, self.cache,
-                                        np.asarray(self.column, "int32"))
-        self.column += width
+                positions[r, width - len(chunk):] = self._next_position[r] + np.arange(len(chunk))
+                self._next_position[r] += len(chunk)
+        logits, self._cache = self.steps(mode, ids, positions, self._cache,
+                                         np.asarray(self._column, "int32"))
+        self._column += width
         return np.asarray(keras.ops.convert_to_numpy(logits), "float32")
 
     def extend(self, chunks):
         """Appends tokens (one list per row) after what the cache holds."""
-        self.logits = self._feed(chunks, Mode.EXTEND)
+        self._logits = self._feed(chunks, Mode.EXTEND)
 
     def step(self, tokens):
         """Feeds one sampled token per row (finished rows get a padding slot)."""
         chunks = [[t] if not row.done else [] for row, t in zip(self.rows, tokens)]
-        self.logits = self._feed(chunks, Mode.DECODE)
+        self._logits = self._feed(chunks, Mode.DECODE)
 
     def decode(self, max_new_tokens, decoding, rng, stopping: Optional[Stopping] = None):
         """Chooses up to max_new_tokens per row with `decoding` (a `Decoding`, or a bare
@@ -152,7 +206,7 @@ class GenerationSession:
                                    stopping.stop_strings, stopping.skip_special)
         on_device = not on_host and not stopping.stop_strings and backends.get().loops_compile
         for i in range(max_new_tokens):
-            tokens = decoding.select(self.logits, self.rows, rng)
+            tokens = decoding.select(self._logits, self.rows, rng)
             self._record(tokens, stopping)
             yield
             if all(row.done for row in self.rows) or i == max_new_tokens - 1:
@@ -174,20 +228,19 @@ class GenerationSession:
     def _greedy_on_device(self, tokens, steps, stopping):
         """The rest of a greedy `decode` as one compiled loop: feeds `tokens` and decodes up
         to `steps` more tokens per row."""
-        if self.column + steps > self.capacity:
+        if self._column + steps > self.capacity:
             raise InvalidArgumentError(
-                f"Decoding {steps} more tokens needs {self.column + steps} cache columns but "
+                f"Decoding {steps} more tokens needs {self._column + steps} cache columns but "
                 f"this session holds {self.capacity}.")
         stops = stop_id_array(stopping.stop_ids)
         done = np.array([row.done for row in self.rows])
-        out, count, self.cache, positions = self.steps.greedy_loop(
-            np.asarray(tokens, "int32"), self.next_position.copy(), done, self.cache,
-            np.asarray(self.column, "int32"), np.asarray(steps, "int32"), stops)
+        out, count, self._cache, positions = self.steps.greedy_loop(
+            np.asarray(tokens, "int32"), self._next_position.copy(), done, self._cache,
+            np.asarray(self._column, "int32"), np.asarray(steps, "int32"), stops)
         count = int(keras.ops.convert_to_numpy(count))
         out = np.asarray(keras.ops.convert_to_numpy(out))
-        self.column += count
-        self.next_position = np.asarray(keras.ops.convert_to_numpy(positions), "int32")
-        self.logits = None  # the loop keeps its logits; only chat (host loop) needs them
+        # The loop keeps its logits; only chat (host loop) needs them.
+        self.moved_to(self._column + count, keras.ops.convert_to_numpy(positions))
         for j in range(count):
             self._record(out[:, j], stopping)
 

@@ -218,13 +218,14 @@ class Speculation:
             ("speculative_rounds", self.drafter.name, self.k),
             greedy_rounds(lm.backbone, propose, pad_id(lm), self.k), donate_argnums=(9,),
             others=others)
-        position = session.next_position.copy()
-        (history, new_length, position, column, _, counts, session.cache,
+        position = session.next_position
+        (history, new_length, position, column, _, counts, cache,
          state) = run(np.asarray(tokens, "int32"), position,
                       np.full(batch, session.column, "int32"), position - 1,
                       np.array([row.done for row in rows]),
                       np.full(batch, max_new_tokens, "int32"), history, length, stops,
                       session.cache, self.drafter.device_state())
+        session.adopt_cache(cache)
         self.drafter.keep_device_state(state)
         history, new_length = (np.asarray(keras.ops.convert_to_numpy(x))
                                for x in (history, new_length))
@@ -234,9 +235,8 @@ class Speculation:
         for r, row in enumerate(rows):
             for token in history[r, length[r]:new_length[r]]:
                 record(row, token, stopping)
-        session.column = int(np.max(keras.ops.convert_to_numpy(column)))
-        session.next_position = np.asarray(keras.ops.convert_to_numpy(position), "int32")
-        session.logits = None
+        session.moved_to(np.max(keras.ops.convert_to_numpy(column)),
+                         keras.ops.convert_to_numpy(position))
 
     def _rounds_on_host(self, session, tokens, max_new_tokens, decoding, rng, stopping):
         from gemma_keras.generation.session import record
@@ -249,7 +249,7 @@ class Speculation:
         verify = steps.function(verify_key, verify_function(lm.backbone, greedy_on_device),
                                 donate_argnums=(2,))
         last = np.asarray(tokens, "int32")  # [batch] chosen, not yet in the target's cache
-        position = session.next_position.copy()  # [batch] position of `last`
+        position = session.next_position  # [batch] position of `last` (a copy)
         column = np.full(batch, session.column, "int32")  # [batch] column of `last`
         keep = position - 1  # everything before `last` is in the cache and stays
         remaining = np.array([max_new_tokens] * batch)
@@ -274,7 +274,7 @@ class Speculation:
                 chunk = [int(last[r])] + list(drafts.tokens[r])
                 ids[r, :len(chunk)] = chunk
                 fed[r, :len(chunk)] = position[r] + np.arange(len(chunk))
-            out, session.cache = verify(ids, fed, session.cache, column, keep)
+            out = session.with_cache(lambda cache: verify(ids, fed, cache, column, keep))
             out = np.asarray(keras.ops.convert_to_numpy(out))
             self.stats.rounds += 1
             self.stats.row_rounds += int(live.sum())
@@ -298,10 +298,8 @@ class Speculation:
             keep = np.where(live, position - 1, keep)
             last = np.array([h[-1] for h in histories], "int32")
         # Forget the last round's rejected drafts now: a chat extends this cache next.
-        session.cache = truncate(session.cache, keep)
-        session.column = int(column.max())
-        session.next_position = position
-        session.logits = None
+        session.adopt_cache(truncate(session.cache, keep))
+        session.moved_to(column.max(), position)
 
     def _warn_if_it_did_not_pay(self):
         stats, pays = self.stats, self.drafter.pays_above
