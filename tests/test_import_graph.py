@@ -158,3 +158,18 @@ def test_decode_state_is_written_by_its_owner_only():
                             and "session" in ast.unparse(item.value)):
                         found.append(f"{path.name}:{node.lineno}: {ast.unparse(target)}")
     assert not found, f"decode state written outside generation/session.py: {found}"
+
+
+def test_every_pass_over_a_cache_goes_through_model_step():
+    # generation/steps.model_step is the one forward primitive over a KV cache: no other
+    # module calls the backbone with cache= (the backbone and its layers take it).
+    found = []
+    for name, path in modules().items():
+        if name in ("gemma_keras.generation.steps", "gemma_keras.backbone") or \
+                name.startswith("gemma_keras.layers"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and any(k.arg == "cache" for k in node.keywords) \
+                    and "backbone" in ast.unparse(node.func):
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found, f"the backbone called with a cache outside model_step: {found}"

@@ -26,7 +26,7 @@ from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation import options
 from gemma_keras.layers.kv_cache import Mode, init_cache, select_rows
 from gemma_keras.generation.session import power_of_two_bucket, prompt_bucket
-from gemma_keras.generation.steps import pad_id
+from gemma_keras.generation.steps import model_step, pad_id
 
 SCORING_MODES = ("logits", "loss")
 MIN_CONTINUATION_BUCKET = 4
@@ -328,9 +328,8 @@ def _continuations(backbone):
     def run(cache, source, ids, positions, targets, start):
         # cache: [groups, ...] per buffer; source: [rows], the group each row continues.
         cache = select_rows(cache, source)
-        hidden, _ = backbone({"token_ids": ids, "positions": positions}, cache=cache,
-                             start=start, mode=Mode.EXTEND)
-        logits = backbone.logits(hidden)  # [rows, chunk, vocab]
+        logits, _ = model_step(backbone, ids, positions, cache, start, Mode.EXTEND,
+                               logits="all")  # [rows, chunk, vocab]
         greedy = ops.cast(ops.argmax(logits, axis=-1), "int32") == targets  # [rows, chunk]
         return _target_log_probs(logits, targets), greedy
     return run

@@ -53,7 +53,8 @@ def litert_step(backbone, max_length, with_logits):
         with exporting():
             # logits: [1, vocab], the last token's only; an on-device sampler reads them.
             logits, cache = model_step(backbone, tokens, input_pos[None, :], cache,
-                                       input_pos[0], Mode.DECODE, with_logits)
+                                       input_pos[0], Mode.DECODE,
+                                       "last" if with_logits else None)
         outputs = dict(zip(names, [t for key_value in per_layer(config, cache)
                                    for t in key_value]))
         if with_logits:

@@ -37,7 +37,7 @@ from keras import ops
 from gemma_keras.errors import InvalidArgumentError, SpeculationWarning
 from gemma_keras.layers.kv_cache import Mode, truncate
 from gemma_keras.generation.samplers import draw
-from gemma_keras.generation.steps import hits_stop, pad_id, stop_id_array
+from gemma_keras.generation.steps import hits_stop, model_step, pad_id, stop_id_array
 
 
 # Rounds before the acceptance is judged (a short completion says little).
@@ -76,10 +76,8 @@ def verify_function(backbone, greedy: bool):
     [batch, n] int32, when `greedy`, else the float32 logits [batch, n, vocab]; the cache)."""
 
     def verify(ids, positions, cache, start, keep):
-        cache = truncate(cache, keep)
-        hidden, cache = backbone({"token_ids": ids, "positions": positions}, cache=cache,
-                                 start=start, mode=Mode.DECODE)
-        logits = ops.cast(backbone.logits(hidden), "float32")  # [batch, n, vocab]
+        logits, cache = model_step(backbone, ids, positions, truncate(cache, keep), start,
+                                   Mode.DECODE, logits="all")  # [batch, n, vocab]
         if greedy:
             return ops.cast(ops.argmax(logits, axis=-1), "int32"), cache
         return logits, cache
@@ -129,9 +127,9 @@ def greedy_rounds(backbone, propose, pad, k):
             fed = ops.where(valid, position[:, None] + place, -1)
             # No truncate before the pass: every pass writes 1 + k columns from the row's
             # newest token on, over all of the previous pass's rejected drafts.
-            hidden, cache = backbone({"token_ids": ids, "positions": fed}, cache=cache,
-                                     start=column, mode=Mode.DECODE)
-            out = ops.cast(ops.argmax(backbone.logits(hidden), axis=-1), "int32")  # [b, k+1]
+            logits, cache = model_step(backbone, ids, fed, cache, column, Mode.DECODE,
+                                       logits="all")
+            out = ops.cast(ops.argmax(logits, axis=-1), "int32")  # [batch, k + 1]
             agree = ops.logical_and(drafts == out[:, :k], place[:, :k] < drafted[:, None])
             accepted = ops.sum(ops.cumprod(ops.cast(agree, "int32"), axis=1), axis=1)
             # The row's new tokens: out[:, :count] (a kept draft is the target's argmax),

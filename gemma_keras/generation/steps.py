@@ -1,7 +1,9 @@
 """The functions generation compiles: one model step, and the greedy loop built from it.
 
-`model_step` is the one decode step: the host loop, the compiled greedy loop, chat, the
-SavedModel's generate and the LiteRT signatures all run the model through it. `CompiledSteps`
+`model_step` is the one forward pass over a cache: prefill and the host loop, the compiled
+greedy loop, chat, beam steps, the drafters, speculative verify passes and rounds, scoring's
+continuations, the SavedModel's generate and the LiteRT signatures all run the model through
+it. `CompiledSteps`
 keeps each model's compiled steps, built on first use by the backend's `compile_step`; the
 model holds its own (`GemmaCausalLM.compiled_steps()`).
 """
@@ -20,16 +22,20 @@ def pad_id(lm) -> int:
     return lm.tokenizer.pad_token_id if lm.tokenizer is not None else 0
 
 
-def model_step(backbone, token_ids, positions, cache, start, mode, with_logits=True):
-    """token_ids, positions: [batch, len] (positions -1 on padding), written at columns
-    start.. of `cache`; returns (float32 logits after each row's last column [batch, vocab],
-    or None without `with_logits`; the updated cache)."""
+def model_step(backbone, token_ids, positions, cache, start, mode, logits="last"):
+    """The one forward pass over a cache. token_ids, positions: [batch, len] (positions -1
+    on padding), written at columns start.. of `cache` (an int, or [batch] for per-row
+    columns). Returns (float32 logits, the updated cache); logits: "last" -> after each
+    row's last column [batch, vocab]; "all" -> after every column [batch, len, vocab] (a
+    speculative verify pass, scoring continuations); None -> no logits (a chunk of a longer
+    prompt: only the cache is needed)."""
     hidden, cache = backbone({"token_ids": token_ids, "positions": positions},
                              cache=cache, start=start, mode=mode)
-    if not with_logits:  # a chunk of a longer prompt: only the cache is needed
+    if logits is None:
         return None, cache
-    # Only the last column's logits are needed.
-    return ops.cast(backbone.logits(hidden[:, -1:, :])[:, 0, :], "float32"), cache
+    if logits == "last":  # the head on the last column only: a 256k-row product per token
+        return ops.cast(backbone.logits(hidden[:, -1:, :])[:, 0, :], "float32"), cache
+    return ops.cast(backbone.logits(hidden), "float32"), cache
 
 
 def stop_id_array(stop_ids):
