@@ -170,9 +170,9 @@ def test_cli_min_p_reaches_the_sampler():
 
     for command in (["generate", "x"], ["chat"]):
         args = cli.build_parser().parse_args(command + ["--min-p", "0.2", "--top-k", "5"])
-        keywords = cli._sampling(args)
-        sampler = build_sampler(keywords["sampler"], keywords["temperature"],
-                                keywords["top_k"], keywords["top_p"], min_p=keywords["min_p"])
+        options = cli._options(args)  # the GenerateOptions the CLI passes on
+        sampler = build_sampler(options.sampler, options.temperature, options.top_k,
+                                options.top_p, min_p=options.min_p)
         assert (type(sampler), sampler.k, sampler.min_p) == (TopKSampler, 5, 0.2), command
 
 
