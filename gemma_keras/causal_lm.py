@@ -306,7 +306,7 @@ class GemmaCausalLM(keras.Model):
     # The keywords are GenerateOptions' fields (their one definition); this signature
     # shows them to help(), IDEs and inspect.
     generate.__signature__ = options_module.signature_of(
-        generate, "inputs", options_module.FIELDS, options_module.POSITIONAL)
+        "inputs", options_module.FIELDS, options_module.POSITIONAL)
 
     # ---- scoring ------------------------------------------------------------------------
     def score(self, token_ids, padding_mask=None, scoring_mode="logits",

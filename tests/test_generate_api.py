@@ -491,6 +491,9 @@ def test_generate_options_are_the_keywords_in_one_object(lm):
     # chat.send takes the fields a reply has from the same object.
     assert lm.chat().send(QUESTION, options=opts) == lm.chat().send(
         QUESTION, max_new_tokens=10, top_p=0.9, seed=4, repetition_penalty=1.2)
+    # A field the options leave at its default keeps the call's own default (chat: 256).
+    assert lm.chat().send(QUESTION, options=gk.GenerateOptions(seed=4, top_p=0.9)) == \
+        lm.chat().send(QUESTION, max_new_tokens=256, seed=4, top_p=0.9)
 
 
 # ---- defect 6: reproducibility ------------------------------------------------------------

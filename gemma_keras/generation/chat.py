@@ -18,8 +18,7 @@ from gemma_keras.errors import ArgumentTypeError, InvalidArgumentError
 from gemma_keras.generation import drafting, options
 from gemma_keras.generation.generate import resolve_stop_ids
 from gemma_keras.generation.options import Decoding, GenerateOptions
-from gemma_keras.generation.samplers import (BeamSampler, build_sampler,
-                                             check_repetition_penalty)
+from gemma_keras.generation.samplers import BeamSampler, build_sampler
 from gemma_keras.generation.session import GenerationSession, Stopping, cache_bucket
 # The format's one owner is the tokenizer module; imported here for `chat.format_chat` users.
 from gemma_keras.tokenizer import format_chat, format_turn  # noqa: F401
@@ -99,18 +98,16 @@ class ChatSession:
         if not isinstance(message, str):
             raise ArgumentTypeError(f"send() takes the message as a string, got "
                                     f"{type(message).__name__}.")
-        max_new_tokens = options.whole_number("max_new_tokens", given.max_new_tokens, 1)
-        min_new_tokens = options.whole_number("min_new_tokens", given.min_new_tokens, 0)
-        if min_new_tokens > max_new_tokens:
-            raise InvalidArgumentError(f"min_new_tokens={min_new_tokens} is more than "
+        given = given.checked()  # generate's checks: one place for both
+        max_new_tokens = given.max_new_tokens
+        if given.min_new_tokens > max_new_tokens:
+            raise InvalidArgumentError(f"min_new_tokens={given.min_new_tokens} is more than "
                                        f"max_new_tokens={max_new_tokens}.")
-        rng = np.random.default_rng(options.seed_value(given.seed))
-        stream = options.flag("stream", given.stream)
+        rng = np.random.default_rng(given.seed)
+        stream = given.stream
         stop_ids = resolve_stop_ids(self.lm, "auto") | {self.lm.tokenizer.end_of_turn_id}
-        decoding = Decoding(build_sampler(given.sampler, given.temperature, given.top_k,
-                                          given.top_p, min_p=given.min_p),
-                            stop_ids, min_new_tokens,
-                            check_repetition_penalty(given.repetition_penalty))
+        decoding = Decoding(build_sampler(given.sampler, **given.sampling()), stop_ids,
+                            given.min_new_tokens, given.repetition_penalty)
         if isinstance(decoding.sampler, BeamSampler):
             raise InvalidArgumentError("sampler: chat.send does not take beam search (a reply "
                                        "is chosen token by token, as it streams); use "
@@ -146,7 +143,7 @@ class ChatSession:
 # The keywords are GenerateOptions' (their one definition): this signature shows
 # chat.send's to help(), IDEs and inspect.
 ChatSession.send.__signature__ = options.signature_of(
-    ChatSession.send, "message", options.SEND_FIELDS, options.SEND_POSITIONAL,
+    "message", options.SEND_FIELDS, options.SEND_POSITIONAL,
     options.SEND_DEFAULTS)
 SEND_KEYWORDS = ["message"] + options.SEND_FIELDS
 _BEAM = ("Beam search is generate()'s only: a chat reply is chosen token by token, as it "

@@ -201,12 +201,14 @@ class GenerateOptions:
         refuse_unknown_keywords(function, {k: v for k, v in kwargs.items() if k not in fields},
                                 [first] + fields + ["options"], advice)
         given = dict(defaults or {})
-        if base is not None:
-            given.update({name: getattr(base, name) for name in fields})
+        if base is not None:  # its fields left at the dataclass default keep the call's own
+            given.update({name: getattr(base, name) for name in fields
+                          if getattr(base, name) != _DEFAULTS[name]})
         return cls(**{**given, **values, **kwargs})
 
 
 FIELDS = [field.name for field in dataclasses.fields(GenerateOptions)]
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerateOptions)}
 # generate's positional arguments after the inputs, in keras-hub's order.
 POSITIONAL = FIELDS[:7]
 # The options chat.send takes (a reply's own), positional in this order after the message.
@@ -216,12 +218,11 @@ SEND_POSITIONAL = SEND_FIELDS[:4]
 SEND_DEFAULTS = {"max_new_tokens": 256}
 
 
-def signature_of(function, first, fields, positional, defaults=None):
-    """An `inspect.Signature` for `function(self, first, *args, **kwargs)` that lists the
+def signature_of(first, fields, positional, defaults=None):
+    """An `inspect.Signature` for a method `(self, first, *args, **kwargs)` that lists the
     options it takes (for help(), IDEs and inspect): positional-or-keyword, then
     keyword-only, with their defaults, and `options=None`."""
-    defaults = {**{f.name: f.default for f in dataclasses.fields(GenerateOptions)},
-                **(defaults or {})}
+    defaults = {**_DEFAULTS, **(defaults or {})}
     kind = inspect.Parameter
     parameters = [kind("self", kind.POSITIONAL_OR_KEYWORD),
                   kind(first, kind.POSITIONAL_OR_KEYWORD, default=None)]
