@@ -1,5 +1,5 @@
-"""gemma_keras: Google's Gemma models (Gemma 1, 1.1, CodeGemma, Gemma 2, Gemma 3) for Keras 3 on JAX,
-TensorFlow and PyTorch. Everything public is importable from here.
+"""gemma_keras: Google's Gemma models (Gemma 1, 1.1, CodeGemma, Gemma 2, Gemma 3) for Keras 3
+on JAX, TensorFlow and PyTorch. Everything public is importable from here.
 
 Names are resolved on first use, so `import gemma_keras` (and the command line) does not
 import Keras, and with it a backend, before the user has had a chance to choose one. The

@@ -128,14 +128,14 @@ class GemmaBackbone(keras.Model):
             logits = backends.get().linear(hidden, embedding.embeddings)
         elif embedding.quantization_mode == "int8":
             # Weight-only, as the projections: the table is [out, in] for the head too.
-            logits = backends.get().int8_linear(hidden, keras_internals.embedding_table(embedding),
-                                                embedding.embeddings_scale)
+            logits = backends.get().int8_linear(
+                hidden, keras_internals.embedding_table(embedding), embedding.embeddings_scale)
         elif _int4_table_fits(embedding):
             # Keras' grouped int4 table is gemma_keras.quantization's layout: the fused
             # product of the projections reads it as it is.
-            logits = backends.get().int4_linear(hidden, keras_internals.embedding_table(embedding),
-                                                embedding.embeddings_scale,
-                                                embedding.embeddings_zero)
+            logits = backends.get().int4_linear(
+                hidden, keras_internals.embedding_table(embedding), embedding.embeddings_scale,
+                embedding.embeddings_zero)
         else:  # per-channel int4: Keras' own reverse path dequantizes the table
             logits = embedding(hidden, reverse=True)
         cap = self.config.final_logit_soft_cap
